@@ -1,0 +1,301 @@
+"""Lazy tensors over a Hugging Face Llama 4 checkpoint (one safetensors file, or shards with an index).
+
+Only headers are read when a checkpoint is opened. Each canonical tensor (see ``names.py``) is a thunk with a
+known shape and dtype; ``load()`` reads it with positioned reads into one fresh array, so a reader holds one
+tensor in memory at a time (plus one expert slice while stacking), never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .errors import CheckpointError, MappingError, UsageError
+from .names import IGNORED, SCALE_SUFFIXES, Match, canonical_shapes, match, normalise_prefix, source_shape
+from .spec import Llama4Spec, load_spec
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+FLOAT8 = np.dtype(ml_dtypes.float8_e4m3fn)
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor inside one safetensors file: where its bytes are."""
+
+    file: Path
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, index: int | None = None) -> np.ndarray:
+        """The whole tensor, or slice ``index`` of its first axis."""
+        shape, offset = self.shape, self.offset
+        if index is not None:
+            shape = shape[1:]
+            offset += index * int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        out = np.empty(shape, dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(offset)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{self.file}: ended while reading tensor {self.name}; the file is truncated")
+                done += n
+        return out
+
+
+def read_header(path: Path) -> dict[str, SourceTensor]:
+    """Parse a safetensors header and check every tensor's byte range against the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: {size} bytes, too short to be a safetensors file; re-download it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > _MAX_HEADER:
+            raise CheckpointError(
+                f"{path}: header length {n} is larger than the file ({size} bytes); the file is truncated or not safetensors"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: header is not valid JSON; the file is corrupt or not safetensors") from None
+    base = 8 + n
+    out: dict[str, SourceTensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except KeyError as e:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported or missing {e} in its header") from None
+        want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != want:
+            raise CheckpointError(f"{path}: tensor {name} {list(shape)} {info['dtype']} needs {want} bytes, header gives {end - begin}")
+        if base + end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} ends at byte {base + end} but the file has {size}; re-download this shard"
+            )
+        out[name] = SourceTensor(path, name, dtype, shape, base + begin)
+    return out
+
+
+@dataclass
+class LazyTensor:
+    """A canonical tensor: shape and dtype known, bytes read on ``load()``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype  # dtype of load(): the source's, or float32 for dequantized FP8
+    parts: list[tuple[Match, SourceTensor, SourceTensor | None]] = field(default_factory=list)  # (how, weight, scale)
+
+    @property
+    def is_fp8(self) -> bool:
+        return any(src.dtype == FLOAT8 for _, src, _ in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def load(self, dtype: np.dtype | type | str | None = None) -> np.ndarray:
+        """Materialise the tensor (FP8 is dequantized with its weight_scale), optionally cast."""
+        out_dtype = np.dtype(dtype) if dtype is not None else self.dtype
+        out = np.empty(self.shape, dtype=out_dtype)
+        for how, src, scale in self.parts:
+            if how.op == "copy":
+                out[...] = _dequant(src.read(), scale)
+            elif how.op == "expert_slice":
+                out[how.expert] = _dequant(src.read(), scale)
+            else:
+                half = self.shape[1]
+                for e in range(self.shape[0]):  # one expert slice at a time
+                    w = _dequant(src.read(e), scale, e)
+                    if how.op == "gate_of_fused":
+                        out[e] = w[:, :half].T
+                    elif how.op == "up_of_fused":
+                        out[e] = w[:, half:].T
+                    else:  # transpose_experts
+                        out[e] = w.T
+        return out
+
+    def load_fp8(self) -> tuple[np.ndarray, np.ndarray]:
+        """FP8 weights as stored (e4m3) with per-output-channel float32 scales ``[..., out, 1]``."""
+        if not self.is_fp8 or any(how.op not in ("copy", "expert_slice") for how, _, _ in self.parts):
+            raise CheckpointError(f"{self.name}: not stored as per-channel FP8")
+        q = np.empty(self.shape, dtype=FLOAT8)
+        s = np.empty(self.shape[:-1] + (1,), dtype=np.float32)
+        for how, src, scale in self.parts:
+            idx = how.expert if how.op == "expert_slice" else ...
+            q[idx] = src.read()
+            s[idx] = scale.read().astype(np.float32).reshape(s[idx].shape) if scale is not None else 1.0
+        return q, s
+
+
+def _dequant(w: np.ndarray, scale: SourceTensor | None, index: int | None = None) -> np.ndarray:
+    if w.dtype != FLOAT8:
+        return w
+    if scale is None:
+        return w.astype(np.float32)
+    s = scale.read(index if index is not None and len(scale.shape) == 3 else None).astype(np.float32)
+    return w.astype(np.float32) * s
+
+
+class Checkpoint:
+    """A Llama 4 checkpoint folder: its spec, its files and its canonical lazy tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.spec: Llama4Spec = load_spec(self.path)
+        if not self.path.is_dir():
+            raise UsageError(f"{self.path}: pass the checkpoint folder, not a file")
+        self.files = self._weight_files()
+        self.sources: dict[str, SourceTensor] = {}
+        for f in self.files:
+            self.sources.update(read_header(f))
+        self._check_index()
+        self.ignored: list[str] = []
+        self.tensors: dict[str, LazyTensor] = self._map()
+
+    # ---- files -------------------------------------------------------------------------------
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        self.weight_map: dict[str, str] | None = None
+        if index.is_file():
+            try:
+                self.weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map' object)") from None
+            names = sorted(set(self.weight_map.values()))
+            missing = [n for n in names if not (self.path / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
+            return [self.path / n for n in names]
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise UsageError(f"{self.path}: no *.safetensors files or model.safetensors.index.json; is this a checkpoint folder?")
+        return files
+
+    def _check_index(self) -> None:
+        if self.weight_map is None:
+            return
+        for name, shard in self.weight_map.items():
+            src = self.sources.get(name)
+            if src is None:
+                raise CheckpointError(f"{self.path / shard}: index lists tensor {name} but the shard does not contain it")
+            if src.file.name != Path(shard).name:
+                raise CheckpointError(f"{self.path}: index puts {name} in {shard} but it is in {src.file.name}")
+
+    # ---- mapping -------------------------------------------------------------------------------
+    def _map(self) -> dict[str, LazyTensor]:
+        spec = self.spec
+        shapes = canonical_shapes(spec)
+        tensors: dict[str, LazyTensor] = {}
+        unknown: list[str] = []
+        for raw, src in self.sources.items():
+            if IGNORED.match(raw):
+                self.ignored.append(raw)
+                continue
+            if raw.endswith(SCALE_SUFFIXES):
+                continue  # consumed with its weight below
+            name = normalise_prefix(raw)
+            hits = match(name, spec) if name is not None else None
+            if not hits:
+                unknown.append(raw)
+                continue
+            scale = self.sources.get(raw[: -len(".weight")] + ".weight_scale") if raw.endswith(".weight") else None
+            if src.dtype == FLOAT8 and scale is None:
+                scale = self.sources.get(raw + "_scale")
+            for hit in hits:
+                if hit.canonical not in shapes:
+                    unknown.append(raw)
+                    continue
+                want = source_shape(hit.op, shapes[hit.canonical])
+                if src.shape != want:
+                    raise MappingError(f"{src.file}: tensor {raw} has shape {list(src.shape)}, expected {list(want)} from config.json")
+                t = tensors.get(hit.canonical)
+                if t is None:
+                    dtype = np.dtype(np.float32) if src.dtype == FLOAT8 else src.dtype
+                    t = tensors[hit.canonical] = LazyTensor(hit.canonical, shapes[hit.canonical], dtype)
+                t.parts.append((hit, src, scale))
+        if unknown:
+            shown = ", ".join(sorted(unknown)[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+            raise MappingError(f"{self.path}: {len(unknown)} tensor name(s) are not Llama 4 text tensors: {shown}")
+        missing = [n for n in shapes if n not in tensors]
+        incomplete = [
+            n for n, t in tensors.items() if any(h.op == "expert_slice" for h, _, _ in t.parts) and len(t.parts) != shapes[n][0]
+        ]
+        if missing or incomplete:
+            bad = (missing + incomplete)[0]
+            more = len(missing) + len(incomplete) - 1
+            raise MappingError(
+                f"{self.path}: missing tensor {bad} (shape {list(shapes[bad])})"
+                + (f" and {more} more" if more else "")
+                + "; the checkpoint is incomplete or its config.json does not match it"
+            )
+        return {n: tensors[n] for n in shapes}  # model order
+
+    # ---- access ----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[LazyTensor]:
+        return iter(self.tensors.values())
+
+    def __getitem__(self, name: str) -> LazyTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MappingError(f"{self.path}: no canonical tensor {name!r}") from None
+
+    def layer(self, index: int) -> dict[str, LazyTensor]:
+        """The canonical tensors of one decoder layer, keyed by their name inside the layer."""
+        prefix = f"model.layers.{index}."
+        return {n[len(prefix) :]: t for n, t in self.tensors.items() if n.startswith(prefix)}
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+    @property
+    def source_dtypes(self) -> dict[str, int]:
+        """Text-model source dtypes and how many tensors have each."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            for _, src, _ in t.parts:
+                key = str(src.dtype)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def tokenizer_files(self) -> list[Path]:
+        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+                 "generation_config.json")
+        return [self.path / n for n in names if (self.path / n).is_file()]

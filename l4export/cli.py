@@ -1,0 +1,178 @@
+"""The ``l4export`` command line: a thin click layer over the library functions.
+
+Every L4ExportError becomes one line on stderr and its exit code (2 usage, 1 bad data or failed parity);
+no tracebacks for user errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import L4ExportError
+
+log = logging.getLogger("l4export")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except L4ExportError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            ctx.exit(130)
+        except OSError as e:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(package_name="l4export")
+def main(verbose: int) -> None:
+    """Export Llama 4 MoE checkpoints to ONNX and MLX, quantize them, run and verify them."""
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--check", is_flag=True, help="Read every tensor; report non-finite values (exit 1 if any).")
+def inspect(checkpoint: Path, as_json: bool, check: bool) -> None:
+    """Describe a Llama 4 checkpoint: layers, experts, attention pattern, sizes, parameter counts."""
+    from .checkpoint import Checkpoint
+    from .inspect import check as check_tensors
+    from .inspect import format_table, summarize
+
+    ckpt = Checkpoint(checkpoint)
+    info = summarize(ckpt)
+    if check:
+        info["check"] = check_tensors(ckpt, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(format_table(info))
+        if check:
+            bad = info["check"]["non_finite"]
+            click.echo(f"check: {info['check']['tensors_checked']} tensors read, "
+                       + (f"{len(bad)} with non-finite values: {', '.join(list(bad)[:5])}" if bad else "all finite"))
+    if check and info["check"]["non_finite"]:
+        raise click.exceptions.Exit(1)
+
+
+@main.command("demo-checkpoint")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def demo_checkpoint(out: Path, seed: int, force: bool) -> None:
+    """Write a tiny Scout-shaped Llama 4 checkpoint (no download, no torch)."""
+    from .demo import write_demo_checkpoint
+
+    write_demo_checkpoint(out, seed=seed, force=force)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "mlx"]), default="onnx", show_default=True)
+@click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 for cpu/mlx, float16 for cuda).")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX execution provider.")
+@click.option("--quant", default=None, help="int4, fp8, or a RECIPE.toml file.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt lines or .jsonl 'text').")
+@click.option("--calib-samples", default=64, show_default=True, help="Calibration samples.")
+@click.option("--calib-seqlen", default=256, show_default=True, help="Tokens per calibration sample.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: str, quant: str | None,
+            calib: Path | None, calib_samples: int, calib_seqlen: int, force: bool) -> None:
+    """Convert a Hugging Face Llama 4 checkpoint to ONNX or MLX."""
+    from .convert import ExportOptions
+    from .convert import convert as run_convert
+
+    if dtype is None:
+        dtype = "float16" if (fmt == "onnx" and target == "cuda") else "float32"
+    options = ExportOptions(format=fmt, dtype=dtype, target=target)  # type: ignore[arg-type]
+    if quant is not None:
+        from .quant.recipe import load_recipe
+
+        options.quant = load_recipe(quant)
+    if calib is not None:
+        if quant is None:
+            raise click.UsageError("--calib needs --quant")
+        from .quant.calibrate import CalibOptions
+
+        options.calib = CalibOptions(path=calib, samples=calib_samples, seqlen=calib_seqlen)
+    run_convert(checkpoint, out, options, force=force)
+    click.echo(f"wrote {out}")
+
+
+def _parse_ids(ids: str) -> list[int]:
+    try:
+        return [int(t) for t in ids.replace(",", " ").split()]
+    except ValueError:
+        raise click.BadParameter("--ids takes integers separated by commas or spaces") from None
+
+
+@main.command()
+@click.argument("export", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Prompt text (needs tokenizer.json in the export).")
+@click.option("--ids", default=None, help="Prompt token ids, e.g. '1,15,27'.")
+@click.option("-n", "--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None, help="ONNX Runtime provider.")
+def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float, top_p: float,
+        seed: int, provider: str | None) -> None:
+    """Generate from an ONNX or MLX export, streaming tokens to stdout."""
+    from .runtimes import load_runtime
+
+    if (prompt is None) == (ids is None):
+        raise click.UsageError("pass exactly one of --prompt or --ids")
+    rt = load_runtime(export, provider=provider)
+    kw = dict(temperature=temperature, top_p=top_p, seed=seed)
+    if prompt is not None:
+        for piece in rt.generate_text(prompt, max_new_tokens, **kw):
+            click.echo(piece, nl=False)
+        click.echo()
+    else:
+        for tok in rt.generate(_parse_ids(ids), max_new_tokens, **kw):
+            click.echo(tok, nl=False)
+            click.echo(" ", nl=False)
+        click.echo()
+
+
+@main.command()
+@click.argument("export", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, type=click.Path(path_type=Path), help="The source checkpoint folder.")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Prompts file (one per line; or ids).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
+@click.option("--junit", type=click.Path(path_type=Path), default=None, help="Write a JUnit XML report (for CI).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--greedy-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
+def verify(export: Path, reference: Path, prompts: Path | None, json_out: Path | None, junit: Path | None,
+           provider: str | None, greedy_tokens: int) -> None:
+    """Compare an export's logits with transformers (float32); exit 1 outside the thresholds."""
+    from .verify import verify as run_verify
+
+    report = run_verify(export, reference, prompts=prompts, provider=provider, greedy_tokens=greedy_tokens)
+    click.echo(report.table())
+    if json_out:
+        json_out.write_text(report.to_json())
+    if junit:
+        junit.write_text(report.to_junit())
+    if not report.passed:
+        raise click.exceptions.Exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

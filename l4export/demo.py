@@ -1,0 +1,161 @@
+"""A built-in tiny Llama 4: deterministic, Scout-shaped, written with numpy alone (no torch, no network).
+
+Scout-shaped means: the multimodal layout (``language_model.`` keys, ``model_type: llama4`` + ``text_config``),
+the hub's config style (``rope_theta`` + llama3 ``rope_scaling`` with low == high, no per-layer lists),
+16 experts with top-1 routing on every layer, qk-norm, and a NoPE layer every 4th layer. A byte-level
+tokenizer.json is written beside it so that text goes in and out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .names import canonical_shapes
+from .outputs import PendingTensor, atomic_output_dir, write_sharded
+from .spec import spec_from_config
+
+SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>",
+            "<|finetune_right_pad|>", "<|reserved_0|>")
+BOS, EOS, EOT, PAD = 256, 257, 261, 262
+
+DEMO_TEXT_CONFIG = {
+    "model_type": "llama4_text",
+    "vocab_size": 272,
+    "hidden_size": 128,
+    "intermediate_size": 64,
+    "intermediate_size_mlp": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                     "original_max_position_embeddings": 64},
+    "num_local_experts": 16,
+    "num_experts_per_tok": 1,
+    "interleave_moe_layer_step": 1,
+    "use_qk_norm": True,
+    "attention_chunk_size": 32,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": BOS,
+    "eos_token_id": [EOS, EOT],
+    "pad_token_id": PAD,
+    "torch_dtype": "bfloat16",
+}
+
+
+def demo_config() -> dict:
+    return {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": dict(DEMO_TEXT_CONFIG),
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+    }
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: printable bytes map to themselves, the rest to code points from 256 up."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_tokenizer_json(vocab_size: int) -> dict:
+    """A tokenizers-format byte-level BPE with no merges: ids 0..255 are bytes, 256.. are specials."""
+    alphabet = bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    added = []
+    for i, tok in enumerate(SPECIALS):
+        vocab[tok] = 256 + i
+        added.append({"id": 256 + i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": True})
+    for i in range(256 + len(SPECIALS), vocab_size):
+        tok = f"<|reserved_{i}|>"
+        vocab[tok] = i
+        added.append({"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": True})
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": SPECIALS[0], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": SPECIALS[0], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {SPECIALS[0]: {"id": SPECIALS[0], "ids": [BOS], "tokens": [SPECIALS[0]]}},
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+
+
+def _source_name(canonical: str) -> str:
+    """Canonical name -> the multimodal layout's HF name (experts fused as HF stores them)."""
+    if canonical == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    return "language_model." + canonical
+
+
+def write_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """Write the tiny Scout-shaped checkpoint to ``out`` (config, 2 bf16 shards + index, tokenizer)."""
+    config = demo_config()
+    spec = spec_from_config(config)
+    shapes = canonical_shapes(spec)
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for name, shape in shapes.items():
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            arrays[name] = (0.08 * rng.standard_normal(shape)).astype(np.float32)
+    # Store experts as HF does: gate_up_proj [E, H, 2I] and down_proj [E, I, H], input-major.
+    stored: dict[str, np.ndarray] = {}
+    for name, arr in arrays.items():
+        if name.endswith("experts.gate_proj"):
+            up = arrays[name.replace("gate_proj", "up_proj")]
+            stored[_source_name(name.replace("gate_proj", "gate_up_proj"))] = np.concatenate(
+                [arr.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=-1
+            )
+        elif name.endswith("experts.up_proj"):
+            continue
+        elif name.endswith("experts.down_proj"):
+            stored[_source_name(name)] = arr.transpose(0, 2, 1)
+        else:
+            stored[_source_name(name)] = arr
+    pending = [
+        PendingTensor(n, a.shape, np.dtype(ml_dtypes.bfloat16), (lambda a=a: a.astype(ml_dtypes.bfloat16)))
+        for n, a in stored.items()
+    ]
+    total = sum(p.nbytes for p in pending)
+    with atomic_output_dir(out, force=force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_sharded(tmp, pending, max_shard_bytes=total // 2 + 1)
+        (tmp / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(spec.vocab_size)))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "bos_token": SPECIALS[0], "eos_token": SPECIALS[5], "pad_token": SPECIALS[6],
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": spec.max_position_embeddings,
+        }, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({
+            "bos_token_id": BOS, "eos_token_id": [EOS, EOT], "pad_token_id": PAD}, indent=2))
+    return Path(out)

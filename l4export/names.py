@@ -1,0 +1,166 @@
+"""The one closed table of Llama 4 tensor names.
+
+Canonical names are those of the text-only ``Llama4ForCausalLM`` (``model.layers.3.self_attn.q_proj.weight``),
+with one change: routed experts are stacked ``[E, out, in]`` per projection, as mlx-lm's SwitchGLU holds them:
+
+    model.layers.{L}.feed_forward.experts.gate_proj   [E, I, H]
+    model.layers.{L}.feed_forward.experts.up_proj     [E, I, H]
+    model.layers.{L}.feed_forward.experts.down_proj   [E, H, I]
+
+Every source tensor either maps through a row of ``RULES`` or is set aside by ``IGNORED`` (vision tower,
+projector); anything else is an error. Many-to-one layouts are rows, not branches:
+  * HF's fused ``experts.gate_up_proj [E, H, 2I]`` (input-major; gate = [..., :I]) gives gate_proj and up_proj;
+  * HF's ``experts.down_proj [E, I, H]`` (input-major) is transposed;
+  * compressed-tensors FP8 checkpoints store each expert unfused (``experts.{e}.gate_proj.weight [I, H]``
+    plus ``.weight_scale [I, 1]``); expert e fills slice e of the stacked tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from .spec import Llama4Spec
+
+# Source prefixes of the two layouts, mapped to the text-only prefix.
+PREFIXES: tuple[tuple[str, str], ...] = (
+    ("language_model.model.", "model."),  # Llama4ForConditionalGeneration (hub releases)
+    ("language_model.lm_head.", "lm_head."),
+    ("model.", "model."),  # Llama4ForCausalLM
+    ("lm_head.", "lm_head."),
+)
+
+# Recognised and set aside: the early-fusion vision tower and its projector (text export only).
+IGNORED = re.compile(r"^(vision_model\.|multi_modal_projector\.)")
+
+# Siblings of an FP8 weight (compressed-tensors): consumed with the weight they belong to.
+SCALE_SUFFIXES = (".weight_scale", ".input_scale")
+
+Op = Literal["copy", "gate_of_fused", "up_of_fused", "transpose_experts", "expert_slice"]
+LayerKind = Literal["global", "any", "moe", "dense"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    source: str  # with {L} (layer) and {e} (expert) holes
+    canonical: str  # with {L}
+    op: Op
+    layer: LayerKind
+    why: str = ""
+
+
+_FF = "model.layers.{L}.feed_forward"
+RULES: tuple[Rule, ...] = (
+    Rule("model.embed_tokens.weight", "model.embed_tokens.weight", "copy", "global"),
+    Rule("model.norm.weight", "model.norm.weight", "copy", "global"),
+    Rule("lm_head.weight", "lm_head.weight", "copy", "global"),
+    Rule("model.layers.{L}.input_layernorm.weight", "model.layers.{L}.input_layernorm.weight", "copy", "any"),
+    Rule("model.layers.{L}.post_attention_layernorm.weight", "model.layers.{L}.post_attention_layernorm.weight", "copy", "any"),
+    *(
+        Rule(f"model.layers.{{L}}.self_attn.{p}_proj.weight", f"model.layers.{{L}}.self_attn.{p}_proj.weight", "copy", "any")
+        for p in "qkvo"
+    ),
+    Rule(f"{_FF}.router.weight", f"{_FF}.router.weight", "copy", "moe"),
+    *(
+        Rule(f"{_FF}.shared_expert.{p}_proj.weight", f"{_FF}.shared_expert.{p}_proj.weight", "copy", "moe")
+        for p in ("gate", "up", "down")
+    ),
+    *(Rule(f"{_FF}.{p}_proj.weight", f"{_FF}.{p}_proj.weight", "copy", "dense") for p in ("gate", "up", "down")),
+    # HF fused experts: raw Parameters, no .weight suffix, input-major.
+    Rule(f"{_FF}.experts.gate_up_proj", f"{_FF}.experts.gate_proj", "gate_of_fused", "moe", "HF [E,H,2I]; gate=[...,:I]"),
+    Rule(f"{_FF}.experts.gate_up_proj", f"{_FF}.experts.up_proj", "up_of_fused", "moe", "HF [E,H,2I]; up=[...,I:]"),
+    Rule(f"{_FF}.experts.down_proj", f"{_FF}.experts.down_proj", "transpose_experts", "moe", "HF [E,I,H]"),
+    # compressed-tensors FP8 (Maverick-FP8): one Linear per expert, output-major.
+    *(
+        Rule(f"{_FF}.experts.{{e}}.{p}_proj.weight", f"{_FF}.experts.{p}_proj", "expert_slice", "moe", "per-expert FP8")
+        for p in ("gate", "up", "down")
+    ),
+)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    rx = re.escape(pattern).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(rx + "$")
+
+
+_COMPILED = tuple((_compile(r.source), r) for r in RULES)
+
+
+def normalise_prefix(name: str) -> str | None:
+    """Map a source name of either layout to the text-only prefix; None if it has neither."""
+    for src, dst in PREFIXES:
+        if name.startswith(src):
+            return dst + name[len(src) :]
+    return None
+
+
+@dataclass(frozen=True)
+class Match:
+    canonical: str
+    op: Op
+    expert: int | None
+
+
+def match(name: str, spec: Llama4Spec) -> list[Match] | None:
+    """The canonical tensors a (prefix-normalised) source name feeds; None if the table has no row for it."""
+    hits: list[Match] = []
+    for rx, rule in _COMPILED:
+        m = rx.match(name)
+        if not m:
+            continue
+        layer = int(m.group("L")) if "L" in rx.groupindex else None
+        if layer is not None:
+            if layer >= spec.num_layers:
+                return None
+            is_moe = spec.layers[layer].is_moe
+            if (rule.layer == "moe" and not is_moe) or (rule.layer == "dense" and is_moe):
+                return None
+        expert = int(m.group("e")) if "e" in rx.groupindex else None
+        if expert is not None and expert >= spec.num_experts:
+            return None
+        hits.append(Match(rule.canonical.replace("{L}", str(layer)), rule.op, expert))
+    return hits or None
+
+
+def canonical_shapes(spec: Llama4Spec) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor of the text model, in model order, with its shape."""
+    h, v, e, i, im = spec.hidden_size, spec.vocab_size, spec.num_experts, spec.intermediate_size, spec.intermediate_size_mlp
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in spec.layers:
+        p = f"model.layers.{layer.index}"
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        out[f"{p}.self_attn.q_proj.weight"] = (spec.q_size, h)
+        out[f"{p}.self_attn.k_proj.weight"] = (spec.kv_size, h)
+        out[f"{p}.self_attn.v_proj.weight"] = (spec.kv_size, h)
+        out[f"{p}.self_attn.o_proj.weight"] = (h, spec.q_size)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+        ff = f"{p}.feed_forward"
+        if layer.is_moe:
+            out[f"{ff}.router.weight"] = (e, h)
+            out[f"{ff}.experts.gate_proj"] = (e, i, h)
+            out[f"{ff}.experts.up_proj"] = (e, i, h)
+            out[f"{ff}.experts.down_proj"] = (e, h, i)
+            out[f"{ff}.shared_expert.gate_proj.weight"] = (i, h)
+            out[f"{ff}.shared_expert.up_proj.weight"] = (i, h)
+            out[f"{ff}.shared_expert.down_proj.weight"] = (h, i)
+        else:
+            out[f"{ff}.gate_proj.weight"] = (im, h)
+            out[f"{ff}.up_proj.weight"] = (im, h)
+            out[f"{ff}.down_proj.weight"] = (h, im)
+    out["model.norm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def source_shape(op: Op, canonical_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a source tensor must have to feed a canonical tensor through ``op``."""
+    if op == "copy":
+        return canonical_shape
+    e, a, b = canonical_shape
+    if op in ("gate_of_fused", "up_of_fused"):  # canonical [E, I, H] <- source [E, H, 2I]
+        return (e, b, 2 * a)
+    if op == "transpose_experts":  # canonical [E, H, I] <- source [E, I, H]
+        return (e, b, a)
+    return (a, b)  # expert_slice: canonical [E, out, in] <- source [out, in]

@@ -1,0 +1,156 @@
+"""Writing outputs safely: atomic output folders and a streaming safetensors writer.
+
+Every command that writes a folder writes it into a temporary sibling and renames it into place only when
+everything succeeded, so a failure (bad input, full disk, Ctrl-C) leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .errors import L4ExportError, UsageError
+
+log = logging.getLogger(__name__)
+
+ST_DTYPES: dict[np.dtype, str] = {
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.uint32): "U32",
+    np.dtype(np.bool_): "BOOL",
+}
+
+
+class OutputError(L4ExportError):
+    """The output could not be written (disk full, permissions)."""
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on any failure it is removed."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to replace it or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; remove it or choose another -o")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise UsageError(f"{parent}: the parent folder of {out.name} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{parent}: not writable; choose another -o")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == 28:  # ENOSPC
+            raise OutputError(f"{out}: no space left on the device while writing; nothing was written") from None
+        raise OutputError(f"{out}: {e.strerror or e}; nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor to write: its name, shape and dtype now, its bytes from ``load()`` later."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def write_safetensors(
+    path: Path, tensors: Iterable[PendingTensor], metadata: dict[str, str] | None = None, on_tensor: Callable[[str], None] | None = None
+) -> int:
+    """Write one safetensors file, loading each tensor only when its bytes are due. Returns bytes written."""
+    items = list(tensors)
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "np"}}
+    offset = 0
+    for t in items:
+        dt = ST_DTYPES[np.dtype(t.dtype)]
+        header[t.name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in items:
+            arr = np.ascontiguousarray(t.load())
+            if arr.shape != tuple(t.shape) or arr.dtype != np.dtype(t.dtype):
+                raise L4ExportError(f"internal: {t.name} loaded as {arr.shape} {arr.dtype}, planned {t.shape} {t.dtype}")
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            del arr
+            if on_tensor:
+                on_tensor(t.name)
+    return 8 + len(raw) + offset
+
+
+def write_sharded(
+    folder: Path, tensors: Iterable[PendingTensor], max_shard_bytes: int, metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards plus an index."""
+    shards: list[list[PendingTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    if len(shards) == 1:
+        path = folder / "model.safetensors"
+        write_safetensors(path, shards[0], metadata, on_tensor)
+        return [path]
+    n = len(shards)
+    paths, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        path = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
+        write_safetensors(path, shard, metadata, on_tensor)
+        paths.append(path)
+        for t in shard:
+            weight_map[t.name] = path.name
+            total += t.nbytes
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return paths
+
+
+def copy_files(files: Iterable[Path], dest: Path) -> list[str]:
+    copied = []
+    for f in files:
+        shutil.copy2(f, dest / f.name)
+        copied.append(f.name)
+    return copied

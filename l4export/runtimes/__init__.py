@@ -1,0 +1,29 @@
+"""Runtimes for l4export exports (ONNX Runtime, MLX) behind one API (see base.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Runtime, read_export_info
+
+
+def load_runtime(path: str | Path, provider: str | None = None, dtype: str | None = None) -> Runtime:
+    """Open an export folder with the runtime its format needs.
+
+    provider: ONNX Runtime execution provider ("cpu", "cuda"); dtype: MLX compute dtype override.
+    """
+    fmt = read_export_info(Path(path)).get("format")
+    if fmt == "onnx":
+        from .onnx import OnnxRuntime
+
+        return OnnxRuntime(path, provider=provider)
+    if fmt == "mlx":
+        from .mlx import MlxRuntime
+
+        return MlxRuntime(path, dtype=dtype)
+    from ..errors import UsageError
+
+    raise UsageError(f"{path}: unknown export format {fmt!r} in l4export.json")
+
+
+__all__ = ["Runtime", "load_runtime"]

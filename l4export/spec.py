@@ -1,0 +1,367 @@
+"""The Llama 4 model spec: parsed once from config.json, frozen, typed.
+
+Every per-layer fact the exporters and runtimes need (MoE or dense, RoPE or NoPE, chunked or global
+attention, qk-norm) is derived here, from the config's own lists when it has them and from the
+defaults transformers applies when it does not. Nothing downstream re-derives them (no ``(i + 1) % 4``).
+
+Two layouts are read:
+  * ``model_type: llama4`` with ``text_config`` (and ``vision_config``): ``Llama4ForConditionalGeneration``.
+  * ``model_type: llama4_text``, flat: ``Llama4ForCausalLM``.
+Two config styles are read:
+  * the hub's (``rope_theta`` + ``rope_scaling``; no ``no_rope_layers``/``moe_layers``/``layer_types``/...),
+  * transformers 5's (``rope_parameters``, ``layer_types``, ``no_rope_layers``, ``moe_layers``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import NotLlama4Error, SpecError, UsageError
+
+Layout = Literal["multimodal", "text"]
+
+# Defaults transformers 5 applies (configuration_llama4.py, Llama4TextConfig). The hub's configs omit
+# several of these, and each one changes the maths, so they are written out here, once.
+TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 202048,
+    "hidden_size": 5120,
+    "intermediate_size": 8192,
+    "intermediate_size_mlp": 16384,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096 * 32,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": None,
+    "tie_word_embeddings": False,
+    "num_experts_per_tok": 1,
+    "num_local_experts": 16,
+    "moe_layers": None,
+    "interleave_moe_layer_step": 1,
+    "use_qk_norm": True,
+    "no_rope_layers": None,
+    "no_rope_layer_interval": 4,
+    "attention_chunk_size": 8192,
+    "layer_types": None,
+    "attn_temperature_tuning": True,
+    "floor_scale": 8192,
+    "attn_scale": 0.1,
+    "attention_bias": False,
+    "rope_theta": 500000.0,
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3-style frequency scaling (Scout: factor 16, low 1, high 1, original 8192)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    index: int
+    is_moe: bool  # routed experts + shared expert; else a dense SwiGLU of width intermediate_size_mlp
+    uses_rope: bool  # IMPORTANT: config `no_rope_layers[i] == 1` means the layer USES RoPE (inverted name)
+    chunked: bool  # attention restricted to the query's chunk of attention_chunk_size (RoPE layers)
+    qk_norm: bool  # weightless per-head L2 norm of q and k (use_qk_norm and uses_rope)
+    temperature_tuning: bool  # NoPE layers scale q by 1 + attn_scale*log1p(floor((pos+1)/floor_scale))
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """compressed-tensors float-quantized checkpoints (e.g. Maverick-FP8)."""
+
+    ignore: tuple[str, ...]  # module names and "re:" patterns left in bf16
+
+    def is_ignored(self, module: str) -> bool:
+        import re
+
+        for pat in self.ignore:
+            if pat.startswith("re:"):
+                if re.fullmatch(pat[3:], module):
+                    return True
+            elif pat == module:
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class Llama4Spec:
+    layout: Layout
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # width of the routed and the shared experts
+    intermediate_size_mlp: int  # width of the dense MLP layers
+    num_experts: int
+    top_k: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    attention_chunk_size: int | None
+    attn_temperature_tuning: bool
+    floor_scale: float
+    attn_scale: float
+    use_qk_norm: bool
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    layers: tuple[LayerSpec, ...]
+    torch_dtype: str
+    has_vision: bool
+    fp8: Fp8Config | None = None
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the raw file
+
+    # ---- derived facts -------------------------------------------------------------------------
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(layer.index for layer in self.layers if layer.is_moe)
+
+    @property
+    def nope_layers(self) -> tuple[int, ...]:
+        return tuple(layer.index for layer in self.layers if not layer.uses_rope)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def layer_params(self, layer: LayerSpec) -> int:
+        h = self.hidden_size
+        attn = h * self.q_size * 2 + h * self.kv_size * 2  # q, o, k, v
+        norms = 2 * h
+        if layer.is_moe:
+            ffn = self.num_experts * h + 3 * self.num_experts * h * self.intermediate_size
+            ffn += 3 * h * self.intermediate_size  # shared expert
+        else:
+            ffn = 3 * h * self.intermediate_size_mlp
+        return attn + norms + ffn
+
+    @property
+    def total_params(self) -> int:
+        """Parameters of the text model (embeddings, layers, final norm, lm_head)."""
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return embed + head + self.hidden_size + sum(self.layer_params(la) for la in self.layers)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched per token: everything but the routed experts not in the top-k."""
+        unused = self.num_experts - self.top_k
+        per_expert = 3 * self.hidden_size * self.intermediate_size
+        return self.total_params - sum(unused * per_expert for la in self.layers if la.is_moe)
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies [head_dim/2], float32, computed as transformers does."""
+        d = self.head_dim
+        inv = (1.0 / (np.float32(self.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(
+            np.float32
+        )
+        rs = self.rope_scaling
+        if rs is None:
+            return inv
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv / np.float32(rs.factor), inv).astype(np.float32)
+        # IMPORTANT: Scout has low == high, so the smoothing band is empty and its formula divides by 0;
+        # `where` keeps the NaN out (llama-models #322, llama.cpp #12889).
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        if medium.any():
+            smooth = (rs.original_max_position_embeddings / wavelen[medium] - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor
+            )
+            s = scaled[medium]
+            scaled[medium] = ((1 - smooth) * s / rs.factor + smooth * s).astype(np.float32)
+        return scaled.astype(np.float32)
+
+    def attn_temperature(self, positions: np.ndarray) -> np.ndarray:
+        """The q multiplier of NoPE layers at absolute cache positions (1.0 below floor_scale - 1)."""
+        p = np.asarray(positions, dtype=np.float32)
+        return (np.log1p(np.floor((p + 1.0) / np.float32(self.floor_scale))) * np.float32(self.attn_scale) + 1.0).astype(
+            np.float32
+        )
+
+    def text_config(self) -> dict[str, Any]:
+        """The text config as in the file (flat for llama4_text, text_config for llama4)."""
+        return dict(self.config.get("text_config", self.config))
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+
+def _rope(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+    params = cfg.get("rope_parameters")
+    if params:  # transformers 5 style
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", TEXT_DEFAULTS["rope_theta"])))
+        scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
+    else:  # hub style
+        theta = float(cfg.get("rope_theta", TEXT_DEFAULTS["rope_theta"]))
+        scaling = cfg.get("rope_scaling")
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise SpecError(f"{where}: rope type {kind!r} is not supported (Llama 4 uses 'llama3' or none)")
+    try:
+        return theta, RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(
+                scaling.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpecError(f"{where}: llama3 rope scaling lacks or mangles {e}; add factor, low/high_freq_factor") from None
+
+
+def _per_layer(cfg: dict[str, Any], n: int, where: str) -> tuple[LayerSpec, ...]:
+    interval = int(cfg.get("no_rope_layer_interval", TEXT_DEFAULTS["no_rope_layer_interval"]))
+    no_rope = cfg.get("no_rope_layers")
+    if not no_rope:  # IMPORTANT: an empty list means "the default", as in transformers
+        no_rope = [int((i + 1) % interval != 0) for i in range(n)]
+    if len(no_rope) < n:
+        raise SpecError(f"{where}: no_rope_layers has {len(no_rope)} entries for {n} layers")
+    moe = cfg.get("moe_layers")
+    if moe is None:
+        step = int(cfg.get("interleave_moe_layer_step", 1))
+        if step < 1:
+            raise SpecError(f"{where}: interleave_moe_layer_step must be >= 1, found {step}")
+        moe = list(range(step - 1, n, step))
+    moe_set = {int(i) for i in moe}
+    if any(i < 0 or i >= n for i in moe_set):
+        raise SpecError(f"{where}: moe_layers names layers outside 0..{n - 1}: {sorted(moe_set)}")
+    types = cfg.get("layer_types")
+    if types is None:
+        types = ["chunked_attention" if r else "full_attention" for r in no_rope[:n]]
+    if len(types) != n or any(t not in ("chunked_attention", "full_attention") for t in types):
+        raise SpecError(f"{where}: layer_types must be {n} of 'chunked_attention'/'full_attention', found {types}")
+    chunk = cfg.get("attention_chunk_size", TEXT_DEFAULTS["attention_chunk_size"])
+    qk = bool(cfg.get("use_qk_norm", True))
+    tuning = bool(cfg.get("attn_temperature_tuning", True))
+    return tuple(
+        LayerSpec(
+            index=i,
+            is_moe=i in moe_set,
+            uses_rope=bool(no_rope[i]),
+            chunked=types[i] == "chunked_attention" and chunk is not None,
+            qk_norm=qk and bool(no_rope[i]),
+            temperature_tuning=tuning and not bool(no_rope[i]),
+        )
+        for i in range(n)
+    )
+
+
+def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llama4Spec:
+    """Parse a config dict (either layout, either style) into a Llama4Spec."""
+    mt = config.get("model_type")
+    if mt == "llama4":
+        if not isinstance(config.get("text_config"), dict):
+            raise SpecError(f"{where}: model_type 'llama4' needs a 'text_config' object")
+        cfg, layout = config["text_config"], "multimodal"
+    elif mt == "llama4_text":
+        cfg, layout = config, "text"
+    else:
+        arch = config.get("architectures")
+        raise NotLlama4Error(
+            f"{where}: model_type is {mt!r} (architectures {arch}), not Llama 4; expected 'llama4' or 'llama4_text'"
+        )
+
+    def get(key: str) -> Any:
+        return cfg.get(key, TEXT_DEFAULTS[key]) if cfg.get(key) is not None else TEXT_DEFAULTS[key]
+
+    n = int(get("num_hidden_layers"))
+    heads = int(get("num_attention_heads"))
+    kv = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or int(get("hidden_size")) // heads
+    if heads % int(kv):
+        raise SpecError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    top_k = int(get("num_experts_per_tok"))
+    if get("hidden_act") != "silu":
+        raise SpecError(f"{where}: hidden_act {get('hidden_act')!r} is not supported (Llama 4 uses 'silu')")
+    if get("attention_bias"):
+        raise SpecError(f"{where}: attention_bias=true is not Llama 4 (its projections have no bias)")
+    theta, scaling = _rope(cfg, where)
+    eos = cfg.get("eos_token_id", TEXT_DEFAULTS["eos_token_id"])
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    quant = config.get("quantization_config") or cfg.get("quantization_config")
+    fp8 = None
+    if quant:
+        if quant.get("quant_method") != "compressed-tensors":
+            raise SpecError(
+                f"{where}: quantization_config.quant_method {quant.get('quant_method')!r} is not supported; "
+                "only compressed-tensors FP8 checkpoints are read (or dequantize the checkpoint first)"
+            )
+        fp8 = Fp8Config(ignore=tuple(quant.get("ignore") or ()))
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return Llama4Spec(
+        layout=layout,
+        vocab_size=int(get("vocab_size")),
+        hidden_size=int(get("hidden_size")),
+        num_layers=n,
+        num_heads=heads,
+        num_kv_heads=int(kv),
+        head_dim=int(head_dim),
+        intermediate_size=int(get("intermediate_size")),
+        intermediate_size_mlp=int(get("intermediate_size_mlp")),
+        num_experts=int(get("num_local_experts")),
+        top_k=top_k,
+        rms_norm_eps=float(get("rms_norm_eps")),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        attention_chunk_size=cfg.get("attention_chunk_size", TEXT_DEFAULTS["attention_chunk_size"]),
+        attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
+        floor_scale=float(get("floor_scale")),
+        attn_scale=float(get("attn_scale")),
+        use_qk_norm=bool(cfg.get("use_qk_norm", True)),
+        max_position_embeddings=int(get("max_position_embeddings")),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        bos_token_id=cfg.get("bos_token_id", TEXT_DEFAULTS["bos_token_id"]),
+        eos_token_ids=eos_ids,
+        pad_token_id=cfg.get("pad_token_id"),
+        layers=_per_layer(cfg, n, where),
+        torch_dtype=dtype,
+        has_vision=isinstance(config.get("vision_config"), dict),
+        fp8=fp8,
+        config=config,
+    )
+
+
+def load_spec(path: str | Path) -> Llama4Spec:
+    """Read ``path/config.json`` (or a config.json path) into a spec."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p}: no such file or directory; pass a Llama 4 checkpoint folder")
+    cfg_path = p / "config.json" if p.is_dir() else p
+    if not cfg_path.is_file():
+        raise UsageError(f"{cfg_path}: missing; a Hugging Face checkpoint folder has a config.json beside its weights")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"{cfg_path}: expected a JSON object")
+    return spec_from_config(config, where=str(cfg_path))

@@ -1,0 +1,46 @@
+"""Session fixtures: tiny Llama 4 checkpoints built with transformers (see builders.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from builders import build  # noqa: E402
+
+CASES = {
+    "scout_hub": dict(shape="scout", style="hub", dtype="bfloat16"),
+    "scout_v5": dict(shape="scout", style="v5", dtype="float32"),
+    "maverick_hub": dict(shape="maverick", style="hub", dtype="float32"),
+    "maverick_v5": dict(shape="maverick", style="v5", dtype="bfloat16"),
+}
+
+
+def _need_reference():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """All four tiny checkpoints, built once per session."""
+    _need_reference()
+    root = tmp_path_factory.mktemp("ckpts")
+    return {name: build(root / name, **kw) for name, kw in CASES.items()}
+
+
+@pytest.fixture(scope="session")
+def scout(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["scout_hub"]
+
+
+@pytest.fixture(scope="session")
+def maverick(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["maverick_hub"]
+
+
+@pytest.fixture(params=list(CASES))
+def any_checkpoint(request, tiny_checkpoints) -> Path:
+    return tiny_checkpoints[request.param]
