@@ -290,8 +290,9 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llam
             f"{where}: model_type is {mt!r} (architectures {arch}), not Llama 4; expected 'llama4' or 'llama4_text'"
         )
 
-    def get(key: str) -> Any:
-        return cfg.get(key, TEXT_DEFAULTS[key]) if cfg.get(key) is not None else TEXT_DEFAULTS[key]
+    def get(key: str) -> Any:  # the file's value, or transformers' default when absent or null
+        value = cfg.get(key)
+        return TEXT_DEFAULTS[key] if value is None else value
 
     n = int(get("num_hidden_layers"))
     heads = int(get("num_attention_heads"))
