@@ -1,0 +1,169 @@
+"""MLX export: the folder layout mlx-lm's ``llama4`` model reads, written tensor by tensor.
+
+mlx-lm (``mlx_lm/models/llama4.py``) reads Llama 4 only in the multimodal layout, so both input layouts
+(``Llama4ForConditionalGeneration`` and the text-only ``Llama4ForCausalLM``) are written as::
+
+    config.json                      model_type "llama4" + text_config (vision dropped)
+    model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+        language_model.model.embed_tokens.weight                           [V, H]
+        language_model.model.layers.{L}.self_attn.{q,k,v,o}_proj.weight    [out, in]
+        language_model.model.layers.{L}.feed_forward.router.weight         [E, H]
+        language_model.model.layers.{L}.feed_forward.experts.gate_proj.weight   [E, I, H]  (SwitchGLU: [E, out, in])
+        language_model.model.layers.{L}.feed_forward.experts.up_proj.weight     [E, I, H]
+        language_model.model.layers.{L}.feed_forward.experts.down_proj.weight   [E, H, I]
+        language_model.model.layers.{L}.feed_forward.shared_expert.{gate,up,down}_proj.weight
+        language_model.model.layers.{L}.feed_forward.{gate,up,down}_proj.weight  (dense layers)
+        language_model.model.norm.weight, language_model.lm_head.weight
+    tokenizer files (copied by convert.py), l4export.json
+
+``text_config`` carries both what mlx-lm requires (top-level ``rope_theta`` and ``rope_scaling``, which
+transformers-5 configs lack; mlx-lm raises TypeError without them) and the per-layer lists our MLX runtime
+reads through ``Llama4Spec`` (``no_rope_layers``, ``moe_layers``, ``layer_types``), written from the spec so
+no reader has to re-derive them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from ..checkpoint import Checkpoint, LazyTensor
+from ..errors import CapabilityError
+from ..outputs import PendingTensor, write_sharded
+from ..spec import Llama4Spec
+
+log = logging.getLogger(__name__)
+
+NP_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+PREFIX = "language_model."  # mlx-lm's Model.language_model
+
+
+def mlx_name(canonical: str) -> str:
+    """Canonical tensor name -> the name mlx-lm's llama4 Model holds (SwitchGLU experts gain ``.weight``)."""
+    name = PREFIX + canonical
+    if ".feed_forward.experts." in canonical:
+        name += ".weight"
+    return name
+
+
+def mlx_text_config(spec: Llama4Spec, dtype: str) -> dict[str, Any]:
+    """The text_config written into the export: the source's keys, made explicit where readers differ."""
+    cfg = spec.text_config()
+    cfg.pop("rope_parameters", None)  # replaced by the hub-style pair below, which mlx-lm requires
+    rs = spec.rope_scaling
+    cfg.update(
+        model_type="llama4_text",
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        intermediate_size_mlp=spec.intermediate_size_mlp,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        num_local_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        rms_norm_eps=spec.rms_norm_eps,
+        rope_theta=spec.rope_theta,
+        rope_scaling=None
+        if rs is None
+        else {
+            "rope_type": "llama3",
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        },
+        attention_chunk_size=spec.attention_chunk_size,
+        attention_bias=False,
+        use_qk_norm=spec.use_qk_norm,
+        max_position_embeddings=spec.max_position_embeddings,
+        # mlx-lm reads interleave_moe_layer_step; our runtime reads moe_layers (the spec's, exact).
+        interleave_moe_layer_step=int(cfg.get("interleave_moe_layer_step") or 1),
+        moe_layers=list(spec.moe_layers),
+        # IMPORTANT: no_rope_layers[i] == 1 means layer i USES RoPE (transformers' inverted name).
+        no_rope_layers=[int(la.uses_rope) for la in spec.layers],
+        layer_types=["chunked_attention" if la.chunked else "full_attention" for la in spec.layers],
+        attn_temperature_tuning=spec.attn_temperature_tuning,
+        floor_scale=spec.floor_scale,
+        attn_scale=spec.attn_scale,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=spec.bos_token_id,
+        eos_token_id=list(spec.eos_token_ids),
+        pad_token_id=spec.pad_token_id,
+        torch_dtype=dtype,
+    )
+    cfg.pop("dtype", None)
+    cfg.pop("quantization_config", None)  # FP8 sources are dequantized on the way out
+    return cfg
+
+
+def mlx_config(spec: Llama4Spec, dtype: str) -> dict[str, Any]:
+    """config.json of the export: mlx-lm's ``llama4`` (multimodal) layout, text only."""
+    text = mlx_text_config(spec, dtype)
+    return {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",  # NOT llama4_text: mlx-lm maps that to a dense model
+        "text_config": text,
+        "torch_dtype": dtype,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": list(spec.eos_token_ids),
+        "pad_token_id": spec.pad_token_id,
+    }
+
+
+def _warn_mlx_lm_differences(spec: Llama4Spec) -> None:
+    """mlx-lm hard-codes some per-layer facts; say so when this config states otherwise (our runtime follows it)."""
+    step = int(spec.text_config().get("interleave_moe_layer_step") or 1)
+    if any(la.is_moe != (la.index % step == step - 1) for la in spec.layers):
+        log.warning("moe_layers %s do not follow interleave_moe_layer_step=%d; mlx-lm will not load this export "
+                    "(the l4export MLX runtime will)", list(spec.moe_layers), step)
+    if any(la.uses_rope != ((la.index + 1) % 4 != 0) for la in spec.layers):
+        log.warning("NoPE layers %s differ from mlx-lm's hard-coded (i+1)%%4; mlx-lm will compute this model "
+                    "differently (the l4export MLX runtime follows the config)", list(spec.nope_layers))
+    if spec.top_k != 1:
+        log.warning("num_experts_per_tok=%d: mlx-lm asserts top-1 routing", spec.top_k)
+
+
+def _pending(t: LazyTensor, dtype: np.dtype) -> PendingTensor:
+    def load() -> np.ndarray:
+        arr = t.load()  # source dtype (FP8 arrives dequantized as float32)
+        return arr if arr.dtype == dtype else arr.astype(dtype)
+
+    return PendingTensor(mlx_name(t.name), tuple(t.shape), dtype, load)
+
+
+def export_mlx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
+    """Write the MLX export of ``ckpt`` into ``out`` (already the temporary folder). Returns extra metadata."""
+    if options.quant is not None:
+        # Quantized MLX exports (QuantizedSwitchLinear tensors + config "quantization") are written by
+        # l4export.quant; this float writer is where they will plug in.
+        raise CapabilityError("--format mlx with --quant is not available yet; export float (omit --quant)")
+    spec = ckpt.spec
+    dtype = NP_DTYPES[options.dtype]
+    _warn_mlx_lm_differences(spec)
+    (out / "config.json").write_text(json.dumps(mlx_config(spec, options.dtype), indent=2))
+    pending = [_pending(t, dtype) for t in ckpt]
+    done = 0
+
+    def progress(name: str) -> None:
+        nonlocal done
+        done += 1
+        log.debug("wrote %s (%d/%d)", name, done, len(pending))
+
+    shards = write_sharded(out, pending, options.max_shard_bytes, metadata={"format": "mlx"}, on_tensor=progress)
+    log.info("MLX export: %d tensors in %d shard(s), %s", len(pending), len(shards), options.dtype)
+    if options.dtype != "float32":
+        log.info("note: mlx on a CPU runs Llama 4's expert matmuls (GatherMM) in float32 only; "
+                 "the MLX runtime upcasts there, Metal runs %s as stored", options.dtype)
+    return {"shards": [p.name for p in shards], "ignored_source_tensors": len(ckpt.ignored)}
