@@ -1,0 +1,109 @@
+"""A small graph builder over onnx_ir: values are objects, node names are scoped and deterministic.
+
+    g = GraphBuilder(opset=21)
+    with g.scope("model.layers.0"), g.scope("self_attn"):
+        y = g.op("MatMul", x, w)             # node "model.layers.0/self_attn/MatMul_0"
+    g.const(np.array([0, 0, -1], np.int64))  # small constant initializer
+    g.weight("model.norm.weight", shape, dtype, loader)   # lazy initializer: bytes read only by ir.save
+
+Node names are ``scope/OpType_n`` with ``n`` counted per scope and op type, so the same checkpoint always
+gives the same graph, byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+MS_DOMAIN = "com.microsoft"
+
+
+class GraphBuilder:
+    def __init__(self, opset: int = 21):
+        self.opset = opset
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
+        self.inputs: list[ir.Value] = []
+        self.outputs: list[ir.Value] = []
+        self._scopes: list[str] = []
+        self._counts: Counter[str] = Counter()
+        self._consts: dict[tuple, ir.Value] = {}
+
+    # ---- naming ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        self._scopes.append(name)
+        try:
+            yield
+        finally:
+            self._scopes.pop()
+
+    def _name(self, op_type: str) -> str:
+        prefix = "/".join(self._scopes)
+        key = f"{prefix}/{op_type}"
+        n = self._counts[key]
+        self._counts[key] += 1
+        return f"{key}_{n}" if prefix else f"{op_type}_{n}"
+
+    # ---- values ----------------------------------------------------------------------------------
+    def input(self, name: str, dtype: ir.DataType, shape: list[int | str]) -> ir.Value:
+        v = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+        self.inputs.append(v)
+        return v
+
+    def output(self, value: ir.Value, name: str, dtype: ir.DataType, shape: list[int | str]) -> ir.Value:
+        """Name ``value`` as a graph output (through an Identity when it already has a name in use)."""
+        out = self.op("Identity", value)
+        out.name = name
+        out.type = ir.TensorType(dtype)
+        out.shape = ir.Shape(shape)
+        self.outputs.append(out)
+        return out
+
+    def const(self, array: np.ndarray | float | int | list, dtype: Any = None) -> ir.Value:
+        """A small constant initializer (deduplicated by value)."""
+        arr = np.asarray(array, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = f"const_{len(self._consts)}"
+            v = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)), shape=ir.Shape(arr.shape),
+                         const_value=ir.tensor(arr, name=name))
+            self.initializers.append(v)
+            self._consts[key] = v
+        return self._consts[key]
+
+    def weight(self, name: str, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], np.ndarray]) -> ir.Value:
+        """A lazy initializer: ``load`` runs when ir.save writes its bytes, and the array is dropped after."""
+        irdtype = ir.DataType.from_numpy(np.dtype(dtype))
+
+        def func() -> ir.TensorProtocol:
+            arr = load()
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise RuntimeError(f"internal: {name} loaded as {arr.shape} {arr.dtype}, planned {shape} {dtype}")
+            return ir.Tensor(np.ascontiguousarray(arr), name=name)
+
+        v = ir.Value(name=name, type=ir.TensorType(irdtype), shape=ir.Shape(shape),
+                     const_value=ir.LazyTensor(func, dtype=irdtype, shape=ir.Shape(shape), name=name))
+        self.initializers.append(v)
+        return v
+
+    # ---- nodes -------------------------------------------------------------------------------------
+    def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", outputs: int = 1,
+           **attributes: Any) -> Any:
+        attrs: Mapping[str, Any] = {k: v for k, v in attributes.items() if v is not None}
+        node = ir.node(op_type, list(inputs), attrs, domain=domain, num_outputs=outputs, name=self._name(op_type))
+        self.nodes.append(node)
+        for i, out in enumerate(node.outputs):
+            out.name = f"{node.name}/output_{i}"
+        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+
+    # ---- model -------------------------------------------------------------------------------------
+    def model(self, doc: str = "") -> ir.Model:
+        graph = ir.Graph(self.inputs, self.outputs, nodes=self.nodes, initializers=self.initializers,
+                         opset_imports={"": self.opset, MS_DOMAIN: 1}, name="llama4_text_decoder", doc_string=doc)
+        return ir.Model(graph, ir_version=10, producer_name="l4export")
