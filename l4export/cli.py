@@ -131,14 +131,16 @@ def _parse_ids(ids: str) -> list[int]:
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None, help="ONNX Runtime provider.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="MLX compute dtype (default: the export's where the device runs it, else float32).")
 def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float, top_p: float,
-        seed: int, provider: str | None) -> None:
+        seed: int, provider: str | None, dtype: str | None) -> None:
     """Generate from an ONNX or MLX export, streaming tokens to stdout."""
     from .runtimes import load_runtime
 
     if (prompt is None) == (ids is None):
         raise click.UsageError("pass exactly one of --prompt or --ids")
-    rt = load_runtime(export, provider=provider)
+    rt = load_runtime(export, provider=provider, dtype=dtype)
     kw = dict(temperature=temperature, top_p=top_p, seed=seed)
     if prompt is not None:
         for piece in rt.generate_text(prompt, max_new_tokens, **kw):

@@ -94,7 +94,8 @@ def mlx_text_config(spec: Llama4Spec, dtype: str) -> dict[str, Any]:
         no_rope_layers=[int(la.uses_rope) for la in spec.layers],
         layer_types=["chunked_attention" if la.chunked else "full_attention" for la in spec.layers],
         attn_temperature_tuning=spec.attn_temperature_tuning,
-        floor_scale=spec.floor_scale,
+        # transformers' config validation wants an int here (8192, not 8192.0)
+        floor_scale=int(spec.floor_scale) if float(spec.floor_scale).is_integer() else spec.floor_scale,
         attn_scale=spec.attn_scale,
         tie_word_embeddings=spec.tie_word_embeddings,
         bos_token_id=spec.bos_token_id,
