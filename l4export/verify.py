@@ -1,0 +1,271 @@
+"""``l4export verify``: an export's logits and greedy tokens against transformers (float32, eager).
+
+Runtime-agnostic: the export is opened with ``load_runtime`` (ONNX, MLX, ...), so every format is held to the
+same prompts, metrics and thresholds. Per prompt, both a full forward and token-by-token decoding through the
+KV cache are compared with one reference forward:
+
+    rel      max|Δ| / max|ref|          (the float32 gate)
+    mean     mean|Δ|
+    cosine   minimum over tokens of cos(ref_t, export_t)
+    kl       mean over tokens of KL(softmax ref || softmax export)   (the reduced-precision gate)
+    top1     fraction of tokens whose argmax agrees
+    greedy   leading greedy tokens equal to transformers' greedy generation
+
+Default prompts have 1, chunk-1, chunk+1 and 3*chunk tokens: they cross attention-chunk boundaries both in
+prefill and while decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+
+from .errors import UsageError
+from .spec import Llama4Spec, load_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    rel: float | None = None  # max|Δ| / max|ref|
+    kl: float | None = None  # mean KL(ref || export) per token
+    greedy_all: bool = False  # every greedy token must equal the reference's
+
+    def describe(self) -> str:
+        parts = [f"rel<={self.rel:g}" if self.rel is not None else "", f"kl<={self.kl:g}" if self.kl is not None else "",
+                 "greedy all equal" if self.greedy_all else ""]
+        return ", ".join(p for p in parts if p)
+
+
+# Keyed by the export's quantization name if it has one, else by its compute dtype.
+THRESHOLDS: dict[str, Threshold] = {
+    "float32": Threshold(rel=1e-4, greedy_all=True),
+    "float16": Threshold(kl=1e-3),
+    "bfloat16": Threshold(kl=1e-2),
+    # Quantized exports: starting points only; the quantization engineer tunes these per recipe.
+    "int4": Threshold(kl=5e-2),
+    "int8": Threshold(kl=1e-2),
+    "fp8": Threshold(kl=1e-2),
+}
+
+
+def threshold_for(info: dict[str, Any]) -> tuple[str, Threshold]:
+    quant = info.get("quantization")
+    if quant:
+        key = next((k for k in THRESHOLDS if k in str(quant).lower() and k not in ("float32", "float16", "bfloat16")), None)
+        if key is None:
+            raise UsageError(f"verify has no threshold for quantization {quant!r}; add a row to l4export.verify.THRESHOLDS")
+        return key, THRESHOLDS[key]
+    dtype = str(info.get("dtype", "float32"))
+    if dtype not in THRESHOLDS:
+        raise UsageError(f"verify has no threshold for dtype {dtype!r}; add a row to l4export.verify.THRESHOLDS")
+    return dtype, THRESHOLDS[dtype]
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Metrics of export logits ``got`` [T, V] against reference logits ``ref`` [T, V]."""
+    if ref.shape != got.shape:
+        raise UsageError(f"export logits have shape {list(got.shape)}, the reference's {list(ref.shape)}; vocab sizes differ")
+    d = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    lp, lq = _log_softmax(ref), _log_softmax(got)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    num = (ref.astype(np.float64) * got).sum(axis=-1)
+    den = np.linalg.norm(ref.astype(np.float64), axis=-1) * np.linalg.norm(got.astype(np.float64), axis=-1)
+    cos = num / np.maximum(den, 1e-30)
+    finite = bool(np.isfinite(got).all())
+    return {
+        "rel": float(d.max() / max(float(np.abs(ref).max()), 1e-30)) if finite else float("inf"),
+        "mean_abs": float(d.mean()) if finite else float("inf"),
+        "cosine": float(cos.min()) if finite else 0.0,
+        "kl": float(max(kl.mean(), 0.0)) if finite else float("inf"),
+        "kl_max": float(max(kl.max(), 0.0)) if finite else float("inf"),
+        "top1": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+    }
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptResult:
+    name: str
+    tokens: int
+    full: dict[str, float]
+    incremental: dict[str, float]
+    greedy_match: int
+    greedy_total: int
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class Report:
+    export: str
+    reference: str
+    format: str
+    dtype: str
+    quantization: str | None
+    threshold_key: str
+    threshold: Threshold
+    results: list[PromptResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def table(self) -> str:
+        head = (f"verify {self.export} ({self.format}, {self.dtype}"
+                f"{', ' + self.quantization if self.quantization else ''}) vs {self.reference}\n"
+                f"thresholds [{self.threshold_key}]: {self.threshold.describe()}\n")
+        cols = f"{'prompt':<14}{'tokens':>7} {'mode':<6}{'rel':>11}{'mean|Δ|':>11}{'cosine':>11}{'KL':>11}{'top1':>7}{'greedy':>9}  result"
+        lines = [head + cols, "-" * len(cols)]
+        for r in self.results:
+            for mode, m in (("full", r.full), ("incr", r.incremental)):
+                greedy = f"{r.greedy_match}/{r.greedy_total}" if mode == "full" else ""
+                ok = ("PASS" if r.passed else "FAIL") if mode == "full" else ""
+                lines.append(f"{r.name:<14}{r.tokens:>7} {mode:<6}{m['rel']:>11.3e}{m['mean_abs']:>11.3e}{m['cosine']:>11.7f}"
+                             f"{m['kl']:>11.3e}{m['top1']:>7.3f}{greedy:>9}  {ok}")
+            for f in r.failures:
+                lines.append(f"    ! {f}")
+        lines.append(f"{'PASSED' if self.passed else 'FAILED'}: {sum(r.passed for r in self.results)}/{len(self.results)} prompts")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_junit(self) -> str:
+        fails = sum(not r.passed for r in self.results)
+        suite = f"l4export.verify.{self.format}.{self.threshold_key}"
+        out = ['<?xml version="1.0" encoding="UTF-8"?>',
+               f'<testsuite name={quoteattr(suite)} tests="{len(self.results)}" failures="{fails}" errors="0">']
+        for r in self.results:
+            out.append(f'  <testcase classname={quoteattr(suite)} name={quoteattr(f"{r.name} ({r.tokens} tokens)")}>')
+            if r.failures:
+                msg = "; ".join(r.failures)
+                out.append(f"    <failure message={quoteattr(msg)}>{escape(msg)}</failure>")
+            out.append(f"    <system-out>{escape(json.dumps({'full': r.full, 'incremental': r.incremental, 'greedy': [r.greedy_match, r.greedy_total]}))}</system-out>")
+            out.append("  </testcase>")
+        out.append("</testsuite>")
+        return "\n".join(out) + "\n"
+
+
+# ---- prompts --------------------------------------------------------------------------------------------
+
+
+def default_prompts(spec: Llama4Spec, seed: int = 0) -> list[tuple[str, list[int]]]:
+    """Token-id prompts of 1, chunk-1, chunk+1 and 3*chunk tokens (ids avoid the first few specials)."""
+    chunk = spec.attention_chunk_size or 8192
+    rng = np.random.default_rng(seed)
+    lo, hi = min(4, spec.vocab_size - 1), spec.vocab_size
+    lengths = [("one", 1), ("chunk-1", chunk - 1), ("chunk+1", chunk + 1), ("3xchunk", 3 * chunk)]
+    prompts = []
+    for name, n in lengths:
+        ids = rng.integers(lo, hi, max(n, 1)).tolist()
+        if spec.bos_token_id is not None:
+            ids[0] = int(spec.bos_token_id)
+        prompts.append((name, ids))
+    return prompts
+
+
+_IDS = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*,?\s*$")
+
+
+def read_prompts(path: Path, runtime: Any) -> list[tuple[str, list[int]]]:
+    """One prompt per non-empty line: comma-separated token ids, or text (encoded with the export's tokenizer)."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: --prompts file not found")
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if _IDS.match(line):
+            ids = [int(t) for t in line.replace(",", " ").split()]
+        else:
+            ids = runtime.encode(line)
+        bad = [i for i in ids if i < 0 or i >= runtime.spec.vocab_size]
+        if bad:
+            raise UsageError(f"{path}:{n}: token id {bad[0]} is outside the vocabulary (0..{runtime.spec.vocab_size - 1})")
+        if not ids:
+            raise UsageError(f"{path}:{n}: the prompt encodes to no tokens")
+        prompts.append((f"line{n}", ids))
+    if not prompts:
+        raise UsageError(f"{path}: no prompts (one per line: text, or comma-separated token ids)")
+    return prompts
+
+
+# ---- the check ------------------------------------------------------------------------------------------
+
+_SAME_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                "intermediate_size_mlp", "num_experts", "top_k", "attention_chunk_size", "use_qk_norm", "rope_theta",
+                "rope_scaling", "layers")
+
+
+def check_same_model(export: Llama4Spec, reference: Llama4Spec, export_path: Path, reference_path: Path) -> None:
+    for f in _SAME_FIELDS:
+        a, b = getattr(export, f), getattr(reference, f)
+        if a != b:
+            shown = (lambda v: f"{len(v)} layers differing" if f == "layers" else repr(v))
+            raise UsageError(
+                f"{reference_path}: is not the model exported to {export_path} ({f} {shown(b)} vs the export's {shown(a)}); "
+                "pass the checkpoint the export was converted from"
+            )
+
+
+def verify(export: str | Path, reference: str | Path, prompts: Path | None = None, provider: str | None = None,
+           greedy_tokens: int = 32) -> Report:
+    """Compare an export with transformers on ``reference``; the returned Report says whether it passed."""
+    from .runtimes import load_runtime
+    from .runtimes.reference import ReferenceRunner
+
+    export, reference = Path(export), Path(reference)
+    rt = load_runtime(export, provider=provider)
+    ref_spec = load_spec(reference)
+    check_same_model(rt.spec, ref_spec, export, reference)
+    key, thr = threshold_for(rt.info)
+    plist = read_prompts(prompts, rt) if prompts is not None else default_prompts(rt.spec)
+    ref = ReferenceRunner(reference)
+    report = Report(str(export), str(reference), str(rt.info.get("format")), str(rt.info.get("dtype")),
+                    rt.info.get("quantization"), key, thr)
+    for name, ids in plist:
+        log.info("verify: prompt %s (%d tokens)", name, len(ids))
+        r = ref.logits(ids)
+        full = compare(r, rt.logits(ids))
+        incr = compare(r, rt.logits_incremental(ids))
+        want = ref.greedy(ids, greedy_tokens) if greedy_tokens > 0 else []
+        got = list(rt.generate(ids, greedy_tokens, stop=[])) if greedy_tokens > 0 else []
+        match = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        res = PromptResult(name, len(ids), full, incr, match, len(want))
+        for mode, m in (("full", full), ("incremental", incr)):
+            if thr.rel is not None and not m["rel"] <= thr.rel:
+                res.failures.append(f"{mode}: rel {m['rel']:.3e} > {thr.rel:g}")
+            if thr.kl is not None and not m["kl"] <= thr.kl:
+                res.failures.append(f"{mode}: KL {m['kl']:.3e} > {thr.kl:g}")
+        if thr.greedy_all and match != len(want):
+            res.failures.append(f"greedy: {match}/{len(want)} tokens equal (first difference at token {match})")
+        report.results.append(res)
+    return report
