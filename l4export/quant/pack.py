@@ -1,0 +1,122 @@
+"""Byte layouts of the targets, from a ``QTensor``. Each packer is checked against the real runtime op in
+tests/test_quant_pack.py (onnxruntime MatMulNBits / QMoE, mlx ``mx.dequantize``).
+
+ORT (onnx-runtime-facts.md §3, §7): 4-bit codes are packed along K, two per byte, **low nibble = even
+element**; scales are ``[N, K/block]``; zero points packed the same way, ``[N, ceil(K/block/2)]``.
+
+    MatMulNBits  B [N, K/block, block*bits/8]   scales [N, K/block]   zero_points [N, ceil(K/block*bits/8)]
+    QMoE fc1     [E, 2I, H*bits/8]  rows interleaved g0,u0,g1,u1,...  (swiglu_fusion=1)
+    QMoE fc2     [E, H, I*bits/8]   scales [E, N, K/block]   zero points [E, N, ceil(K/block*bits/8)]
+
+MLX affine: ``w = scale*q + bias``, q in [0, 2^bits-1], packed little-end-first into uint32
+(element j of a word at bits [j*bits, (j+1)*bits)); mxfp8: e4m3 bytes packed 4 per uint32, e8m0 scales uint8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .schemes import FP8, Fp8, Int, MxFp8, QTensor
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 codes [..., K] (K even, values < 16) -> [..., K/2]; low nibble = even element."""
+    q = q.astype(np.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(p: np.ndarray) -> np.ndarray:
+    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    return pack_nibbles(q) if bits == 4 else q.astype(np.uint8)
+
+
+def _zero_points(qt: QTensor, bits: int) -> np.ndarray:
+    z = qt.zero
+    if bits == 4 and z.shape[-1] % 2:
+        z = np.concatenate([z, np.zeros(z.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return _pack_codes(z, bits)
+
+
+def _need_int(qt: QTensor) -> Int:
+    if not isinstance(qt.scheme, Int):
+        raise TypeError(f"{qt.scheme.name} has no integer layout")
+    return qt.scheme
+
+
+def to_matmulnbits(qt: QTensor) -> dict[str, np.ndarray | int]:
+    """One dense linear ``[N, K]`` as MatMulNBits inputs and attributes (``Y = A @ W^T``)."""
+    s = _need_int(qt)
+    n, k = qt.shape
+    blk = s.group_size
+    b = _pack_codes(qt.q, s.bits).reshape(n, k // blk, blk * s.bits // 8)
+    return {"B": b, "scales": qt.scale.astype(np.float32), "zero_points": _zero_points(qt, s.bits),
+            "K": k, "N": n, "bits": s.bits, "block_size": blk}
+
+
+def to_qmoe(gate: QTensor, up: QTensor, down: QTensor) -> dict[str, np.ndarray | int | None]:
+    """Stacked experts (gate/up ``[E, I, H]``, down ``[E, H, I]``) as QMoE fc1/fc2 (swiglu_fusion=1).
+
+    Zero points are returned for asymmetric schemes only; symmetric codes are stored ``q+8`` and QMoE's
+    default zero point (2^(bits-1)) reads them."""
+    s = _need_int(gate)
+    if _need_int(up) != s or _need_int(down).bits != s.bits:
+        raise ValueError("QMoE needs gate and up in one scheme and down at the same bit width")
+    e, i, h = gate.shape
+
+    def interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # rows g0,u0,g1,u1,...
+        out = np.empty((a.shape[0], 2 * a.shape[1]) + a.shape[2:], dtype=a.dtype)
+        out[:, 0::2], out[:, 1::2] = a, b
+        return out
+
+    fc1 = interleave(_pack_codes(gate.q, s.bits), _pack_codes(up.q, s.bits))  # (E, 2I, H*bits/8)
+    fc1_scales = interleave(gate.scale, up.scale).astype(np.float32)  # (E, 2I, H/block)
+    fc2 = _pack_codes(down.q, s.bits)  # (E, H, I*bits/8)
+    sym = s.symmetric and down.scheme.symmetric
+    out = {"fc1": fc1, "fc1_scales": fc1_scales, "fc2": fc2, "fc2_scales": down.scale.astype(np.float32),
+           "fc1_zero_points": None if sym else interleave(_zero_points(gate, s.bits), _zero_points(up, s.bits)),
+           "fc2_zero_points": None if sym else _zero_points(down, s.bits),
+           "expert_weight_bits": s.bits, "block_size": s.group_size}
+    if down.scheme.group_size != s.group_size:
+        raise ValueError("QMoE has one block_size for fc1 and fc2")
+    return out
+
+
+def to_mlx(qt: QTensor) -> dict[str, np.ndarray]:
+    """``{"weight": uint32, "scales": ..., ["biases": ...]}`` as ``mx.quantize`` lays them out."""
+    s = qt.scheme
+    if isinstance(s, Int):
+        per_word = 32 // s.bits
+        q = qt.q.astype(np.uint32).reshape(*qt.shape[:-1], qt.shape[-1] // per_word, per_word)
+        shifts = (np.arange(per_word, dtype=np.uint32) * s.bits).astype(np.uint32)
+        w = np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
+        scale = qt.scale.astype(np.float32)
+        return {"weight": w, "scales": scale, "biases": (-qt.zero.astype(np.float32) * scale).astype(np.float32)}
+    if isinstance(s, MxFp8):
+        b = qt.q.view(np.uint8).astype(np.uint32).reshape(*qt.shape[:-1], qt.shape[-1] // 4, 4)
+        w = np.bitwise_or.reduce(b << (np.arange(4, dtype=np.uint32) * 8), axis=-1).astype(np.uint32)
+        e8m0 = (np.round(np.log2(qt.scale)) + 127).astype(np.uint8)
+        return {"weight": w, "scales": e8m0}
+    raise TypeError(f"{s.name} has no MLX layout; MLX stores FP8 as mxfp8 (re-quantize with MxFp8)")
+
+
+def mlx_config_entry(qt_or_scheme) -> dict:
+    """The per-path ``quantization`` entry mlx-lm reads (explicit values, never null)."""
+    s = qt_or_scheme.scheme if isinstance(qt_or_scheme, QTensor) else qt_or_scheme
+    if isinstance(s, Int):
+        return {"group_size": s.group_size, "bits": s.bits, "mode": "affine"}
+    if isinstance(s, MxFp8):
+        return {"group_size": 32, "bits": 8, "mode": "mxfp8"}
+    raise TypeError(f"{s.name} has no MLX mode")
+
+
+def to_onnx_fp8(qt: QTensor) -> dict[str, np.ndarray]:
+    """FP8 weight for ``DequantizeLinear(axis=-2)``: e4m3 ``[..., out, in]`` and float32 scales ``[..., out]``."""
+    if not isinstance(qt.scheme, Fp8):
+        raise TypeError(f"{qt.scheme.name} is not per-channel FP8")
+    return {"weight": qt.q.astype(FP8), "scale": qt.scale[..., 0].astype(np.float32)}

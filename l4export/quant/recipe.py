@@ -1,0 +1,213 @@
+"""Quantization recipes: an ordered list of ``Rule(pattern -> scheme)``, first match wins.
+
+Patterns match canonical tensor names (names.py): fnmatch globs, or a regular expression after ``re:``
+(``re.fullmatch``). A rule whose scheme is ``None`` keeps the tensor float; a tensor no rule matches
+stays float as well. Presets are data (``PRESETS``); TOML recipes are read strictly:
+
+    name = "experts-int4-g64"
+    [[rule]]
+    match = "*.feed_forward.router.weight"
+    scheme = "float"
+    [[rule]]
+    match = "*.feed_forward.experts.*"
+    scheme = "int4"           # int4 | int8 | fp8 | mxfp8 | float
+    group_size = 64           # int4/int8: 32, 64, 128
+    symmetric = true          # int4/int8
+    # activation = "static"   # fp8 only: per-expert static input scales from calibration
+
+Unknown keys, unknown schemes and bad values are ``RecipeError``s naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import CapabilityError, RecipeError
+from ..spec import Llama4Spec
+from .schemes import AnyScheme, Fp8, Int, MxFp8
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    scheme: AnyScheme | None  # None: keep float
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rules: tuple[Rule, ...]
+
+    def scheme_for(self, name: str) -> AnyScheme | None:
+        """The scheme of the first rule matching ``name`` (None: float)."""
+        for rule in self.rules:
+            if rule.matches(name):
+                return rule.scheme
+        return None
+
+    def plan(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, AnyScheme]:
+        """Canonical name -> scheme for every tensor that gets quantized."""
+        return {n: s for n in shapes if (s := self.scheme_for(n)) is not None}
+
+    def validate(self, spec_or_shapes: Llama4Spec | Mapping[str, tuple[int, ...]]) -> dict[str, AnyScheme]:
+        """Check every matched tensor before any weight is read: 2-D or stacked 3-D linears only, and the
+        group size divides the input dimension. Returns the plan."""
+        shapes = canonical_shapes(spec_or_shapes) if isinstance(spec_or_shapes, Llama4Spec) else spec_or_shapes
+        plan = self.plan(shapes)
+        for name, scheme in plan.items():
+            shape = shapes[name]
+            if len(shape) not in (2, 3) or name.endswith(("norm.weight",)):
+                raise RecipeError(f"recipe {self.name}: {name} {list(shape)} is not a linear weight; add a float rule for it")
+            g = scheme.group_for(shape[-1])
+            if shape[-1] % g:
+                raise RecipeError(
+                    f"recipe {self.name}: group size {g} does not divide {name}'s input dimension {shape[-1]} "
+                    f"(shape {list(shape)}); use a group size that divides {shape[-1]}"
+                )
+        return plan
+
+    def check_target(self, fmt: str, target: str) -> None:
+        """Refuse schemes the target cannot store or run (see docs/quantization.md, "Targets")."""
+        schemes = {r.scheme for r in self.rules if r.scheme is not None}
+        for s in schemes:
+            if isinstance(s, MxFp8) and fmt == "onnx":
+                raise CapabilityError(
+                    f"recipe {self.name}: mxfp8 (e8m0 group scales) has no ONNX Runtime kernel; use fp8 for --format onnx"
+                )
+            if isinstance(s, Fp8) and fmt == "mlx" and s.activation == "static":
+                raise CapabilityError(
+                    f"recipe {self.name}: MLX has no static FP8 activation scales; use activation = \"dynamic\" for --format mlx"
+                )
+
+
+def canonical_shapes(spec: Llama4Spec) -> dict[str, tuple[int, ...]]:
+    """Shapes of the canonical linear weights (names.py) from the spec alone."""
+    h, e, i, im = spec.hidden_size, spec.num_experts, spec.intermediate_size, spec.intermediate_size_mlp
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h), "lm_head.weight": (spec.vocab_size, h)}
+    for la in spec.layers:
+        p = f"model.layers.{la.index}"
+        out[f"{p}.self_attn.q_proj.weight"] = (spec.q_size, h)
+        out[f"{p}.self_attn.k_proj.weight"] = (spec.kv_size, h)
+        out[f"{p}.self_attn.v_proj.weight"] = (spec.kv_size, h)
+        out[f"{p}.self_attn.o_proj.weight"] = (h, spec.q_size)
+        if la.is_moe:
+            f = f"{p}.feed_forward"
+            out[f"{f}.router.weight"] = (e, h)
+            out[f"{f}.experts.gate_proj"] = (e, i, h)
+            out[f"{f}.experts.up_proj"] = (e, i, h)
+            out[f"{f}.experts.down_proj"] = (e, h, i)
+            for n in ("gate", "up"):
+                out[f"{f}.shared_expert.{n}_proj.weight"] = (i, h)
+            out[f"{f}.shared_expert.down_proj.weight"] = (h, i)
+        else:
+            for n in ("gate", "up"):
+                out[f"{p}.feed_forward.{n}_proj.weight"] = (im, h)
+            out[f"{p}.feed_forward.down_proj.weight"] = (h, im)
+    return out
+
+
+# ---- presets ------------------------------------------------------------------------------------------
+_FLOAT_FIRST = (
+    Rule("*.feed_forward.router.weight", None),  # routing decisions stay exact (every toolkit keeps it float)
+    Rule("*norm.weight", None),
+    Rule("model.embed_tokens.weight", None),
+    Rule("lm_head.weight", None),
+)
+
+PRESETS: dict[str, Recipe] = {
+    # Routed and shared experts int4 (Meta int4_mixed covers both); attention and Maverick's dense MLPs int8.
+    "int4": Recipe("int4", _FLOAT_FIRST + (
+        Rule("*.feed_forward.experts.*", Int(bits=4, group_size=32, symmetric=True)),
+        Rule("*.feed_forward.shared_expert.*", Int(bits=4, group_size=32, symmetric=True)),
+        Rule("*.self_attn.*_proj.weight", Int(bits=8, group_size=32, symmetric=True)),
+        Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", Int(bits=8, group_size=32, symmetric=True)),
+    )),
+    # Routed experts only, per expert per output channel (Meta fp8_mixed); the rest float.
+    "fp8": Recipe("fp8", _FLOAT_FIRST + (
+        Rule("*.feed_forward.experts.*", Fp8()),
+    )),
+}
+
+# ---- TOML ---------------------------------------------------------------------------------------------
+_TOP_KEYS = {"name", "rule"}
+_SCHEME_KEYS: dict[str, set[str]] = {
+    "int4": {"group_size", "symmetric"},
+    "int8": {"group_size", "symmetric"},
+    "fp8": {"activation"},
+    "mxfp8": set(),
+    "float": set(),
+}
+
+
+def _scheme(kind: str, opts: dict[str, Any], where: str) -> AnyScheme | None:
+    try:
+        if kind in ("int4", "int8"):
+            gs, sym = opts.get("group_size", 32), opts.get("symmetric", True)
+            if not isinstance(gs, int) or isinstance(gs, bool) or not isinstance(sym, bool):
+                raise RecipeError(f"{where}: group_size must be an integer and symmetric true or false")
+            return Int(bits=4 if kind == "int4" else 8, group_size=gs, symmetric=sym)
+        if kind == "fp8":
+            return Fp8(activation=opts.get("activation", "dynamic"))
+        if kind == "mxfp8":
+            return MxFp8()
+        return None
+    except RecipeError as err:
+        raise RecipeError(f"{where}: {err}") from None
+
+
+def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise RecipeError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    rules_in = data.get("rule")
+    if not isinstance(rules_in, list) or not rules_in:
+        raise RecipeError(f"{where}: no [[rule]] tables; add at least one rule (match = ..., scheme = ...)")
+    rules = []
+    for n, r in enumerate(rules_in, 1):
+        at = f"{where} rule {n}"
+        if not isinstance(r, dict):
+            raise RecipeError(f"{at}: a rule must be a table with match and scheme")
+        kind = r.get("scheme")
+        if kind not in _SCHEME_KEYS:
+            raise RecipeError(f"{at}: scheme {kind!r} is not one of {', '.join(_SCHEME_KEYS)}")
+        allowed = {"match", "scheme"} | _SCHEME_KEYS[kind]
+        for key in r:
+            if key not in allowed:
+                raise RecipeError(f"{at}: unknown key {key!r} for scheme {kind}; allowed: {', '.join(sorted(allowed))}")
+        pattern = r.get("match")
+        if not isinstance(pattern, str) or not pattern:
+            raise RecipeError(f"{at}: match must be a non-empty string (a glob, or re:REGEX)")
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise RecipeError(f"{at}: bad regular expression {pattern!r}: {err}") from None
+        rules.append(Rule(pattern, _scheme(kind, {k: v for k, v in r.items() if k not in ("match", "scheme")}, at)))
+    name = data.get("name", Path(where).stem)
+    if not isinstance(name, str):
+        raise RecipeError(f"{where}: name must be a string")
+    return Recipe(name, tuple(rules))
+
+
+def load_recipe(value: str | Path) -> Recipe:
+    """A preset name (``int4``, ``fp8``) or a TOML recipe file."""
+    if isinstance(value, str) and value in PRESETS:
+        return PRESETS[value]
+    path = Path(value)
+    if path.suffix != ".toml" or not path.is_file():
+        raise RecipeError(f"--quant {value}: not a preset ({', '.join(PRESETS)}) nor an existing .toml recipe file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not valid TOML ({err}); fix the file") from None
+    return parse_recipe(data, str(path))
