@@ -73,16 +73,19 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
+def count_non_finite(a: np.ndarray, block: int = 1 << 22) -> int:
+    """Non-finite values, counted in blocks so no float32 copy of the whole tensor is made."""
+    flat = a.reshape(-1)
+    return sum(int(np.count_nonzero(~np.isfinite(flat[i : i + block].astype(np.float32)))) for i in range(0, flat.size, block))
+
+
 def check(ckpt: Checkpoint, progress: bool = True) -> dict[str, Any]:
     """Read every tensor once (one at a time) and count non-finite values."""
     bad: dict[str, int] = {}
     for t in tqdm(list(ckpt), desc="checking", unit="tensor", disable=not progress):
-        a = t.load()
-        if a.dtype.kind == "f" or a.dtype.name in ("bfloat16",):
-            n = int(a.size - np.count_nonzero(np.isfinite(a.astype(np.float32, copy=False))))
-            if n:
-                bad[t.name] = n
-        del a
+        n = count_non_finite(t.load())
+        if n:
+            bad[t.name] = n
     return {"tensors_checked": len(ckpt.tensors), "non_finite": bad}
 
 
