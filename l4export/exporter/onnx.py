@@ -91,11 +91,17 @@ class DecoderBuilder:
         return g.op("Mul", xf, g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, self.f32(eps)))))
 
     def rms_norm(self, x: ir.Value, name: str) -> ir.Value:
-        """Llama4TextRMSNorm: ``(x.float() * rsqrt(mean(x^2)+eps)).type_as(x) * weight``."""
+        """Llama4TextRMSNorm: ``(x.float() * rsqrt(mean(x^2)+eps)).type_as(x) * weight``, returned in fp32.
+
+        The residual stream stays fp32 in every graph (only matmul inputs and the KV cache use the compute
+        dtype): with 128 experts the top-1 router margin can be ~1e-4, and fp16 residual rounding flips it.
+        """
         t = self.ckpt[name]
         w = self.g.weight(name, tuple(t.shape), self.np_dtype, lambda: t.load(self.np_dtype))
         with self.g.scope(name.rsplit(".", 1)[0].rsplit(".", 1)[-1]):
-            return self.g.op("Mul", self.to(self.rms(x, self.spec.rms_norm_eps), self.dt), w)
+            y = self.g.op("Mul", self.rms(x, self.spec.rms_norm_eps), self.to(w, FP32))
+            y.type = ir.TensorType(FP32)
+            return y
 
     # ---- shared per-call values ------------------------------------------------------------------------
     def positions(self, input_ids: ir.Value, attention_mask: ir.Value, position_ids: ir.Value) -> None:
@@ -233,19 +239,24 @@ class DecoderBuilder:
         g, s = self.g, self.spec
         pre = f"model.layers.{layer.index}.feed_forward"
         with g.scope("feed_forward"):
-            flat = g.op("Reshape", x, self.i64(-1, s.hidden_size))  # [T, H]
+            flat = g.op("Reshape", x, self.i64(-1, s.hidden_size))  # [T, H] fp32
+            flat.type = ir.TensorType(FP32)
             r = self.ckpt[f"{pre}.router.weight"]
             w_r = g.weight(f"{pre}.router.weight", (s.hidden_size, s.num_experts), np.dtype(np.float32),
                            lambda: np.ascontiguousarray(r.load(np.float32).T))
             with g.scope("router"):
                 logits = g.op("MatMul", self.to(flat, FP32), w_r)  # [T, E] fp32, as HF's router
                 score = g.op("Sigmoid", g.op("ReduceMax", logits, self.i64(-1), keepdims=1))  # [T, 1]
-                scaled = g.op("Mul", flat, self.to(score, self.dt))
+                scaled = self.to(g.op("Mul", flat, score), self.dt)
+                # Why: the op picks its own top-1 from router_probs in the compute dtype; fp16 rounding of the
+                # logits can tie or swap near-equal experts. Hand it the fp32 choice as 0 / -30000 instead.
+                choice = g.op("Equal", logits, g.op("ReduceMax", logits, self.i64(-1), keepdims=1))
+                probs = self.to(g.op("Where", choice, self.f32(0.0), self.f32(-30000.0)), self.dt)  # [T, E]
             fc1, fc2 = onnx_contrib.moe_weights(g, f"{pre}.experts", self._experts(pre), self.np_dtype)
             with g.scope("experts"):
-                routed = onnx_contrib.routed_experts(g, scaled, self.to(logits, self.dt), fc1, fc2)  # [T, H]
+                routed = onnx_contrib.routed_experts(g, scaled, probs, fc1, fc2)  # [T, H]
             with g.scope("shared_expert"):
-                shared = self.mlp(flat, f"{pre}.shared_expert")
+                shared = self.mlp(self.to(flat, self.dt), f"{pre}.shared_expert")
             out = g.op("Add", shared, routed)
             return g.op("Reshape", out, g.op("Shape", x))
 
@@ -267,23 +278,24 @@ class DecoderBuilder:
         embed = self.ckpt["model.embed_tokens.weight"]
         with g.scope("model.embed_tokens"):
             w = g.weight("model.embed_tokens.weight", tuple(embed.shape), self.np_dtype, lambda: embed.load(self.np_dtype))
-            h = g.op("Gather", w, input_ids, axis=0)  # [B, S, H]
+            h = self.to(g.op("Gather", w, input_ids, axis=0), FP32)  # [B, S, H], residual stream in fp32
         presents = []
         for layer in s.layers:
             pre = f"model.layers.{layer.index}"
             with g.scope(pre):
-                attn, pk, pv = self.attention(self.rms_norm(h, f"{pre}.input_layernorm.weight"), layer, *pasts[layer.index])
-                h = g.op("Add", h, attn)
+                x = self.to(self.rms_norm(h, f"{pre}.input_layernorm.weight"), self.dt)
+                attn, pk, pv = self.attention(x, layer, *pasts[layer.index])
+                h = g.op("Add", h, self.to(attn, FP32))
                 normed = self.rms_norm(h, f"{pre}.post_attention_layernorm.weight")
                 if layer.is_moe:
                     ff = self.moe(normed, layer)
                 else:
                     with g.scope("feed_forward"):
-                        ff = self.mlp(normed, f"{pre}.feed_forward")
-                h = g.op("Add", h, ff)
+                        ff = self.mlp(self.to(normed, self.dt), f"{pre}.feed_forward")
+                h = g.op("Add", h, self.to(ff, FP32))
             presents.append((pk, pv))
         with g.scope("model.norm"):
-            h = self.rms_norm(h, "model.norm.weight")
+            h = self.to(self.rms_norm(h, "model.norm.weight"), self.dt)
         with g.scope("lm_head"):
             logits = self.to(self.linear(h, "lm_head.weight"), FP32)
         g.output(logits, "logits", FP32, ["batch_size", "sequence_length", s.vocab_size])
