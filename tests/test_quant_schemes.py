@@ -1,0 +1,204 @@
+"""Schemes round trip, and the packed layouts run on the real ops: onnxruntime MatMulNBits / QMoE / DequantizeLinear,
+mlx mx.quantize / mx.dequantize."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from l4export.errors import RecipeError
+from l4export.quant.pack import mlx_config_entry, to_matmulnbits, to_mlx, to_onnx_fp8, to_qmoe, unpack_nibbles
+from l4export.quant.schemes import FP8, Fp8, Int, MxFp8, grouped, sqnr_db
+
+RNG = np.random.default_rng(0)
+# rows with very different magnitudes per expert, so one scale across experts would show
+W = (RNG.standard_normal((3, 16, 128)) * np.exp(RNG.standard_normal((3, 16, 1)))).astype(np.float32)
+
+INTS = [Int(4, g, sym) for g in (32, 64, 128) for sym in (True, False)] + [Int(8, 32, True), Int(8, 64, False)]
+
+
+@pytest.mark.parametrize("scheme", INTS, ids=lambda s: s.name)
+def test_int_round_trip_bounded_and_exact_on_grid(scheme):
+    qt = scheme.quantize(W)
+    assert qt.q.dtype == np.uint8 and qt.q.max() <= scheme.qmax
+    assert qt.scale.shape == (3, 16, 128 // scheme.group_size)  # per expert, per row, per group
+    d = qt.dequantize()
+    # error at most half a step, except symmetric's clipped positive extreme (one step)
+    step = np.repeat(qt.scale, scheme.group_size, axis=-1)
+    bound = step * (1.0 if scheme.symmetric else 0.5) + 1e-6
+    assert np.all(np.abs(d - W) <= bound)
+    # values already on the grid come back exactly (same grid: re-fitting a symmetric absmax/8 grid on
+    # clipped values would pick a smaller scale)
+    again = scheme.with_scales(d, qt.scale, qt.zero)
+    np.testing.assert_array_equal(again.q, qt.q)
+    np.testing.assert_array_equal(again.dequantize(), d)
+    floor = {4: 18.0, 8: 40.0}[scheme.bits]
+    assert sqnr_db(W, d) > floor
+
+
+def test_int4_symmetric_codes_are_q_plus_8():
+    qt = Int(4, 32, True).quantize(W)
+    assert np.all(qt.zero == 8)
+    q_signed = qt.q.astype(int) - 8
+    assert q_signed.min() >= -8 and q_signed.max() <= 7
+    amax = np.abs(grouped(W, 32)).max(-1)
+    np.testing.assert_allclose(qt.scale, amax / 8, rtol=1e-6)  # Meta's int4_row_quantize scale
+
+
+def test_scales_are_per_expert():
+    w = W.copy()
+    w[1] *= 1000.0
+    a, b = Int(4, 32, True).quantize(W), Int(4, 32, True).quantize(w)
+    np.testing.assert_array_equal(a.q[0], b.q[0])
+    np.testing.assert_array_equal(a.scale[0], b.scale[0])
+
+
+def test_fp8_per_channel_round_trip():
+    qt = Fp8().quantize(W)
+    assert qt.q.dtype == FP8 and qt.scale.shape == (3, 16, 1)
+    assert np.abs(qt.q.astype(np.float32)).max() <= 448
+    d = qt.dequantize()
+    assert np.all(np.isfinite(d))
+    np.testing.assert_allclose(d, W, rtol=2**-4, atol=1e-6)  # e4m3: 3 mantissa bits, half-ulp 2^-4
+    assert np.array_equal(Fp8().with_scales(d, qt.scale, None).dequantize(), d)
+    assert sqnr_db(W, d) > 28
+
+
+def test_zero_tensor_stays_finite():
+    z = np.zeros((2, 4, 128), np.float32)
+    for s in INTS + [Fp8(), MxFp8()]:
+        d = s.quantize(z).dequantize()
+        assert np.all(np.isfinite(d)) and not d.any()
+
+
+def test_group_size_must_divide():
+    with pytest.raises(RecipeError, match="does not divide"):
+        Int(4, 64, True).quantize(np.ones((4, 96), np.float32))
+    with pytest.raises(RecipeError, match="32, 64 or 128"):
+        Int(4, 48, True)
+
+
+# ---- MLX -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", INTS, ids=lambda s: s.name)
+def test_mlx_affine_layout_matches_mx_dequantize(scheme):
+    mx = pytest.importorskip("mlx.core")
+    qt = scheme.quantize(W)
+    p = to_mlx(qt)
+    assert p["weight"].dtype == np.uint32 and p["weight"].shape == (3, 16, 128 * scheme.bits // 32)
+    d = np.array(mx.dequantize(mx.array(p["weight"]), mx.array(p["scales"]), mx.array(p["biases"]),
+                               group_size=scheme.group_size, bits=scheme.bits))
+    g = scheme.group_size
+    mine = np.repeat(p["scales"], g, -1) * qt.q.astype(np.float32) + np.repeat(p["biases"], g, -1)
+    np.testing.assert_array_equal(d, mine)  # bit-exact: w = scale*q + bias
+    np.testing.assert_allclose(d, qt.dequantize(), atol=4e-6)  # (q - zp)*scale, as ORT computes it
+    assert mlx_config_entry(qt) == {"group_size": g, "bits": scheme.bits, "mode": "affine"}
+
+
+def test_mlx_quantize_reads_our_affine_bytes():
+    """mx.quantize of values already on our grid gives back our codes (its own packing == ours)."""
+    mx = pytest.importorskip("mlx.core")
+    s = Int(4, 32, False)
+    d = s.quantize(W).dequantize()
+    qt = s.quantize(d)
+    wq, _, _ = mx.quantize(mx.array(d), group_size=32, bits=4)
+    back = np.array(mx.dequantize(wq, *mx.quantize(mx.array(d), group_size=32, bits=4)[1:], group_size=32, bits=4))
+    np.testing.assert_allclose(back, d, atol=1e-5)
+    assert to_mlx(qt)["weight"].shape == tuple(wq.shape)
+
+
+def test_mxfp8_matches_mx_quantize_bit_exactly():
+    mx = pytest.importorskip("mlx.core")
+    w = np.concatenate([W, W * 1e-3, W * 300], axis=-1)
+    w[0, 0, :32] = 0.0  # an all-zero group
+    w[0, 1, :32] = 2.0**-3  # an exact power of two at the edge
+    qt = MxFp8().quantize(w)
+    p = to_mlx(qt)
+    ref_q, ref_s = mx.quantize(mx.array(w), group_size=32, bits=8, mode="mxfp8")
+    np.testing.assert_array_equal(p["weight"], np.array(ref_q))
+    np.testing.assert_array_equal(p["scales"], np.array(ref_s))
+    d = mx.dequantize(ref_q, ref_s, group_size=32, bits=8, mode="mxfp8").astype(mx.float32)
+    np.testing.assert_array_equal(np.array(d), qt.dequantize())
+    assert mlx_config_entry(qt)["mode"] == "mxfp8"
+
+
+def test_fp8_has_no_mlx_layout():
+    with pytest.raises(TypeError, match="mxfp8"):
+        to_mlx(Fp8().quantize(W))
+
+
+# ---- ONNX Runtime ------------------------------------------------------------------------------------------
+def _run(node, inputs: dict[str, np.ndarray], inits: dict[str, np.ndarray], out_shape, opset=21):
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in inputs.items()],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, list(out_shape))],
+        [numpy_helper.from_array(v, n) for n, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)[0]
+
+
+@pytest.mark.parametrize("scheme", INTS, ids=lambda s: s.name)
+def test_matmulnbits_layout_runs_on_onnxruntime(scheme):
+    from onnx import helper
+
+    w = W[0]  # (N, K)
+    qt = scheme.quantize(w)
+    p = to_matmulnbits(qt)
+    assert p["B"].shape == (16, 128 // scheme.group_size, scheme.group_size * scheme.bits // 8)
+    if scheme.bits == 4:  # low nibble = even element
+        np.testing.assert_array_equal(unpack_nibbles(p["B"].reshape(16, -1)), qt.q)
+    a = RNG.standard_normal((5, 128)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], domain="com.microsoft",
+                            K=p["K"], N=p["N"], bits=p["bits"], block_size=p["block_size"], accuracy_level=0)
+    y = _run(node, {"A": a}, {"B": p["B"], "scales": p["scales"], "zero_points": p["zero_points"]}, (5, 16))
+    np.testing.assert_allclose(y, a @ qt.dequantize().T, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", [Int(4, 32, True), Int(4, 64, False)], ids=lambda s: s.name)
+def test_qmoe_layout_runs_on_onnxruntime(scheme):
+    from onnx import helper
+
+    e, i, h, t = 4, 64, 128, 12
+    gate = (RNG.standard_normal((e, i, h)) * 0.1).astype(np.float32)
+    up = (RNG.standard_normal((e, i, h)) * 0.1).astype(np.float32)
+    down = (RNG.standard_normal((e, h, i)) * 0.1).astype(np.float32)
+    qg, qu, qd = scheme.quantize(gate), scheme.quantize(up), scheme.quantize(down)
+    p = to_qmoe(qg, qu, qd)
+    assert p["fc1"].shape == (e, 2 * i, h // 2) and p["fc2"].shape == (e, h, i // 2)
+    assert p["fc1_scales"].shape == (e, 2 * i, h // scheme.group_size)
+    x = RNG.standard_normal((t, h)).astype(np.float32)
+    probs = RNG.standard_normal((t, e)).astype(np.float32)
+    inits = {"fc1": p["fc1"], "fc1_s": p["fc1_scales"], "fc2": p["fc2"], "fc2_s": p["fc2_scales"]}
+    names = ["x", "probs", "fc1", "fc1_s", "", "fc2", "fc2_s", "", "", "", ""]
+    if p["fc1_zero_points"] is not None:
+        inits.update(fc1_z=p["fc1_zero_points"], fc2_z=p["fc2_zero_points"])
+        names += ["fc1_z", "fc2_z"]
+    node = helper.make_node("QMoE", names, ["Y"], domain="com.microsoft", k=1, activation_type="swiglu",
+                            swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=4,
+                            block_size=scheme.group_size)
+    y = _run(node, {"x": x, "probs": probs}, inits, (t, h))
+    G, U, D = qg.dequantize(), qu.dequantize(), qd.dequantize()
+    ref = np.empty_like(x)
+    for n in range(t):
+        k = int(probs[n].argmax())
+        g, u = G[k] @ x[n], U[k] @ x[n]
+        ref[n] = D[k] @ (g / (1 + np.exp(-g)) * u)
+    np.testing.assert_allclose(y, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_fp8_dequantizelinear_runs_on_onnxruntime():
+    from onnx import helper
+
+    qt = Fp8().quantize(W[0])
+    p = to_onnx_fp8(qt)
+    node = helper.make_node("DequantizeLinear", ["w", "s"], ["Y"], axis=0)
+    y = _run(node, {}, {"w": p["weight"], "s": p["scale"]}, (16, 128), opset=19)
+    np.testing.assert_array_equal(y, qt.dequantize())
