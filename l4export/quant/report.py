@@ -1,0 +1,137 @@
+"""The quantization report: ``quant_report.json`` plus PNG plots (matplotlib, Agg backend).
+
+    tokens_per_expert.png   heatmap, MoE layer × expert, tokens routed during calibration
+    expert_sqnr.png         per-expert output SQNR of routed-expert tensors, RTN vs calibrated
+    size_by_component.png   bytes per component (float vs quantized)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .calibrate import CalibResult
+from .schemes import QTensor
+
+log = logging.getLogger(__name__)
+
+
+def component(name: str) -> str:
+    """Which part of the model a canonical tensor belongs to."""
+    if ".experts." in name:
+        return "routed experts"
+    if ".shared_expert." in name:
+        return "shared expert"
+    if ".router." in name:
+        return "router"
+    if ".self_attn." in name:
+        return "attention"
+    if ".feed_forward." in name:
+        return "dense mlp"
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    return "norms"
+
+
+def size_by_component(shapes: Mapping[str, tuple[int, ...]], quantized: Mapping[str, QTensor],
+                      float_bytes: int = 2) -> dict[str, dict[str, int]]:
+    """Bytes per component: as float (``float_bytes`` per value) and as exported (quantized where the recipe says)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, shape in shapes.items():
+        n = int(np.prod(shape, dtype=np.int64))
+        c = out.setdefault(component(name), {"float": 0, "quantized": 0})
+        c["float"] += n * float_bytes
+        c["quantized"] += quantized[name].nbytes if name in quantized else n * float_bytes
+    return out
+
+
+def _finite(v: list[float]) -> list[float | None]:
+    return [None if not math.isfinite(x) else round(float(x), 3) for x in v]
+
+
+def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, tuple[int, ...]],
+                 recipe_name: str, float_bytes: int = 2) -> Path:
+    """Write the JSON report and the plots into ``out_dir``; returns the JSON path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = size_by_component(shapes, result.tensors, float_bytes)
+    report = {
+        "recipe": recipe_name,
+        "calibration": {"samples": result.samples, "tokens": result.tokens, "seconds": round(result.seconds, 3),
+                        "device": result.device},
+        "tokens_per_expert": {str(k): v for k, v in result.token_counts.items()},
+        "tensors": {
+            name: {"scheme": qt.scheme.name, "shape": list(qt.shape),
+                   **{k: (_finite(v) if k != "tokens" else v) for k, v in result.stats.get(name, {}).items()}}
+            for name, qt in result.tensors.items()
+        },
+        "size_bytes": sizes,
+        "plots": ["tokens_per_expert.png", "expert_sqnr.png", "size_by_component.png"],
+    }
+    path = out_dir / "quant_report.json"
+    path.write_text(json.dumps(report, indent=2, allow_nan=False))
+
+    # tokens routed per expert per MoE layer
+    layers = sorted(result.token_counts)
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.3 * max(len(layers), 1)))
+    if layers:
+        grid = np.array([result.token_counts[k] for k in layers])
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(layers)), [str(k) for k in layers])
+        fig.colorbar(im, ax=ax, label="tokens")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title("Calibration tokens routed per expert")
+    fig.tight_layout()
+    fig.savefig(out_dir / "tokens_per_expert.png", dpi=100)
+    plt.close(fig)
+
+    # per-expert output SQNR, RTN vs calibrated (routed expert tensors)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs_r, xs_c, labels = [], [], []
+    for name, st in result.stats.items():
+        if ".experts." in name and "output_sqnr_rtn" in st:
+            xs_r += st["output_sqnr_rtn"]
+            xs_c += st["output_sqnr_calibrated"]
+            labels += [name] * len(st["output_sqnr_rtn"])
+    if xs_r:
+        r, c = np.array(xs_r), np.array(xs_c)
+        ok = np.isfinite(r) & np.isfinite(c)
+        ax.scatter(r[ok], c[ok], s=6, alpha=0.6)
+        lo, hi = float(min(r[ok].min(), c[ok].min())), float(max(r[ok].max(), c[ok].max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="calibrated = RTN")
+        ax.legend()
+    ax.set_xlabel("RTN output SQNR (dB)")
+    ax.set_ylabel("calibrated output SQNR (dB)")
+    ax.set_title("Per-expert output SQNR (each point: one expert of one tensor)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "expert_sqnr.png", dpi=100)
+    plt.close(fig)
+
+    # model size by component
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(sizes)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [sizes[n]["float"] / 2**20 for n in names], 0.4, label=f"float ({8 * float_bytes}-bit)")
+    ax.bar(x + 0.2, [sizes[n]["quantized"] / 2**20 for n in names], 0.4, label=recipe_name)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("MiB")
+    ax.set_title("Model size by component")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "size_by_component.png", dpi=100)
+    plt.close(fig)
+    log.info("wrote %s", path)
+    return path
