@@ -299,3 +299,10 @@ def test_interrupt_mid_write_leaves_nothing(scout, tmp_path, monkeypatch):
     assert res.exit_code == 130 and "Traceback" not in res.output
     assert calls["n"] == 5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_verify_accepts_mlx_exports(exports, tiny_checkpoints):
+    res = CliRunner().invoke(main, ["verify", str(exports["maverick_hub"]), "--reference",
+                                    str(tiny_checkpoints["maverick_hub"]), "--greedy-tokens", "8"])
+    assert res.exit_code == 0, res.output
+    assert "(mlx, float32)" in res.output and "FAIL" not in res.output
