@@ -1,0 +1,209 @@
+"""Calibration: the layer maths against transformers, routed inputs are s·x, rare experts stay finite and
+non-zero, calibrated beats RTN on the calibration activations, bad calibration files, the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from l4export.checkpoint import Checkpoint  # noqa: E402
+from l4export.errors import UsageError  # noqa: E402
+from l4export.quant.calibrate import CalibOptions, calibrate, layer_forward, read_calibration  # noqa: E402
+from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes  # noqa: E402
+from l4export.quant.report import write_report  # noqa: E402
+from l4export.quant.schemes import Int  # noqa: E402
+from l4export.runtimes.reference import load_reference  # noqa: E402
+
+IDS = [np.random.default_rng(i).integers(4, 300, size=20) for i in range(6)]  # 20 > chunk 8: chunking is exercised
+
+
+def _hf_hidden(path, ids):
+    model = load_reference(path)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids[None]), output_hidden_states=True, use_cache=False)
+    return model, out.hidden_states
+
+
+@pytest.mark.parametrize("which", ["scout", "maverick"])
+def test_layer_forward_matches_transformers(which, request):
+    path = request.getfixturevalue(which)
+    ck = Checkpoint(path)
+    _, hs = _hf_hidden(path, IDS[0])
+    inv = torch.tensor(ck.spec.inv_freq())
+    for la in ck.spec.layers[:-1]:  # HF's last hidden state is after the final norm
+        W = {n: torch.tensor(t.load(np.float32)) for n, t in ck.layer(la.index).items()}
+        with torch.no_grad():
+            y = layer_forward(hs[la.index][0], W, la, ck.spec, inv)
+        torch.testing.assert_close(y, hs[la.index + 1][0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["scout", "maverick"])
+def test_routed_expert_inputs_are_score_times_x(which, request):
+    """gate/up see s·x of the tokens routed to e (s from transformers' own router); down sees silu(G s x)·(U s x)."""
+    path = request.getfixturevalue(which)
+    ck = Checkpoint(path)
+    last = ck.spec.num_layers - 1  # quantize only the last layer, so earlier layers propagate in float
+    recipe = Recipe("last", (Rule(f"model.layers.{last}.feed_forward.experts.*", Int(4, 32)),))
+    seen: dict[tuple[str, int], list] = {}
+    calibrate(ck, recipe, CalibOptions(), observer=lambda n, e, x: seen.setdefault((n, e), []).append(x.clone()),
+              ids=IDS[:1])
+    model, hs = _hf_hidden(path, IDS[0])
+    checked = 0
+    for la in ck.spec.layers:
+        if not la.is_moe:
+            continue
+        ff = model.model.layers[la.index].feed_forward
+        captured = {}
+        hook = ff.register_forward_pre_hook(lambda m, args: captured.setdefault("h2", args[0][0].clone()))
+        with torch.no_grad():
+            model(input_ids=torch.tensor(IDS[0][None]), use_cache=False)
+        hook.remove()
+        h2 = captured["h2"]
+        with torch.no_grad():
+            scores, _ = ff.router(h2)  # (T, E): sigmoid(top-1 logit) at the chosen expert, 0 elsewhere
+        idx = scores.argmax(-1)
+        for e in torch.unique(idx).tolist():
+            rows = idx == e
+            expected = h2[rows] * scores[rows, e][:, None]
+            got = torch.cat(seen[(f"model.layers.{la.index}.feed_forward.experts.gate_proj", e)])
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+            assert not torch.allclose(got, h2[rows], atol=1e-3)  # the unscaled x would be wrong
+            gu = ff.experts.gate_up_proj[e]  # (H, 2I) input-major
+            g, u = (expected @ gu).chunk(2, dim=-1)
+            down_in = torch.cat(seen[(f"model.layers.{la.index}.feed_forward.experts.down_proj", e)])
+            torch.testing.assert_close(down_in, torch.nn.functional.silu(g) * u, atol=2e-5, rtol=1e-4)
+            checked += 1
+    assert checked >= 4
+
+
+@pytest.fixture(scope="module")
+def maverick_int4(maverick):
+    ck = Checkpoint(maverick)
+    return ck, calibrate(ck, PRESETS["int4"], CalibOptions(), ids=IDS)
+
+
+def test_unrouted_experts_stay_finite_and_nonzero(maverick_int4):
+    ck, res = maverick_int4
+    for layer, counts in res.token_counts.items():
+        counts = np.array(counts)
+        assert counts.sum() == sum(len(i) for i in IDS)  # every token is routed exactly once
+        dead = np.flatnonzero(counts == 0)
+        assert dead.size > 10  # 128 experts, 120 tokens: many get none
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.{layer}.feed_forward.experts.{proj}"
+            w = ck.tensors[name].load(np.float32)
+            d = res.tensors[name].dequantize()
+            assert np.all(np.isfinite(d))
+            for e in dead:
+                assert np.abs(d[e]).sum(-1).min() > 0  # no zeroed row
+                assert np.count_nonzero(d[e]) > 0.8 * d[e].size  # no zeroed columns either
+                err = ((w[e] - d[e]) ** 2).sum() / (w[e] ** 2).sum()
+                assert err < 0.1  # within int4 territory of the float expert (> 10 dB)
+            stats = res.stats[name]
+            assert all(np.isfinite(stats["output_sqnr_calibrated"]))
+
+
+def test_calibrated_beats_rtn_on_calibration_activations(scout):
+    """On the real routed inputs of layer 0 (float upstream), GPTQ's output error is below RTN's."""
+    ck = Checkpoint(scout)
+    recipe = Recipe("l0", (Rule("model.layers.0.feed_forward.experts.*", Int(4, 32)),
+                           Rule("model.layers.0.feed_forward.shared_expert.*", Int(4, 32)),
+                           Rule("model.layers.0.self_attn.*", Int(4, 32))))
+    seen: dict[tuple[str, int], list] = {}
+    res = calibrate(ck, recipe, CalibOptions(), observer=lambda n, e, x: seen.setdefault((n, e), []).append(x.clone()),
+                    ids=IDS)
+    inputs = {"gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+    for part in ("experts", "shared_expert"):
+        for proj, src in inputs.items():
+            name = f"model.layers.0.feed_forward.{part}.{proj}" + ("" if part == "experts" else ".weight")
+            w = ck.tensors[name].load(np.float32)
+            cal = res.tensors[name].dequantize()
+            rtn = Int(4, 32).quantize(w).dequantize()
+            err_cal = err_rtn = 0.0
+            for (n, e), xs in seen.items():
+                if n != f"model.layers.0.feed_forward.{part}.{src}" + ("" if part == "experts" else ".weight"):
+                    continue
+                x = torch.cat(xs).double().numpy()
+                we, ce, re_ = (w[e], cal[e], rtn[e]) if part == "experts" else (w, cal, rtn)
+                err_cal += ((x @ (we - ce).T) ** 2).sum()
+                err_rtn += ((x @ (we - re_).T) ** 2).sum()
+            assert err_cal < err_rtn, (name, err_cal, err_rtn)
+    # and the report's own per-tensor figures agree
+    for name, st in res.stats.items():
+        assert np.mean(st["output_sqnr_calibrated"]) > np.mean(st["output_sqnr_rtn"]), name
+
+
+def test_calibrated_tensors_round_trip(maverick_int4):
+    ck, res = maverick_int4
+    for name, qt in res.tensors.items():
+        assert qt.shape == ck.tensors[name].shape
+        assert qt.scheme == PRESETS["int4"].scheme_for(name)
+
+
+def test_report(tmp_path, maverick_int4):
+    ck, res = maverick_int4
+    path = write_report(tmp_path, res, canonical_shapes(ck.spec), "int4")
+    rep = json.loads(path.read_text())
+    assert set(rep["tokens_per_expert"]) == {"1", "3"}
+    assert len(rep["tokens_per_expert"]["1"]) == 128
+    sizes = rep["size_bytes"]
+    assert sizes["routed experts"]["quantized"] < sizes["routed experts"]["float"] / 3
+    assert sizes["router"]["quantized"] == sizes["router"]["float"]
+    t = rep["tensors"]["model.layers.1.feed_forward.experts.gate_proj"]
+    assert len(t["weight_sqnr_rtn"]) == 128 and len(t["output_sqnr_calibrated"]) == 128
+    for png in rep["plots"]:
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- calibration files -------------------------------------------------------------------------------------
+def test_read_ids_jsonl_and_json(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"input_ids": [5, 6, 7, 8]}\n\n{"input_ids": [9, 10]}\n')
+    got = read_calibration(p, vocab_size=300, samples=8, seqlen=3)
+    assert [a.tolist() for a in got] == [[5, 6, 7], [9, 10]]
+    q = tmp_path / "c.json"
+    q.write_text("[[1, 2], [3]]")
+    assert len(read_calibration(q, vocab_size=300, samples=1)) == 1
+
+
+def test_read_text_with_a_real_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    t = tmp_path / "c.txt"
+    t.write_text("hello world\n\nworld zzz\n")
+    assert [a.tolist() for a in read_calibration(t, 300, tmp_path)] == [[1, 2], [2, 0]]
+    j = tmp_path / "c.jsonl"
+    j.write_text(json.dumps({"text": "world hello"}) + "\n")
+    assert [a.tolist() for a in read_calibration(j, 300, tmp_path)] == [[2, 1]]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"", "no calibration samples"),
+    ("blank.txt", b"\n  \n\n", "no calibration samples"),
+    ("binary.txt", b"\xff\xfe\x00\x81garbage", "not UTF-8"),
+    ("bad.jsonl", b'{"text": "a"}\nnot json\n', "line 2: not JSON"),
+    ("nofield.jsonl", b'{"content": "a"}\n', "needs a string \"text\""),
+    ("oov.jsonl", b'{"input_ids": [1, 999]}\n', "outside the vocabulary"),
+    ("notok.txt", b"some text\n", "tokenizer.json"),
+    ("wrong.json", b'{"a": 1}', "list of strings"),
+])
+def test_bad_calibration_files(tmp_path, name, content, message):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        read_calibration(p, vocab_size=300, tokenizer_dir=tmp_path)
+
+
+def test_missing_file_and_bad_options(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        read_calibration(tmp_path / "nope.txt", 300)
+    with pytest.raises(UsageError, match="at least 1"):
+        CalibOptions(samples=0)
