@@ -25,23 +25,31 @@ def _require() -> tuple[Any, Any]:
 
 
 def load_reference(path: str | Path, dtype: str = "float32"):
-    """The transformers text model (``Llama4ForCausalLM``) for a checkpoint of either layout."""
+    """The transformers text model (``Llama4ForCausalLM``) for a checkpoint of either layout.
+
+    A multimodal checkpoint's ``language_model.`` tensors are loaded strictly into a ``Llama4ForCausalLM`` built from
+    its ``text_config`` (a plain prefix strip, independent of l4export's name table; the vision tower is never built).
+    """
     torch, transformers = _require()
+    from safetensors.torch import load_file
+
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     kwargs = dict(dtype=getattr(torch, dtype), attn_implementation="eager")
-    if config.get("model_type") == "llama4":
-        full = transformers.Llama4ForConditionalGeneration.from_pretrained(path, **kwargs)
-        # The text half as a CausalLM sharing the same modules (vision tower dropped).
-        model = transformers.Llama4ForCausalLM(full.config.text_config)
-        model.model = full.model.language_model if hasattr(full, "model") else full.language_model.model
-        model.lm_head = full.lm_head if hasattr(full, "lm_head") else full.language_model.lm_head
-        model = model.to(getattr(torch, dtype))
-        del full
-    else:
-        model = transformers.Llama4ForCausalLM.from_pretrained(path, **kwargs)
-    model.eval()
-    return model
+    if config.get("model_type") != "llama4":
+        return transformers.Llama4ForCausalLM.from_pretrained(path, **kwargs).eval()
+    text_config = transformers.Llama4Config.from_pretrained(path).text_config
+    text_config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = transformers.Llama4ForCausalLM(text_config)
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        for k, v in load_file(f).items():
+            if k.startswith("language_model."):
+                state[k[len("language_model."):]] = v.to(getattr(torch, dtype))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(text_config)  # buffers were built on meta
+    return model.to(getattr(torch, dtype)).eval()
 
 
 class ReferenceRunner:
