@@ -58,7 +58,8 @@ class GraphBuilder:
 
     def output(self, value: ir.Value, name: str, dtype: ir.DataType, shape: list[int | str]) -> ir.Value:
         """Name ``value`` as a graph output (through an Identity when it already has a name in use)."""
-        out = self.op("Identity", value)
+        with self.scope("outputs"):
+            out = self.op("Identity", value)
         out.name = name
         out.type = ir.TensorType(dtype)
         out.shape = ir.Shape(shape)

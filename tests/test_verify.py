@@ -1,0 +1,97 @@
+"""``l4export verify``: metrics, prompts, thresholds, reports, and the CLI's exit codes on real exports."""
+
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+
+from l4export.cli import main  # noqa: E402
+from l4export.convert import ExportOptions, convert  # noqa: E402
+from l4export.errors import UsageError  # noqa: E402
+from l4export.verify import THRESHOLDS, compare, read_prompts, threshold_for  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from builders import build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scout_export(tmp_path_factory, scout) -> Path:
+    out = tmp_path_factory.mktemp("verify") / "scout_onnx"
+    convert(scout, out, ExportOptions(format="onnx", dtype="float32"))
+    return out
+
+
+def test_compare_metrics():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(3, 50)).astype(np.float32)
+    same = compare(ref, ref.copy())
+    assert same["rel"] == 0 and same["kl"] == 0 and same["top1"] == 1 and same["cosine"] == pytest.approx(1)
+    worse = ref.copy()
+    worse[1] = -worse[1]
+    m = compare(ref, worse)
+    assert m["rel"] == pytest.approx(2 * np.abs(ref[1]).max() / np.abs(ref).max()) and m["cosine"] == pytest.approx(-1) and m["top1"] == pytest.approx(2 / 3)
+    assert m["kl"] > 0.1
+    nan = ref.copy()
+    nan[0, 0] = np.nan
+    assert compare(ref, nan)["rel"] == float("inf")
+
+
+def test_thresholds_table():
+    assert threshold_for({"dtype": "float32"}) == ("float32", THRESHOLDS["float32"])
+    assert threshold_for({"dtype": "float16"})[1].kl == 1e-3
+    assert threshold_for({"dtype": "bfloat16"})[1].kl == 1e-2
+    assert threshold_for({"dtype": "float16", "quantization": "int4-g32"})[0] == "int4"
+    with pytest.raises(UsageError):
+        threshold_for({"dtype": "float16", "quantization": "mystery"})
+
+
+def test_prompts_file(tmp_path, scout_export):
+    from l4export.runtimes import load_runtime
+
+    rt = load_runtime(scout_export)
+    p = tmp_path / "prompts.txt"
+    p.write_text("1, 5, 9\n\n7,8\n")
+    assert read_prompts(p, rt) == [("line1", [1, 5, 9]), ("line3", [7, 8])]
+    p.write_text("1, 99999\n")
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        read_prompts(p, rt)
+    p.write_text("some text\n")
+    with pytest.raises(UsageError, match="tokenizer"):  # the tiny fixture ships no tokenizer.json
+        read_prompts(p, rt)
+
+
+def test_verify_cli_passes_and_writes_reports(tmp_path, scout, scout_export):
+    r = CliRunner().invoke(main, ["verify", str(scout_export), "--reference", str(scout), "--greedy-tokens", "8",
+                                  "--json", str(tmp_path / "r.json"), "--junit", str(tmp_path / "r.xml")])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "PASSED: 4/4" in r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and [x["tokens"] for x in report["results"]] == [1, 7, 9, 24]
+    assert all(x["greedy_match"] == 8 for x in report["results"])
+    suite = ET.parse(tmp_path / "r.xml").getroot()
+    assert suite.get("tests") == "4" and suite.get("failures") == "0"
+
+
+def test_verify_cli_fails_on_other_weights(tmp_path, scout_export):
+    """Same config, other weights: logits disagree, exit 1 (no traceback)."""
+    other = build(tmp_path / "other", shape="scout", style="hub", dtype="bfloat16", seed=1)
+    r = CliRunner().invoke(main, ["verify", str(scout_export), "--reference", str(other), "--greedy-tokens", "4",
+                                  "--junit", str(tmp_path / "r.xml")])
+    assert r.exit_code == 1, r.output
+    assert "FAILED" in r.output and "Traceback" not in r.output
+    assert int(ET.parse(tmp_path / "r.xml").getroot().get("failures")) >= 1
+
+
+def test_verify_cli_rejects_other_architecture(scout_export, maverick):
+    r = CliRunner().invoke(main, ["verify", str(scout_export), "--reference", str(maverick)])
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is not the model exported" in errors[0] and "Traceback" not in r.stderr
