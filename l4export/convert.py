@@ -66,6 +66,9 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
         raise CapabilityError(
             f"{checkpoint}: num_experts_per_tok={ckpt.spec.top_k}; l4export exports top-1 routing only (Scout, Maverick)"
         )
+    if options.quant is not None:  # a bad recipe fails here, before any weight is read or anything written
+        options.quant.validate(ckpt.spec)
+        options.quant.check_target(options.format, options.target)
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise UsageError(f"{out}: the output folder must not be the checkpoint folder")

@@ -33,8 +33,10 @@ import ml_dtypes
 import numpy as np
 
 from ..checkpoint import Checkpoint, LazyTensor
-from ..errors import CapabilityError
 from ..outputs import PendingTensor, write_sharded
+from ..quant.pack import mlx_config_entry, to_mlx
+from ..quant.recipe import Recipe, Rule
+from ..quant.schemes import Fp8, Int, MxFp8, QTensor
 from ..spec import Llama4Spec
 
 log = logging.getLogger(__name__)
@@ -144,17 +146,105 @@ def _pending(t: LazyTensor, dtype: np.dtype) -> PendingTensor:
     return PendingTensor(mlx_name(t.name), tuple(t.shape), dtype, load)
 
 
+def mlx_module(canonical: str) -> str:
+    """Canonical tensor name -> the mlx-lm module path that holds it (the key of config "quantization")."""
+    name = mlx_name(canonical)
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def mlx_recipe(recipe: Recipe) -> Recipe:
+    """The recipe as MLX can store it: per-channel FP8 (no MLX mode) becomes mxfp8 (e8m0 scales per 32 inputs)."""
+    rules = tuple(Rule(r.pattern, MxFp8()) if isinstance(r.scheme, Fp8) else r for r in recipe.rules)
+    if rules != recipe.rules:
+        log.info("recipe %s: MLX has no per-channel e4m3 FP8; FP8 rules are written as mxfp8 "
+                 "(e4m3, power-of-two scale per 32 inputs), re-quantized from the float weights", recipe.name)
+    return Recipe(recipe.name, rules)
+
+
+def quantization_config(shapes: dict[str, tuple[int, ...]], plan: dict[str, Any]) -> dict[str, Any]:
+    """config.json "quantization": the most common entry as the global default, then one explicit entry per
+    module path: the quantized ones, and ``false`` for every other linear/embedding (router, norms excluded)."""
+    entries = {mlx_module(n): mlx_config_entry(s) for n, s in plan.items()}
+    counts: dict[str, int] = {}
+    for e in entries.values():
+        counts[json.dumps(e, sort_keys=True)] = counts.get(json.dumps(e, sort_keys=True), 0) + 1
+    cfg: dict[str, Any] = dict(json.loads(max(counts, key=counts.get)))
+    for n, shape in shapes.items():
+        if n.endswith("norm.weight") or len(shape) not in (2, 3):
+            continue
+        cfg[mlx_module(n)] = entries.get(mlx_module(n), False)
+    return cfg
+
+
+def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: QTensor | None) -> list[PendingTensor]:
+    """``.weight`` (uint32), ``.scales`` [, ``.biases``] of one quantized module, quantized when first loaded."""
+    memo: dict[str, dict[str, np.ndarray]] = {}
+
+    def packed() -> dict[str, np.ndarray]:
+        if not memo:
+            qt = calibrated if calibrated is not None else scheme.quantize(t.load(np.float32))
+            arrays = to_mlx(qt)
+            for k in ("scales", "biases"):  # affine scales/biases in the model dtype (as mlx-lm writes them)
+                if k in arrays and arrays[k].dtype == np.float32:
+                    arrays[k] = arrays[k].astype(dtype)
+            memo.update(arrays)
+        return memo
+
+    def part(key: str, final: bool):
+        def load() -> np.ndarray:
+            arr = packed()[key]
+            if final:
+                memo.clear()
+            return arr
+
+        return load
+
+    module, shape = mlx_module(t.name), tuple(t.shape)
+    g = scheme.group_for(shape[-1])
+    lead = shape[:-1]
+    if isinstance(scheme, Int):
+        specs = [("weight", lead + (shape[-1] * scheme.bits // 32,), np.dtype(np.uint32)),
+                 ("scales", lead + (shape[-1] // g,), dtype), ("biases", lead + (shape[-1] // g,), dtype)]
+    else:  # MxFp8
+        specs = [("weight", lead + (shape[-1] // 4,), np.dtype(np.uint32)),
+                 ("scales", lead + (shape[-1] // g,), np.dtype(np.uint8))]
+    return [PendingTensor(f"{module}.{k}", s, d, part(k, i == len(specs) - 1)) for i, (k, s, d) in enumerate(specs)]
+
+
 def export_mlx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
     """Write the MLX export of ``ckpt`` into ``out`` (already the temporary folder). Returns extra metadata."""
-    if options.quant is not None:
-        # Quantized MLX exports (QuantizedSwitchLinear tensors + config "quantization") are written by
-        # l4export.quant; this float writer is where they will plug in.
-        raise CapabilityError("--format mlx with --quant is not available yet; export float (omit --quant)")
     spec = ckpt.spec
     dtype = NP_DTYPES[options.dtype]
     _warn_mlx_lm_differences(spec)
-    (out / "config.json").write_text(json.dumps(mlx_config(spec, options.dtype), indent=2))
-    pending = [_pending(t, dtype) for t in ckpt]
+    shapes = {t.name: tuple(t.shape) for t in ckpt}
+    config = mlx_config(spec, options.dtype)
+    plan: dict[str, Any] = {}
+    calibrated: dict[str, QTensor] = {}
+    extra: dict[str, Any] = {}
+    if options.quant is not None:
+        recipe = mlx_recipe(options.quant)
+        plan = recipe.validate(shapes)
+        if options.calib is not None:
+            from ..quant.calibrate import calibrate
+            from ..quant.report import write_report
+
+            result = calibrate(ckpt, recipe, options.calib)  # one layer at a time; GPTQ per expert
+            calibrated = {n: qt for n, qt in result.tensors.items() if n in plan}
+            write_report(out, result, shapes, recipe.name, float_bytes=dtype.itemsize)
+            extra["calibration"] = {"samples": result.samples, "tokens": result.tokens, "method": options.calib.method}
+        qcfg = quantization_config(shapes, plan)
+        config["quantization"] = qcfg
+        config["quantization_config"] = dict(qcfg)
+        extra["quantized_tensors"] = len(plan)
+        log.info("MLX quantized export: %d tensors quantized (%s), %s", len(plan),
+                 ", ".join(sorted({s.name for s in plan.values()})), "GPTQ-calibrated" if calibrated else "round to nearest")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    pending: list[PendingTensor] = []
+    for t in ckpt:
+        if t.name in plan:
+            pending += _quantized_pending(t, plan[t.name], dtype, calibrated.get(t.name))
+        else:
+            pending.append(_pending(t, dtype))
     done = 0
 
     def progress(name: str) -> None:
@@ -167,4 +257,4 @@ def export_mlx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
     if options.dtype != "float32":
         log.info("note: mlx on a CPU runs Llama 4's expert matmuls (GatherMM) in float32 only; "
                  "the MLX runtime upcasts there, Metal runs %s as stored", options.dtype)
-    return {"shards": [p.name for p in shards], "ignored_source_tensors": len(ckpt.ignored)}
+    return {"shards": [p.name for p in shards], "ignored_source_tensors": len(ckpt.ignored), **extra}

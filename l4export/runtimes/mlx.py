@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CapabilityError, CheckpointError, UsageError
-from ..spec import LayerSpec
-from .base import Runtime
+from ..spec import LayerSpec, Llama4Spec, load_spec, spec_from_config
+from .base import Runtime, read_export_info
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,22 @@ def pick_dtype(stored: str, requested: str | None) -> str:
             )
         return requested
     return stored if stored in ok else ok[0]
+
+
+def export_spec(path: Path) -> Llama4Spec:
+    """The spec of an MLX export; its mlx-lm quantization blocks (no ``quant_method``) are not source FP8."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return load_spec(path)  # the usual one-line error
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return load_spec(path)
+    if isinstance(config, dict) and isinstance(config.get("quantization"), dict):
+        qc = config.get("quantization_config")
+        if isinstance(qc, dict) and "quant_method" not in qc:
+            config = {k: v for k, v in config.items() if k != "quantization_config"}
+    return spec_from_config(config, where=str(cfg_path))
 
 
 class LayerCache:
@@ -108,7 +124,12 @@ class MlxRuntime(Runtime):
     def __init__(self, path: str | Path, dtype: str | None = None):
         if mx is None:
             raise UsageError("the MLX runtime needs mlx: pip install mlx (Apple silicon) or 'mlx[cpu]' (Linux)")
-        super().__init__(path)
+        # Runtime.__init__, with the spec read past mlx-lm's "quantization_config" copy (spec.py reads that key
+        # as a source checkpoint's compressed-tensors FP8 config and refuses anything else).
+        self.path = Path(path)
+        self.info = read_export_info(self.path)
+        self.spec = export_spec(self.path)
+        self._tokenizer = None
         spec = self.spec
         if spec.top_k < 1 or spec.top_k > spec.num_experts:
             raise CheckpointError(f"{path}: num_experts_per_tok={spec.top_k} outside 1..{spec.num_experts}")
@@ -122,6 +143,13 @@ class MlxRuntime(Runtime):
         log.info("MLX runtime: %s, computing in %s on %s", self.path, self.dtype_name, mx.default_device())
 
     # ---- weights -----------------------------------------------------------------------------
+    def _quant_params(self) -> dict:
+        """config.json "quantization" (or its "quantization_config" copy): {} for a float export."""
+        cfg_path = self.path / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        q = cfg.get("quantization") or cfg.get("quantization_config") or {}
+        return q if isinstance(q, dict) else {}
+
     def _load_weights(self) -> dict:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
@@ -130,26 +158,58 @@ class MlxRuntime(Runtime):
             files = [p.name for p in sorted(self.path.glob("*.safetensors"))]
         if not files:
             raise CheckpointError(f"{self.path}: no safetensors weights; re-run 'l4export convert --format mlx'")
-        w = {}
+        raw = {}
         for f in files:
             for name, arr in mx.load(str(self.path / f)).items():
-                key = name[len(PREFIX):] if name.startswith(PREFIX) else name
-                if key.endswith(".scales"):
-                    # Quantized exports (QuantizedLinear / QuantizedSwitchLinear: weight uint32 + scales [+ biases])
-                    # plug in here via mx.quantized_matmul / mx.gather_qmm; not supported yet.
-                    raise CapabilityError(f"{self.path}: quantized MLX exports are not supported by this runtime yet")
-                # Routers stay float32: HF applies the sigmoid in fp32, and bf16 near-ties flip top-1 choices.
-                w[key] = arr.astype(mx.float32 if ".router." in key else self.dtype)
-        need = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
-        missing = [n for n in need if n not in w]
+                raw[name[len(PREFIX):] if name.startswith(PREFIX) else name] = arr
+        qcfg = self._quant_params()
+        # Quantized modules (QuantizedLinear / QuantizedSwitchLinear): weight uint32 + scales [+ biases].
+        self.q: dict[str, tuple] = {}
+        for key in [k for k in raw if k.endswith(".scales")]:
+            module = key[: -len(".scales")]
+            entry = qcfg.get(PREFIX + module, {k: qcfg[k] for k in ("group_size", "bits", "mode") if k in qcfg})
+            if not isinstance(entry, dict) or "group_size" not in entry or "bits" not in entry:
+                raise CheckpointError(f"{self.path}: {PREFIX}{module} is quantized but config.json's \"quantization\" "
+                                      "gives no group_size/bits for it; re-run 'l4export convert --format mlx --quant ...'")
+            mode = entry.get("mode", "affine")
+            scales = raw.pop(key)
+            biases = raw.pop(module + ".biases", None)
+            if mode == "affine":
+                scales, biases = scales.astype(self.dtype), biases.astype(self.dtype)
+            qw = (raw.pop(module + ".weight"), scales, biases, int(entry["group_size"]), int(entry["bits"]), mode)
+            if module.endswith((".router", "embed_tokens")):
+                # The router stays float32 (routing decisions); embedding rows are a lookup: dequantize once.
+                dq = mx.dequantize(qw[0], qw[1], qw[2], group_size=qw[3], bits=qw[4], mode=mode)
+                raw[module + ".weight"] = dq
+            else:
+                self.q[module] = qw
+        w = {}
+        for key, arr in raw.items():
+            # Routers stay float32: HF applies the sigmoid in fp32, and bf16 near-ties flip top-1 choices.
+            w[key] = arr.astype(mx.float32 if ".router." in key else self.dtype)
+        need = ["model.embed_tokens.weight", "model.norm.weight"]
+        missing = [n for n in need if n not in w] + ([] if "lm_head.weight" in w or "lm_head" in self.q else ["lm_head.weight"])
         if missing:
             raise CheckpointError(f"{self.path}: export lacks {PREFIX}{missing[0]}; re-run 'l4export convert --format mlx'")
-        mx.eval(w)
+        if self.q:
+            log.info("MLX runtime: %d quantized modules (%s)", len(self.q),
+                     ", ".join(sorted({f"{m}{b}" for _, _, _, _, b, m in self.q.values()})))
+        mx.eval(w, [a for v in self.q.values() for a in v[:3] if a is not None])
         return w
 
     def _linear(self, x, name: str):
-        """x @ Wᵀ for an nn.Linear-style weight [out, in]. (A QuantizedLinear would use mx.quantized_matmul here.)"""
+        """x @ Wᵀ for an nn.Linear-style weight [out, in], or mx.quantized_matmul for a quantized one."""
+        if name in self.q:
+            wq, scales, biases, g, bits, mode = self.q[name]
+            return mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=g, bits=bits, mode=mode)
         return x @ self.w[name + ".weight"].T
+
+    def _gather(self, x, name: str, idx):
+        """Stacked experts [E, out, in]: row (s, j) of x times expert idx[s, j] (gather_mm / gather_qmm)."""
+        if name in self.q:
+            wq, scales, biases, g, bits, mode = self.q[name]
+            return mx.gather_qmm(x, wq, scales, biases, rhs_indices=idx, transpose=True, group_size=g, bits=bits, mode=mode)
+        return mx.gather_mm(x, self.w[name + ".weight"].swapaxes(-1, -2), rhs_indices=idx)
 
     # ---- Runtime API ---------------------------------------------------------------------------
     def reset(self) -> None:
@@ -240,9 +300,9 @@ class MlxRuntime(Runtime):
         xin = (x[:, None, :].astype(mx.float32) * scores[..., None]).astype(x.dtype)[:, :, None, :]  # (S, k, 1, H)
         e = p + "experts."
         # Stacked experts [E, out, in]; gather_mm picks expert idx[s, j] for row (s, j).
-        g = mx.gather_mm(xin, self.w[e + "gate_proj.weight"].swapaxes(-1, -2), rhs_indices=idx)  # (S, k, 1, I)
-        u = mx.gather_mm(xin, self.w[e + "up_proj.weight"].swapaxes(-1, -2), rhs_indices=idx)  # (S, k, 1, I)
+        g = self._gather(xin, e + "gate_proj", idx)  # (S, k, 1, I)
+        u = self._gather(xin, e + "up_proj", idx)  # (S, k, 1, I)
         a = mx.sigmoid(g) * g * u
-        out = mx.gather_mm(a, self.w[e + "down_proj.weight"].swapaxes(-1, -2), rhs_indices=idx)  # (S, k, 1, H)
+        out = self._gather(a, e + "down_proj", idx)  # (S, k, 1, H)
         routed = out.squeeze(2).sum(axis=1)  # (S, H): Σ over the k chosen experts
         return routed + self._mlp(x, p + "shared_expert.")  # the shared expert sees the unscaled x
