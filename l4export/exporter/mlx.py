@@ -16,6 +16,11 @@ mlx-lm (``mlx_lm/models/llama4.py``) reads Llama 4 only in the multimodal layout
         language_model.model.norm.weight, language_model.lm_head.weight
     tokenizer files (copied by convert.py), l4export.json
 
+With ``--quant``, each quantized module holds ``.weight`` (uint32 packed), ``.scales`` [and ``.biases``] instead
+(mlx-lm's QuantizedLinear / QuantizedSwitchLinear, per-expert scales), FP8 rules become mxfp8, and config.json gets
+``"quantization"`` (+ a ``"quantization_config"`` copy) with explicit per-path entries (``false`` for float modules).
+With ``--calib``, GPTQ tensors and ``quant_report.json`` + PNGs (docs/quantization.md).
+
 ``text_config`` carries both what mlx-lm requires (top-level ``rope_theta`` and ``rope_scaling``, which
 transformers-5 configs lack; mlx-lm raises TypeError without them) and the per-layer lists our MLX runtime
 reads through ``Llama4Spec`` (``no_rope_layers``, ``moe_layers``, ``layer_types``), written from the spec so
