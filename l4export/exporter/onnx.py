@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ..checkpoint import Checkpoint, LazyTensor
 from ..spec import LayerSpec, Llama4Spec
-from . import onnx_contrib
+from . import onnx_contrib, onnx_quant
 from .onnx_graph import GraphBuilder
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,16 @@ NEG = -3.0e38  # additive mask; finite so a fully masked (padding) row gives a u
 class DecoderBuilder:
     """Emits the decoder graph for one checkpoint and compute dtype."""
 
-    def __init__(self, ckpt: Checkpoint, dtype: str):
+    def __init__(self, ckpt: Checkpoint, dtype: str, target: str = "cpu", recipe: Any = None,
+                 calibrated: dict[str, Any] | None = None):
         self.ckpt = ckpt
         self.spec: Llama4Spec = ckpt.spec
         self.np_dtype = NP_DTYPES[dtype]
         self.dt = ir.DataType.from_numpy(self.np_dtype)
+        self.target = target
         self.g = GraphBuilder(opset=21)
+        # Quantized lowering (onnx_quant.py) only when a recipe is given; the float graph is unchanged otherwise.
+        self.quant = None if recipe is None else onnx_quant.QuantLowering(self, recipe, calibrated)
 
     # ---- small helpers -----------------------------------------------------------------------------
     def i64(self, *values: int) -> ir.Value:
@@ -77,6 +81,9 @@ class DecoderBuilder:
 
     def linear(self, x: ir.Value, name: str) -> ir.Value:
         """x [..., in] @ W^T -> [..., out]; W stored transposed [in, out] under its checkpoint name."""
+        if self.quant is not None and (scheme := self.quant.scheme(name)) is not None:
+            with self.g.scope(name.rsplit(".", 2)[-2]):
+                return self.quant.linear(x, name, scheme)
         t = self.ckpt[name]
         out_f, in_f = t.shape
         w = self.g.weight(name, (in_f, out_f), self.np_dtype, lambda: np.ascontiguousarray(t.load(self.np_dtype).T))
@@ -252,9 +259,14 @@ class DecoderBuilder:
                 # logits can tie or swap near-equal experts. Hand it the fp32 choice as 0 / -30000 instead.
                 choice = g.op("Equal", logits, g.op("ReduceMax", logits, self.i64(-1), keepdims=1))
                 probs = self.to(g.op("Where", choice, self.f32(0.0), self.f32(-30000.0)), self.dt)  # [T, E]
-            fc1, fc2 = onnx_contrib.moe_weights(g, f"{pre}.experts", self._experts(pre), self.np_dtype)
-            with g.scope("experts"):
-                routed = onnx_contrib.routed_experts(g, scaled, probs, fc1, fc2)  # [T, H]
+            scheme = None if self.quant is None else self.quant.expert_scheme(pre)
+            if scheme is not None:
+                with g.scope("experts"):
+                    routed = self.quant.experts(scaled, probs, pre, scheme)  # QMoE, or FP8 DQ -> MoE
+            else:
+                fc1, fc2 = onnx_contrib.moe_weights(g, f"{pre}.experts", self._experts(pre), self.np_dtype)
+                with g.scope("experts"):
+                    routed = onnx_contrib.routed_experts(g, scaled, probs, fc1, fc2)  # [T, H]
             with g.scope("shared_expert"):
                 shared = self.mlp(self.to(flat, self.dt), f"{pre}.shared_expert")
             out = g.op("Add", shared, routed)
@@ -363,11 +375,15 @@ def save_model(model: ir.Model, out: Path, total_bytes: int) -> None:
 
 def export_onnx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
     """Write the decoder, its external data and genai_config.json into ``out``; return l4export.json extras."""
-    if options.quant is not None:
-        from ..errors import CapabilityError
+    recipe, calib = options.quant, None
+    if recipe is not None:
+        recipe.validate({n: t.shape for n, t in ckpt.tensors.items()})
+        recipe.check_target("onnx", options.target)
+        if options.calib is not None:
+            from ..quant.calibrate import calibrate
 
-        raise CapabilityError("--quant for --format onnx is not implemented yet; export float and quantize later")
-    builder = DecoderBuilder(ckpt, options.dtype)
+            calib = calibrate(ckpt, recipe, options.calib)  # one decoder layer in memory at a time
+    builder = DecoderBuilder(ckpt, options.dtype, options.target, recipe, None if calib is None else calib.tensors)
     model = builder.build()
     total = sum(int(v.const_value.nbytes) for v in builder.g.initializers if v.const_value is not None)
     log.info("onnx graph: %d nodes, %d initializers, %.1f MB of weights", len(builder.g.nodes),
@@ -376,5 +392,13 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
     # The runtimes read the spec from the export's own config.json (the source's, verbatim).
     (out / "config.json").write_text(json.dumps(ckpt.spec.config, indent=2))
     (out / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, options.dtype, options.target), indent=2))
-    return {"onnx": {"model": MODEL_FILE, "data": DATA_FILE, "opset": builder.g.opset,
-                     "nodes": len(builder.g.nodes), "moe_nodes": sum(n.op_type == "MoE" for n in builder.g.nodes)}}
+    info: dict[str, Any] = {"model": MODEL_FILE, "data": DATA_FILE, "opset": builder.g.opset, "nodes": len(builder.g.nodes),
+                            "moe_nodes": sum(n.op_type == "MoE" for n in builder.g.nodes)}
+    if builder.quant is not None:
+        info["quant"] = {"recipe": recipe.name, "calibrated": calib is not None, "nodes": dict(builder.quant.counts),
+                         "weight_bytes": total}
+        if calib is not None:
+            from ..quant.report import write_report
+
+            write_report(out, calib, {n: tuple(t.shape) for n, t in ckpt.tensors.items()}, recipe.name)
+    return {"onnx": info}
