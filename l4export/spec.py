@@ -310,7 +310,9 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llam
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     quant = config.get("quantization_config") or cfg.get("quantization_config")
     fp8 = None
-    if quant:
+    # Only a block with a quant_method describes a quantized source checkpoint; mlx-lm's copy of its own
+    # "quantization" block (in our MLX exports) has none and describes the export, not the source.
+    if quant and "quant_method" in quant:
         if quant.get("quant_method") != "compressed-tensors":
             raise SpecError(
                 f"{where}: quantization_config.quant_method {quant.get('quant_method')!r} is not supported; "

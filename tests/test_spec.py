@@ -79,7 +79,6 @@ SCOUT_VISION = dict(hidden_size=1408, num_hidden_layers=34, num_attention_heads=
 @pytest.mark.parametrize("text, total_with_vision", [(SCOUT_TEXT, 108_641_793_536), (MAVERICK_TEXT, 401_583_781_376)])
 def test_real_configs_count_like_transformers_on_meta(text, total_with_vision):
     """Scout and Maverick at full size, built on the meta device (no memory): our counts equal transformers'."""
-    from builders import to_hub_style  # noqa: F401  (configs above are already hub style)
 
     config = {"model_type": "llama4", "text_config": dict(text), "vision_config": dict(SCOUT_VISION)}
     spec = spec_from_config(config)

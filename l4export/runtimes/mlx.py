@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CapabilityError, CheckpointError, UsageError
-from ..spec import LayerSpec, Llama4Spec, load_spec, spec_from_config
+from ..spec import LayerSpec, load_spec
 from .base import Runtime, read_export_info
 
 log = logging.getLogger(__name__)
@@ -67,22 +67,6 @@ def pick_dtype(stored: str, requested: str | None) -> str:
             )
         return requested
     return stored if stored in ok else ok[0]
-
-
-def export_spec(path: Path) -> Llama4Spec:
-    """The spec of an MLX export; its mlx-lm quantization blocks (no ``quant_method``) are not source FP8."""
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        return load_spec(path)  # the usual one-line error
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return load_spec(path)
-    if isinstance(config, dict) and isinstance(config.get("quantization"), dict):
-        qc = config.get("quantization_config")
-        if isinstance(qc, dict) and "quant_method" not in qc:
-            config = {k: v for k, v in config.items() if k != "quantization_config"}
-    return spec_from_config(config, where=str(cfg_path))
 
 
 class LayerCache:
@@ -128,7 +112,7 @@ class MlxRuntime(Runtime):
         # as a source checkpoint's compressed-tensors FP8 config and refuses anything else).
         self.path = Path(path)
         self.info = read_export_info(self.path)
-        self.spec = export_spec(self.path)
+        self.spec = load_spec(self.path)
         self._tokenizer = None
         spec = self.spec
         if spec.top_k < 1 or spec.top_k > spec.num_experts:
