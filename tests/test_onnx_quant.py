@@ -1,0 +1,246 @@
+"""ONNX export with ``--quant``: QMoE / MatMulNBits (int4, int8) and FP8 DequantizeLinear, on tiny Scout and Maverick.
+
+Real onnxruntime and transformers throughout. The central check: an int4 export gives the same logits as
+transformers running on the same dequantized weights (``scheme.dequantize(scheme.quantize(w))``), so all
+of the int4 error is the scheme's, none the lowering's. Run with OMP_NUM_THREADS=1 on shared machines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+
+from builders import build  # noqa: E402
+
+from l4export.checkpoint import Checkpoint  # noqa: E402
+from l4export.cli import main  # noqa: E402
+from l4export.convert import ExportOptions, convert  # noqa: E402
+from l4export.quant.recipe import load_recipe  # noqa: E402
+from l4export.runtimes import load_runtime  # noqa: E402
+from l4export.runtimes.reference import ReferenceRunner  # noqa: E402
+from l4export.verify import compare, default_prompts  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _export(src: Path, out: Path, quant: str, dtype: str = "float32") -> Path:
+    if not out.exists():
+        convert(src, out, ExportOptions(format="onnx", dtype=dtype, quant=load_recipe(quant)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def qexports(tmp_path_factory, scout, maverick) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onnx_quant")
+    return {
+        "scout_int4": _export(scout, root / "scout_int4", "int4"),
+        "maverick_int4": _export(maverick, root / "maverick_int4", "int4"),
+        "scout_fp8": _export(scout, root / "scout_fp8", "fp8"),
+    }
+
+
+def _graph(export: Path) -> onnx.ModelProto:
+    return onnx.load(str(export / "model.onnx"), load_external_data=False)
+
+
+def _ops(export: Path) -> list[str]:
+    return [n.op_type for n in _graph(export).graph.node]
+
+
+def _fake_quant_reference(src: Path, recipe_name: str) -> ReferenceRunner:
+    """transformers (float32) with every recipe-quantized weight replaced by dequantize(quantize(w))."""
+    recipe = load_recipe(recipe_name)
+    ckpt = Checkpoint(src)
+    ref = ReferenceRunner(src)
+    params = dict(ref.model.named_parameters())
+    with torch.no_grad():
+        for name, t in ckpt.tensors.items():
+            scheme = recipe.scheme_for(name)
+            if scheme is None:
+                continue
+            fq = torch.from_numpy(scheme.rtn(t.load(np.float32)))
+            if ".experts." not in name:
+                params[name].copy_(fq)
+                continue
+            pre, which = name.rsplit(".", 1)
+            if which == "down_proj":  # HF [E, I, H] <- canonical [E, H, I]
+                params[f"{pre}.down_proj"].copy_(fq.transpose(1, 2))
+            else:  # HF gate_up_proj [E, H, 2I] <- canonical gate/up [E, I, H]
+                i = fq.shape[1]
+                sl = slice(0, i) if which == "gate_proj" else slice(i, 2 * i)
+                params[f"{pre}.gate_up_proj"][:, :, sl].copy_(fq.transpose(1, 2))
+    return ref
+
+
+# ---- graph --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["scout", "maverick"])
+def test_int4_graph_has_qmoe_and_matmulnbits_and_no_float_moe(model, qexports, request):
+    export = qexports[f"{model}_int4"]
+    ops = _ops(export)
+    spec = load_runtime(export).spec
+    n_moe = sum(la.is_moe for la in spec.layers)
+    assert ops.count("QMoE") == n_moe and "MoE" not in ops
+    assert ops.count("MatMulNBits") > 0
+    g = _graph(export).graph
+    qmoe = next(n for n in g.node if n.op_type == "QMoE")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe.attribute}
+    assert attrs["expert_weight_bits"] == 4 and attrs["block_size"] == 32 and attrs["swiglu_fusion"] == 1
+    assert attrs["k"] == 1 and attrs["normalize_routing_weights"] == 1
+    for n in g.node:
+        if n.op_type == "MatMulNBits":
+            assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["accuracy_level"] == 0
+    info = json.loads((export / "l4export.json").read_text())
+    assert info["quantization"] == "int4" and info["onnx"]["quant"]["nodes"]["QMoE"] == n_moe
+    # router, norms, embeddings and lm_head stay float
+    floats = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= floats
+
+
+# ---- accuracy -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["scout", "maverick"])
+def test_int4_equals_transformers_on_the_same_dequantized_weights(model, qexports, request):
+    src = request.getfixturevalue(model)
+    rt = load_runtime(qexports[f"{model}_int4"])
+    fq = _fake_quant_reference(src, "int4")
+    ref = ReferenceRunner(src)
+    for name, ids in default_prompts(rt.spec):
+        got, want = rt.logits(ids), fq.logits(ids)
+        rel = float(np.abs(got - want).max() / np.abs(want).max())
+        m = compare(ref.logits(ids), got)
+        log.info("%s int4 %s: vs dequantized reference rel %.2e; vs float transformers KL %.2e top1 %.3f",
+                 model, name, rel, m["kl"], m["top1"])
+        assert rel <= 1e-4, (model, name, rel)
+        incr = rt.logits_incremental(ids)
+        assert float(np.abs(incr - want).max() / np.abs(want).max()) <= 1e-4, (model, name, "incremental")
+        assert m["kl"] > 0  # the weights really are quantized
+
+
+def test_fp8_export_has_e4m3_initializers_and_dequantizelinear(qexports, scout):
+    export = qexports["scout_fp8"]
+    g = _graph(export).graph
+    fp8 = [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    spec = load_runtime(export).spec
+    n_moe = sum(la.is_moe for la in spec.layers)
+    assert len(fp8) == 2 * n_moe  # fc1 (gate/up interleaved) and fc2 per MoE layer
+    ops = [n.op_type for n in g.node]
+    assert ops.count("DequantizeLinear") == 2 * n_moe and ops.count("MoE") == n_moe and "QMoE" not in ops
+    dq = next(n for n in g.node if n.op_type == "DequantizeLinear")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}["axis"] == 0  # per output channel
+    rt, ref = load_runtime(export), ReferenceRunner(scout)
+    ids = default_prompts(spec)[2][1]
+    m = compare(ref.logits(ids), rt.logits(ids))
+    log.info("scout fp8 vs float transformers: KL %.2e top1 %.3f", m["kl"], m["top1"])
+    assert 0 < m["kl"] < 1e-3
+
+
+# ---- verify -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["scout_int4", "maverick_int4", "scout_fp8"])
+def test_verify_passes_tuned_thresholds(which, qexports, request):
+    src = request.getfixturevalue(which.split("_")[0])
+    r = CliRunner().invoke(main, ["verify", str(qexports[which]), "--reference", str(src), "--greedy-tokens", "4"])
+    log.info("%s", r.output)
+    assert r.exit_code == 0, r.output
+    assert "PASSED" in r.output
+
+
+def test_verify_fails_a_broken_quantized_export(qexports, scout, tmp_path):
+    """Corrupt the int4 codes of one QMoE's fc2 (flip every nibble): verify must exit 1."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(qexports["scout_int4"], broken)
+    m = onnx.load(str(broken / "model.onnx"), load_external_data=True)
+    for init in m.graph.initializer:
+        if init.name.endswith("experts.fc2.qweight"):
+            arr = onnx.numpy_helper.to_array(init)
+            init.CopyFrom(onnx.numpy_helper.from_array((arr ^ 0x88).astype(np.uint8), init.name))
+    (broken / "model.onnx.data").unlink()
+    onnx.save(m, str(broken / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    r = CliRunner().invoke(main, ["verify", str(broken), "--reference", str(scout), "--greedy-tokens", "2"])
+    assert r.exit_code == 1, r.output
+    assert "FAILED" in r.output
+
+
+# ---- size -------------------------------------------------------------------------------------------
+
+
+def test_int4_export_is_under_030_of_bf16_when_experts_dominate(tmp_path):
+    """hidden 128, 128 experts of width 128 on every layer: routed experts are ~97% of the weights."""
+    src = build(tmp_path / "big", shape="maverick", style="hub", dtype="bfloat16", hidden_size=128, intermediate_size=128,
+                intermediate_size_mlp=256, num_local_experts=128, interleave_moe_layer_step=1, num_hidden_layers=2,
+                head_dim=32, max_shard_size=None)
+    ckpt = Checkpoint(src)
+    params = sum(int(np.prod(t.shape)) for t in ckpt.tensors.values())
+    out = {}
+    for dtype in ("float16", "float32"):
+        out[dtype] = tmp_path / f"int4_{dtype}"
+        convert(src, out[dtype], ExportOptions(format="onnx", dtype=dtype, quant=load_recipe("int4")))
+    ratio = {d: (p / "model.onnx.data").stat().st_size / (2 * params) for d, p in out.items()}
+    log.info("int4 export / bf16 (2 bytes x %d params): float16 graph %.3f, float32 graph %.3f", params,
+             ratio["float16"], ratio["float32"])
+    # fp16 scales: 0.5 + 2/32 bytes per int4 weight; a float32 graph needs float32 scales (0.5 + 4/32)
+    assert ratio["float16"] <= 0.30, ratio
+    assert ratio["float32"] <= 0.35, ratio
+
+
+# ---- calibration ----------------------------------------------------------------------------------------
+
+
+def test_calibrated_int4_export_writes_report_and_runs(scout, tmp_path):
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"input_ids": rng.integers(4, 300, 24).tolist()}) for _ in range(4)))
+    out = tmp_path / "calibrated"
+    r = CliRunner().invoke(main, ["convert", str(scout), "-o", str(out), "--format", "onnx", "--quant", "int4",
+                                  "--calib", str(calib), "--calib-samples", "4", "--calib-seqlen", "24"])
+    assert r.exit_code == 0, r.output
+    for f in ("quant_report.json", "tokens_per_expert.png", "expert_sqnr.png", "size_by_component.png"):
+        assert (out / f).is_file(), f
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["calibration"]["samples"] == 4
+    info = json.loads((out / "l4export.json").read_text())
+    assert info["onnx"]["quant"]["calibrated"] is True
+    rt, ref = load_runtime(out), ReferenceRunner(scout)
+    ids = default_prompts(rt.spec)[2][1]
+    m = compare(ref.logits(ids), rt.logits(ids))
+    log.info("scout int4 GPTQ vs float transformers: KL %.2e top1 %.3f", m["kl"], m["top1"])
+    assert np.isfinite(m["kl"]) and m["kl"] < 5e-2
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+
+def test_recipe_group_size_not_dividing_is_exit_2_and_writes_nothing(scout, tmp_path):
+    recipe = tmp_path / "g128.toml"
+    # q_proj's input dim is hidden_size = 64: a group of 128 cannot divide it
+    recipe.write_text('[[rule]]\nmatch = "*.self_attn.*_proj.weight"\nscheme = "int4"\ngroup_size = 128\n')
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", str(scout), "-o", str(out), "--format", "onnx", "--quant", str(recipe)])
+    assert r.exit_code == 2, r.output
+    assert "group size 128" in r.output and "64" in r.output
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_unknown_recipe_key_is_exit_2(scout, tmp_path):
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text('[[rule]]\nmatch = "*.feed_forward.experts.*"\nscheme = "int4"\ngroup = 32\n')
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", str(scout), "-o", str(out), "--format", "onnx", "--quant", str(recipe)])
+    assert r.exit_code == 2, r.output
+    assert "unknown key 'group'" in r.output
+    assert not out.exists()
