@@ -38,9 +38,11 @@ class Threshold:
     rel: float | None = None  # max|Δ| / max|ref|
     kl: float | None = None  # mean KL(ref || export) per token
     greedy_all: bool = False  # every greedy token must equal the reference's
+    top1: float | None = None  # top-1 agreement over all prompts' tokens (full forward), at least this
 
     def describe(self) -> str:
         parts = [f"rel<={self.rel:g}" if self.rel is not None else "", f"kl<={self.kl:g}" if self.kl is not None else "",
+                 f"top1>={self.top1:g} overall" if self.top1 is not None else "",
                  "greedy all equal" if self.greedy_all else ""]
         return ", ".join(p for p in parts if p)
 
@@ -50,10 +52,12 @@ THRESHOLDS: dict[str, Threshold] = {
     "float32": Threshold(rel=1e-4, greedy_all=True),
     "float16": Threshold(kl=1e-3),
     "bfloat16": Threshold(kl=1e-2),
-    # Quantized exports: starting points only; the quantization engineer tunes these per recipe.
-    "int4": Threshold(kl=5e-2),
-    "int8": Threshold(kl=1e-2),
-    "fp8": Threshold(kl=1e-2),
+    # Quantized exports (greedy tokens may differ). Measured on the tiny test models, ONNX CPU, RTN, per prompt
+    # (tests/test_onnx_quant.py): int4 preset KL 1.1e-3..6.0e-3, top-1 0.68 (Scout, flat random logits) / 0.93
+    # (Maverick) over all tokens; fp8 preset KL 2e-5..2.3e-4, top-1 0.98. Gates ~3-4x above the worst KL seen.
+    "int4": Threshold(kl=2e-2, top1=0.5),
+    "int8": Threshold(kl=1e-2, top1=0.8),  # not measured yet (no int8-only preset); a starting point
+    "fp8": Threshold(kl=1e-3, top1=0.9),
 }
 
 
@@ -129,9 +133,11 @@ class Report:
     threshold: Threshold
     results: list[PromptResult] = field(default_factory=list)
 
+    failures: list[str] = field(default_factory=list)  # run-level (overall top-1)
+
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        return all(r.passed for r in self.results) and not self.failures
 
     def table(self) -> str:
         head = (f"verify {self.export} ({self.format}, {self.dtype}"
@@ -147,6 +153,8 @@ class Report:
                              f"{m['kl']:>11.3e}{m['top1']:>7.3f}{greedy:>9}  {ok}")
             for f in r.failures:
                 lines.append(f"    ! {f}")
+        for f in self.failures:
+            lines.append(f"! {f}")
         lines.append(f"{'PASSED' if self.passed else 'FAILED'}: {sum(r.passed for r in self.results)}/{len(self.results)} prompts")
         return "\n".join(lines)
 
@@ -159,10 +167,10 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_junit(self) -> str:
-        fails = sum(not r.passed for r in self.results)
+        fails = sum(not r.passed for r in self.results) + bool(self.failures)
         suite = f"l4export.verify.{self.format}.{self.threshold_key}"
         out = ['<?xml version="1.0" encoding="UTF-8"?>',
-               f'<testsuite name={quoteattr(suite)} tests="{len(self.results)}" failures="{fails}" errors="0">']
+               f'<testsuite name={quoteattr(suite)} tests="{len(self.results) + bool(self.failures)}" failures="{fails}" errors="0">']
         for r in self.results:
             out.append(f'  <testcase classname={quoteattr(suite)} name={quoteattr(f"{r.name} ({r.tokens} tokens)")}>')
             if r.failures:
@@ -170,6 +178,10 @@ class Report:
                 out.append(f"    <failure message={quoteattr(msg)}>{escape(msg)}</failure>")
             out.append(f"    <system-out>{escape(json.dumps({'full': r.full, 'incremental': r.incremental, 'greedy': [r.greedy_match, r.greedy_total]}))}</system-out>")
             out.append("  </testcase>")
+        if self.failures:  # run-level checks (overall top-1) as one more failing case
+            msg = "; ".join(self.failures)
+            out.append(f'  <testcase classname={quoteattr(suite)} name="overall"><failure message={quoteattr(msg)}>'
+                       f'{escape(msg)}</failure></testcase>')
         out.append("</testsuite>")
         return "\n".join(out) + "\n"
 
@@ -268,4 +280,9 @@ def verify(export: str | Path, reference: str | Path, prompts: Path | None = Non
         if thr.greedy_all and match != len(want):
             res.failures.append(f"greedy: {match}/{len(want)} tokens equal (first difference at token {match})")
         report.results.append(res)
+    if thr.top1 is not None and report.results:
+        n = sum(r.tokens for r in report.results)
+        agree = sum(r.full["top1"] * r.tokens for r in report.results) / n
+        if not agree >= thr.top1:
+            report.failures.append(f"top1: {agree:.3f} of {n} tokens agree with the reference < {thr.top1:g}")
     return report
