@@ -1,0 +1,376 @@
+"""Quantization quality benchmark (issue 5): held-out perplexity of a small trained Llama 4 MoE, float vs quantized.
+
+    python benchmarks/bench_quant_quality.py [--steps 400] [--formats mlx,onnx] [--retrain]
+
+1. Trains (deterministically, CPU, 1 thread) a small Scout-like ``Llama4ForCausalLM`` from transformers on the
+   bytes of this Python's standard library sources: top-level ``*.py`` files of ``sysconfig.get_paths()["stdlib"]``
+   in sorted order; file i goes to evaluation if i % 10 == 0, to calibration if i % 10 == 1, else to training.
+   Byte-level tokenizer (``l4export.demo.byte_tokenizer_json``, ids 0..255 = bytes, 256 = BOS). Saved with
+   ``save_pretrained`` in bf16 (text-only layout) plus tokenizer.json under benchmarks/work/ (re-runs reuse it).
+   Training only: the MoE block runs sparsely (each token through its top-1 expert), which is the same maths
+   as transformers' dense all-expert ``bmm`` (an unrouted expert gets input 0·x and gives exactly 0 and no
+   gradient) at 1/E of the expert FLOPs. Every evaluation uses transformers' unmodified forward.
+2. Exports with ``l4export convert`` (float, int4 round to nearest, int4 GPTQ-calibrated on the calibration
+   files, fp8) and mlx-lm's own ``mlx_lm convert -q --q-bits 4 --q-group-size 64`` of our float MLX export,
+   then measures perplexity on the same fixed held-out windows (BOS + 256 bytes; 256 predictions each).
+
+Prints a table and writes benchmarks/results/quant-quality-<date>.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, WORK, machine, measure, save, table  # noqa: E402
+
+from l4export.demo import BOS, EOS, EOT, PAD, SPECIALS, byte_tokenizer_json  # noqa: E402
+
+log = logging.getLogger("bench_quant_quality")
+
+SEQ = 256  # bytes per training / evaluation / calibration window (BOS + SEQ tokens)
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+TEXT_CONFIG = dict(
+    vocab_size=272, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    intermediate_size=256, intermediate_size_mlp=512, num_hidden_layers=4,  # layer 3 is NoPE (every 4th)
+    num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, use_qk_norm=True,
+    attention_chunk_size=128,  # < SEQ: chunked attention is exercised
+    max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 1.0, "original_max_position_embeddings": 256},
+    bos_token_id=BOS, eos_token_id=[EOS, EOT], pad_token_id=PAD, initializer_range=0.02,
+)
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def corpus() -> dict:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
+    split = {"train": [], "eval": [], "calib": []}
+    for i, p in enumerate(files):
+        split["eval" if i % 10 == 0 else "calib" if i % 10 == 1 else "train"].append(p)
+    data = {k: b"\n".join(p.read_bytes() for p in v) for k, v in split.items()}
+    digest = hashlib.sha256(b"".join(data.values())).hexdigest()[:16]
+    return {"stdlib": str(stdlib), "files": {k: [p.name for p in v] for k, v in split.items()},
+            "bytes": {k: len(v) for k, v in data.items()}, "sha256_16": digest, "data": data}
+
+
+def windows(data: bytes, n: int) -> np.ndarray:
+    """n fixed, evenly spaced windows of BOS + SEQ bytes."""
+    arr = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    starts = np.linspace(0, len(arr) - SEQ - 1, n).astype(np.int64)
+    return np.stack([np.concatenate([[BOS], arr[s:s + SEQ]]) for s in starts])
+
+
+# ---- training -------------------------------------------------------------------------------------------
+def _sparse_moe_forward(self, hidden_states):
+    """Top-1 sparse equivalent of transformers' Llama4TextMoe.forward (training speed only; see module doc)."""
+    import torch
+
+    h = hidden_states.reshape(-1, self.hidden_dim)
+    router_scores, router_logits = self.router(h)  # scores: sigmoid(top-1 logit) at the chosen expert, 0 elsewhere
+    idx = router_logits.argmax(dim=1)
+    score = router_scores.gather(1, idx[:, None])
+    out = self.shared_expert(h)
+    routed = torch.zeros_like(h)
+    ex = self.experts
+    for e in range(self.num_experts):
+        sel = (idx == e).nonzero(as_tuple=True)[0]
+        if sel.numel() == 0:
+            continue
+        x = h[sel] * score[sel]
+        gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+        routed = routed.index_add(0, sel, (up * ex.act_fn(gate)) @ ex.down_proj[e])
+    return out + routed, router_logits
+
+
+def train(out: Path, data: bytes, steps: int, batch: int, lr: float, seed: int = 0) -> dict:
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    from transformers.models.llama4 import modeling_llama4
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    cfg = Llama4TextConfig(**TEXT_CONFIG)
+    cfg._attn_implementation = "sdpa"
+    model = Llama4ForCausalLM(cfg).float().train()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    arr = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
+    gen = torch.Generator().manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    original = modeling_llama4.Llama4TextMoe.forward
+    modeling_llama4.Llama4TextMoe.forward = _sparse_moe_forward
+    t0, losses = time.perf_counter(), []
+    try:
+        for step in range(steps):
+            starts = torch.randint(0, len(arr) - SEQ, (batch,), generator=gen)
+            ids = torch.stack([torch.cat([torch.tensor([BOS]), arr[s:s + SEQ]]) for s in starts.tolist()])
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if step % 25 == 0 or step == steps - 1:
+                log.info("step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - t0)
+    finally:
+        modeling_llama4.Llama4TextMoe.forward = original
+    seconds = time.perf_counter() - t0
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    (tmp / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(cfg.vocab_size)))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": SPECIALS[0], "eos_token": SPECIALS[5], "pad_token": SPECIALS[6],
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096}, indent=2))
+    info = {"steps": steps, "batch": batch, "seq": SEQ, "lr": lr, "seed": seed, "train_seconds": round(seconds, 1),
+            "tokens_seen": steps * batch * SEQ, "final_loss_mean_last10": round(float(np.mean(losses[-10:])), 4),
+            "params": n_params, "expert_params": n_expert, "saved_dtype": "bfloat16", "layout": "text-only (Llama4ForCausalLM)",
+            "deterministic_algorithms": True, "threads": 1}
+    (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return info
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+def nll_from_logits(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per-prediction NLL (float64) of ids[1:] given logits[:-1]."""
+    lg = logits[:-1].astype(np.float64)
+    lg = lg - lg.max(-1, keepdims=True)
+    lse = np.log(np.exp(lg).sum(-1))
+    return lse - lg[np.arange(len(ids) - 1), ids[1:]]
+
+
+def ppl_transformers(ckpt: Path, wins: np.ndarray) -> float:
+    import torch
+
+    from l4export.runtimes.reference import load_reference
+
+    torch.set_num_threads(1)
+    model = load_reference(ckpt)  # float32, eager, stock transformers forward
+    nll = []
+    with torch.no_grad():
+        for w in wins:
+            nll.append(nll_from_logits(model(input_ids=torch.from_numpy(w)[None]).logits[0].numpy(), w))
+    return float(np.exp(np.concatenate(nll).mean()))
+
+
+def ppl_export(path: Path, wins: np.ndarray) -> float:
+    from l4export.runtimes import load_runtime
+
+    rt = load_runtime(path)
+    nll = [nll_from_logits(np.asarray(rt.logits(w.tolist()), dtype=np.float32), w) for w in wins]
+    return float(np.exp(np.concatenate(nll).mean()))
+
+
+def ppl_mlx_lm(path: Path, wins: np.ndarray) -> float:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, _ = load(str(path))
+    nll = []
+    for w in wins:
+        logits = model(mx.array(w)[None])[0].astype(mx.float32)
+        nll.append(nll_from_logits(np.array(logits), w))
+    return float(np.exp(np.concatenate(nll).mean()))
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and
+               (p.suffix in (".safetensors", ".onnx", ".data", ".bin") or p.name.endswith(".onnx_data")))
+
+
+# ---- driver ---------------------------------------------------------------------------------------------
+def l4convert(ckpt: Path, out: Path, fmt: str, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "l4export.cli", "convert", str(ckpt), "-o", str(out), "--format", fmt, "--force", *extra]
+    return measure(cmd, env=THREADS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=400, help="Training steps (batch 8 x 256 bytes).")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--retrain", action="store_true", help="Train even if the cached checkpoint exists.")
+    ap.add_argument("--formats", default="mlx,onnx", help="l4export formats to evaluate (comma-separated).")
+    ap.add_argument("--eval-windows", type=int, default=64, help="Held-out windows (BOS + 256 bytes each).")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for k, v in THREADS.items():
+        os.environ.setdefault(k, v)
+
+    data = corpus()
+    work = WORK / "quant-quality"
+    ckpt = work / f"ckpt-s{args.steps}-b{args.batch}-{data['sha256_16']}"
+    if args.retrain or not (ckpt / "config.json").is_file():
+        log.info("training %s on %d bytes", ckpt.name, data["bytes"]["train"])
+        train(ckpt, data["data"]["train"], args.steps, args.batch, args.lr)
+    train_info = json.loads((ckpt / "train_info.json").read_text())
+
+    wins = windows(data["data"]["eval"], args.eval_windows)
+    calib = work / "calib.jsonl"  # text records (tokenized by the checkpoint's tokenizer.json, BOS prepended)
+    cw = windows(data["data"]["calib"], args.calib_samples)
+    calib.write_text("".join(json.dumps({"text": bytes(w[1:].astype(np.uint8)).decode("utf-8", "replace")}) + "\n"
+                             for w in cw))
+
+    rows: list[dict] = []
+    results: dict = {"machine": machine(), "data": {k: v for k, v in data.items() if k != "data"},
+                     "train": train_info, "eval": {"windows": int(len(wins)), "predictions": int(wins.shape[0] * SEQ),
+                                                   "seq": SEQ},
+                     "calibration": {"file": calib.name, "samples": args.calib_samples, "seqlen": SEQ + 1},
+                     "variants": {}}
+
+    def record(key: str, label: str, fn, **meta):
+        t = time.perf_counter()
+        try:
+            ppl = fn()
+            entry = {"label": label, "ppl": round(ppl, 4), "eval_s": round(time.perf_counter() - t, 1), **meta}
+        except Exception as e:  # noqa: BLE001 - reported as not measured, with the error line
+            line = str(e).strip().splitlines()
+            err = next((ln for ln in reversed(line) if ln.startswith("error:")), line[-1] if line else repr(e))
+            log.warning("%s: not measured: %s", key, err)
+            entry = {"label": label, "ppl": None, "error": err[:300], **meta}
+        results["variants"][key] = entry
+        log.info("%s: %s", key, entry.get("ppl"))
+        return entry
+
+    record("transformers/float", "transformers float32 (bf16 weights)", lambda: ppl_transformers(ckpt, wins))
+
+    for fmt in [f for f in args.formats.split(",") if f]:
+        dtype = "bfloat16" if fmt == "mlx" else "float32"  # ONNX CPU has no bf16; MLX stores bf16, computes fp32 on CPU
+        variants = [("float", []), ("int4-rtn", ["--quant", "int4"]),
+                    ("int4-calib", ["--quant", "int4", "--calib", str(calib), "--calib-samples", str(args.calib_samples),
+                                    "--calib-seqlen", str(SEQ + 1)]),
+                    ("fp8", ["--quant", "fp8"])]
+        for name, extra in variants:
+            out = work / f"{fmt}-{name}"
+            conv: dict = {}
+
+            def run(out=out, extra=extra, conv=conv):
+                conv.update(l4convert(ckpt, out, fmt, "--dtype", dtype, *extra))
+                return ppl_export(out, wins)
+
+            e = record(f"{fmt}/{name}", f"l4export {fmt} {name} ({dtype} store)", run, dtype=dtype)
+            if e["ppl"] is not None:
+                e["bytes"] = weight_bytes(out)
+                e["convert_s"] = conv.get("wall_s")
+                e["convert_peak_rss_mb"] = conv.get("peak_rss_mb")
+            else:
+                e.pop("dtype", None)
+        if fmt == "mlx" and results["variants"].get("mlx/float", {}).get("ppl") is not None:
+            out = work / "mlx-lm-q4g64"
+            shutil.rmtree(out, ignore_errors=True)
+
+            def run_mlx_lm(out=out):
+                m = measure([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(work / "mlx-float"),
+                             "--mlx-path", str(out), "-q", "--q-bits", "4", "--q-group-size", "64"], env=THREADS)
+                results["variants"]["mlx-lm/q4g64-convert"] = {"wall_s": m["wall_s"]}
+                return ppl_mlx_lm(out, wins)
+
+            e = record("mlx-lm/q4g64", "mlx-lm 4-bit g64 (of our bf16 MLX float export)", run_mlx_lm)
+            if e["ppl"] is not None:
+                e["bytes"] = weight_bytes(out)
+            results["variants"].pop("mlx-lm/q4g64-convert", None)
+
+    # ---- figures and goals ----
+    V = results["variants"]
+    base = {k.split("/")[0]: v["ppl"] for k, v in V.items() if k.endswith("/float") and v["ppl"]}
+    base["mlx-lm"] = base.get("mlx")
+    for k, v in V.items():
+        b = base.get(k.split("/")[0])
+        if v["ppl"] is not None and b:
+            v["increase_pct"] = round(100 * (v["ppl"] / b - 1), 3)
+    goals: dict = {}
+    for fmt in ("mlx", "onnx"):
+        g = lambda n, fmt=fmt: V.get(f"{fmt}/{n}", {})  # noqa: E731
+        rtn, cal, fp8 = g("int4-rtn").get("increase_pct"), g("int4-calib").get("increase_pct"), g("fp8").get("increase_pct")
+        if rtn is not None and cal is not None:
+            goals[f"{fmt}: calibrated int4 increase <= 1/2 of RTN's"] = {
+                "value": f"{cal:.2f}% vs {rtn:.2f}% (ratio {cal / rtn:.2f})" if rtn else f"{cal:.2f}% vs {rtn:.2f}%",
+                "met": rtn > 0 and cal <= 0.5 * rtn}
+        if fp8 is not None:
+            goals[f"{fmt}: fp8 increase <= 0.5%"] = {"value": f"{fp8:.3f}%", "met": fp8 <= 0.5}
+        if fmt == "mlx" and g("int4-calib").get("ppl") and V.get("mlx-lm/q4g64", {}).get("ppl"):
+            a, b = g("int4-calib")["ppl"], V["mlx-lm/q4g64"]["ppl"]
+            goals["mlx: calibrated int4 PPL < mlx-lm 4-bit PPL"] = {"value": f"{a:.4f} vs {b:.4f}", "met": a < b}
+        if fmt == "mlx" and g("int4-rtn").get("bytes") and g("float").get("bytes"):
+            r = g("int4-rtn")["bytes"] / g("float")["bytes"]
+            goals["mlx: int4 export bytes <= 0.3x bf16 export"] = {
+                "value": f"{g('int4-rtn')['bytes']} / {g('float')['bytes']} = {r:.3f}x", "met": r <= 0.3}
+        if fmt == "onnx" and g("int4-rtn").get("bytes") and g("float").get("bytes"):
+            r = g("int4-rtn")["bytes"] / (g("float")["bytes"] / 2)  # fp32 export; bf16 would be half
+            goals["onnx: int4 export bytes <= 0.3x bf16 (= fp32 export / 2)"] = {
+                "value": f"{g('int4-rtn')['bytes']} / {g('float')['bytes'] // 2} = {r:.3f}x", "met": r <= 0.3}
+    results["goals"] = goals
+
+    for k, v in V.items():
+        rows.append({"variant": k, "PPL": "not measured" if v["ppl"] is None else f"{v['ppl']:.4f}",
+                     "vs float": "" if v.get("increase_pct") is None else f"{v['increase_pct']:+.3f}%",
+                     "MB": "" if not v.get("bytes") else f"{v['bytes'] / 1e6:.2f}",
+                     "note": v.get("error", "")[:90]})
+    print(f"\nmodel: {train_info['params'] / 1e6:.2f}M params ({train_info['expert_params'] / train_info['params']:.0%} "
+          f"routed experts), {train_info['steps']} steps, {train_info['train_seconds']} s; "
+          f"{results['eval']['predictions']} held-out byte predictions\n")
+    print(table(rows, ["variant", "PPL", "vs float", "MB", "note"]))
+    print()
+    for k, v in goals.items():
+        print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
+    path = save("quant-quality", results)
+    png = path.with_suffix(".png")
+    plot(V, png)
+    print(f"\nwrote {path} and {png}")
+
+
+def plot(V: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, v in V.items() if v.get("ppl") is not None]
+    vals = [V[k]["ppl"] for k in keys]
+    colors = ["#777" if k.endswith("float") else "#c44" if "rtn" in k else "#2a7" if "calib" in k
+              else "#36c" if "fp8" in k else "#a6c" for k in keys]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    ax.bar(range(len(keys)), vals, color=colors)
+    lo = min(vals)
+    ax.set_ylim(lo * 0.97, max(vals) * 1.01)
+    for i, k in enumerate(keys):
+        inc = V[k].get("increase_pct")
+        ax.text(i, vals[i], f"{vals[i]:.3f}" + ("" if inc is None else f"\n{inc:+.2f}%"), ha="center", va="bottom",
+                fontsize=7)
+    ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out perplexity (bytes)")
+    ax.set_title("Llama 4 MoE (trained on stdlib bytes): held-out PPL by quantization")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
