@@ -19,7 +19,6 @@ onnx = pytest.importorskip("onnx")
 from l4export.cli import main  # noqa: E402
 from l4export.convert import ExportOptions, convert  # noqa: E402
 from l4export.runtimes import load_runtime  # noqa: E402
-from l4export.runtimes.onnx import OnnxRuntime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner  # noqa: E402
 from l4export.verify import compare, default_prompts  # noqa: E402
 

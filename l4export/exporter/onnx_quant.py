@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import CapabilityError
-from ..quant.pack import _pack_codes, _zero_points, to_onnx_fp8
+from ..quant.pack import pack_codes, zero_points, to_onnx_fp8
 from ..quant.recipe import Recipe
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
 from .onnx_graph import MS_DOMAIN
@@ -92,12 +92,12 @@ class QuantLowering:
             blk, bits = scheme.group_size, scheme.bits
             nb = in_f // blk
             b = self._weight(f"{base}.qweight", (out_f, nb, blk * bits // 8), np.uint8,
-                             lambda: _pack_codes(self.qtensor(name).q, bits).reshape(out_f, nb, blk * bits // 8))
+                             lambda: pack_codes(self.qtensor(name).q, bits).reshape(out_f, nb, blk * bits // 8))
             s = self._weight(f"{base}.scales", (out_f, nb), sdt, lambda: self.qtensor(name).scale.astype(sdt))
             zp = None
             if not scheme.symmetric:
                 zp = self._weight(f"{base}.qzeros", (out_f, (nb * bits + 7) // 8), np.uint8,
-                                  lambda: _zero_points(self.qtensor(name), bits))
+                                  lambda: zero_points(self.qtensor(name), bits))
             self.counts["MatMulNBits"] += 1
             return g.op("MatMulNBits", x, b, s, zp, domain=MS_DOMAIN, K=in_f, N=out_f, bits=bits, block_size=blk,
                         accuracy_level=0)
@@ -138,19 +138,19 @@ class QuantLowering:
                 log.warning("%s: block-wise int8 QMoE computes with int8 activations on ORT CPU (~5e-2 error)", pre)
             q = lambda n: self.qtensor(n)  # noqa: E731
             fc1 = self._weight(f"{pre}.experts.fc1.qweight", (e, 2 * i, h * bits // 8), np.uint8,
-                               lambda: _interleave(_pack_codes(q(gate_n).q, bits), _pack_codes(q(up_n).q, bits)))
+                               lambda: _interleave(pack_codes(q(gate_n).q, bits), pack_codes(q(up_n).q, bits)))
             fc1_s = self._weight(f"{pre}.experts.fc1.scales", (e, 2 * i, h // blk), sdt,
                                  lambda: _interleave(q(gate_n).scale, q(up_n).scale).astype(sdt))
             fc1_z = fc2_z = None
             if not scheme.symmetric:
                 fc1_z = self._weight(f"{pre}.experts.fc1.qzeros", (e, 2 * i, (h // blk * bits + 7) // 8), np.uint8,
-                                     lambda: _interleave(_zero_points(q(gate_n), bits), _zero_points(q(up_n), bits)))
+                                     lambda: _interleave(zero_points(q(gate_n), bits), zero_points(q(up_n), bits)))
             fc2 = self._weight(f"{pre}.experts.fc2.qweight", (e, h, i * bits // 8), np.uint8,
-                               lambda: _pack_codes(q(down_n).q, bits))
+                               lambda: pack_codes(q(down_n).q, bits))
             fc2_s = self._weight(f"{pre}.experts.fc2.scales", (e, h, i // blk), sdt, lambda: q(down_n).scale.astype(sdt))
             if not scheme.symmetric:
                 fc2_z = self._weight(f"{pre}.experts.fc2.qzeros", (e, h, (i // blk * bits + 7) // 8), np.uint8,
-                                     lambda: _zero_points(q(down_n), bits))
+                                     lambda: zero_points(q(down_n), bits))
             attrs = {"weights_prepacked": 0} if self.b.target == "cuda" else {}  # CUDA: raw layout, repacked at load
             self.counts["QMoE"] += 1
             return g.op("QMoE", x, probs, fc1, fc1_s, None, fc2, fc2_s, None, None, None, None, fc1_z, fc2_z,

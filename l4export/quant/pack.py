@@ -32,15 +32,15 @@ def unpack_nibbles(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     return pack_nibbles(q) if bits == 4 else q.astype(np.uint8)
 
 
-def _zero_points(qt: QTensor, bits: int) -> np.ndarray:
+def zero_points(qt: QTensor, bits: int) -> np.ndarray:
     z = qt.zero
     if bits == 4 and z.shape[-1] % 2:
         z = np.concatenate([z, np.zeros(z.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return _pack_codes(z, bits)
+    return pack_codes(z, bits)
 
 
 def _need_int(qt: QTensor) -> Int:
@@ -54,8 +54,8 @@ def to_matmulnbits(qt: QTensor) -> dict[str, np.ndarray | int]:
     s = _need_int(qt)
     n, k = qt.shape
     blk = s.group_size
-    b = _pack_codes(qt.q, s.bits).reshape(n, k // blk, blk * s.bits // 8)
-    return {"B": b, "scales": qt.scale.astype(np.float32), "zero_points": _zero_points(qt, s.bits),
+    b = pack_codes(qt.q, s.bits).reshape(n, k // blk, blk * s.bits // 8)
+    return {"B": b, "scales": qt.scale.astype(np.float32), "zero_points": zero_points(qt, s.bits),
             "K": k, "N": n, "bits": s.bits, "block_size": blk}
 
 
@@ -74,13 +74,13 @@ def to_qmoe(gate: QTensor, up: QTensor, down: QTensor) -> dict[str, np.ndarray |
         out[:, 0::2], out[:, 1::2] = a, b
         return out
 
-    fc1 = interleave(_pack_codes(gate.q, s.bits), _pack_codes(up.q, s.bits))  # (E, 2I, H*bits/8)
+    fc1 = interleave(pack_codes(gate.q, s.bits), pack_codes(up.q, s.bits))  # (E, 2I, H*bits/8)
     fc1_scales = interleave(gate.scale, up.scale).astype(np.float32)  # (E, 2I, H/block)
-    fc2 = _pack_codes(down.q, s.bits)  # (E, H, I*bits/8)
+    fc2 = pack_codes(down.q, s.bits)  # (E, H, I*bits/8)
     sym = s.symmetric and down.scheme.symmetric
     out = {"fc1": fc1, "fc1_scales": fc1_scales, "fc2": fc2, "fc2_scales": down.scale.astype(np.float32),
-           "fc1_zero_points": None if sym else interleave(_zero_points(gate, s.bits), _zero_points(up, s.bits)),
-           "fc2_zero_points": None if sym else _zero_points(down, s.bits),
+           "fc1_zero_points": None if sym else interleave(zero_points(gate, s.bits), zero_points(up, s.bits)),
+           "fc2_zero_points": None if sym else zero_points(down, s.bits),
            "expert_weight_bits": s.bits, "block_size": s.group_size}
     if down.scheme.group_size != s.group_size:
         raise ValueError("QMoE has one block_size for fc1 and fc2")
