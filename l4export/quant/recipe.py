@@ -165,10 +165,14 @@ def _scheme(kind: str, opts: dict[str, Any], where: str) -> AnyScheme | None:
         raise RecipeError(f"{where}: {err}") from None
 
 
+def _reject_unknown(table: dict[str, Any], allowed: set[str] | frozenset[str], at: str, what: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise RecipeError(f"{at}: unknown key {key!r}{what}; allowed: {', '.join(sorted(allowed))}")
+
+
 def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
-    for key in data:
-        if key not in _TOP_KEYS:
-            raise RecipeError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    _reject_unknown(data, _TOP_KEYS, where, "")
     rules_in = data.get("rule")
     if not isinstance(rules_in, list) or not rules_in:
         raise RecipeError(f"{where}: no [[rule]] tables; add at least one rule (match = ..., scheme = ...)")
@@ -180,10 +184,7 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
         kind = r.get("scheme")
         if kind not in _SCHEME_KEYS:
             raise RecipeError(f"{at}: scheme {kind!r} is not one of {', '.join(_SCHEME_KEYS)}")
-        allowed = {"match", "scheme"} | _SCHEME_KEYS[kind]
-        for key in r:
-            if key not in allowed:
-                raise RecipeError(f"{at}: unknown key {key!r} for scheme {kind}; allowed: {', '.join(sorted(allowed))}")
+        _reject_unknown(r, {"match", "scheme"} | _SCHEME_KEYS[kind], at, f" for scheme {kind}")
         pattern = r.get("match")
         if not isinstance(pattern, str) or not pattern:
             raise RecipeError(f"{at}: match must be a non-empty string (a glob, or re:REGEX)")

@@ -100,12 +100,11 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
 
     # per-expert output SQNR, RTN vs calibrated (routed expert tensors)
     fig, ax = plt.subplots(figsize=(8, 4))
-    xs_r, xs_c, labels = [], [], []
+    xs_r, xs_c = [], []
     for name, st in result.stats.items():
         if ".experts." in name and "output_sqnr_rtn" in st:
             xs_r += st["output_sqnr_rtn"]
             xs_c += st["output_sqnr_calibrated"]
-            labels += [name] * len(st["output_sqnr_rtn"])
     if xs_r:
         r, c = np.array(xs_r), np.array(xs_c)
         ok = np.isfinite(r) & np.isfinite(c)
