@@ -41,6 +41,21 @@ def maverick(tiny_checkpoints) -> Path:
     return tiny_checkpoints["maverick_hub"]
 
 
+# Quantization fixtures. Group 64 (the int4 preset) must divide the expert width, so experts are 64 wide.
+# initializer_range 0.05 instead of 0.1: at 0.1 these random models route on knife-edge margins, and any
+# weight perturbation (even FP8's) flips experts; at 0.05 quantization error, not chaos, is what is measured.
+QUANT = dict(intermediate_size=64, initializer_range=0.05)
+
+
+@pytest.fixture(scope="session")
+def quant_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Scout (hub layout, bf16) and Maverick (hub layout, fp32) shaped for the quantization tests."""
+    _need_reference()
+    root = tmp_path_factory.mktemp("qckpts")
+    return {"scout": build(root / "scout", shape="scout", style="hub", dtype="bfloat16", **QUANT),
+            "maverick": build(root / "maverick", shape="maverick", style="hub", dtype="float32", **QUANT)}
+
+
 @pytest.fixture(params=list(CASES))
 def any_checkpoint(request, tiny_checkpoints) -> Path:
     return tiny_checkpoints[request.param]

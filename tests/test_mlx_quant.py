@@ -25,6 +25,17 @@ from l4export.cli import main  # noqa: E402
 from l4export.runtimes.mlx import MlxRuntime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner  # noqa: E402
 
+
+# The quantization checkpoints stand in for ``scout``/``maverick`` in this module (conftest.QUANT).
+@pytest.fixture(scope="module")
+def scout(quant_checkpoints):
+    return quant_checkpoints["scout"]
+
+
+@pytest.fixture(scope="module")
+def maverick(quant_checkpoints):
+    return quant_checkpoints["maverick"]
+
 log = logging.getLogger(__name__)
 
 PROMPT = np.random.default_rng(7).integers(4, 256, 40).tolist()  # crosses several 8-token chunks
@@ -77,7 +88,7 @@ def test_int4_export_layout_and_config(quant_exports, name):
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization"]
     assert cfg["quantization_config"] == q
-    assert {k: q[k] for k in ("group_size", "bits", "mode")} in ({"group_size": 32, "bits": 4, "mode": "affine"},
+    assert {k: q[k] for k in ("group_size", "bits", "mode")} in ({"group_size": 64, "bits": 4, "mode": "affine"},
                                                                 {"group_size": 32, "bits": 8, "mode": "affine"})
     w = mx.load(str(out / "model.safetensors"))
     moe = [la for la in range(4) if f"language_model.model.layers.{la}.feed_forward.router.weight" in w]
@@ -87,11 +98,11 @@ def test_int4_export_layout_and_config(quant_exports, name):
         assert q[p + "router"] is False and w[p + "router.weight"].dtype == mx.float32
         for proj in ("gate_proj", "up_proj", "down_proj"):
             entry = q[p + "experts." + proj]
-            assert entry == {"group_size": 32, "bits": 4, "mode": "affine"}  # explicit, never null
+            assert entry == {"group_size": 64, "bits": 4, "mode": "affine"}  # explicit, never null
             wt, sc, bi = (w[f"{p}experts.{proj}.{k}"] for k in ("weight", "scales", "biases"))
             e, o = sc.shape[:2]
             assert wt.dtype == mx.uint32 and e == cfg["text_config"]["num_local_experts"]
-            assert wt.shape == (e, o, sc.shape[-1] * 32 * 4 // 32) and bi.shape == sc.shape  # per-expert scales
+            assert wt.shape == (e, o, sc.shape[-1] * 64 * 4 // 32) and bi.shape == sc.shape  # per-expert scales
             assert q[p + "shared_expert." + proj]["bits"] == 4
     assert q["language_model.model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 8, "mode": "affine"}
     assert q["language_model.lm_head"] is False and q["language_model.model.embed_tokens"] is False
@@ -247,8 +258,8 @@ def _bad(src: Path, tmp_path: Path, *args: str, expect: str) -> None:
 
 
 def test_group_size_not_dividing(scout, tmp_path):
-    recipe = tmp_path / "g64.toml"  # routed expert down_proj has input dim 32
-    recipe.write_text('[[rule]]\nmatch = "*.feed_forward.experts.*"\nscheme = "int4"\ngroup_size = 64\n')
+    recipe = tmp_path / "g128.toml"  # routed experts have input dims 64
+    recipe.write_text('[[rule]]\nmatch = "*.feed_forward.experts.*"\nscheme = "int4"\ngroup_size = 128\n')
     _bad(scout, tmp_path, "--quant", str(recipe), expect="does not divide")
 
 

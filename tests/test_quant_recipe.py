@@ -10,6 +10,17 @@ from l4export.quant.schemes import Fp8, Int, MxFp8
 from l4export.spec import load_spec
 
 
+# The quantization checkpoints stand in for ``scout``/``maverick`` in this module (conftest.QUANT).
+@pytest.fixture(scope="module")
+def scout(quant_checkpoints):
+    return quant_checkpoints["scout"]
+
+
+@pytest.fixture(scope="module")
+def maverick(quant_checkpoints):
+    return quant_checkpoints["maverick"]
+
+
 def test_first_match_wins():
     r = Recipe("t", (Rule("*.experts.down_proj", None), Rule("*.experts.*", Int(4, 64)), Rule("re:.*proj.*", Fp8())))
     assert r.scheme_for("model.layers.0.feed_forward.experts.down_proj") is None
@@ -20,8 +31,8 @@ def test_first_match_wins():
 
 def test_int4_preset_plan(scout):
     plan = PRESETS["int4"].validate(load_spec(scout))
-    assert plan["model.layers.0.feed_forward.experts.gate_proj"] == Int(4, 32, True)
-    assert plan["model.layers.0.feed_forward.shared_expert.down_proj.weight"] == Int(4, 32, True)
+    assert plan["model.layers.0.feed_forward.experts.gate_proj"] == Int(4, 64, True)
+    assert plan["model.layers.0.feed_forward.shared_expert.down_proj.weight"] == Int(4, 64, True)
     assert plan["model.layers.0.self_attn.q_proj.weight"].bits == 8
     for kept in ("model.layers.0.feed_forward.router.weight", "model.embed_tokens.weight", "lm_head.weight"):
         assert kept not in plan
@@ -83,11 +94,11 @@ def test_unknown_preset_or_missing_file():
 
 
 def test_group_size_must_divide_the_dimension(scout):
-    spec = load_spec(scout)  # hidden 64, expert width 32
+    spec = load_spec(scout)  # hidden 64, expert width 64
     r = Recipe("g128", (Rule("*.experts.*", Int(4, 128)),))
     with pytest.raises(RecipeError, match=r"group size 128 does not divide model\.layers\.0\.feed_forward\.experts\.gate_proj's input dimension 64"):
         r.validate(spec)
-    assert canonical_shapes(spec)["model.layers.0.feed_forward.experts.down_proj"] == (16, 64, 32)
+    assert canonical_shapes(spec)["model.layers.0.feed_forward.experts.down_proj"] == (16, 64, 64)
 
 
 def test_norms_are_not_linears(scout):

@@ -2,7 +2,8 @@
 recipe gives a tensor a scheme (docs/onnx-runtime-facts.md §3, §5, §7, §8).
 
     routed experts, int4/int8   -> one com.microsoft.QMoE per MoE layer (swiglu_fusion=1, k=1, normalized,
-                                   block_size = group size; symmetric codes stored q+8 = QMoE's default zero point)
+                                   block_size = group size; symmetric codes stored q+8 = QMoE's default zero point;
+                                   float16 scales in every graph dtype: exact, see schemes._fp16_exact)
     other linears, int4/int8    -> com.microsoft.MatMulNBits (accuracy_level=0: float activations, for parity)
     any linear, fp8 (e4m3)      -> FLOAT8E4M3FN initializer + per-output-channel DequantizeLinear feeding the
                                    same float MatMul / MoE (ORT CPU stores FP8 but computes in float; QMoE fp8
@@ -137,6 +138,9 @@ class QuantLowering:
             if bits == 8:
                 log.warning("%s: block-wise int8 QMoE computes with int8 activations on ORT CPU (~5e-2 error)", pre)
             q = lambda n: self.qtensor(n)  # noqa: E731
+            # QMoE takes scales of their own type (T2): float16 even in a float32 graph. Int scales sit on the
+            # fp16 grid (schemes._fp16_exact), so this is exact and 2 bytes per group instead of 4.
+            sdt = np.float16 if sdt == np.float32 else sdt
             fc1 = self._weight(f"{pre}.experts.fc1.qweight", (e, 2 * i, h * bits // 8), np.uint8,
                                lambda: _interleave(pack_codes(q(gate_n).q, bits), pack_codes(q(up_n).q, bits)))
             fc1_s = self._weight(f"{pre}.experts.fc1.scales", (e, 2 * i, h // blk), sdt,

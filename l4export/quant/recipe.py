@@ -127,8 +127,8 @@ _FLOAT_FIRST = (
 PRESETS: dict[str, Recipe] = {
     # Routed and shared experts int4 (Meta int4_mixed covers both); attention and Maverick's dense MLPs int8.
     "int4": Recipe("int4", _FLOAT_FIRST + (
-        Rule("*.feed_forward.experts.*", Int(bits=4, group_size=32, symmetric=True)),
-        Rule("*.feed_forward.shared_expert.*", Int(bits=4, group_size=32, symmetric=True)),
+        Rule("*.feed_forward.experts.*", Int(bits=4, group_size=64, symmetric=True)),
+        Rule("*.feed_forward.shared_expert.*", Int(bits=4, group_size=64, symmetric=True)),
         Rule("*.self_attn.*_proj.weight", Int(bits=8, group_size=32, symmetric=True)),
         Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", Int(bits=8, group_size=32, symmetric=True)),
     )),

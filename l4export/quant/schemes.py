@@ -51,7 +51,8 @@ class QTensor:
     def nbytes(self) -> int:
         """Storage in the packed form (codes + scales + zero points)."""
         bits = getattr(self.scheme, "bits", 8)
-        n = self.q.size * bits // 8 + self.scale.size * (1 if isinstance(self.scheme, MxFp8) else 4)
+        scale_bytes = 1 if isinstance(self.scheme, MxFp8) else 2 if isinstance(self.scheme, Int) else 4
+        n = self.q.size * bits // 8 + self.scale.size * scale_bytes
         if self.zero is not None and not getattr(self.scheme, "symmetric", False):
             n += (self.zero.size * bits + 7) // 8
         return n
@@ -102,6 +103,17 @@ class _Base:
         return self.dequantize(self.quantize(w))
 
 
+def _fp16_exact(scale: np.ndarray) -> np.ndarray:
+    """Integer scales are kept on the float16 grid, so an fp16 copy of them (QMoE scales in any graph,
+    MatMulNBits in fp16 graphs, MLX fp16 exports) is exact: the stored bytes dequantize to ``dequantize()``
+    in every layout. Rounded *up* (at most 2^-10 relative), so no code saturates that did not before;
+    halves the scale bytes next to float32."""
+    s = np.asarray(scale, dtype=np.float32)
+    h = s.astype(np.float16)
+    h = np.where(h.astype(np.float32) < s, np.nextafter(h, np.float16(np.inf)), h)
+    return h.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Int(_Base):
     """Integer weights, grouped along the input dim. Symmetric int4 uses ``scale = absmax/8`` and codes
@@ -135,13 +147,13 @@ class Int(_Base):
         half = 1 << (self.bits - 1)
         if self.symmetric:
             amax = np.abs(wg).max(axis=-1, keepdims=True)
-            scale = (amax / np.float32(half)).astype(np.float32)
+            scale = _fp16_exact(amax / np.float32(half))
             scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)  # all-zero group: any scale
             zero = np.full(scale.shape, half, dtype=np.uint8)
             return scale, zero
         lo = np.minimum(wg.min(axis=-1, keepdims=True), 0.0)  # the grid must contain 0 exactly
         hi = np.maximum(wg.max(axis=-1, keepdims=True), 0.0)
-        scale = ((hi - lo) / np.float32(self.qmax)).astype(np.float32)
+        scale = _fp16_exact((hi - lo) / np.float32(self.qmax))
         scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
         zero = np.clip(np.round(-lo / scale), 0, self.qmax).astype(np.uint8)
         return scale, zero
