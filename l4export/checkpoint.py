@@ -2,7 +2,8 @@
 
 Only headers are read when a checkpoint is opened. Each canonical tensor (see ``names.py``) is a thunk with a
 known shape and dtype; ``load()`` reads it with positioned reads into one fresh array, so a reader holds one
-tensor in memory at a time (plus one expert slice while stacking), never the model.
+tensor in memory at a time (plus one expert slice while stacking), never the model. Stacked expert tensors
+also load a range of experts (``load(experts=slice(a, b))``), so a reader can hold a batch of experts instead.
 """
 
 from __future__ import annotations
@@ -55,12 +56,17 @@ class SourceTensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def read(self, index: int | None = None) -> np.ndarray:
-        """The whole tensor, or slice ``index`` of its first axis."""
+    def read(self, index: int | slice | None = None) -> np.ndarray:
+        """The whole tensor, slice ``index`` of its first axis, or a contiguous range of it (``slice(a, b)``).
+
+        A range is one positioned read of only its bytes: the first axis is the outermost in the file."""
         shape, offset = self.shape, self.offset
-        if index is not None:
-            shape = shape[1:]
-            offset += index * int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        row = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize if shape else 0
+        if isinstance(index, slice):
+            a, b = _range(index, shape[0], self.name)
+            shape, offset = (b - a,) + shape[1:], offset + a * row
+        elif index is not None:
+            shape, offset = shape[1:], offset + index * row
         out = np.empty(shape, dtype=self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         with open(self.file, "rb", buffering=0) as f:
@@ -72,6 +78,14 @@ class SourceTensor:
                     raise CheckpointError(f"{self.file}: ended while reading tensor {self.name}; the file is truncated")
                 done += n
         return out
+
+
+def _range(index: slice, size: int, name: str) -> tuple[int, int]:
+    """[a, b) of a step-1 slice over an axis of ``size``."""
+    a, b, step = index.indices(size)
+    if step != 1:
+        raise UsageError(f"{name}: expert slices must be contiguous (step 1), got step {step}")
+    return a, max(a, b)
 
 
 def read_header(path: Path) -> dict[str, SourceTensor]:
@@ -129,20 +143,40 @@ class LazyTensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def load(self, dtype: np.dtype | type | str | None = None) -> np.ndarray:
-        """Materialise the tensor (FP8 is dequantized with its weight_scale), optionally cast."""
+    @property
+    def is_experts(self) -> bool:
+        """A stacked routed-expert tensor [E, out, in] (whatever its on-disk layout)."""
+        return any(how.op != "copy" for how, _, _ in self.parts)
+
+    def _experts(self, experts: slice | None) -> tuple[int, int]:
+        if experts is None:
+            return 0, self.shape[0] if self.shape else 0
+        if not self.is_experts:
+            raise UsageError(f"{self.name}: not a stacked expert tensor; load it whole (experts=None)")
+        return _range(experts, self.shape[0], self.name)
+
+    def load(self, dtype: np.dtype | type | str | None = None, experts: slice | None = None) -> np.ndarray:
+        """Materialise the tensor (FP8 is dequantized with its weight_scale), optionally cast.
+
+        ``experts=slice(a, b)`` (stacked expert tensors only) gives ``[b - a, out, in]``, equal to
+        ``load()[a:b]``, reading only those experts' bytes: E is the outermost axis of every expert layout on disk
+        (fused ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``, per-expert tensors), so the read is
+        positioned and its size does not grow with the number of experts."""
         out_dtype = np.dtype(dtype) if dtype is not None else self.dtype
-        out = np.empty(self.shape, dtype=out_dtype)
+        a, b = self._experts(experts)
+        shape = self.shape if experts is None else (b - a,) + self.shape[1:]
+        out = np.empty(shape, dtype=out_dtype)
         for how, src, scale in self.parts:
             if how.op == "copy":
                 out[...] = _dequant(src.read(), scale)
             elif how.op == "expert_slice":
-                out[how.expert] = _dequant(src.read(), scale)
+                if a <= how.expert < b:
+                    out[how.expert - a] = _dequant(src.read(), scale)
             else:
                 half = self.shape[1]
-                for e in range(self.shape[0]):  # one expert slice at a time
+                for e in range(a, b):  # one expert slice at a time
                     w = _dequant(src.read(e), scale, e)
-                    dst = out[e]
+                    dst = out[e - a]
                     if w.dtype == out_dtype:  # pure data movement: transpose raw bits (bf16 copies are slow)
                         w, dst = _bits(w), _bits(dst)
                     if how.op == "gate_of_fused":
@@ -152,14 +186,22 @@ class LazyTensor:
                     _transpose_into(dst, w)
         return out
 
-    def load_fp8(self) -> tuple[np.ndarray, np.ndarray]:
-        """FP8 weights as stored (e4m3) with per-output-channel float32 scales ``[..., out, 1]``."""
+    def load_fp8(self, experts: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """FP8 weights as stored (e4m3) with per-output-channel float32 scales ``[..., out, 1]``
+        (``experts=slice(a, b)``: those experts only, as in ``load``)."""
         if not self.is_fp8 or any(how.op not in ("copy", "expert_slice") for how, _, _ in self.parts):
             raise CheckpointError(f"{self.name}: not stored as per-channel FP8")
-        q = np.empty(self.shape, dtype=FLOAT8)
-        s = np.empty(self.shape[:-1] + (1,), dtype=np.float32)
+        a, b = self._experts(experts)
+        shape = self.shape if experts is None else (b - a,) + self.shape[1:]
+        q = np.empty(shape, dtype=FLOAT8)
+        s = np.empty(shape[:-1] + (1,), dtype=np.float32)
         for how, src, scale in self.parts:
-            idx = how.expert if how.op == "expert_slice" else ...
+            if how.op == "expert_slice":
+                if not a <= how.expert < b:
+                    continue
+                idx = how.expert - a
+            else:
+                idx = ...
             q[idx] = src.read()
             s[idx] = scale.read().astype(np.float32).reshape(s[idx].shape) if scale is not None else 1.0
         return q, s

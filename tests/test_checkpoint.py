@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from l4export.checkpoint import Checkpoint
 from l4export.cli import main
+from l4export.errors import UsageError
 from l4export.outputs import PendingTensor, write_sharded
 
 torch = pytest.importorskip("torch")
@@ -37,6 +38,35 @@ def test_canonical_tensors_equal_transformers_parameters(any_checkpoint):
         else:
             want = sd[name]
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+_SLICES = (slice(0, 1), slice(3, 7), slice(5, None), slice(None, None), slice(2, 2))
+
+
+def _assert_slices_equal_full(ckpt: Checkpoint) -> int:
+    """Every stacked expert tensor: load(experts=s) == load()[s], bit for bit, in the source dtype and float32."""
+    checked = 0
+    for name, t in ckpt.tensors.items():
+        if not t.is_experts:
+            with pytest.raises(UsageError, match="not a stacked expert tensor"):
+                t.load(experts=slice(0, 1))
+            continue
+        for dtype in (None, np.float32):
+            full = t.load(dtype)
+            for s in _SLICES:
+                got = t.load(dtype, experts=s)
+                assert got.dtype == full.dtype and got.shape == full[s].shape, (name, s)
+                np.testing.assert_array_equal(got.view(np.uint8), full[s].view(np.uint8), err_msg=f"{name} {s}")
+        checked += 1
+    with pytest.raises(UsageError, match="contiguous"):
+        next(t for t in ckpt.tensors.values() if t.is_experts).load(experts=slice(0, 4, 2))
+    return checked
+
+
+def test_expert_slices_equal_full_loads(any_checkpoint):
+    """HF fused layouts (gate_up_proj [E, H, 2I], down_proj [E, I, H]) in bf16 and fp32, both config styles."""
+    ckpt = Checkpoint(any_checkpoint)
+    assert _assert_slices_equal_full(ckpt) == 3 * sum(la.is_moe for la in ckpt.spec.layers)
 
 
 def test_multimodal_layout_sets_vision_aside(scout):
@@ -88,6 +118,19 @@ def test_fp8_per_expert_checkpoint(maverick, tmp_path):
         assert np.abs(deq - w).max() <= np.abs(w).max() * 0.07  # e4m3 keeps 3 mantissa bits
     info = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "fp8"), "--json"]).output)
     assert info["fp8_checkpoint"] and "float8_e4m3fn" in info["dtypes"]
+
+
+def test_fp8_per_expert_slices_equal_full_loads(maverick, tmp_path):
+    """The per-expert FP8 layout (one tensor + scale per expert): dequantized and raw (load_fp8) slices."""
+    fp8 = Checkpoint(_fp8_checkpoint(maverick, tmp_path / "fp8"))
+    assert _assert_slices_equal_full(fp8) == 6
+    for t in fp8.tensors.values():
+        if t.is_experts:
+            q, s = t.load_fp8()
+            for sl in _SLICES:
+                qs, ss = t.load_fp8(experts=sl)
+                np.testing.assert_array_equal(qs.view(np.uint8), q[sl].view(np.uint8))
+                np.testing.assert_array_equal(ss, s[sl])
 
 
 # ---- bad input: one line, the right exit code, no traceback -----------------------------------------------
