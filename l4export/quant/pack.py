@@ -5,6 +5,8 @@ ORT (onnx-runtime-facts.md §3, §7): 4-bit codes are packed along K, two per by
 element**; scales are ``[N, K/block]``; zero points packed the same way, ``[N, ceil(K/block/2)]``.
 
     MatMulNBits  B [N, K/block, block*bits/8]   scales [N, K/block]   zero_points [N, ceil(K/block*bits/8)]
+    MatMulBlockQuantizedFp8Weight  B e4m3 [N, K]   b_scale float32 [N, K/block]   (per channel: block = K)
+    QMoE fp8     fc1 e4m3 [E, 2I, H] rows [gate; up] (swiglu_fusion=2)   scales [E, N/b, K/b] square tiles
     QMoE fc1     [E, 2I, H*bits/8]  rows interleaved g0,u0,g1,u1,...  (swiglu_fusion=1)
     QMoE fc2     [E, H, I*bits/8]   scales [E, N, K/block]   zero points [E, N, ceil(K/block*bits/8)]
 
@@ -117,6 +119,39 @@ def mlx_config_entry(qt_or_scheme) -> dict:
 
 def to_onnx_fp8(qt: QTensor) -> dict[str, np.ndarray]:
     """FP8 weight for ``DequantizeLinear(axis=-2)``: e4m3 ``[..., out, in]`` and float32 scales ``[..., out]``."""
-    if not isinstance(qt.scheme, Fp8):
+    if not isinstance(qt.scheme, Fp8) or qt.scheme.block_size:
         raise TypeError(f"{qt.scheme.name} is not per-channel FP8")
     return {"weight": qt.q.astype(FP8), "scale": qt.scale[..., 0].astype(np.float32)}
+
+
+def to_matmul_fp8(qt: QTensor) -> dict[str, np.ndarray | int]:
+    """One dense linear ``[N, K]`` as ``com.microsoft.MatMulBlockQuantizedFp8Weight`` inputs (``Y = A @ B_scaledᵀ``):
+    ``B`` e4m3 ``[N, K]`` (row-major, not transposed), float32 ``b_scale [N, ceil(K/block_size)]``.
+
+    Per-channel FP8 is ``block_size = K`` (one scale per row, ``b_scale [N, 1]``); the kernel only asks for a
+    positive block size (``matmul_block_scaled_fp8.cc``). Square-block FP8 uses ``block_size = b`` with each
+    tile's scale repeated over its ``b`` rows, which is exactly ``QTensor.scale``."""
+    s = qt.scheme
+    if not isinstance(s, Fp8) or qt.q.ndim != 2:
+        raise TypeError(f"{s.name} {list(qt.shape)} is not a 2-D FP8 weight")
+    n, k = qt.shape
+    return {"B": qt.q.astype(FP8), "b_scale": np.ascontiguousarray(qt.scale, dtype=np.float32),
+            "block_size": s.block_size or k}
+
+
+def to_qmoe_fp8(gate: QTensor, up: QTensor, down: QTensor) -> dict[str, np.ndarray | int]:
+    """Stacked block-FP8 experts as ``QMoE(quant_type='fp8', block_size=b, swiglu_fusion=2)``.
+
+        fc1 e4m3 [E, 2I, H]  rows [gate; up] (concatenated)   fc1_scales float32 [E, 2I/b, H/b]
+        fc2 e4m3 [E, H, I]                                      fc2_scales float32 [E, H/b, I/b]
+
+    Why concatenated (swiglu_fusion=2) and not interleaved: a ``b x b`` tile of interleaved rows would mix gate
+    and up rows under one scale, which is not how gate and up were quantized. With I % b == 0 every tile lies in
+    one of them."""
+    s = gate.scheme
+    if not (isinstance(s, Fp8) and s.block_size and up.scheme == s and isinstance(down.scheme, Fp8)
+            and down.scheme.block_size == s.block_size):
+        raise ValueError("QMoE fp8 needs gate, up and down as square-block FP8 with one block size")
+    return {"fc1": np.concatenate([gate.q, up.q], axis=1).astype(FP8),
+            "fc1_scales": np.concatenate([s.block_scales(gate), s.block_scales(up)], axis=1),
+            "fc2": down.q.astype(FP8), "fc2_scales": down.scheme.block_scales(down), "block_size": s.block_size}

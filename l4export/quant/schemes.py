@@ -13,7 +13,8 @@ Code conventions (what the packers in ``pack.py`` expect):
   * ``Int`` (int4 / int8): ``QTensor.q`` holds **unsigned** codes in [0, 2^bits - 1]; dequant is
     ``(q - zero) * scale``. Symmetric schemes have ``zero = 2^(bits-1)`` (8 for int4): the "q+8" ORT and
     MLX (``bias = -8*scale``) both read.
-  * ``Fp8``: ``q`` is ``ml_dtypes.float8_e4m3fn``, scale per output channel per expert (``[..., out, 1]``).
+  * ``Fp8``: ``q`` is ``ml_dtypes.float8_e4m3fn``, scale per output channel per expert (``[..., out, 1]``),
+    or per ``b x b`` tile (``block_size=b``; stored per row, ``[..., out, in/b]``, equal within a tile).
   * ``MxFp8``: ``q`` is e4m3 and ``scale`` is a power of two (stored as e8m0 by the packer), group 32.
 """
 
@@ -29,6 +30,7 @@ from ..errors import RecipeError
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 FP8_MAX = 448.0
+FP8_BLOCKS = (0, 16, 32, 64, 128)  # 0: per output channel; else square b x b tiles
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class QTensor:
         """Storage in the packed form (codes + scales + zero points)."""
         bits = getattr(self.scheme, "bits", 8)
         scale_bytes = 1 if isinstance(self.scheme, MxFp8) else 2 if isinstance(self.scheme, Int) else 4
-        n = self.q.size * bits // 8 + self.scale.size * scale_bytes
+        scales = self.scale.size
+        if isinstance(self.scheme, Fp8) and self.scheme.block_size:
+            scales //= self.scheme.block_size  # one stored scale per tile, not per row
+        n = self.q.size * bits // 8 + scales * scale_bytes
         if self.zero is not None and not getattr(self.scheme, "symmetric", False):
             n += (self.zero.size * bits + 7) // 8
         return n
@@ -174,25 +179,47 @@ class Int(_Base):
 
 @dataclass(frozen=True)
 class Fp8(_Base):
-    """FP8 E4M3 (``float8_e4m3fn``) weights, one float32 scale per output channel per expert (Meta's
-    ``quantize_fp8_per_row``): ``scale = absmax/448``. ``activation="static"`` asks calibration for
-    per-expert input scales (``absmax/448``, layer max for experts without tokens); "dynamic" records none.
+    """FP8 E4M3 (``float8_e4m3fn``) weights, ``scale = absmax/448``, per expert.
+
+    * ``block_size=0`` (default): one float32 scale per output channel (Meta's ``quantize_fp8_per_row``);
+      ``QTensor.scale`` is ``[..., out, 1]``.
+    * ``block_size=b``: one scale per ``b x b`` square tile (DeepSeek-V3 / Qwen3 FP8 checkpoints, QMoE
+      ``quant_type='fp8'``). ``QTensor.scale`` keeps the per-row grouped view ``[..., out, in/b]``, each tile's
+      scale repeated over its ``b`` rows, so GPTQ (which fits one group of columns over all rows at once) and
+      every per-row reader work unchanged; ``block_scales`` gives the compact ``[..., out/b, in/b]`` tiles.
+
+    ``activation="static"`` asks calibration for input scales (``absmax/448`` per expert, layer max for experts
+    without tokens); "dynamic" records none.
     """
 
     activation: Literal["dynamic", "static"] = "dynamic"
+    block_size: int = 0
 
     def __post_init__(self) -> None:
         if self.activation not in ("dynamic", "static"):
             raise RecipeError(f"fp8: activation={self.activation!r} is not one of dynamic, static")
+        if self.block_size not in FP8_BLOCKS:
+            raise RecipeError(f"fp8: block_size={self.block_size} is not supported; use 128 (or 16, 32, 64), "
+                              "or leave it out for per-channel scales")
 
     bits = 8
-    name = "fp8-e4m3-channel"
+
+    @property
+    def name(self) -> str:
+        return f"fp8-e4m3-block{self.block_size}" if self.block_size else "fp8-e4m3-channel"
 
     def group_for(self, in_dim: int) -> int:
-        return in_dim
+        return self.block_size or in_dim
 
     def fit(self, wg: np.ndarray) -> tuple[np.ndarray, None]:
-        amax = np.abs(wg).max(axis=-1, keepdims=True)
+        amax = np.abs(wg).max(axis=-1, keepdims=True)  # [..., out, G, 1]
+        if self.block_size:  # max over the b rows of each tile, repeated back onto every row
+            b, out = self.block_size, wg.shape[-3]
+            if out % b:
+                raise RecipeError(f"{self.name}: block size {b} does not divide the output dimension {out}; "
+                                  f"use a block size that divides {out}")
+            tiles = amax.reshape(*amax.shape[:-3], out // b, b, *amax.shape[-2:]).max(axis=-3, keepdims=True)  # [.., out/b, 1, G, 1]
+            amax = np.broadcast_to(tiles, (*tiles.shape[:-3], b, *tiles.shape[-2:])).reshape(amax.shape)
         scale = (amax / np.float32(FP8_MAX)).astype(np.float32)
         return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32), None
 
@@ -204,7 +231,15 @@ class Fp8(_Base):
         return (self.encode(wg, scale, None).astype(np.float32) * scale).astype(np.float32)
 
     def dequantize(self, qt: QTensor) -> np.ndarray:
-        return (qt.q.astype(np.float32) * qt.scale).astype(np.float32)
+        # one float32 multiply per element, q * scale[row, column group] (the per-channel case is G = 1)
+        qg = grouped(qt.q, self.group_for(qt.q.shape[-1])).astype(np.float32)
+        return (qg * qt.scale[..., None]).reshape(qt.q.shape).astype(np.float32)
+
+    def block_scales(self, qt: QTensor) -> np.ndarray:
+        """The compact tile scales ``[..., out/b, in/b]`` (block schemes only): one row per tile of rows."""
+        if not self.block_size:
+            raise TypeError(f"{self.name} has per-channel scales, not square blocks")
+        return np.ascontiguousarray(qt.scale[..., :: self.block_size, :]).astype(np.float32)
 
 
 @dataclass(frozen=True)
