@@ -68,7 +68,8 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
         )
     if options.quant is not None:  # a bad recipe fails here, before any weight is read or anything written
         options.quant.validate(ckpt.spec)
-        options.quant.check_target(options.format, options.target)
+        options.quant.check_target(options.format, options.target, names=list(ckpt.tensors),
+                                   calibrated=options.calib is not None)
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise UsageError(f"{out}: the output folder must not be the checkpoint folder")

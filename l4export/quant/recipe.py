@@ -13,7 +13,8 @@ stays float as well. Presets are data (``PRESETS``); TOML recipes are read stric
     scheme = "int4"           # int4 | int8 | fp8 | mxfp8 | float
     group_size = 64           # int4/int8: 32, 64, 128
     symmetric = true          # int4/int8
-    # activation = "static"   # fp8 only: per-expert static input scales from calibration
+    # activation = "static"   # fp8 only: per-expert static input scales from calibration (needs --calib)
+    # block_size = 128        # fp8 only: 128x128 square tiles instead of per-channel scales
 
 Unknown keys, unknown schemes and bad values are ``RecipeError``s naming the key and the file.
 """
@@ -25,7 +26,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import CapabilityError, RecipeError
 from ..spec import Llama4Spec
@@ -74,10 +75,21 @@ class Recipe:
                     f"recipe {self.name}: group size {g} does not divide {name}'s input dimension {shape[-1]} "
                     f"(shape {list(shape)}); use a group size that divides {shape[-1]}"
                 )
+            b = scheme.block_size if isinstance(scheme, Fp8) else 0
+            if b and shape[-2] % b:  # square FP8 tiles also split the output dimension
+                raise RecipeError(
+                    f"recipe {self.name}: fp8 block size {b} does not divide {name}'s output dimension {shape[-2]} "
+                    f"(shape {list(shape)}); use a block size that divides {shape[-2]}"
+                )
         return plan
 
-    def check_target(self, fmt: str, target: str) -> None:
-        """Refuse schemes the target cannot store or run (see docs/quantization.md, "Targets")."""
+    def check_target(self, fmt: str, target: str, names: Iterable[str] | None = None,
+                     calibrated: bool | None = None) -> None:
+        """Refuse schemes the target cannot store or run (see docs/quantization.md, "Targets", and docs/fp8.md).
+
+        With the checkpoint's canonical ``names`` (and whether ``calibrated``), also refuse what depends on which
+        tensor a rule hits: per-channel FP8 routed experts on ``--target cuda`` (QMoE fp8 takes square blocks
+        only) and static FP8 activation scales without calibration or where calibration computes none."""
         schemes = {r.scheme for r in self.rules if r.scheme is not None}
         for s in schemes:
             if isinstance(s, MxFp8) and fmt == "onnx":
@@ -87,6 +99,30 @@ class Recipe:
             if isinstance(s, Fp8) and fmt == "mlx" and s.activation == "static":
                 raise CapabilityError(
                     f"recipe {self.name}: MLX has no static FP8 activation scales; use activation = \"dynamic\" for --format mlx"
+                )
+        if names is None or fmt != "onnx":
+            return
+        for name in names:
+            s = self.scheme_for(name)
+            if not isinstance(s, Fp8):
+                continue
+            routed = ".feed_forward.experts." in name
+            if routed and target == "cuda" and not s.block_size:
+                raise CapabilityError(
+                    f"recipe {self.name}: {name} is per-channel FP8, which no CUDA MoE kernel runs (QMoE fp8 takes "
+                    f"square block scales); add block_size = 128 to the experts' fp8 rule, or use --target cpu"
+                )
+            if s.activation != "static":
+                continue
+            if calibrated is False:
+                raise RecipeError(
+                    f"recipe {self.name}: {name} has activation = \"static\", whose scales come from calibration; "
+                    f"pass --calib FILE, or use activation = \"dynamic\""
+                )
+            if not name.startswith("model.layers."):
+                raise RecipeError(
+                    f"recipe {self.name}: calibration computes static activation scales for decoder-layer linears "
+                    f"only, not {name}; use activation = \"dynamic\" for it"
                 )
 
 
@@ -143,7 +179,7 @@ _TOP_KEYS = {"name", "rule"}
 _SCHEME_KEYS: dict[str, set[str]] = {
     "int4": {"group_size", "symmetric"},
     "int8": {"group_size", "symmetric"},
-    "fp8": {"activation"},
+    "fp8": {"activation", "block_size"},
     "mxfp8": set(),
     "float": set(),
 }
@@ -157,7 +193,10 @@ def _scheme(kind: str, opts: dict[str, Any], where: str) -> AnyScheme | None:
                 raise RecipeError(f"{where}: group_size must be an integer and symmetric true or false")
             return Int(bits=4 if kind == "int4" else 8, group_size=gs, symmetric=sym)
         if kind == "fp8":
-            return Fp8(activation=opts.get("activation", "dynamic"))
+            block = opts.get("block_size", 0)
+            if not isinstance(block, int) or isinstance(block, bool):
+                raise RecipeError(f"{where}: block_size must be an integer (128, or 16, 32, 64)")
+            return Fp8(activation=opts.get("activation", "dynamic"), block_size=block)
         if kind == "mxfp8":
             return MxFp8()
         return None
