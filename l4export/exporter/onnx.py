@@ -54,7 +54,7 @@ class DecoderBuilder:
     """Emits the decoder graph for one checkpoint and compute dtype."""
 
     def __init__(self, ckpt: Checkpoint, dtype: str, target: str = "cpu", recipe: Any = None,
-                 calibrated: dict[str, Any] | None = None):
+                 calibrated: dict[str, Any] | None = None, act_scales: dict[str, Any] | None = None):
         self.ckpt = ckpt
         self.spec: Llama4Spec = ckpt.spec
         self.np_dtype = NP_DTYPES[dtype]
@@ -62,7 +62,7 @@ class DecoderBuilder:
         self.target = target
         self.g = GraphBuilder(opset=21)
         # Quantized lowering (onnx_quant.py) only when a recipe is given; the float graph is unchanged otherwise.
-        self.quant = None if recipe is None else onnx_quant.QuantLowering(self, recipe, calibrated)
+        self.quant = None if recipe is None else onnx_quant.QuantLowering(self, recipe, calibrated, act_scales)
 
     # ---- small helpers -----------------------------------------------------------------------------
     def i64(self, *values: int) -> ir.Value:
@@ -378,12 +378,13 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
     recipe, calib = options.quant, None
     if recipe is not None:
         recipe.validate({n: t.shape for n, t in ckpt.tensors.items()})
-        recipe.check_target("onnx", options.target)
+        recipe.check_target("onnx", options.target, names=list(ckpt.tensors), calibrated=options.calib is not None)
         if options.calib is not None:
             from ..quant.calibrate import calibrate
 
             calib = calibrate(ckpt, recipe, options.calib)  # one decoder layer in memory at a time
-    builder = DecoderBuilder(ckpt, options.dtype, options.target, recipe, None if calib is None else calib.tensors)
+    builder = DecoderBuilder(ckpt, options.dtype, options.target, recipe, None if calib is None else calib.tensors,
+                             None if calib is None else calib.act_scales)
     model = builder.build()
     total = sum(int(v.const_value.nbytes) for v in builder.g.initializers if v.const_value is not None)
     log.info("onnx graph: %d nodes, %d initializers, %.1f MB of weights", len(builder.g.nodes),
@@ -396,7 +397,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
                             "moe_nodes": sum(n.op_type == "MoE" for n in builder.g.nodes)}
     if builder.quant is not None:
         info["quant"] = {"recipe": recipe.name, "calibrated": calib is not None, "nodes": dict(builder.quant.counts),
-                         "weight_bytes": total}
+                         "weight_bytes": total, **builder.quant.meta}
         if calib is not None:
             from ..quant.report import write_report
 

@@ -5,9 +5,16 @@ recipe gives a tensor a scheme (docs/onnx-runtime-facts.md §3, §5, §7, §8).
                                    block_size = group size; symmetric codes stored q+8 = QMoE's default zero point;
                                    float16 scales in every graph dtype: exact, see schemes._fp16_exact)
     other linears, int4/int8    -> com.microsoft.MatMulNBits (accuracy_level=0: float activations, for parity)
-    any linear, fp8 (e4m3)      -> FLOAT8E4M3FN initializer + per-output-channel DequantizeLinear feeding the
-                                   same float MatMul / MoE (ORT CPU stores FP8 but computes in float; QMoE fp8
-                                   needs SM90 and a USE_FP8_QMOE build, so --target cuda gets this form too)
+    fp8 (e4m3), --target cpu    -> FLOAT8E4M3FN initializers dequantized in the graph (per channel: DequantizeLinear;
+                                   square blocks: Cast * tile scale) feeding the same float MatMul / MoE
+                                   (ORT CPU stores FP8 but computes in float)
+    fp8, --target cuda          -> dense linears: com.microsoft.MatMulBlockQuantizedFp8Weight (per channel:
+                                   block_size = K); routed experts (square blocks only): com.microsoft.QMoE
+                                   quant_type='fp8', swiglu_fusion=2 (SM90+, and a USE_FP8_QMOE build: docs/fp8.md)
+    fp8 static activations      -> QuantizeLinear(FLOAT8E4M3FN) -> Cast -> Mul on the linear's input (CPU), or
+                                   MatMulBlockQuantizedFp8Weight's a_scale (CUDA); before a fused MoE, one scale for
+                                   all experts: the max of their gate/up input scales (what vLLM does). down_proj's
+                                   input is inside the fused op: its scales are recorded in l4export.json only.
 
 Quantized initializers stay lazy: each is quantized and packed when ``ir.save`` writes it. The few
 initializers cut from one source tensor (codes, scales, zero points; fc1 = gate + up) share a two-entry
@@ -26,10 +33,12 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import CapabilityError
-from ..quant.pack import pack_codes, zero_points, to_onnx_fp8
+from ..quant.pack import pack_codes, to_matmul_fp8, to_onnx_fp8, to_qmoe_fp8, zero_points
 from ..quant.recipe import Recipe
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
 from .onnx_graph import MS_DOMAIN
+
+FP32 = ir.DataType.FLOAT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .onnx import DecoderBuilder
@@ -48,11 +57,16 @@ def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class QuantLowering:
     """Quantized linears and experts for one ``DecoderBuilder``."""
 
-    def __init__(self, builder: "DecoderBuilder", recipe: Recipe, calibrated: Mapping[str, QTensor] | None = None):
+    def __init__(self, builder: "DecoderBuilder", recipe: Recipe, calibrated: Mapping[str, QTensor] | None = None,
+                 act_scales: Mapping[str, np.ndarray] | None = None):
         self.b, self.g, self.recipe = builder, builder.g, recipe
         self.calibrated = dict(calibrated or {})
+        # FP8 static input scales from calibration: name -> [E] (routed experts) or [1] (dense), amax/448
+        self.act_scales = {n: np.asarray(v, np.float32).reshape(-1) for n, v in (act_scales or {}).items()}
         self._cache: OrderedDict[str, QTensor] = OrderedDict()
+        self._packed: tuple[str, dict] | None = None  # one MoE layer's QMoE fp8 tensors (initializers in a row)
         self.counts: Counter[str] = Counter()  # op kind -> nodes emitted (for l4export.json)
+        self.applied_scales: dict[str, float] = {}  # where a static scale is in the graph -> its value
         for name in builder.ckpt.tensors:
             s = recipe.scheme_for(name)
             if s is None:
@@ -62,6 +76,18 @@ class QuantLowering:
                                       "add a float rule for it (scheme = \"float\")")
             if not isinstance(s, (Int, Fp8)):
                 raise CapabilityError(f"recipe {recipe.name}: {s.name} for {name} has no ONNX Runtime kernel; use int4, int8 or fp8")
+            if isinstance(s, Fp8) and s.activation == "static" and name not in self.act_scales:
+                raise CapabilityError(f"recipe {recipe.name}: {name} has activation = \"static\" but no calibrated input "
+                                      "scale; pass --calib FILE, or use activation = \"dynamic\"")
+
+    @property
+    def meta(self) -> dict:
+        """Extra l4export.json quant info: every static FP8 input scale calibration gave (per expert for routed
+        experts, down_proj included, though the fused op cannot apply it), and the ones the graph applies."""
+        if not self.act_scales:
+            return {}
+        return {"activation_scales": {n: v.tolist() for n, v in sorted(self.act_scales.items())},
+                "activation_scales_applied": dict(self.applied_scales)}
 
     def scheme(self, name: str) -> AnyScheme | None:
         return self.recipe.scheme_for(name)
@@ -102,13 +128,73 @@ class QuantLowering:
             self.counts["MatMulNBits"] += 1
             return g.op("MatMulNBits", x, b, s, zp, domain=MS_DOMAIN, K=in_f, N=out_f, bits=bits, block_size=blk,
                         accuracy_level=0)
-        # FP8: stored transposed [in, out] (MatMul layout), one scale per output channel -> DQ axis=1
+        return self._linear_fp8(x, name, base, scheme, out_f, in_f)
+
+    def _linear_fp8(self, x: ir.Value, name: str, base: str, scheme: Fp8, out_f: int, in_f: int) -> ir.Value:
+        g = self.g
+        a_scale = self._static_scale(name, scheme, f"{base}.input_scale")
+        if self.b.target == "cuda":
+            # One CUDA op: B e4m3 [N, K] as stored, b_scale [N, K/block]; per channel is block_size = K.
+            blk = scheme.block_size or in_f
+            w8 = self._weight(f"{base}.weight_fp8", (out_f, in_f), FP8, lambda: to_matmul_fp8(self.qtensor(name))["B"])
+            sc = self._weight(f"{base}.weight_scale", (out_f, in_f // blk), np.float32,
+                              lambda: to_matmul_fp8(self.qtensor(name))["b_scale"])
+            a = None if a_scale is None else self._weight(f"{base}.input_scale", (), np.float32,
+                                                          lambda: np.array(a_scale, np.float32))
+            self.counts["MatMulBlockQuantizedFp8Weight"] += 1
+            return g.op("MatMulBlockQuantizedFp8Weight", x, w8, sc, a, domain=MS_DOMAIN, block_size=blk)
+        if a_scale is not None:
+            x = self._act_qdq(x, a_scale, base)
+        if scheme.block_size:
+            # Square tiles are symmetric under transposition: store W^T [in, out] (MatMul layout) and tiles^T.
+            b = scheme.block_size
+            w8 = self._weight(f"{base}.weight_fp8", (in_f, out_f), FP8,
+                              lambda: np.ascontiguousarray(self.qtensor(name).q.T))
+            t = self._weight(f"{base}.weight_block_scale", (in_f // b, out_f // b), np.float32,
+                             lambda: np.ascontiguousarray(scheme.block_scales(self.qtensor(name)).T))
+            return g.op("MatMul", x, self.b.to(self._block_dequant(w8, t, (in_f, out_f), b), self.b.dt))
+        # per channel: stored transposed [in, out] (MatMul layout), one scale per output channel -> DQ axis=1
         w8 = self._weight(f"{base}.weight_fp8", (in_f, out_f), FP8,
                           lambda: np.ascontiguousarray(to_onnx_fp8(self.qtensor(name))["weight"].T))
         sc = self._weight(f"{base}.weight_scale", (out_f,), np.float32, lambda: to_onnx_fp8(self.qtensor(name))["scale"])
         self.counts["DequantizeLinear"] += 1
         w = self.b.to(g.op("DequantizeLinear", w8, sc, axis=1), self.b.dt)
         return g.op("MatMul", x, w)
+
+    # ---- FP8 helpers -------------------------------------------------------------------------------------
+    def _static_scale(self, name: str, scheme: Fp8, where: str) -> float | None:
+        """The one input scale the graph applies for ``name`` (None: dynamic). Routed experts share one input,
+        so their per-expert scales collapse to the max (no expert's input clips)."""
+        if scheme.activation != "static":
+            return None
+        value = float(self.act_scales[name].max())
+        self.applied_scales[where] = value
+        return value
+
+    def _act_qdq(self, x: ir.Value, scale: float, base: str) -> ir.Value:
+        """Static FP8 activation fake-quantization, fp8_e4m3(x / s) * s with a float32 scalar s, in standard ONNX:
+        QuantizeLinear (saturate=1 clips to +-448, as Fp8.encode) -> Cast to float32 -> Mul by s, in float32 so
+        the scale is exact in every graph dtype.
+
+        Why not DequantizeLinear: ORT 1.31 CPU's QDQ fusion turns Q -> DQ(activation) + DQ(weight) -> MatMul into
+        an integer MatMulIntegerToFloat and then rejects the FP8 input (INVALID_GRAPH at session creation).
+        Cast * s is the same single multiply."""
+        g = self.g
+        s = self._weight(f"{base}.input_scale", (), np.float32, lambda: np.array(scale, np.float32))
+        zp = g.const(np.zeros((), FP8))  # FLOAT8E4M3FN zero point: selects the output type
+        self.counts["QuantizeLinear"] += 1
+        q = g.op("QuantizeLinear", self.b.to(x, FP32), s, zp)
+        return self.b.to(g.op("Mul", g.op("Cast", q, to=FP32), s), self.b.dt)
+
+    def _block_dequant(self, w8: ir.Value, tiles: ir.Value, shape: tuple[int, ...], b: int) -> ir.Value:
+        """float32 ``w8 [..., R, C] * tiles[..., r // b, c // b]`` (ORT CPU has no 2-D blocked DequantizeLinear):
+        Cast, view as [..., R/b, b, C/b, b], multiply by tiles [..., R/b, 1, C/b, 1], view back."""
+        g, lead = self.g, shape[:-2]
+        r, c = shape[-2:]
+        self.counts["Fp8BlockDequant"] += 1  # Cast -> Mul, not a single op
+        w = g.op("Reshape", g.op("Cast", w8, to=FP32), self.b.i64(*lead, r // b, b, c // b, b))
+        t = g.op("Unsqueeze", tiles, self.b.i64(len(lead) + 1, len(lead) + 3))
+        return g.op("Reshape", g.op("Mul", w, t), self.b.i64(*shape))
 
     # ---- routed experts ------------------------------------------------------------------------------
     def expert_scheme(self, pre: str) -> AnyScheme | None:
@@ -119,11 +205,12 @@ class QuantLowering:
             return None
         gate, up, down = schemes
         ok = (gate is not None and gate == up and down is not None and type(down) is type(gate)
-              and (not isinstance(gate, Int) or (down.bits == gate.bits and down.group_size == gate.group_size)))
+              and (not isinstance(gate, Int) or (down.bits == gate.bits and down.group_size == gate.group_size))
+              and (not isinstance(gate, Fp8) or down.block_size == gate.block_size))
         if not ok:
             raise CapabilityError(
                 f"recipe {self.recipe.name}: {pre}.experts gate/up/down have schemes "
-                f"{[s.name if s else 'float' for s in schemes]}; QMoE needs one scheme for all three (same bits and group size)")
+                f"{[s.name if s else 'float' for s in schemes]}; QMoE needs one scheme for all three (same bits and group/block size)")
         return gate
 
     def experts(self, x: ir.Value, probs: ir.Value, pre: str, scheme: AnyScheme) -> ir.Value:
@@ -160,8 +247,51 @@ class QuantLowering:
             return g.op("QMoE", x, probs, fc1, fc1_s, None, fc2, fc2_s, None, None, None, None, fc1_z, fc2_z,
                         domain=MS_DOMAIN, k=1, normalize_routing_weights=1, activation_type="swiglu", swiglu_fusion=1,
                         expert_weight_bits=bits, block_size=blk, **attrs)
-        # FP8 experts: e4m3 stored 2-D [E*N, K] (per-axis DQ needs a 1-D scale), dequantized to the float MoE layout
-        fp8 = lambda n: to_onnx_fp8(self.qtensor(n))  # noqa: E731
+        return self._experts_fp8(x, probs, pre, scheme, e, i, h)
+
+    def _experts_fp8(self, x: ir.Value, probs: ir.Value, pre: str, scheme: Fp8, e: int, i: int, h: int) -> ir.Value:
+        from . import onnx_contrib
+
+        g = self.g
+        gate_n, up_n, down_n = (f"{pre}.experts.{n}" for n in EXPERTS)
+        a_scale = self._static_scale(gate_n, scheme, f"{pre}.experts.input_scale")
+        if a_scale is not None:  # also for QMoE fp8, which takes no activation scales itself
+            # gate and up read the same input (one calibration accumulator), so their scales are equal
+            a_scale = max(a_scale, float(self.act_scales[up_n].max()))
+            self.applied_scales[f"{pre}.experts.input_scale"] = a_scale
+            x = self._act_qdq(x, a_scale, f"{pre}.experts")
+        q = self.qtensor
+        if self.b.target == "cuda":
+            if not scheme.block_size:  # check_target refuses this before any weight is read; kept for library callers
+                raise CapabilityError(f"{pre}.experts: per-channel FP8 has no CUDA MoE kernel; add block_size = 128 "
+                                      "to the experts' fp8 rule, or use --target cpu")
+            b = scheme.block_size
+            fc1 = self._weight(f"{pre}.experts.fc1.weight_fp8", (e, 2 * i, h), FP8, lambda: self._qmoe_fp8(pre)["fc1"])
+            s1 = self._weight(f"{pre}.experts.fc1.block_scale", (e, 2 * i // b, h // b), np.float32,
+                              lambda: self._qmoe_fp8(pre)["fc1_scales"])
+            fc2 = self._weight(f"{pre}.experts.fc2.weight_fp8", (e, h, i), FP8, lambda: self._qmoe_fp8(pre)["fc2"])
+            s2 = self._weight(f"{pre}.experts.fc2.block_scale", (e, h // b, i // b), np.float32,
+                              lambda: self._qmoe_fp8(pre)["fc2_scales"])
+            self.counts["QMoE"] += 1
+            return g.op("QMoE", x, probs, fc1, s1, None, fc2, s2, domain=MS_DOMAIN, k=1, normalize_routing_weights=1,
+                        activation_type="swiglu", swiglu_fusion=2, expert_weight_bits=8, quant_type="fp8", block_size=b)
+        if scheme.block_size:
+            # CPU: gate, up, down stored as QMoE would ([E, N, K] e4m3 + [E, N/b, K/b] tiles), dequantized in the
+            # graph; gate/up interleaved after dequantization for the CPU MoE's swiglu_fusion=1.
+            b = scheme.block_size
+
+            def deq(n: str, rows: int, cols: int) -> ir.Value:
+                w8 = self._weight(f"{n}.weight_fp8", (e, rows, cols), FP8, lambda: q(n).q)
+                t = self._weight(f"{n}.block_scale", (e, rows // b, cols // b), np.float32,
+                                 lambda: scheme.block_scales(q(n)))
+                return self._block_dequant(w8, t, (e, rows, cols), b)
+
+            gu = [g.op("Unsqueeze", deq(n, i, h), self.b.i64(2)) for n in (gate_n, up_n)]  # [E, I, 1, H] each
+            fc1 = g.op("Reshape", g.op("Concat", *gu, axis=2), self.b.i64(e, 2 * i, h))  # rows g0, u0, g1, u1, ...
+            fc2 = deq(down_n, h, i)
+            return onnx_contrib.routed_experts(g, x, probs, self.b.to(fc1, self.b.dt), self.b.to(fc2, self.b.dt))
+        # per channel: e4m3 stored 2-D [E*N, K] (per-axis DQ needs a 1-D scale), dequantized to the float MoE layout
+        fp8 = lambda n: to_onnx_fp8(q(n))  # noqa: E731
         w1 = self._weight(f"{pre}.experts.fc1_interleaved.weight_fp8", (e * 2 * i, h), FP8,
                           lambda: _interleave(fp8(gate_n)["weight"], fp8(up_n)["weight"]).reshape(e * 2 * i, h))
         s1 = self._weight(f"{pre}.experts.fc1_interleaved.weight_scale", (e * 2 * i,), np.float32,
@@ -174,3 +304,10 @@ class QuantLowering:
         fc1 = self.b.to(g.op("Reshape", g.op("DequantizeLinear", w1, s1, axis=0), self.b.i64(e, 2 * i, h)), self.b.dt)
         fc2 = self.b.to(g.op("Reshape", g.op("DequantizeLinear", w2, s2, axis=0), self.b.i64(e, h, i)), self.b.dt)
         return onnx_contrib.routed_experts(g, x, probs, fc1, fc2)
+
+    def _qmoe_fp8(self, pre: str) -> dict:
+        """QMoE fp8 tensors of one layer, packed once: ir.save writes a layer's four initializers in a row."""
+        if self._packed is None or self._packed[0] != pre:
+            self._packed = None  # drop the previous layer before packing the next
+            self._packed = (pre, to_qmoe_fp8(*(self.qtensor(f"{pre}.experts.{n}") for n in EXPERTS)))
+        return self._packed[1]
