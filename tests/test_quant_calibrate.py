@@ -4,6 +4,7 @@ non-zero, calibrated beats RTN on the calibration activations, bad calibration f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +169,90 @@ def test_report(tmp_path, maverick_int4):
     assert len(t["weight_sqnr_rtn"]) == 128 and len(t["output_sqnr_calibrated"]) == 128
     for png in rep["plots"]:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- scale: expert batches, spilled tensors -----------------------------------------------------------------
+def _snapshot(res):
+    return ({n: (np.array(qt.q).view(np.uint8), np.array(qt.scale), None if qt.zero is None else np.array(qt.zero))
+             for n, qt in res.tensors.items()}, {n: a.copy() for n, a in res.act_scales.items()}, res.stats)
+
+
+def test_expert_batches_equal_one_batch(maverick):
+    """Batches of 5 of Maverick's 128 experts (the last one short) give the tensors, FP8 static scales and
+    statistics of one batch holding every expert, bit for bit."""
+    from l4export.quant.calibrate import expert_batch_size, expert_bytes
+    from l4export.quant.schemes import Fp8
+
+    ck = Checkpoint(maverick)
+    recipe = Recipe("mixed", (Rule("*.feed_forward.router.weight", None), Rule("*norm.weight", None),
+                              Rule("*.feed_forward.experts.down_proj", Fp8(activation="static")),
+                              Rule("*.feed_forward.experts.*", Int(4, 32)),
+                              Rule("*.self_attn.*_proj.weight", Int(8, 32))))
+    h, i = ck.spec.hidden_size, ck.spec.intermediate_size
+    budget = 5 * expert_bytes(h, i)
+    assert expert_batch_size(h, i, budget, 128) == 5
+    assert expert_batch_size(h, i, 1, 128) == 1 and expert_batch_size(h, i, 1 << 40, 128) == 128
+    batched = _snapshot(calibrate(ck, recipe, CalibOptions(expert_batch_bytes=budget), ids=IDS[:3]))
+    whole = _snapshot(calibrate(ck, recipe, CalibOptions(expert_batch_bytes=1 << 40), ids=IDS[:3]))
+    assert set(batched[0]) == set(whole[0]) and any(".experts." in n for n in whole[0])
+    for name, parts in whole[0].items():
+        for a, b in zip(parts, batched[0][name]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(a, b, err_msg=name)
+    assert set(whole[1]) == {"model.layers.1.feed_forward.experts.down_proj", "model.layers.3.feed_forward.experts.down_proj"}
+    for name, a in whole[1].items():
+        assert a.shape == (128,) and np.all(a > 0)
+        np.testing.assert_array_equal(a, batched[1][name])
+    assert whole[2] == batched[2]
+
+
+def test_calibrated_tensors_are_memory_mapped_from_disk(maverick_int4):
+    """result.tensors holds no codes in RAM: every array is an np.memmap over a file in its own folder."""
+    from l4export.quant.calibrate import SpilledTensors
+
+    ck, res = maverick_int4
+    store = res.tensors
+    assert isinstance(store, SpilledTensors) and store.path.is_dir()
+    assert not any(isinstance(v, np.ndarray) for v in vars(store).values())  # only names, schemes and shapes
+    assert list(store) == [n for n in ck.tensors if n in store]  # model order
+    n_expert = 0
+    for name, qt in store.items():
+        for a in (qt.q, qt.scale, qt.zero):
+            if a is not None:
+                assert isinstance(a, np.memmap) and not a.flags.writeable
+                assert Path(a.filename).parent == store.path
+        n_expert += ".experts." in name
+    assert n_expert == 6
+    name = "model.layers.1.feed_forward.experts.down_proj"
+    assert name in store and store.get(name) is not None and store.get("nope") is None and "nope" not in store
+    assert store.bytes_on_disk >= sum(qt.q.nbytes for qt in store.values())
+
+
+def test_spilled_folder_is_removed(maverick):
+    import gc
+
+    from l4export.quant.calibrate import SpilledTensors
+
+    ck = Checkpoint(maverick)
+    recipe = Recipe("down", (Rule("model.layers.3.feed_forward.experts.down_proj", Int(4, 32)),))
+    res = calibrate(ck, recipe, CalibOptions(), ids=IDS[:1])
+    path = res.tensors.path
+    qt = res.tensors["model.layers.3.feed_forward.experts.down_proj"]
+    res.close()
+    assert not path.exists()
+    assert np.isfinite(qt.dequantize()).all()  # what was mapped stays readable: the files are unlinked, not unmapped
+    res = calibrate(ck, recipe, CalibOptions(), ids=IDS[:1])
+    path = res.tensors.path
+    assert path.is_dir()
+    del res
+    gc.collect()
+    assert not path.exists()
+    store = SpilledTensors()
+    with pytest.raises(ValueError, match="does not match"):
+        store.append("t", Int(4, 32).quantize(np.ones((2, 4, 32), np.float32)))
+        store.append("t", Int(4, 32).quantize(np.ones((1, 8, 32), np.float32)))
+    store.close()
 
 
 # ---- calibration files -------------------------------------------------------------------------------------

@@ -1,32 +1,46 @@
 """Layer-by-layer calibration with per-expert GPTQ, in torch (CPU, or CUDA when torch sees a GPU).
 
-Only one decoder layer's weights are in memory at a time; the calibration activations ``X`` (one
-``[T_i, H]`` tensor per sample) are carried from layer to layer:
+Only one decoder layer's non-expert weights and one batch of its routed experts are in memory at a time; the
+calibration activations ``X`` (one ``[T_i, H]`` tensor per sample) are carried from layer to layer:
 
     X = embed(ids)
     for each layer L:
-        load L's weights (float32)
-        pass 1, float weights: capture every quantized linear's real inputs as Hessians H = Σ x xᵀ
+        load L's non-expert weights (float32)
+        pass 1, float weights: capture every non-expert linear's real inputs as Hessians H = Σ x xᵀ
             q/k/v  <- input_layernorm(X)            o <- attention output
             router, shared expert <- h2 = post_attention_layernorm(X + attn)
+            keep h2 and the top-1 routing (expert, score) of every token
+        GPTQ the non-expert tensors; pass 2 (quantized) up to the router: X + attn + shared, h2', routing'
+        for each batch of B routed experts (B from ``expert_batch_bytes``; Maverick: 1):
+            load the batch's gate/up/down (``LazyTensor.load(experts=slice)``)
             IMPORTANT: routed expert e (top-1) sees only the tokens routed to it, scaled:
                 gate/up <- s·h2, s = sigmoid(max router logit)        (never expert(h2)·s)
                 down    <- silu(G s h2) ⊙ (U s h2)                    (the real intermediate)
-        GPTQ each quantized tensor on its Hessian (experts: per expert, with a layer prior)
-        pass 2, quantized weights: X <- layer(X)    (the next layer calibrates on what it will see)
-        free L's weights
+            GPTQ the batch (vectorised over its experts, with the layer prior), spill it to disk
+            add the batch's quantized output to the pass-2 tokens routed to it
+        X <- pass 2's output    (the next layer calibrates on what it will see)
 
 Rare and unrouted experts: ``Ĥ_e = (H_e + α·H̄) / (n_e + α)``, where ``H̄`` is the layer's mean per-token
 outer product over all routed tokens (gate/up: one shared input space) or ``mean-diag·I`` (down: each
 expert's intermediate features are its own), and α = ``prior_tokens``. An expert with no tokens is
-quantized against the layer prior: finite, non-zero, never NaN; no weight column is ever zeroed.
+quantized against the layer prior: finite, non-zero, never NaN; no weight column is ever zeroed. Neither
+prior needs per-expert stacks: gate/up's is one [H, H] sum over all routed tokens; down's needs each expert's
+tr(H_e), a first pass over the batches with gate/up only.
+
+Peak memory therefore does not grow with the number of experts: one layer's activations, its non-expert
+weights and one expert batch. Calibrated tensors go to disk as they are made (``SpilledTensors``), so
+``CalibResult.tensors`` is a mapping over memory-mapped files, not ~1 byte per weight of RAM.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -54,17 +68,21 @@ class CalibOptions:
     prior_tokens: float = 16.0  # α: strength of the layer prior, in tokens
     damp: float = 0.01  # GPTQ dampening, fraction of the mean Hessian diagonal
     device: str | None = None  # None: cuda if torch sees a GPU, else cpu
+    expert_batch_bytes: int = 1 << 30  # routed experts calibrated at once: their weights, Hessians and GPTQ work
+    spill_dir: Path | None = None  # parent of the temporary folder calibrated tensors are spilled to (None: $TMPDIR)
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seqlen < 1:
             raise UsageError(f"--calib-samples ({self.samples}) and --calib-seqlen ({self.seqlen}) must be at least 1")
+        if self.expert_batch_bytes < 1:
+            raise UsageError(f"expert_batch_bytes ({self.expert_batch_bytes}) must be positive")
         if self.method not in ("gptq", "rtn"):
             raise UsageError(f"calibration method {self.method!r} is not one of gptq, rtn")
 
 
 @dataclass
 class CalibResult:
-    tensors: dict[str, QTensor]  # canonical name -> quantized tensor (calibrated)
+    tensors: Mapping[str, QTensor]  # canonical name -> calibrated tensor, memory-mapped from disk (SpilledTensors)
     token_counts: dict[int, list[int]]  # MoE layer -> tokens routed to each expert
     stats: dict[str, dict[str, list[float]]]  # name -> weight/output SQNR (dB), RTN and calibrated, per expert
     act_scales: dict[str, np.ndarray] = field(default_factory=dict)  # fp8 static: name -> [E] or [1] input scales
@@ -72,6 +90,11 @@ class CalibResult:
     tokens: int = 0
     seconds: float = 0.0
     device: str = "cpu"
+
+    def close(self) -> None:
+        """Remove the spilled tensors' folder now (it also goes when this result is garbage collected)."""
+        if isinstance(self.tensors, SpilledTensors):
+            self.tensors.close()
 
 
 # ---- calibration data -----------------------------------------------------------------------------------
@@ -196,31 +219,44 @@ def _route(h2, W: dict):
     return idx, torch.sigmoid(top)
 
 
-def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture: Callable | None = None):
-    """One decoder layer on one sample x [T, H]. ``capture(name_in_layer, expert, inputs)`` sees the input of
-    every linear (expert=-1 for non-expert linears)."""
-    import torch
-    import torch.nn.functional as F
-
-    cap = capture or (lambda *a: None)
-    eps = spec.rms_norm_eps
-    h = _rms(x, W["input_layernorm.weight"], eps)
+def _attention_block(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, cap: Callable):
+    """x [T, H] -> (x + attention [T, H], h2 = post_attention_layernorm of it [T, H])."""
+    h = _rms(x, W["input_layernorm.weight"], spec.rms_norm_eps)
     cap("self_attn.q_proj.weight", -1, h)
     a = _attention_core(h, W, la, spec, inv_freq)
     cap("self_attn.o_proj.weight", -1, a)
     x = x + a @ W["self_attn.o_proj.weight"].T
-    h2 = _rms(x, W["post_attention_layernorm.weight"], eps)
-    if not la.is_moe:
-        p = "feed_forward."
-        cap(p + "gate_proj.weight", -1, h2)
-        m = F.silu(h2 @ W[p + "gate_proj.weight"].T) * (h2 @ W[p + "up_proj.weight"].T)
-        cap(p + "down_proj.weight", -1, m)
-        return x + m @ W[p + "down_proj.weight"].T
-    p = "feed_forward.shared_expert."
+    return x, _rms(x, W["post_attention_layernorm.weight"], spec.rms_norm_eps)
+
+
+def _mlp(h2, W: dict, p: str, cap: Callable):
+    """SwiGLU MLP ``p`` (the dense MLP or the shared expert) on h2 [T, H] -> [T, H]."""
+    import torch.nn.functional as F
+
     cap(p + "gate_proj.weight", -1, h2)
     m = F.silu(h2 @ W[p + "gate_proj.weight"].T) * (h2 @ W[p + "up_proj.weight"].T)
     cap(p + "down_proj.weight", -1, m)
-    out = m @ W[p + "down_proj.weight"].T
+    return m @ W[p + "down_proj.weight"].T
+
+
+def _expert_hidden(xe, gate, up):
+    """One routed expert's intermediate silu(G xe) ⊙ (U xe): xe [n, H], gate/up [I, H] -> [n, I]."""
+    import torch.nn.functional as F
+
+    return F.silu(xe @ gate.T) * (xe @ up.T)
+
+
+def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture: Callable | None = None):
+    """One decoder layer on one sample x [T, H] with all of its weights in ``W`` (experts stacked [E, out, in]).
+    ``capture(name_in_layer, expert, inputs)`` sees the input of every linear (expert=-1 for non-expert linears).
+    The calibration driver runs the same maths in pieces (routed experts in batches); this is the whole layer."""
+    import torch
+
+    cap = capture or (lambda *a: None)
+    x, h2 = _attention_block(x, W, la, spec, inv_freq, cap)
+    if not la.is_moe:
+        return x + _mlp(h2, W, "feed_forward.", cap)
+    out = _mlp(h2, W, "feed_forward.shared_expert.", cap)
     idx, s = _route(h2, W)
     xs = h2 * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
     routed = torch.zeros_like(out)
@@ -229,7 +265,7 @@ def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture
         rows = (idx == e).nonzero(as_tuple=True)[0]
         xe = xs[rows]
         cap(ex + "gate_proj", e, xe)
-        me = F.silu(xe @ W[ex + "gate_proj"][e].T) * (xe @ W[ex + "up_proj"][e].T)
+        me = _expert_hidden(xe, W[ex + "gate_proj"][e], W[ex + "up_proj"][e])
         cap(ex + "down_proj", e, me)
         routed[rows] = me @ W[ex + "down_proj"][e].T
     return x + out + routed
@@ -249,20 +285,10 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01) -> QTens
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
     dead = diag <= 0
     diag[dead] = 1.0
-    mean = diag.mean(-1, keepdim=True)
+    mean = diag.mean(-1, keepdim=True)  # (B, 1)
     eye = torch.eye(k, dtype=torch.float64, device=dev)
-    lam = damp
-    for _ in range(6):  # raise the dampening until H is positive definite
-        try:
-            L = torch.linalg.cholesky(H + lam * mean[..., None] * eye)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-            if torch.isfinite(Hinv).all():
-                break
-        except RuntimeError:
-            pass
-        lam *= 10
-    else:  # give up on the curvature: plain rounding
-        Hinv = eye.expand(b, k, k).clone()
+    Hinv = _damped_inverse_factor(H, mean, eye, damp)
+    del H
     g = scheme.group_for(k)
     scales = np.empty((b, n, k // g), np.float32)
     zeros = None
@@ -282,6 +308,42 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01) -> QTens
     return scheme.with_scales(Q, scales, zeros)
 
 
+def _damped_inverse_factor(H, mean, eye, damp: float):
+    """Upper Cholesky factor of H⁻¹ per batch entry, H [B, K, K] dampened by λ·mean-diag. λ starts at ``damp`` and
+    is raised tenfold (up to 5 times) for the entries whose H + λ·I is not positive definite; an entry that never
+    factors gets I (plain rounding). Per entry, so an entry's result does not depend on which batch it is in."""
+    import torch
+
+    b = H.shape[0]
+    todo = torch.arange(b, device=H.device)
+    done: list[tuple[Any, Any]] = []  # (entries, their factors)
+    lam = damp
+    for _ in range(6):
+        Hs = H if len(todo) == b else H[todo]
+        L, info = torch.linalg.cholesky_ex(Hs + lam * mean[todo][..., None] * eye)
+        del Hs
+        ok = info == 0
+        if bool(ok.any()):
+            Lok = L if bool(ok.all()) else L[ok]
+            inv, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(Lok), upper=True)
+            del Lok
+            good = (info2 == 0) & torch.isfinite(inv).flatten(1).all(-1)
+            ok[ok.clone()] = good
+            done.append((todo[ok], inv if bool(good.all()) else inv[good]))
+            del inv
+        del L
+        todo = todo[~ok]
+        if len(todo) == 0:
+            break
+        lam *= 10
+    if len(done) == 1 and len(todo) == 0:
+        return done[0][1]  # the common case: every entry factored at the same λ, no copy
+    Hinv = eye.expand(b, -1, -1).clone()  # what is left over: plain rounding
+    for entries, inv in done:
+        Hinv[entries] = inv
+    return Hinv
+
+
 def output_sqnr(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray) -> np.ndarray:
     """Per batch entry: 10·log10(tr(W H Wᵀ) / tr(ΔW H ΔWᵀ)), the SQNR of x·Wᵀ over the inputs behind H."""
     w, d = w.astype(np.float64), (w - wq).astype(np.float64)
@@ -291,47 +353,118 @@ def output_sqnr(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray) -> np.ndarra
         return 10 * np.log10(np.where(err > 0, sig / np.where(err > 0, err, 1), np.inf))
 
 
+# ---- calibrated tensors on disk ----------------------------------------------------------------------------
+class SpilledTensors(Mapping[str, QTensor]):
+    """Calibrated tensors, spilled to disk as they are produced and mapped back read-only on access.
+
+    Each tensor's codes, scales and zero points are raw little files (``{i}.q``/``.scale``/``.zero``) in a private
+    temporary folder; ``[name]`` returns a ``QTensor`` over ``np.memmap`` views of them, so holding every calibrated
+    tensor of Scout (~100 GB of uint8 codes) costs address space, not RAM. Routed experts are appended in expert
+    batches (E is the leading axis, so a batch is a contiguous byte range written with plain ``write``; no
+    writable mapping grows the resident set). The folder is removed by ``close()``, when this object is garbage
+    collected, or at interpreter exit; arrays already mapped stay readable after that (the files are unlinked,
+    not unmapped)."""
+
+    def __init__(self, parent: str | Path | None = None):
+        self.path = Path(tempfile.mkdtemp(prefix="l4export-calib-", dir=parent))
+        # name -> [file index, scheme, (q dtype, q shape), (scale dtype, scale shape), zero (dtype, shape) or None]
+        self._meta: dict[str, list[Any]] = {}
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def append(self, name: str, qt: QTensor) -> None:
+        """Add ``qt`` as ``name``, or append it along the leading (expert) axis of ``name``'s earlier parts."""
+        parts = (qt.q, qt.scale, qt.zero)
+        meta = self._meta.get(name)
+        if meta is None:
+            meta = self._meta[name] = [len(self._meta), qt.scheme,
+                                       *(None if a is None else (a.dtype, tuple(a.shape)) for a in parts)]
+        else:
+            if meta[1] != qt.scheme or any((m is None) != (a is None) or (a is not None and m[1][1:] != a.shape[1:])
+                                           for m, a in zip(meta[2:], parts)):
+                raise ValueError(f"{name}: appended part does not match the earlier parts")
+            for j, a in enumerate(parts):
+                if a is not None:
+                    meta[2 + j] = (a.dtype, (meta[2 + j][1][0] + a.shape[0],) + tuple(a.shape[1:]))
+        for suffix, a in zip(("q", "scale", "zero"), parts):
+            if a is not None:
+                with open(self.path / f"{meta[0]}.{suffix}", "ab") as f:
+                    f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+
+    def __getitem__(self, name: str) -> QTensor:
+        index, scheme, *parts = self._meta[name]
+        arrays = [None if m is None else self._map(f"{index}.{suffix}", *m)
+                  for suffix, m in zip(("q", "scale", "zero"), parts)]
+        return QTensor(scheme, arrays[0], arrays[1], arrays[2])
+
+    def _map(self, file: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return np.empty(shape, dtype)  # nothing to map (mmap refuses empty files)
+        return np.memmap(self.path / file, dtype=dtype, mode="r", shape=shape)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def reorder(self, names: Iterable[str]) -> None:
+        """Iterate in the order of ``names`` (model order); names not given keep their order, last."""
+        order = {n: i for i, n in enumerate(names)}
+        self._meta = dict(sorted(self._meta.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir()) if self.path.is_dir() else 0
+
+    def close(self) -> None:
+        """Remove the folder now (idempotent)."""
+        self._finalizer()
+
+
 # ---- the driver -------------------------------------------------------------------------------------------
 class _Acc:
-    """Σ x xᵀ and token counts for one linear (B = experts, or 1)."""
+    """Σ x xᵀ and token counts for one linear: experts ``offset .. offset + b - 1`` of a batch, or one (b = 1)."""
 
-    def __init__(self, b: int, k: int, device):
+    def __init__(self, b: int, k: int, device, offset: int = 0):
         import torch
 
         self.h = torch.zeros(b, k, k, dtype=torch.float64, device=device)
         self.n = np.zeros(b, np.int64)
         self.amax = np.zeros(b, np.float32)
+        self.offset = offset
 
     def add(self, e: int, x) -> None:
         import torch
 
+        j = max(e, 0) - self.offset
         xd = x.to(torch.float64)
-        self.h[max(e, 0)] += xd.T @ xd
-        self.n[max(e, 0)] += x.shape[0]
-        self.amax[max(e, 0)] = max(self.amax[max(e, 0)], float(x.abs().max()) if x.numel() else 0.0)
+        self.h[j] += xd.T @ xd
+        self.n[j] += x.shape[0]
+        self.amax[j] = max(self.amax[j], float(x.abs().max()) if x.numel() else 0.0)
 
-    def blended(self, prior_tokens: float, shared_space: bool):
-        """Per-entry normalised Hessians with the count-weighted layer prior (see the module docstring)."""
+    def blended(self, prior, alpha: float):
+        """Per-entry normalised Hessians (H_e + α·H̄) / (n_e + α) with the layer prior H̄ (module docstring)."""
         import torch
 
         n = torch.tensor(self.n, dtype=torch.float64, device=self.h.device)
-        total = float(n.sum())
-        k = self.h.shape[-1]
-        eye = torch.eye(k, dtype=torch.float64, device=self.h.device)
-        if total == 0:
-            prior = eye
-        elif shared_space:
-            prior = self.h.sum(0) / total
-        else:
-            live = n > 0
-            per_tok = torch.diagonal(self.h[live], dim1=-2, dim2=-1).sum(-1) / n[live] / k
-            prior = float(per_tok.mean()) * eye
-        if float(torch.diagonal(prior).sum()) <= 0:
-            prior = eye
-        a = prior_tokens if self.h.shape[0] > 1 else 0.0
-        if a == 0 and total == 0:
+        if alpha == 0 and self.n.sum() == 0:
             return prior.expand_as(self.h).clone()
-        return (self.h + a * prior) / (n + a).clamp_min(1e-12)[:, None, None]
+        return (self.h + alpha * prior) / (n + alpha).clamp_min(1e-12)[:, None, None]
+
+
+def _prior(k: int, total: int, dev, shared=None, per_token_diag: float | None = None):
+    """The layer prior H̄ [K, K]: ``shared`` (Σ x xᵀ over all routed tokens) / total for a shared input space, or
+    ``per_token_diag``·I; I when the layer routed nothing or the prior would be degenerate."""
+    import torch
+
+    eye = torch.eye(k, dtype=torch.float64, device=dev)
+    if total == 0:
+        return eye
+    prior = shared / total if shared is not None else float(per_token_diag) * eye
+    return eye if float(torch.diagonal(prior).sum()) <= 0 else prior
 
 
 def _layer_plan(recipe: Recipe, layer: int, names: list[str]) -> dict[str, AnyScheme]:
@@ -343,11 +476,30 @@ _SHARES = {"self_attn.k_proj.weight": "self_attn.q_proj.weight", "self_attn.v_pr
            "feed_forward.up_proj.weight": "feed_forward.gate_proj.weight",
            "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared_expert.gate_proj.weight",
            "feed_forward.experts.up_proj": "feed_forward.experts.gate_proj"}
+_EX = "feed_forward.experts."
+_GATE, _UP, _DOWN = _EX + "gate_proj", _EX + "up_proj", _EX + "down_proj"
+
+
+def expert_bytes(hidden: int, inter: int) -> int:
+    """Estimated peak bytes one routed expert adds to an expert batch.
+
+    Float32 gate/up/down (3·I·H·4) and their dequantized copies for pass 2 (3·I·H·4); float64 Hessians,
+    gate/up [H, H] and down [I, I]; GPTQ's work on the larger one (the blended copy, its clone, L, L⁻¹ and the
+    factor of H⁻¹: 5·K², K = max(H, I)) and its float64 weight (N·K). Maverick (H 5120, I 8192): ~4.8 GB."""
+    k = max(hidden, inter)
+    return 24 * inter * hidden + 8 * (hidden * hidden + inter * inter) + 8 * (5 * k * k + inter * hidden)
+
+
+def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: int) -> int:
+    """How many routed experts fit ``budget_bytes`` at once: at least 1 (Maverick at 1 GiB), at most all."""
+    return max(1, min(num_experts, budget_bytes // expert_bytes(hidden, inter)))
 
 
 def calibrate(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, observer: Observer | None = None,
               ids: list[np.ndarray] | None = None) -> CalibResult:
-    """Quantize every tensor the recipe matches, calibrated on ``options.path`` (or on ``ids``)."""
+    """Quantize every tensor the recipe matches, calibrated on ``options.path`` (or on ``ids``).
+
+    The calibrated tensors are spilled to disk as they are made (``result.tensors`` is a ``SpilledTensors``)."""
     import torch
 
     t0 = time.perf_counter()
@@ -364,71 +516,213 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, observer:
     X = [embed[torch.tensor(i, device=dev)] for i in ids]
     del embed
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
-    result = CalibResult({}, {}, {}, samples=len(ids), tokens=sum(len(i) for i in ids), device=str(dev))
-
-    for la in spec.layers:
-        lazy = ckpt.layer(la.index)
-        W = {n: torch.tensor(t.load(np.float32), device=dev) for n, t in lazy.items()}
-        plan = _layer_plan(recipe, la.index, list(W))
-        inputs_of = {n: _SHARES.get(n, n) for n in plan}
-        accs: dict[str, _Acc] = {}
-        for n in set(inputs_of.values()):
-            shape = W[n].shape
-            accs[n] = _Acc(shape[0] if len(shape) == 3 else 1, shape[-1], dev)
-        if la.is_moe:
-            counts = np.zeros(spec.num_experts, np.int64)
-
-        def capture(name: str, e: int, x) -> None:
-            if observer is not None:
-                observer(f"model.layers.{la.index}.{name}", e, x)
-            if name == "feed_forward.experts.gate_proj" and la.is_moe:
-                counts[e] += x.shape[0]
-            if name in accs:
-                accs[name].add(e, x)
-
-        with torch.no_grad():
-            for x in X:
-                layer_forward(x, W, la, spec, inv_freq, capture)
-        if la.is_moe:
-            result.token_counts[la.index] = counts.tolist()
-            log.info("layer %d: tokens per expert %s", la.index, counts.tolist())
-        Wq = dict(W)
-        for n, scheme in plan.items():
-            full = f"model.layers.{la.index}.{n}"
-            acc = accs[inputs_of[n]]
-            experts = W[n].dim() == 3
-            w = W[n].cpu().numpy() if experts else W[n].cpu().numpy()[None]
-            hb = acc.blended(options.prior_tokens, shared_space=not n.endswith("experts.down_proj"))
-            rtn = scheme.quantize(w)
-            qt = gptq(w, hb, scheme, options.damp) if options.method == "gptq" else rtn
-            h_np = hb.cpu().numpy()
-            wr, wc = rtn.dequantize(), qt.dequantize()
-            result.stats[full] = {
-                "weight_sqnr_rtn": sqnr_db(w, wr, axis=(1, 2)).tolist(),
-                "weight_sqnr_calibrated": sqnr_db(w, wc, axis=(1, 2)).tolist(),
-                "output_sqnr_rtn": output_sqnr(w, wr, h_np).tolist(),
-                "output_sqnr_calibrated": output_sqnr(w, wc, h_np).tolist(),
-                "tokens": acc.n.tolist(),
-            }
-            if not experts:
-                qt = type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0])
-            if isinstance(scheme, Fp8) and scheme.activation == "static":
-                amax = acc.amax.copy()
-                amax[acc.n == 0] = amax.max() if amax.max() > 0 else 1.0  # layer max for unrouted experts; never 0
-                amax[amax <= 0] = amax.max() if amax.max() > 0 else 1.0
-                result.act_scales[full] = (amax / 448.0).astype(np.float32)
-            result.tensors[full] = qt
-            Wq[n] = torch.tensor(qt.dequantize(), device=dev)
-            lr, lc = np.mean(result.stats[full]["output_sqnr_rtn"]), np.mean(result.stats[full]["output_sqnr_calibrated"])
-            log.info("%s %s: output SQNR %.2f dB (RTN) -> %.2f dB (%s)", full, scheme.name, lr, lc, options.method)
-        with torch.no_grad():
-            X = [layer_forward(x, Wq, la, spec, inv_freq) for x in X]
-        del W, Wq, accs
-
+    result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=sum(len(i) for i in ids),
+                         device=str(dev))
+    with torch.no_grad():
+        for la in spec.layers:
+            X = _calibrate_layer(ckpt, recipe, options, la, X, inv_freq, result, observer, dev)
     _global_tensors(ckpt, recipe, X, result, options, dev)
+    result.tensors.reorder(ckpt.tensors)
+    result.stats = {n: result.stats[n] for n in sorted(result.stats, key=list(ckpt.tensors).index)}
     result.seconds = time.perf_counter() - t0
-    log.info("calibration done in %.1f s", result.seconds)
+    log.info("calibration done in %.1f s; %.1f MB of calibrated tensors spilled to %s", result.seconds,
+             result.tensors.bytes_on_disk / 1e6, result.tensors.path)
     return result
+
+
+def _quantize(w: np.ndarray, hb, scheme: AnyScheme, options: CalibOptions, stats: dict[str, list[float]]) -> QTensor:
+    """RTN and (GPTQ or RTN) of w [B, N, K] on the blended Hessians hb [B, K, K]; extends ``stats`` per entry."""
+    rtn = scheme.quantize(w)
+    qt = gptq(w, hb, scheme, options.damp) if options.method == "gptq" else rtn
+    h_np = hb.cpu().numpy()
+    wr, wc = rtn.dequantize(), qt.dequantize()
+    for key, value in (("weight_sqnr_rtn", sqnr_db(w, wr, axis=(1, 2))),
+                       ("weight_sqnr_calibrated", sqnr_db(w, wc, axis=(1, 2))),
+                       ("output_sqnr_rtn", output_sqnr(w, wr, h_np)),
+                       ("output_sqnr_calibrated", output_sqnr(w, wc, h_np))):
+        stats.setdefault(key, []).extend(np.asarray(value).tolist())
+    return qt
+
+
+def _log_tensor(full: str, scheme: AnyScheme, stats: dict[str, list[float]], method: str) -> None:
+    lr, lc = np.mean(stats["output_sqnr_rtn"]), np.mean(stats["output_sqnr_calibrated"])
+    log.info("%s %s: output SQNR %.2f dB (RTN) -> %.2f dB (%s)", full, scheme.name, lr, lc, method)
+
+
+def _static_scales(amax: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """FP8 static input scales from per-entry input absmax: amax/448, unrouted entries get the layer max, never 0."""
+    amax = amax.copy()
+    amax[n == 0] = amax.max() if amax.max() > 0 else 1.0
+    amax[amax <= 0] = amax.max() if amax.max() > 0 else 1.0
+    return (amax / 448.0).astype(np.float32)
+
+
+def _calibrate_layer(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, la: LayerSpec, X: list, inv_freq,
+                     result: CalibResult, observer: Observer | None, dev) -> list:
+    """Calibrate one decoder layer; returns its output on the calibration data with quantized weights.
+
+    Non-expert linears are calibrated on the float pass (pass 1), then the quantized non-expert part of the layer
+    runs (pass 2) up to the router. Routed experts follow in batches: each batch's Hessians come from the
+    pass-1 tokens routed to it, and its quantized output is added to the pass-2 tokens routed to it."""
+    import torch
+
+    spec = ckpt.spec
+    lazy = ckpt.layer(la.index)
+    plan = _layer_plan(recipe, la.index, list(lazy))
+    experts = {n for n, t in lazy.items() if t.is_experts}  # stacked [E, out, in]: loaded per batch, never whole
+    W = {n: torch.tensor(t.load(np.float32), device=dev) for n, t in lazy.items() if n not in experts}
+    dense_plan = {n: s for n, s in plan.items() if n not in experts}
+    inputs_of = {n: _SHARES.get(n, n) for n in dense_plan}
+    accs = {n: _Acc(1, W[n].shape[-1], dev) for n in set(inputs_of.values())}
+
+    def capture(name: str, e: int, x) -> None:
+        if observer is not None:
+            observer(f"model.layers.{la.index}.{name}", e, x)
+        if name in accs:
+            accs[name].add(e, x)
+
+    # pass 1, float weights: non-expert Hessians; for MoE layers keep h2 and the routing (the experts' inputs)
+    routed1 = []  # per sample: (h2 [T, H], expert [T], score [T])
+    for x in X:
+        _, h2 = _attention_block(x, W, la, spec, inv_freq, capture)
+        if not la.is_moe:
+            _mlp(h2, W, "feed_forward.", capture)
+            continue
+        _mlp(h2, W, "feed_forward.shared_expert.", capture)
+        routed1.append((h2, *_route(h2, W)))
+
+    Wq = dict(W)
+    for n, scheme in dense_plan.items():
+        full = f"model.layers.{la.index}.{n}"
+        acc = accs[inputs_of[n]]
+        w = W[n].cpu().numpy()[None]  # [1, N, K]
+        stats: dict[str, list[float]] = {}
+        qt = _quantize(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=dev), 0.0), scheme,
+                       options, stats)
+        result.stats[full] = {**stats, "tokens": acc.n.tolist()}
+        qt = type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0])
+        if isinstance(scheme, Fp8) and scheme.activation == "static":
+            result.act_scales[full] = _static_scales(acc.amax, acc.n)
+        result.tensors.append(full, qt)
+        Wq[n] = torch.tensor(qt.dequantize(), device=dev)
+        _log_tensor(full, scheme, stats, options.method)
+    del W, accs
+
+    # pass 2, quantized weights (the next layer calibrates on what it will see)
+    if not la.is_moe:
+        return [x + _mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
+                (_attention_block(x, Wq, la, spec, inv_freq, _nop) for x in X)]
+    partial, routed2 = [], []  # per sample: x + attention + shared expert [T, H]; (h2, expert, score) of pass 2
+    for x in X:
+        x, h2 = _attention_block(x, Wq, la, spec, inv_freq, _nop)
+        partial.append(x + _mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
+        routed2.append((h2, *_route(h2, Wq)))
+    del Wq, X
+    _calibrate_experts(lazy, {n: s for n, s in plan.items() if n in experts}, options, la, routed1, routed2, partial,
+                       result, observer, dev)
+    return partial
+
+
+def _nop(*_: Any) -> None:
+    return None
+
+
+def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any, Any]]:
+    """(sample, expert, token rows, s·h2 of those rows) for every expert in [a, b) with tokens, sample by sample."""
+    import torch
+
+    for j, (h2, idx, s) in enumerate(routing):
+        xs = h2 * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
+        for e in torch.unique(idx).tolist():
+            if a <= e < b:
+                rows = (idx == e).nonzero(as_tuple=True)[0]
+                yield j, e, rows, xs[rows]
+
+
+def _calibrate_experts(lazy: dict, plan: dict[str, AnyScheme], options: CalibOptions, la: LayerSpec,
+                       routed1: list, routed2: list, partial: list, result: CalibResult,
+                       observer: Observer | None, dev) -> None:
+    """GPTQ the routed experts of one MoE layer in batches, and add their quantized outputs to ``partial``.
+
+    Memory holds one batch's weights and Hessians; nothing here is [E, K, K] or the whole [E, out, in]."""
+    import torch
+
+    num_e, inter, hidden = lazy[_GATE].shape
+    counts = np.zeros(num_e, np.int64)
+    for _, idx, _ in routed1:
+        counts += np.bincount(idx.cpu().numpy(), minlength=num_e)
+    total = int(counts.sum())
+    result.token_counts[la.index] = counts.tolist()
+    log.info("layer %d: tokens per expert %s", la.index, counts.tolist())
+    bsz = expert_batch_size(hidden, inter, options.expert_batch_bytes, num_e)
+    batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
+    log.info("layer %d: %d routed experts in %d batch(es) of up to %d", la.index, num_e, len(batches), bsz)
+    alpha = options.prior_tokens if num_e > 1 else 0.0
+
+    # The layer priors (module docstring), without per-expert stacks. gate/up: every routed token's s·h2
+    # feeds exactly one expert, so Σ_e H_e is Σ over all routed tokens of (s·h2)(s·h2)ᵀ, one [H, H].
+    prior_gu = prior_dn = None
+    if _GATE in plan or _UP in plan:
+        shared = torch.zeros(hidden, hidden, dtype=torch.float64, device=dev)
+        for h2, _, s in routed1:
+            xd = (h2 * s[:, None]).to(torch.float64)
+            shared += xd.T @ xd
+        prior_gu = _prior(hidden, total, dev, shared=shared)
+        del shared
+    if _DOWN in plan:
+        # down: each expert's intermediate features are its own, so the prior is mean-diag·I, the mean over routed
+        # experts of tr(H_e)/n_e/I. tr(H_e) = Σ_tokens |silu(G s h2) ⊙ (U s h2)|², which needs the float gate/up:
+        # a first, cheaper pass over the batches (weights only, no Hessians).
+        trace = np.zeros(num_e, np.float64)
+        for a, b in batches:
+            g = torch.tensor(lazy[_GATE].load(np.float32, experts=slice(a, b)), device=dev)  # [B, I, H]
+            u = torch.tensor(lazy[_UP].load(np.float32, experts=slice(a, b)), device=dev)
+            for _, e, _, xe in _routed_rows(routed1, a, b):
+                trace[e] += float(_expert_hidden(xe, g[e - a], u[e - a]).to(torch.float64).pow(2).sum())
+            del g, u
+        live = counts > 0
+        per_tok = torch.tensor(trace[live] / counts[live] / inter, dtype=torch.float64) if live.any() else None
+        prior_dn = _prior(inter, total, dev, per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
+
+    stats: dict[str, dict[str, list[float]]] = {n: {} for n in plan}
+    amax: dict[str, list[np.ndarray]] = {n: [] for n in plan}
+    for a, b in batches:
+        w = {n: torch.tensor(lazy[n].load(np.float32, experts=slice(a, b)), device=dev) for n in (_GATE, _UP, _DOWN)}
+        acc_gu = _Acc(b - a, hidden, dev, a) if prior_gu is not None else None
+        acc_dn = _Acc(b - a, inter, dev, a) if prior_dn is not None else None
+        if acc_gu is not None or acc_dn is not None or observer is not None:
+            for _, e, _, xe in _routed_rows(routed1, a, b):  # pass 1: the float experts' real inputs
+                if observer is not None:
+                    observer(f"model.layers.{la.index}.{_GATE}", e, xe)
+                if acc_gu is not None:
+                    acc_gu.add(e, xe)
+                if acc_dn is not None or observer is not None:
+                    me = _expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+                    if observer is not None:
+                        observer(f"model.layers.{la.index}.{_DOWN}", e, me)
+                    if acc_dn is not None:
+                        acc_dn.add(e, me)
+        for n in (_GATE, _UP, _DOWN):
+            if n not in plan:
+                continue
+            acc, prior = (acc_dn, prior_dn) if n == _DOWN else (acc_gu, prior_gu)
+            full = f"model.layers.{la.index}.{n}"
+            qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, alpha), plan[n], options, stats[n])
+            amax[n].append(acc.amax)
+            result.tensors.append(full, qt)
+            w[n] = torch.tensor(qt.dequantize(), device=dev)
+            del qt
+        del acc_gu, acc_dn
+        for j, e, rows, xe in _routed_rows(routed2, a, b):  # pass 2: quantized experts on the quantized layer's tokens
+            me = _expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+            partial[j][rows] = partial[j][rows] + me @ w[_DOWN][e - a].T
+        del w
+    for n, scheme in plan.items():
+        full = f"model.layers.{la.index}.{n}"
+        result.stats[full] = {**stats[n], "tokens": counts.tolist()}
+        if isinstance(scheme, Fp8) and scheme.activation == "static":
+            result.act_scales[full] = _static_scales(np.concatenate(amax[n]), counts)
+        _log_tensor(full, scheme, stats[n], options.method)
 
 
 def _global_tensors(ckpt: Checkpoint, recipe: Recipe, X: list, result: CalibResult, options: CalibOptions, dev) -> None:
@@ -447,8 +741,8 @@ def _global_tensors(ckpt: Checkpoint, recipe: Recipe, X: list, result: CalibResu
             norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=dev)
             for x in X:
                 acc.add(-1, _rms(x, norm, ckpt.spec.rms_norm_eps))
-            qt = gptq(w, acc.blended(0.0, True), scheme, options.damp)
-        result.tensors[name] = type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0])
+            qt = gptq(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=dev), 0.0), scheme, options.damp)
+        result.tensors.append(name, type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0]))
         result.stats[name] = {"weight_sqnr_rtn": sqnr_db(w, rtn.dequantize(), axis=(1, 2)).tolist(),
                               "weight_sqnr_calibrated": sqnr_db(w, qt.dequantize(), axis=(1, 2)).tolist()}
 
@@ -459,5 +753,5 @@ def quantize_rtn(name: str, w: np.ndarray, recipe: Recipe) -> QTensor | None:
     return None if scheme is None else scheme.quantize(w)
 
 
-__all__ = ["CalibOptions", "CalibResult", "calibrate", "gptq", "layer_forward", "quantize_rtn", "read_calibration",
-           "output_sqnr"]
+__all__ = ["CalibOptions", "CalibResult", "SpilledTensors", "calibrate", "expert_batch_size", "expert_bytes", "gptq",
+           "layer_forward", "quantize_rtn", "read_calibration", "output_sqnr"]
