@@ -87,7 +87,7 @@ def demo_checkpoint(out: Path, seed: int, force: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "mlx"]), default="onnx", show_default=True)
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 for cpu/mlx, float16 for cuda).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX execution provider.")
-@click.option("--quant", default=None, help="int4, fp8, or a RECIPE.toml file.")
+@click.option("--quant", default=None, help="int4, fp8, fp8-block (CUDA), or a RECIPE.toml file.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt lines or .jsonl 'text').")
 @click.option("--calib-samples", default=64, show_default=True, help="Calibration samples.")
 @click.option("--calib-seqlen", default=256, show_default=True, help="Tokens per calibration sample.")

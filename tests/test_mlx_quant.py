@@ -105,7 +105,8 @@ def test_int4_export_layout_and_config(quant_exports, name):
             assert wt.shape == (e, o, sc.shape[-1] * 64 * 4 // 32) and bi.shape == sc.shape  # per-expert scales
             assert q[p + "shared_expert." + proj]["bits"] == 4
     assert q["language_model.model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 8, "mode": "affine"}
-    assert q["language_model.lm_head"] is False and q["language_model.model.embed_tokens"] is False
+    assert q["language_model.lm_head"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+    assert q["language_model.model.embed_tokens"] is False
     assert all(v is False or (isinstance(v, dict) and None not in v.values()) for k, v in q.items() if "." in k)
 
 

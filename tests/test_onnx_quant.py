@@ -113,9 +113,10 @@ def test_int4_graph_has_qmoe_and_matmulnbits_and_no_float_moe(model, qexports, r
             assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["accuracy_level"] == 0
     info = json.loads((export / "l4export.json").read_text())
     assert info["quantization"] == "int4" and info["onnx"]["quant"]["nodes"]["QMoE"] == n_moe
-    # router, norms, embeddings and lm_head stay float
+    # router, norms and embeddings stay float; lm_head is int8 (MatMulNBits)
     floats = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert {"lm_head.weight", "model.embed_tokens.weight"} <= floats
+    assert "model.embed_tokens.weight" in floats and "lm_head.weight" not in floats
+    assert any(n.op_type == "MatMulNBits" and n.input[1].startswith("lm_head") for n in g.node)
 
 
 # ---- accuracy -------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def test_int4_preset_plan(scout):
     assert plan["model.layers.0.feed_forward.experts.gate_proj"] == Int(4, 64, True)
     assert plan["model.layers.0.feed_forward.shared_expert.down_proj.weight"] == Int(4, 64, True)
     assert plan["model.layers.0.self_attn.q_proj.weight"].bits == 8
-    for kept in ("model.layers.0.feed_forward.router.weight", "model.embed_tokens.weight", "lm_head.weight"):
+    assert plan["lm_head.weight"] == Int(8, 32, True)
+    for kept in ("model.layers.0.feed_forward.router.weight", "model.embed_tokens.weight"):
         assert kept not in plan
 
 

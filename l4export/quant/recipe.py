@@ -110,7 +110,7 @@ class Recipe:
             if routed and target == "cuda" and not s.block_size:
                 raise CapabilityError(
                     f"recipe {self.name}: {name} is per-channel FP8, which no CUDA MoE kernel runs (QMoE fp8 takes "
-                    f"square block scales); add block_size = 128 to the experts' fp8 rule, or use --target cpu"
+                    f"square block scales); use --quant fp8-block (or block_size = 128 in the experts' fp8 rule), or --target cpu"
                 )
             if s.activation != "static":
                 continue
@@ -153,24 +153,32 @@ def canonical_shapes(spec: Llama4Spec) -> dict[str, tuple[int, ...]]:
 
 
 # ---- presets ------------------------------------------------------------------------------------------
-_FLOAT_FIRST = (
+_ROUTER_NORMS_EMBED = (
     Rule("*.feed_forward.router.weight", None),  # routing decisions stay exact (every toolkit keeps it float)
     Rule("*norm.weight", None),
     Rule("model.embed_tokens.weight", None),
-    Rule("lm_head.weight", None),
 )
+_FLOAT_FIRST = _ROUTER_NORMS_EMBED + (Rule("lm_head.weight", None),)
 
 PRESETS: dict[str, Recipe] = {
-    # Routed and shared experts int4 (Meta int4_mixed covers both); attention and Maverick's dense MLPs int8.
-    "int4": Recipe("int4", _FLOAT_FIRST + (
+    # Routed and shared experts int4 g64 (Meta int4_mixed covers both); attention, Maverick's dense MLPs and
+    # lm_head int8. Why lm_head int8: Scout's float embed + lm_head are 1.9% of its bf16 bytes (3.8% in an fp32
+    # graph), enough to push the export past 0.3x bf16 (size.py: 0.303x MLX, 0.308x ONNX fp32); llama.cpp's
+    # Q4_K_M keeps output.weight at 6 bits, mlx-lm quantizes it to 4. The input embedding stays float (a lookup).
+    "int4": Recipe("int4", _ROUTER_NORMS_EMBED + (
         Rule("*.feed_forward.experts.*", Int(bits=4, group_size=64, symmetric=True)),
         Rule("*.feed_forward.shared_expert.*", Int(bits=4, group_size=64, symmetric=True)),
         Rule("*.self_attn.*_proj.weight", Int(bits=8, group_size=32, symmetric=True)),
         Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", Int(bits=8, group_size=32, symmetric=True)),
+        Rule("lm_head.weight", Int(bits=8, group_size=32, symmetric=True)),
     )),
     # Routed experts only, per expert per output channel (Meta fp8_mixed); the rest float.
     "fp8": Recipe("fp8", _FLOAT_FIRST + (
         Rule("*.feed_forward.experts.*", Fp8()),
+    )),
+    # Routed experts FP8 in 128x128 tiles (DeepSeek-V3 / Qwen3 FP8 layout): what ORT's CUDA QMoE fp8 runs.
+    "fp8-block": Recipe("fp8-block", _FLOAT_FIRST + (
+        Rule("*.feed_forward.experts.*", Fp8(block_size=128)),
     )),
 }
 
