@@ -221,6 +221,7 @@ def test_calibrated_export_and_report(scout, quant_exports, refs, tmp_path):
                       "--calib-samples", "16", "--calib-seqlen", "32")
     report = json.loads((out / "quant_report.json").read_text())
     assert report["calibration"]["samples"] == 16 and report["calibration"]["tokens"] == 16 * 32
+    assert not list(out.glob("l4export-calib-*")) and not list(out.parent.glob(".*"))  # spilled codes are gone
     for png in report["plots"]:
         assert (out / png).stat().st_size > 0
     cfg = json.loads((out / "config.json").read_text())

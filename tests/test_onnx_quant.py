@@ -225,6 +225,7 @@ def test_calibrated_int4_export_writes_report_and_runs(scout, tmp_path):
         assert (out / f).is_file(), f
     report = json.loads((out / "quant_report.json").read_text())
     assert report["calibration"]["samples"] == 4
+    assert not list(out.glob("l4export-calib-*")) and not list(out.parent.glob(".*"))  # spilled codes are gone
     info = json.loads((out / "l4export.json").read_text())
     assert info["onnx"]["quant"]["calibrated"] is True
     rt, ref = load_runtime(out), ReferenceRunner(scout)

@@ -230,10 +230,11 @@ def export_mlx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
         recipe = mlx_recipe(options.quant)
         plan = recipe.validate(shapes)
         if options.calib is not None:
-            from ..quant.calibrate import calibrate
+            from ..quant.calibrate import calibrate, spill_next_to
             from ..quant.report import write_report
 
-            result = calibrate(ckpt, recipe, options.calib)  # one layer at a time; GPTQ per expert
+            # one layer at a time; GPTQ per expert; calibrated codes spill next to the output until written
+            result = calibrate(ckpt, recipe, spill_next_to(options.calib, out))
             calibrated = {n: qt for n, qt in result.tensors.items() if n in plan}
             write_report(out, result, shapes, recipe.name, float_bytes=dtype.itemsize)
             extra["calibration"] = {"samples": result.samples, "tokens": result.tokens, "method": options.calib.method}
@@ -258,6 +259,8 @@ def export_mlx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
         log.debug("wrote %s (%d/%d)", name, done, len(pending))
 
     shards = write_sharded(out, pending, options.max_shard_bytes, metadata={"format": "mlx"}, on_tensor=progress)
+    if options.quant is not None and options.calib is not None:
+        result.close()  # the spilled codes are in the shards now
     log.info("MLX export: %d tensors in %d shard(s), %s", len(pending), len(shards), options.dtype)
     if options.dtype != "float32":
         log.info("note: mlx on a CPU runs Llama 4's expert matmuls (GatherMM) in float32 only; "

@@ -380,9 +380,11 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
         recipe.validate({n: t.shape for n, t in ckpt.tensors.items()})
         recipe.check_target("onnx", options.target, names=list(ckpt.tensors), calibrated=options.calib is not None)
         if options.calib is not None:
-            from ..quant.calibrate import calibrate
+            from ..quant.calibrate import calibrate, spill_next_to
 
-            calib = calibrate(ckpt, recipe, options.calib)  # one decoder layer in memory at a time
+            # one decoder layer in memory at a time; calibrated codes spill next to the output (same disk, not a
+            # tmpfs $TMPDIR) and go when written
+            calib = calibrate(ckpt, recipe, spill_next_to(options.calib, out))
     builder = DecoderBuilder(ckpt, options.dtype, options.target, recipe, None if calib is None else calib.tensors,
                              None if calib is None else calib.act_scales)
     model = builder.build()
@@ -402,4 +404,5 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
             from ..quant.report import write_report
 
             write_report(out, calib, {n: tuple(t.shape) for n, t in ckpt.tensors.items()}, recipe.name)
+            calib.close()
     return {"onnx": info}

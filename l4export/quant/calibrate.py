@@ -41,7 +41,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,6 +95,12 @@ class CalibResult:
         """Remove the spilled tensors' folder now (it also goes when this result is garbage collected)."""
         if isinstance(self.tensors, SpilledTensors):
             self.tensors.close()
+
+
+def spill_next_to(options: "CalibOptions", out: Path) -> "CalibOptions":
+    """``options`` spilling into ``out`` (an export's temporary folder) unless a spill folder was chosen: the
+    spilled codes (one byte per weight) then sit on the output's disk, not in a possibly RAM-backed $TMPDIR."""
+    return options if options.spill_dir is not None else replace(options, spill_dir=Path(out))
 
 
 # ---- calibration data -----------------------------------------------------------------------------------
@@ -753,5 +759,5 @@ def quantize_rtn(name: str, w: np.ndarray, recipe: Recipe) -> QTensor | None:
     return None if scheme is None else scheme.quantize(w)
 
 
-__all__ = ["CalibOptions", "CalibResult", "SpilledTensors", "calibrate", "expert_batch_size", "expert_bytes", "gptq",
+__all__ = ["CalibOptions", "CalibResult", "SpilledTensors", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes", "gptq",
            "layer_forward", "quantize_rtn", "read_calibration", "output_sqnr"]
