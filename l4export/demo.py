@@ -128,7 +128,9 @@ def write_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -
         if name.endswith("layernorm.weight") or name == "model.norm.weight":
             arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
-            arrays[name] = (0.08 * rng.standard_normal(shape)).astype(np.float32)
+            # 0.04: at larger scales these random weights route on knife-edge margins, so any quantization flips
+            # experts and verify measures chaos, not quantization error (tests/conftest.py QUANT says the same)
+            arrays[name] = (0.04 * rng.standard_normal(shape)).astype(np.float32)
     # Store experts as HF does: gate_up_proj [E, H, 2I] and down_proj [E, I, H], input-major.
     stored: dict[str, np.ndarray] = {}
     for name, arr in arrays.items():
