@@ -31,14 +31,21 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: build(root / name, **kw) for name, kw in CASES.items()}
 
 
-@pytest.fixture(scope="session")
-def scout(tiny_checkpoints) -> Path:
-    return tiny_checkpoints["scout_hub"]
+def _shaped(request, shape: str) -> Path:
+    """A module that sets ``QUANT_FIXTURES = True`` gets the quantization checkpoints (QUANT below)."""
+    if getattr(request.module, "QUANT_FIXTURES", False):
+        return request.getfixturevalue("quant_checkpoints")[shape]
+    return request.getfixturevalue("tiny_checkpoints")[f"{shape}_hub"]
 
 
-@pytest.fixture(scope="session")
-def maverick(tiny_checkpoints) -> Path:
-    return tiny_checkpoints["maverick_hub"]
+@pytest.fixture(scope="module")
+def scout(request) -> Path:
+    return _shaped(request, "scout")
+
+
+@pytest.fixture(scope="module")
+def maverick(request) -> Path:
+    return _shaped(request, "maverick")
 
 
 # Quantization fixtures. Group 64 (the int4 preset) must divide the expert width, so experts are 64 wide.

@@ -25,16 +25,7 @@ from l4export.cli import main  # noqa: E402
 from l4export.runtimes.mlx import MlxRuntime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner  # noqa: E402
 
-
-# The quantization checkpoints stand in for ``scout``/``maverick`` in this module (conftest.QUANT).
-@pytest.fixture(scope="module")
-def scout(quant_checkpoints):
-    return quant_checkpoints["scout"]
-
-
-@pytest.fixture(scope="module")
-def maverick(quant_checkpoints):
-    return quant_checkpoints["maverick"]
+QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 log = logging.getLogger(__name__)
 

@@ -34,15 +34,7 @@ from l4export.verify import THRESHOLDS, compare, default_prompts  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-
-@pytest.fixture(scope="module")
-def scout(quant_checkpoints):
-    return quant_checkpoints["scout"]
-
-
-@pytest.fixture(scope="module")
-def maverick(quant_checkpoints):
-    return quant_checkpoints["maverick"]
+QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 
 # The fixtures are 64 wide (hidden and expert width), so tiles of 32 stand in for the real models' 128.

@@ -19,16 +19,7 @@ from l4export.quant.report import write_report  # noqa: E402
 from l4export.quant.schemes import Int  # noqa: E402
 from l4export.runtimes.reference import load_reference  # noqa: E402
 
-
-# The quantization checkpoints stand in for ``scout``/``maverick`` in this module (conftest.QUANT).
-@pytest.fixture(scope="module")
-def scout(quant_checkpoints):
-    return quant_checkpoints["scout"]
-
-
-@pytest.fixture(scope="module")
-def maverick(quant_checkpoints):
-    return quant_checkpoints["maverick"]
+QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 IDS = [np.random.default_rng(i).integers(4, 300, size=20) for i in range(6)]  # 20 > chunk 8: chunking is exercised
 

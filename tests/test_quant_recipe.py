@@ -9,16 +9,7 @@ from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes, load_
 from l4export.quant.schemes import Fp8, Int, MxFp8
 from l4export.spec import load_spec
 
-
-# The quantization checkpoints stand in for ``scout``/``maverick`` in this module (conftest.QUANT).
-@pytest.fixture(scope="module")
-def scout(quant_checkpoints):
-    return quant_checkpoints["scout"]
-
-
-@pytest.fixture(scope="module")
-def maverick(quant_checkpoints):
-    return quant_checkpoints["maverick"]
+QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 
 def test_first_match_wins():

@@ -17,27 +17,9 @@ import numpy as np
 
 from .calibrate import CalibResult
 from .schemes import QTensor
+from .size import component
 
 log = logging.getLogger(__name__)
-
-
-def component(name: str) -> str:
-    """Which part of the model a canonical tensor belongs to."""
-    if ".experts." in name:
-        return "routed experts"
-    if ".shared_expert." in name:
-        return "shared expert"
-    if ".router." in name:
-        return "router"
-    if ".self_attn." in name:
-        return "attention"
-    if ".feed_forward." in name:
-        return "dense mlp"
-    if "embed_tokens" in name:
-        return "embeddings"
-    if name.startswith("lm_head"):
-        return "lm_head"
-    return "norms"
 
 
 def size_by_component(shapes: Mapping[str, tuple[int, ...]], quantized: Mapping[str, QTensor],
