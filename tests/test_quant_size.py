@@ -21,16 +21,7 @@ from l4export.quant.schemes import Fp8, Int, MxFp8  # noqa: E402
 from l4export.quant.size import COMPONENTS, bf16_bytes, export_tensor_bytes, plan_bytes  # noqa: E402
 from l4export.spec import load_spec, spec_from_config  # noqa: E402
 
-
-# The quantization checkpoints stand in for ``scout``/``maverick`` in this module (conftest.QUANT).
-@pytest.fixture(scope="module")
-def scout(quant_checkpoints):
-    return quant_checkpoints["scout"]
-
-
-@pytest.fixture(scope="module")
-def maverick(quant_checkpoints):
-    return quant_checkpoints["maverick"]
+QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 
 CASES = [  # (format, dtype, recipe): ONNX fp32 and fp16 graphs, MLX bf16; int4 and fp8 presets; one float

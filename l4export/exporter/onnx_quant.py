@@ -215,8 +215,6 @@ class QuantLowering:
 
     def experts(self, x: ir.Value, probs: ir.Value, pre: str, scheme: AnyScheme) -> ir.Value:
         """The routed experts of MoE layer ``pre`` on pre-scaled ``x`` [T, H] with the fp32 choice ``probs`` [T, E]."""
-        from . import onnx_contrib
-
         g, sdt = self.g, self.b.np_dtype
         gate_n, up_n, down_n = (f"{pre}.experts.{n}" for n in EXPERTS)
         e, i, h = self.b.ckpt[gate_n].shape
