@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, WORK, machine, measure, save, table  # noqa: E402
+from common import WORK, machine, measure, save, table  # noqa: E402
 
 from l4export.demo import BOS, EOS, EOT, PAD, SPECIALS, byte_tokenizer_json  # noqa: E402
 
@@ -359,31 +358,18 @@ def gptq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme) -> dict[str, np
 def fake_quant_model(ckpt_path: Path, experts: dict[str, np.ndarray]):
     """transformers float32 with the given routed experts, and RTN (preset schemes) for every other tensor the
     int4 preset quantizes (shared expert, attention)."""
-    import torch
-
     from l4export.checkpoint import Checkpoint
     from l4export.quant.recipe import PRESETS
-    from l4export.runtimes.reference import load_reference
+    from l4export.runtimes.reference import load_reference, set_canonical_weight
 
     recipe = PRESETS["int4"]
     model = load_reference(ckpt_path)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in Checkpoint(ckpt_path).tensors.items():
-            scheme = recipe.scheme_for(name)
-            if scheme is None:
-                continue
-            if ".experts." not in name:
-                params[name].copy_(torch.from_numpy(scheme.rtn(t.load(np.float32))))
-                continue
-            fq = torch.from_numpy(experts[name])
-            pre, which = name.rsplit(".", 1)
-            if which == "down_proj":  # HF [E, I, H] <- canonical [E, H, I]
-                params[f"{pre}.down_proj"].copy_(fq.transpose(1, 2))
-            else:  # HF gate_up_proj [E, H, 2I] (gate = [..., :I]) <- canonical [E, I, H]
-                i = fq.shape[1]
-                sl = slice(0, i) if which == "gate_proj" else slice(i, 2 * i)
-                params[f"{pre}.gate_up_proj"][:, :, sl].copy_(fq.transpose(1, 2))
+    for name, t in Checkpoint(ckpt_path).tensors.items():
+        scheme = recipe.scheme_for(name)
+        if scheme is None:
+            continue
+        w = experts[name] if ".experts." in name else scheme.rtn(t.load(np.float32))
+        set_canonical_weight(model, name, w)
     return model
 
 

@@ -29,7 +29,7 @@ from l4export.quant.pack import to_matmul_fp8, to_qmoe_fp8  # noqa: E402
 from l4export.quant.recipe import PRESETS, Recipe, Rule, load_recipe  # noqa: E402
 from l4export.quant.schemes import FP8, Fp8  # noqa: E402
 from l4export.runtimes import load_runtime  # noqa: E402
-from l4export.runtimes.reference import ReferenceRunner  # noqa: E402
+from l4export.runtimes.reference import ReferenceRunner, set_canonical_weight  # noqa: E402
 from l4export.verify import THRESHOLDS, compare, default_prompts  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,6 @@ def _emulation(src: Path, recipe: Recipe, calib_file: Path) -> tuple[ReferenceRu
     (its own scale) and the routed experts' input (max over experts of the gate/up scales)."""
     result = calibrate(Checkpoint(src), recipe, _calib(calib_file))
     ref = ReferenceRunner(src)
-    params = dict(ref.model.named_parameters())
     modules = dict(ref.model.named_modules())
 
     def fake_quant(s: float):
@@ -235,19 +234,8 @@ def _emulation(src: Path, recipe: Recipe, calib_file: Path) -> tuple[ReferenceRu
             return (q.to(x.dtype),) + tuple(args[1:])
         return hook
 
-    with torch.no_grad():
-        for name, qt in result.tensors.items():
-            fq = torch.from_numpy(qt.dequantize())
-            if ".experts." not in name:
-                params[name].copy_(fq)
-                continue
-            pre, which = name.rsplit(".", 1)
-            if which == "down_proj":  # HF [E, I, H] <- canonical [E, H, I]
-                params[f"{pre}.down_proj"].copy_(fq.transpose(1, 2))
-            else:  # HF gate_up_proj [E, H, 2I] <- canonical gate/up [E, I, H]
-                i = fq.shape[1]
-                sl = slice(0, i) if which == "gate_proj" else slice(i, 2 * i)
-                params[f"{pre}.gate_up_proj"][:, :, sl].copy_(fq.transpose(1, 2))
+    for name, qt in result.tensors.items():
+        set_canonical_weight(ref.model, name, qt.dequantize())
     for name, scales in result.act_scales.items():
         if name.endswith("experts.down_proj") or name.endswith("experts.up_proj"):
             continue  # down: inside the fused op, not applied; up: same input as gate
@@ -312,22 +300,9 @@ def test_block_fp8_cpu_export_equals_transformers_on_the_same_weights(root, scou
     out = _export(scout, root / "block_cpu", _recipe_file(root, "fp8-block"))
     recipe = load_recipe(str(_recipe_file(root, "fp8-block")))
     ref = ReferenceRunner(scout)
-    params = dict(ref.model.named_parameters())
-    with torch.no_grad():
-        for name, t in Checkpoint(scout).tensors.items():
-            if (scheme := recipe.scheme_for(name)) is None:
-                continue
-            fq = torch.from_numpy(scheme.rtn(t.load(np.float32)))
-            if ".experts." not in name:
-                params[name].copy_(fq)
-                continue
-            pre, which = name.rsplit(".", 1)
-            if which == "down_proj":
-                params[f"{pre}.down_proj"].copy_(fq.transpose(1, 2))
-            else:
-                i = fq.shape[1]
-                sl = slice(0, i) if which == "gate_proj" else slice(i, 2 * i)
-                params[f"{pre}.gate_up_proj"][:, :, sl].copy_(fq.transpose(1, 2))
+    for name, t in Checkpoint(scout).tensors.items():
+        if (scheme := recipe.scheme_for(name)) is not None:
+            set_canonical_weight(ref.model, name, scheme.rtn(t.load(np.float32)))
     rt = load_runtime(out)
     ids = default_prompts(rt.spec)[2][1]
     got, want = rt.logits(ids), ref.logits(ids)

@@ -26,7 +26,7 @@ from l4export.cli import main  # noqa: E402
 from l4export.convert import ExportOptions, convert  # noqa: E402
 from l4export.quant.recipe import load_recipe  # noqa: E402
 from l4export.runtimes import load_runtime  # noqa: E402
-from l4export.runtimes.reference import ReferenceRunner  # noqa: E402
+from l4export.runtimes.reference import ReferenceRunner, set_canonical_weight  # noqa: E402
 from l4export.verify import compare, default_prompts  # noqa: E402
 
 QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
@@ -63,23 +63,9 @@ def _fake_quant_reference(src: Path, recipe_name: str) -> ReferenceRunner:
     recipe = load_recipe(recipe_name)
     ckpt = Checkpoint(src)
     ref = ReferenceRunner(src)
-    params = dict(ref.model.named_parameters())
-    with torch.no_grad():
-        for name, t in ckpt.tensors.items():
-            scheme = recipe.scheme_for(name)
-            if scheme is None:
-                continue
-            fq = torch.from_numpy(scheme.rtn(t.load(np.float32)))
-            if ".experts." not in name:
-                params[name].copy_(fq)
-                continue
-            pre, which = name.rsplit(".", 1)
-            if which == "down_proj":  # HF [E, I, H] <- canonical [E, H, I]
-                params[f"{pre}.down_proj"].copy_(fq.transpose(1, 2))
-            else:  # HF gate_up_proj [E, H, 2I] <- canonical gate/up [E, I, H]
-                i = fq.shape[1]
-                sl = slice(0, i) if which == "gate_proj" else slice(i, 2 * i)
-                params[f"{pre}.gate_up_proj"][:, :, sl].copy_(fq.transpose(1, 2))
+    for name, t in ckpt.tensors.items():
+        if (scheme := recipe.scheme_for(name)) is not None:
+            set_canonical_weight(ref.model, name, scheme.rtn(t.load(np.float32)))
     return ref
 
 

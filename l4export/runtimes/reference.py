@@ -52,6 +52,26 @@ def load_reference(path: str | Path, dtype: str = "float32"):
     return model.to(getattr(torch, dtype)).eval()
 
 
+def set_canonical_weight(model, name: str, weight: np.ndarray) -> None:
+    """Overwrite one parameter of a ``load_reference`` model with a tensor in canonical layout (names.py), e.g. a
+    dequantized weight. Stacked experts are ``[E, out, in]`` canonically; transformers fuses them input-major:
+    ``gate_up_proj [E, H, 2I]`` (gate = ``[..., :I]``) and ``down_proj [E, I, H]``."""
+    torch, _ = _require()
+    params = dict(model.named_parameters())
+    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    with torch.no_grad():
+        if ".experts." not in name:
+            params[name].copy_(w)
+            return
+        pre, which = name.rsplit(".", 1)
+        if which == "down_proj":
+            params[f"{pre}.down_proj"].copy_(w.transpose(1, 2))
+        else:
+            i = w.shape[1]
+            cols = slice(0, i) if which == "gate_proj" else slice(i, 2 * i)
+            params[f"{pre}.gate_up_proj"][:, :, cols].copy_(w.transpose(1, 2))
+
+
 class ReferenceRunner:
     """Logits and greedy tokens from transformers, as numpy."""
 
