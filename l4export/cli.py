@@ -47,26 +47,47 @@ def main(verbose: int) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--check", is_flag=True, help="Read every tensor; report non-finite values (exit 1 if any).")
-def inspect(checkpoint: Path, as_json: bool, check: bool) -> None:
-    """Describe a Llama 4 checkpoint: layers, experts, attention pattern, sizes, parameter counts."""
+@click.option("--format", "fmt", type=click.Choice(["onnx", "mlx"]), default=None, help="Dry run: plan this export.")
+@click.option("--quant", default=None, help="Dry run: plan this recipe (int4, fp8, fp8-block or RECIPE.toml).")
+@click.option("--dtype", default=None, help="Dry run: compute dtype (default as convert).")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Dry run: ONNX provider.")
+def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant: str | None, dtype: str | None,
+            target: str) -> None:
+    """Describe a Llama 4 checkpoint: layers, experts, attention pattern, sizes, parameter counts.
+
+    With --format or --quant, also the dry run of that convert: its planned bytes per component."""
     from .checkpoint import Checkpoint
     from .inspect import check as check_tensors
-    from .inspect import format_table, summarize
+    from .inspect import format_plan, format_table, plan_summary, summarize
 
     ckpt = Checkpoint(checkpoint)
     info = summarize(ckpt)
+    if fmt is not None or quant is not None:
+        from .plan import make_plan
+        from .quant.recipe import load_recipe
+
+        fmt = fmt or "onnx"
+        dtype = dtype or _default_dtype(fmt, target)
+        recipe = None if quant is None else load_recipe(quant)
+        info["plan"] = plan_summary(make_plan(ckpt.spec, fmt, dtype, target, recipe, calibrated=True))  # type: ignore[arg-type]
     if check:
         info["check"] = check_tensors(ckpt, progress=not as_json)
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
         click.echo(format_table(info))
+        if "plan" in info:
+            click.echo(format_plan(info["plan"]))
         if check:
             bad = info["check"]["non_finite"]
             click.echo(f"check: {info['check']['tensors_checked']} tensors read, "
                        + (f"{len(bad)} with non-finite values: {', '.join(list(bad)[:5])}" if bad else "all finite"))
     if check and info["check"]["non_finite"]:
         raise click.exceptions.Exit(1)
+
+
+def _default_dtype(fmt: str, target: str) -> str:
+    return "float16" if (fmt == "onnx" and target == "cuda") else "float32"
 
 
 @main.command("demo-checkpoint")
@@ -99,7 +120,7 @@ def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: st
     from .convert import convert as run_convert
 
     if dtype is None:
-        dtype = "float16" if (fmt == "onnx" and target == "cuda") else "float32"
+        dtype = _default_dtype(fmt, target)
     options = ExportOptions(format=fmt, dtype=dtype, target=target)  # type: ignore[arg-type]
     if quant is not None:
         from .quant.recipe import load_recipe

@@ -1,36 +1,35 @@
 """``l4export convert``: checkpoint in, ONNX or MLX export out, written atomically.
 
-This module owns what both formats share: checking the request before any weight is read, the temporary
-output folder, tokenizer files, and ``l4export.json`` (what the runtimes read to know what they hold).
+Data flows one way: plan, read, lower, write.
+
+    Checkpoint(path)          headers only: the spec and the canonical lazy tensors (names.py)
+    make_plan(spec, ...)      every refusal, before any weight is read (plan.py)
+    calibrate(...)            once, when --calib is given: GPTQ tensors spilled to disk (quant/calibrate.py)
+    export_<format>(...)      streams each tensor from the checkpoint into the temporary output folder
+    l4export.json             what the runtimes read to know what they hold
+
 Each format's writer lives in ``exporter/`` and has the signature::
 
-    export_<format>(ckpt: Checkpoint, out: Path, options: ExportOptions) -> dict   # extra metadata
+    export_<format>(ckpt, out, plan, options, calib) -> dict   # extra l4export.json metadata
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .checkpoint import Checkpoint
-from .errors import CapabilityError, UsageError
+from .errors import UsageError
 from .outputs import atomic_output_dir, copy_files
+from .plan import ExportPlan, check_dtype, make_plan
 from .runtimes.base import EXPORT_INFO
 
 log = logging.getLogger(__name__)
 
 Format = Literal["onnx", "mlx"]
-DTYPES = ("float32", "float16", "bfloat16")
-
-# Which (format, target) pairs can run which compute dtypes. One row per pair; adding a target is a row.
-SUPPORTED: dict[tuple[str, str], tuple[str, ...]] = {
-    ("onnx", "cpu"): ("float32", "float16"),  # ORT CPU MoE/QMoE: fp32 and fp16 only (no bf16 kernels)
-    ("onnx", "cuda"): ("float16", "bfloat16"),  # ORT CUDA MoE/QMoE: fp16/bf16 only (no fp32)
-    ("mlx", "any"): ("float32", "float16", "bfloat16"),
-}
 
 
 @dataclass
@@ -41,35 +40,27 @@ class ExportOptions:
     quant: Any = None  # a quant.recipe.Recipe, or None for float
     calib: Any = None  # a quant.calibrate.CalibOptions, or None
     max_shard_bytes: int = 2 * 1024**3
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_request(options: ExportOptions) -> None:
-    """Refuse an impossible request before any weight is read."""
-    if options.dtype not in DTYPES:
-        raise UsageError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
-    key = (options.format, options.target if options.format == "onnx" else "any")
-    if key not in SUPPORTED:
-        raise UsageError(f"--target {options.target!r} is not supported for --format {options.format}; use cpu or cuda")
-    ok = SUPPORTED[key]
-    if options.dtype not in ok:
-        raise CapabilityError(
-            f"--dtype {options.dtype} cannot run on {options.format} target {options.target}; use --dtype {' or '.join(ok)}"
-        )
+def plan_export(ckpt: Checkpoint, options: ExportOptions) -> ExportPlan:
+    """The export plan of ``options`` for ``ckpt``: raises before any weight is read if it cannot be done."""
+    return make_plan(ckpt.spec, options.format, options.dtype, options.target, options.quant,
+                     calibrated=options.calib is not None)
+
+
+def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: Path):
+    """GPTQ (or RTN statistics) for the plan's recipe; calibrated codes spill into the output's temporary folder
+    (the output's disk, not a possibly RAM-backed $TMPDIR) and go when the export is written."""
+    from .quant.calibrate import calibrate, spill_next_to
+
+    return calibrate(ckpt, plan.recipe, spill_next_to(options.calib, tmp))
 
 
 def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, force: bool = False) -> Path:
     """Convert a checkpoint folder to an export folder; returns the output path."""
-    check_request(options)
+    check_dtype(options.format, options.dtype, options.target)
     ckpt = Checkpoint(checkpoint)
-    if ckpt.spec.top_k != 1:
-        raise CapabilityError(
-            f"{checkpoint}: num_experts_per_tok={ckpt.spec.top_k}; l4export exports top-1 routing only (Scout, Maverick)"
-        )
-    if options.quant is not None:  # a bad recipe fails here, before any weight is read or anything written
-        options.quant.validate(ckpt.spec)
-        options.quant.check_target(options.format, options.target, names=list(ckpt.tensors),
-                                   calibrated=options.calib is not None)
+    plan = plan_export(ckpt, options)  # a bad recipe fails here, before any weight is read or anything written
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise UsageError(f"{out}: the output folder must not be the checkpoint folder")
@@ -78,7 +69,12 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
     else:
         from .exporter.mlx import export_mlx as writer
     with atomic_output_dir(out, force=force) as tmp:
-        extra = writer(ckpt, tmp, options) or {}
+        calib = _calibrate(ckpt, plan, options, tmp) if options.calib is not None else None
+        try:
+            extra = writer(ckpt, tmp, plan, options, calib) or {}
+        finally:
+            if calib is not None:
+                calib.close()  # the spilled codes are in the export now (or the export failed)
         tokenizer = copy_files(ckpt.tokenizer_files(), tmp)
         info = {
             "format": options.format,
@@ -93,7 +89,3 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
     log.info("wrote %s", out)
     return out
-
-
-def options_dict(options: ExportOptions) -> dict[str, Any]:
-    return {k: v for k, v in asdict(options).items() if k not in ("quant", "calib")}

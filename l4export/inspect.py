@@ -9,28 +9,48 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
+from .errors import L4ExportError
+from .plan import ExportPlan, make_plan
+from .spec import Llama4Spec
 
 log = logging.getLogger(__name__)
 
-# Bytes per parameter of the export formats, for the size estimates. int4: 4-bit values plus an fp16 scale per
-# group of 32 (routed and shared experts), 8-bit attention (plus its scales), the rest fp16. fp8: routed experts in
-# e4m3 with a per-channel scale, the rest fp16.
-_INT4 = 0.5 + 2 / 32
-_INT8 = 1 + 2 / 32
+# The planned sizes inspect lists (plan.make_plan; exact, not estimated): format, dtype, preset.
+SIZE_ROWS = (("onnx", "float32", None), ("onnx", "float16", None), ("mlx", "bfloat16", None),
+             ("onnx", "float32", "int4"), ("mlx", "bfloat16", "int4"), ("onnx", "float32", "fp8"))
 
 
-def estimate_sizes(ckpt: Checkpoint) -> dict[str, int]:
-    s = ckpt.spec
-    h, i = s.hidden_size, s.intermediate_size
-    routed = sum(3 * s.num_experts * h * i for la in s.layers if la.is_moe)
-    shared = sum(3 * h * i for la in s.layers if la.is_moe)
-    attn = sum(2 * h * s.q_size + 2 * h * s.kv_size for _ in s.layers)
-    rest = s.total_params - routed - shared - attn
-    return {
-        "float16": 2 * s.total_params,
-        "int4": int(_INT4 * (routed + shared) + _INT8 * attn + 2 * rest),
-        "fp8": int(1 * routed + 2 * (s.total_params - routed)),
-    }
+def planned_sizes(spec: Llama4Spec) -> dict[str, int | str]:
+    """Exact weight bytes of the common exports (the size plan), or why one cannot be made."""
+    from .quant.recipe import PRESETS
+
+    out: dict[str, int | str] = {}
+    for fmt, dtype, preset in SIZE_ROWS:
+        key = f"{fmt} {preset or dtype}" + (f" ({dtype})" if preset else "")
+        try:
+            out[key] = make_plan(spec, fmt, dtype, "cpu", PRESETS[preset] if preset else None, calibrated=True).total
+        except L4ExportError as e:
+            out[key] = f"n/a: {e}"
+    return out
+
+
+def plan_summary(plan: ExportPlan) -> dict[str, Any]:
+    """The dry run of one convert: bytes per component and in total, against every parameter in bf16."""
+    bf16 = 2 * plan.spec.total_params
+    return {"format": plan.format, "dtype": plan.dtype, "target": plan.target,
+            "recipe": None if plan.recipe is None else plan.recipe.name, "bytes_by_component": plan.by_component,
+            "total_bytes": plan.total, "ratio_to_bf16": round(plan.total / bf16, 4),
+            "quantized_tensors": len(plan.quantized)}
+
+
+def format_plan(info: dict[str, Any]) -> str:
+    head = (f"plan: --format {info['format']} --dtype {info['dtype']}"
+            + (f" --target {info['target']}" if info["format"] == "onnx" else "")
+            + (f" --quant {info['recipe']}" if info["recipe"] else ""))
+    rows = [(k, human(v)) for k, v in info["bytes_by_component"].items() if v]
+    rows.append(("total", f"{human(info['total_bytes'])}  ({info['ratio_to_bf16']:.4f}x bf16)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
 def pattern(flags: list[bool], yes: str, no: str) -> str:
@@ -69,7 +89,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "ignored_tensors": len(ckpt.ignored),
         "total_params": s.total_params,
         "active_params": s.active_params,
-        "estimated_bytes": estimate_sizes(ckpt),
+        "planned_bytes": planned_sizes(s),
     }
 
 
@@ -117,7 +137,7 @@ def format_table(info: dict[str, Any]) -> str:
         ("files / on disk", f"{info['files']} / {human(info['bytes_on_disk'])}"
          + (f" ({info['ignored_tensors']} vision/projector tensors set aside)" if info["ignored_tensors"] else "")),
         ("parameters (text)", f"{info['total_params']:,} total, {info['active_params']:,} active per token"),
-        ("estimated export", "  ".join(f"{k} {human(v)}" for k, v in info["estimated_bytes"].items())),
     ]
+    rows += [(f"export {k}", human(v) if isinstance(v, int) else v) for k, v in info["planned_bytes"].items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -206,7 +206,7 @@ def test_static_lm_head_is_refused(scout, tmp_path, calib_file):
 
 
 def test_block_fp8_on_mlx_becomes_mxfp8():
-    from l4export.exporter.mlx import mlx_recipe
+    from l4export.plan import mlx_recipe
     from l4export.quant.schemes import MxFp8
 
     r = mlx_recipe(Recipe("b", (Rule("*.experts.*", Fp8(block_size=128)),)))

@@ -59,8 +59,27 @@ def test_asymmetric_int_and_mxfp8_plans_equal_exports(scout, tmp_path):
     assert plan_bytes(spec, mx, "mlx", "bfloat16").total == export_tensor_bytes(out)
     with pytest.raises(CapabilityError):
         plan_bytes(spec, mx, "onnx", "float32")
-    with pytest.raises(ValueError, match="per-channel dynamic FP8 only"):  # static scales: not planned (docs/fp8.md)
-        plan_bytes(spec, Recipe("st", (Rule("*.self_attn.q_proj.weight", Fp8(activation="static")),)), "onnx", "float32")
+
+
+def test_block_and_static_fp8_plans_equal_exports(scout, tmp_path):
+    """Square-block FP8 (CPU: tiles; CUDA: QMoE fp8 tiles and MatMulBlockQuantizedFp8Weight's per-row b_scale) and
+    static activation scales (one 4-byte input scale per applied linear, one per MoE layer)."""
+    from l4export.quant.calibrate import CalibOptions
+
+    spec = load_spec(scout)
+    floats = (Rule("*.feed_forward.router.weight", None), Rule("*norm.weight", None), Rule("model.embed_tokens.weight", None))
+    block = Recipe("blk", floats + (Rule("*.feed_forward.experts.*", Fp8(block_size=32)),
+                                    Rule("*.self_attn.*_proj.weight", Fp8(block_size=32))))
+    for target, dtype in (("cpu", "float32"), ("cuda", "float16")):
+        out = convert(scout, tmp_path / f"blk-{target}", ExportOptions(format="onnx", dtype=dtype, target=target, quant=block))
+        assert plan_bytes(spec, block, "onnx", dtype, target).total == export_tensor_bytes(out), target
+    static = Recipe("st", floats + (Rule("*.feed_forward.experts.*", Fp8("static")),
+                                    Rule("*.self_attn.q_proj.weight", Fp8("static"))))
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"input_ids": list(range(4 + n, 36 + n))}) for n in range(4)))
+    out = convert(scout, tmp_path / "static", ExportOptions(format="onnx", quant=static,
+                                                            calib=CalibOptions(path=calib, samples=4, seqlen=32)))
+    assert plan_bytes(spec, static, "onnx", "float32").total == export_tensor_bytes(out)
 
 
 def test_float_plan_is_the_parameter_count(scout, maverick):

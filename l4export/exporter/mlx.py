@@ -40,8 +40,8 @@ import numpy as np
 from ..checkpoint import Checkpoint, LazyTensor
 from ..outputs import PendingTensor, write_sharded
 from ..quant.pack import mlx_config_entry, to_mlx
-from ..quant.recipe import Recipe, Rule
-from ..quant.schemes import Fp8, Int, MxFp8, QTensor
+from ..plan import ExportPlan
+from ..quant.schemes import Int, QTensor
 from ..spec import Llama4Spec
 
 log = logging.getLogger(__name__)
@@ -157,15 +157,6 @@ def mlx_module(canonical: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
-def mlx_recipe(recipe: Recipe) -> Recipe:
-    """The recipe as MLX can store it: per-channel FP8 (no MLX mode) becomes mxfp8 (e8m0 scales per 32 inputs)."""
-    rules = tuple(Rule(r.pattern, MxFp8()) if isinstance(r.scheme, Fp8) else r for r in recipe.rules)
-    if rules != recipe.rules:
-        log.info("recipe %s: MLX has no per-channel e4m3 FP8; FP8 rules are written as mxfp8 "
-                 "(e4m3, power-of-two scale per 32 inputs), re-quantized from the float weights", recipe.name)
-    return Recipe(recipe.name, rules)
-
-
 def quantization_config(shapes: dict[str, tuple[int, ...]], plan: dict[str, Any]) -> dict[str, Any]:
     """config.json "quantization": the most common entry as the global default, then one explicit entry per
     module path: the quantized ones, and ``false`` for every other linear/embedding (router, norms excluded)."""
@@ -216,39 +207,38 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: 
     return [PendingTensor(f"{module}.{k}", s, d, part(k, i == len(specs) - 1)) for i, (k, s, d) in enumerate(specs)]
 
 
-def export_mlx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
-    """Write the MLX export of ``ckpt`` into ``out`` (already the temporary folder). Returns extra metadata."""
+def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None) -> dict[str, Any]:
+    """Write the MLX export of ``ckpt`` into ``out`` (already the temporary folder). Returns extra metadata.
+    ``calib``: convert's calibration result (GPTQ tensors), or None for round to nearest."""
     spec = ckpt.spec
-    dtype = NP_DTYPES[options.dtype]
+    dtype = NP_DTYPES[plan.dtype]
     _warn_mlx_lm_differences(spec)
     shapes = {t.name: tuple(t.shape) for t in ckpt}
-    config = mlx_config(spec, options.dtype)
-    plan: dict[str, Any] = {}
+    config = mlx_config(spec, plan.dtype)
+    quantized = plan.quantized
     calibrated: dict[str, QTensor] = {}
     extra: dict[str, Any] = {}
-    if options.quant is not None:
-        recipe = mlx_recipe(options.quant)
-        plan = recipe.validate(shapes)
-        if options.calib is not None:
-            from ..quant.calibrate import calibrate, spill_next_to
+    if plan.recipe is not None:
+        if plan.recipe is not options.quant:
+            log.info("recipe %s: MLX has no per-channel e4m3 FP8; FP8 rules are written as mxfp8 (e4m3, power-of-two "
+                     "scale per 32 inputs), re-quantized from the float weights", plan.recipe.name)
+        if calib is not None:
             from ..quant.report import write_report
 
-            # one layer at a time; GPTQ per expert; calibrated codes spill next to the output until written
-            result = calibrate(ckpt, recipe, spill_next_to(options.calib, out))
-            calibrated = {n: qt for n, qt in result.tensors.items() if n in plan}
-            write_report(out, result, shapes, recipe.name, float_bytes=dtype.itemsize)
-            extra["calibration"] = {"samples": result.samples, "tokens": result.tokens, "method": options.calib.method}
-        qcfg = quantization_config(shapes, plan)
+            calibrated = {n: qt for n, qt in calib.tensors.items() if n in quantized}
+            write_report(out, calib, shapes, plan.recipe.name, float_bytes=dtype.itemsize)
+            extra["calibration"] = {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
+        qcfg = quantization_config(shapes, quantized)
         config["quantization"] = qcfg
         config["quantization_config"] = dict(qcfg)
-        extra["quantized_tensors"] = len(plan)
-        log.info("MLX quantized export: %d tensors quantized (%s), %s", len(plan),
-                 ", ".join(sorted({s.name for s in plan.values()})), "GPTQ-calibrated" if calibrated else "round to nearest")
+        extra["quantized_tensors"] = len(quantized)
+        log.info("MLX quantized export: %d tensors quantized (%s), %s", len(quantized),
+                 ", ".join(sorted({s.name for s in quantized.values()})), "GPTQ-calibrated" if calibrated else "round to nearest")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     pending: list[PendingTensor] = []
     for t in ckpt:
-        if t.name in plan:
-            pending += _quantized_pending(t, plan[t.name], dtype, calibrated.get(t.name))
+        if t.name in quantized:
+            pending += _quantized_pending(t, quantized[t.name], dtype, calibrated.get(t.name))
         else:
             pending.append(_pending(t, dtype))
     done = 0
@@ -259,10 +249,8 @@ def export_mlx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
         log.debug("wrote %s (%d/%d)", name, done, len(pending))
 
     shards = write_sharded(out, pending, options.max_shard_bytes, metadata={"format": "mlx"}, on_tensor=progress)
-    if options.quant is not None and options.calib is not None:
-        result.close()  # the spilled codes are in the shards now
-    log.info("MLX export: %d tensors in %d shard(s), %s", len(pending), len(shards), options.dtype)
-    if options.dtype != "float32":
+    log.info("MLX export: %d tensors in %d shard(s), %s", len(pending), len(shards), plan.dtype)
+    if plan.dtype != "float32":
         log.info("note: mlx on a CPU runs Llama 4's expert matmuls (GatherMM) in float32 only; "
-                 "the MLX runtime upcasts there, Metal runs %s as stored", options.dtype)
+                 "the MLX runtime upcasts there, Metal runs %s as stored", plan.dtype)
     return {"shards": [p.name for p in shards], "ignored_source_tensors": len(ckpt.ignored), **extra}

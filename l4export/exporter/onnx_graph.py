@@ -1,10 +1,11 @@
 """A small graph builder over onnx_ir: values are objects, node names are scoped and deterministic.
 
-    g = GraphBuilder(opset=21)
+    g = GraphBuilder(opset=21, dtype=np.float16)
     with g.scope("model.layers.0"), g.scope("self_attn"):
         y = g.op("MatMul", x, w)             # node "model.layers.0/self_attn/MatMul_0"
     g.const(np.array([0, 0, -1], np.int64))  # small constant initializer
     g.weight("model.norm.weight", shape, dtype, loader)   # lazy initializer: bytes read only by ir.save
+    g.cast(x, FP32)                           # Cast unless x is already float32 (or the graph is)
 
 Node names are ``scope/OpType_n`` with ``n`` counted per scope and op type, so the same checkpoint always
 gives the same graph, byte for byte.
@@ -21,11 +22,16 @@ import numpy as np
 import onnx_ir as ir
 
 MS_DOMAIN = "com.microsoft"
+FP32 = ir.DataType.FLOAT
 
 
 class GraphBuilder:
-    def __init__(self, opset: int = 21):
+    """Nodes, initializers and I/O of one graph whose floating-point compute dtype is ``dtype``."""
+
+    def __init__(self, opset: int = 21, dtype: Any = np.float32):
         self.opset = opset
+        self.np_dtype = np.dtype(dtype)
+        self.dt = ir.DataType.from_numpy(self.np_dtype)
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []
         self.inputs: list[ir.Value] = []
@@ -77,6 +83,20 @@ class GraphBuilder:
             self.initializers.append(v)
             self._consts[key] = v
         return self._consts[key]
+
+    def i64(self, *values: int) -> ir.Value:
+        return self.const(np.array(values, dtype=np.int64))
+
+    def f32(self, value: float) -> ir.Value:
+        return self.const(np.array(value, dtype=np.float32))
+
+    def cast(self, x: ir.Value, dtype: ir.DataType) -> ir.Value:
+        """Cast to ``dtype``. The float32 graph has no casts; in others a redundant Cast is harmless."""
+        if dtype == self.dt == FP32 or (x.type is not None and x.type.dtype == dtype):
+            return x
+        y = self.op("Cast", x, to=dtype)
+        y.type = ir.TensorType(dtype)
+        return y
 
     def weight(self, name: str, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], np.ndarray]) -> ir.Value:
         """A lazy initializer: ``load`` runs when ir.save writes its bytes, and the array is dropped after."""

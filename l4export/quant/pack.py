@@ -51,14 +51,42 @@ def _need_int(qt: QTensor) -> Int:
     return qt.scheme
 
 
-def to_matmulnbits(qt: QTensor) -> dict[str, np.ndarray | int]:
-    """One dense linear ``[N, K]`` as MatMulNBits inputs and attributes (``Y = A @ W^T``)."""
+def interleave_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Rows a0, b0, a1, b1, ... along axis 1 (QMoE fc1 with swiglu_fusion=1: gate, up, gate, up, ...)."""
+    out = np.empty((a.shape[0], 2 * a.shape[1]) + a.shape[2:], dtype=a.dtype)
+    out[:, 0::2], out[:, 1::2] = a, b
+    return out
+
+
+def to_matmulnbits(qt: QTensor, scale_dtype: np.dtype | type = np.float32) -> dict[str, np.ndarray | int | None]:
+    """One dense linear ``[N, K]`` as MatMulNBits inputs and attributes (``Y = A @ W^T``). Zero points only for
+    asymmetric schemes: symmetric codes are stored ``q+8`` and MatMulNBits' default zero point reads them."""
     s = _need_int(qt)
     n, k = qt.shape
     blk = s.group_size
     b = pack_codes(qt.q, s.bits).reshape(n, k // blk, blk * s.bits // 8)
-    return {"B": b, "scales": qt.scale.astype(np.float32), "zero_points": zero_points(qt, s.bits),
+    return {"B": b, "scales": qt.scale.astype(scale_dtype), "zero_points": None if s.symmetric else zero_points(qt, s.bits),
             "K": k, "N": n, "bits": s.bits, "block_size": blk}
+
+
+def qmoe_weights(*qts: QTensor) -> np.ndarray:
+    """Packed codes of one QMoE input: fc1 from (gate, up), rows interleaved; fc2 from (down,)."""
+    bits = _need_int(qts[0]).bits
+    packed = [pack_codes(qt.q, bits) for qt in qts]
+    return packed[0] if len(packed) == 1 else interleave_rows(*packed)
+
+
+def qmoe_scales(*qts: QTensor, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Scales of one QMoE input ``[E, N, K/block]`` (fc1: gate and up interleaved, as the codes)."""
+    scales = [qt.scale for qt in qts]
+    return (scales[0] if len(scales) == 1 else interleave_rows(*scales)).astype(dtype)
+
+
+def qmoe_zero_points(*qts: QTensor) -> np.ndarray:
+    """Packed zero points of one QMoE input (asymmetric schemes)."""
+    bits = _need_int(qts[0]).bits
+    zps = [zero_points(qt, bits) for qt in qts]
+    return zps[0] if len(zps) == 1 else interleave_rows(*zps)
 
 
 def to_qmoe(gate: QTensor, up: QTensor, down: QTensor) -> dict[str, np.ndarray | int | None]:
@@ -69,24 +97,13 @@ def to_qmoe(gate: QTensor, up: QTensor, down: QTensor) -> dict[str, np.ndarray |
     s = _need_int(gate)
     if _need_int(up) != s or _need_int(down).bits != s.bits:
         raise ValueError("QMoE needs gate and up in one scheme and down at the same bit width")
-    e, i, h = gate.shape
-
-    def interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # rows g0,u0,g1,u1,...
-        out = np.empty((a.shape[0], 2 * a.shape[1]) + a.shape[2:], dtype=a.dtype)
-        out[:, 0::2], out[:, 1::2] = a, b
-        return out
-
-    fc1 = interleave(pack_codes(gate.q, s.bits), pack_codes(up.q, s.bits))  # (E, 2I, H*bits/8)
-    fc1_scales = interleave(gate.scale, up.scale).astype(np.float32)  # (E, 2I, H/block)
-    fc2 = pack_codes(down.q, s.bits)  # (E, H, I*bits/8)
-    sym = s.symmetric and down.scheme.symmetric
-    out = {"fc1": fc1, "fc1_scales": fc1_scales, "fc2": fc2, "fc2_scales": down.scale.astype(np.float32),
-           "fc1_zero_points": None if sym else interleave(zero_points(gate, s.bits), zero_points(up, s.bits)),
-           "fc2_zero_points": None if sym else zero_points(down, s.bits),
-           "expert_weight_bits": s.bits, "block_size": s.group_size}
     if down.scheme.group_size != s.group_size:
         raise ValueError("QMoE has one block_size for fc1 and fc2")
-    return out
+    sym = s.symmetric and down.scheme.symmetric
+    return {"fc1": qmoe_weights(gate, up), "fc1_scales": qmoe_scales(gate, up), "fc2": qmoe_weights(down),
+            "fc2_scales": qmoe_scales(down), "fc1_zero_points": None if sym else qmoe_zero_points(gate, up),
+            "fc2_zero_points": None if sym else qmoe_zero_points(down),
+            "expert_weight_bits": s.bits, "block_size": s.group_size}
 
 
 def to_mlx(qt: QTensor) -> dict[str, np.ndarray]:

@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, packaged (the tomli dependency)
+    import tomli as tomllib
+
 from ..errors import CapabilityError, RecipeError
+from ..names import canonical_shapes
 from ..spec import Llama4Spec
 from .schemes import AnyScheme, Fp8, Int, MxFp8
 
@@ -124,32 +129,6 @@ class Recipe:
                     f"recipe {self.name}: calibration computes static activation scales for decoder-layer linears "
                     f"only, not {name}; use activation = \"dynamic\" for it"
                 )
-
-
-def canonical_shapes(spec: Llama4Spec) -> dict[str, tuple[int, ...]]:
-    """Shapes of the canonical linear weights (names.py) from the spec alone."""
-    h, e, i, im = spec.hidden_size, spec.num_experts, spec.intermediate_size, spec.intermediate_size_mlp
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h), "lm_head.weight": (spec.vocab_size, h)}
-    for la in spec.layers:
-        p = f"model.layers.{la.index}"
-        out[f"{p}.self_attn.q_proj.weight"] = (spec.q_size, h)
-        out[f"{p}.self_attn.k_proj.weight"] = (spec.kv_size, h)
-        out[f"{p}.self_attn.v_proj.weight"] = (spec.kv_size, h)
-        out[f"{p}.self_attn.o_proj.weight"] = (h, spec.q_size)
-        if la.is_moe:
-            f = f"{p}.feed_forward"
-            out[f"{f}.router.weight"] = (e, h)
-            out[f"{f}.experts.gate_proj"] = (e, i, h)
-            out[f"{f}.experts.up_proj"] = (e, i, h)
-            out[f"{f}.experts.down_proj"] = (e, h, i)
-            for n in ("gate", "up"):
-                out[f"{f}.shared_expert.{n}_proj.weight"] = (i, h)
-            out[f"{f}.shared_expert.down_proj.weight"] = (h, i)
-        else:
-            for n in ("gate", "up"):
-                out[f"{p}.feed_forward.{n}_proj.weight"] = (im, h)
-            out[f"{p}.feed_forward.down_proj.weight"] = (h, im)
-    return out
 
 
 # ---- presets ------------------------------------------------------------------------------------------

@@ -1,0 +1,336 @@
+"""Lowering of linears and routed experts to ONNX Runtime ops: one emitter per (scheme kind, target), in two tables.
+
+    kind    target   LINEAR (x [.., in] @ W^T)                      EXPERTS (top-1 routed SwiGLU experts)
+    float   any      MatMul, W stored [in, out]                    com.microsoft.MoE, fc1 gate/up interleaved
+    int     any      com.microsoft.MatMulNBits                     com.microsoft.QMoE (CUDA: weights_prepacked=0)
+    fp8     cpu      e4m3 + DequantizeLinear (per channel)         e4m3 dequantized in the graph -> MoE
+                     or Cast * tile scale (square blocks) -> MatMul  (ORT CPU stores FP8 but computes in float)
+    fp8     cuda     com.microsoft.MatMulBlockQuantizedFp8Weight   QMoE quant_type='fp8' (square blocks, SM90+,
+                                                                   a USE_FP8_QMOE build: docs/fp8.md)
+
+Facts relied on (docs/onnx-runtime-facts.md §2-§8):
+  * MoE/QMoE weights are output-major per expert: fc1 ``[E, 2I, H]``, fc2 ``[E, H, I]``; the CPU kernels take SwiGLU
+    only as ``swiglu_fusion=1`` (fc1 rows gate0, up0, gate1, up1, ...);
+  * ``k=1, normalize_routing_weights=1`` makes the op's routing weight exactly 1.0 on every EP;
+  * symmetric int codes are stored ``q+8`` (QMoE/MatMulNBits' default zero point); QMoE scales are float16 even in
+    float32 graphs (exact: int scales sit on the fp16 grid, schemes._fp16_exact);
+  * MatMulNBits runs at accuracy_level 0 (float activations) for parity;
+  * static FP8 activations: QuantizeLinear(FLOAT8E4M3FN) -> Cast -> Mul (ORT 1.31's QDQ fusion rejects a
+    DequantizeLinear on FP8 activations); before a fused MoE one scale for all experts, the max of theirs (vLLM).
+
+The emitters see a small ``Lowering`` context (graph builder, weights, quantized tensors, target), never the
+decoder builder. Initializers stay lazy: each is read, quantized and packed (``quant/pack.py``) when ir.save writes
+it; the few initializers cut from one source tensor share ``QuantSource``'s two-entry cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ..checkpoint import LazyTensor
+from ..quant import pack
+from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
+from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
+
+log = logging.getLogger(__name__)
+EXPERTS = ("gate_proj", "up_proj", "down_proj")
+
+
+class QuantSource:
+    """Quantized tensors for the lowering: calibrated ones when calibration made them, else round-to-nearest of the
+    checkpoint's weights (two-entry cache: fc1 needs gate and up at once). FP8 static input scales from calibration."""
+
+    def __init__(self, tensor: Callable[[str], LazyTensor], scheme: Callable[[str], AnyScheme | None],
+                 calibrated: Mapping[str, QTensor] | None = None, act_scales: Mapping[str, np.ndarray] | None = None):
+        self.tensor, self.scheme = tensor, scheme
+        self.calibrated = dict(calibrated or {})
+        # name -> [E] (routed experts) or [1] (dense) input scales, amax/448
+        self.act_scales = {n: np.asarray(v, np.float32).reshape(-1) for n, v in (act_scales or {}).items()}
+        self._cache: OrderedDict[str, QTensor] = OrderedDict()
+        self._packed: tuple[str, dict] | None = None
+
+    def qtensor(self, name: str) -> QTensor:
+        if name in self.calibrated:
+            return self.calibrated[name]
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        qt = self.scheme(name).quantize(self.tensor(name).load(np.float32))
+        self._cache[name] = qt
+        while len(self._cache) > 2:
+            self._cache.popitem(last=False)
+        return qt
+
+    def packed(self, key: str, make: Callable[[], dict]) -> dict:
+        """One packed layout at a time (its initializers are written in a row)."""
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # drop the previous one before packing the next
+            self._packed = (key, make())
+        return self._packed[1]
+
+
+@dataclass
+class Lowering:
+    """What an emitter needs: the graph, the weights, the target, and what it reports back for l4export.json."""
+
+    g: GraphBuilder
+    tensor: Callable[[str], LazyTensor]
+    target: str
+    quant: QuantSource | None = None
+    counts: Counter = field(default_factory=Counter)  # op kind -> nodes emitted
+    applied_scales: dict[str, float] = field(default_factory=dict)  # static FP8 scale in the graph -> its value
+
+    def weight(self, name: str, shape: tuple[int, ...], dtype, load: Callable[[], np.ndarray]) -> ir.Value:
+        return self.g.weight(name, tuple(int(d) for d in shape), np.dtype(dtype), load)
+
+    @property
+    def meta(self) -> dict:
+        """Static FP8 input scales for l4export.json: all calibration gave (per expert for routed experts, down_proj
+        included, though the fused op cannot apply it) and the ones the graph applies."""
+        if self.quant is None or not self.quant.act_scales:
+            return {}
+        return {"activation_scales": {n: v.tolist() for n, v in sorted(self.quant.act_scales.items())},
+                "activation_scales_applied": dict(self.applied_scales)}
+
+
+def kind(scheme: AnyScheme | None) -> str:
+    return "float" if scheme is None else "int" if isinstance(scheme, Int) else "fp8"
+
+
+def _base(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+# ---- dense linears -------------------------------------------------------------------------------------------
+def float_linear(lo: Lowering, x: ir.Value, name: str, scheme: None) -> ir.Value:
+    """W [out, in] stored transposed [in, out] under its checkpoint name (MatMul layout)."""
+    t = lo.tensor(name)
+    out_f, in_f = t.shape
+    w = lo.g.weight(name, (in_f, out_f), lo.g.np_dtype, lambda: np.ascontiguousarray(t.load(lo.g.np_dtype).T))
+    return lo.g.op("MatMul", x, w)
+
+
+def int_linear(lo: Lowering, x: ir.Value, name: str, scheme: Int) -> ir.Value:
+    out_f, in_f = lo.tensor(name).shape
+    base, sdt, blk, bits = _base(name), lo.g.np_dtype, scheme.group_size, scheme.bits
+    nb = in_f // blk
+    packed = lambda: lo.quant.packed(name, lambda: pack.to_matmulnbits(lo.quant.qtensor(name), sdt))  # noqa: E731
+    b = lo.weight(f"{base}.qweight", (out_f, nb, blk * bits // 8), np.uint8, lambda: packed()["B"])
+    s = lo.weight(f"{base}.scales", (out_f, nb), sdt, lambda: packed()["scales"])
+    zp = None
+    if not scheme.symmetric:
+        zp = lo.weight(f"{base}.qzeros", (out_f, (nb * bits + 7) // 8), np.uint8, lambda: packed()["zero_points"])
+    lo.counts["MatMulNBits"] += 1
+    return lo.g.op("MatMulNBits", x, b, s, zp, domain=MS_DOMAIN, K=in_f, N=out_f, bits=bits, block_size=blk,
+                   accuracy_level=0)
+
+
+def fp8_linear_cpu(lo: Lowering, x: ir.Value, name: str, scheme: Fp8) -> ir.Value:
+    g, q = lo.g, lo.quant.qtensor
+    out_f, in_f = lo.tensor(name).shape
+    base = _base(name)
+    a_scale = _static_scale(lo, name, scheme, f"{base}.input_scale")
+    if a_scale is not None:
+        x = _act_qdq(lo, x, a_scale, base)
+    if scheme.block_size:
+        # Square tiles are symmetric under transposition: store W^T [in, out] (MatMul layout) and tiles^T.
+        b = scheme.block_size
+        w8 = lo.weight(f"{base}.weight_fp8", (in_f, out_f), FP8, lambda: np.ascontiguousarray(q(name).q.T))
+        t = lo.weight(f"{base}.weight_block_scale", (in_f // b, out_f // b), np.float32,
+                      lambda: np.ascontiguousarray(scheme.block_scales(q(name)).T))
+        return g.op("MatMul", x, g.cast(_block_dequant(lo, w8, t, (in_f, out_f), b), g.dt))
+    # per channel: stored transposed [in, out] (MatMul layout), one scale per output channel -> DQ axis=1
+    w8 = lo.weight(f"{base}.weight_fp8", (in_f, out_f), FP8,
+                   lambda: np.ascontiguousarray(pack.to_onnx_fp8(q(name))["weight"].T))
+    sc = lo.weight(f"{base}.weight_scale", (out_f,), np.float32, lambda: pack.to_onnx_fp8(q(name))["scale"])
+    lo.counts["DequantizeLinear"] += 1
+    return g.op("MatMul", x, g.cast(g.op("DequantizeLinear", w8, sc, axis=1), g.dt))
+
+
+def fp8_linear_cuda(lo: Lowering, x: ir.Value, name: str, scheme: Fp8) -> ir.Value:
+    """One CUDA op: B e4m3 [N, K] as stored, b_scale [N, K/block]; per channel is block_size = K."""
+    q = lo.quant.qtensor
+    out_f, in_f = lo.tensor(name).shape
+    base = _base(name)
+    a_scale = _static_scale(lo, name, scheme, f"{base}.input_scale")
+    blk = scheme.block_size or in_f
+    w8 = lo.weight(f"{base}.weight_fp8", (out_f, in_f), FP8, lambda: pack.to_matmul_fp8(q(name))["B"])
+    sc = lo.weight(f"{base}.weight_scale", (out_f, in_f // blk), np.float32, lambda: pack.to_matmul_fp8(q(name))["b_scale"])
+    a = None if a_scale is None else lo.weight(f"{base}.input_scale", (), np.float32, lambda: np.array(a_scale, np.float32))
+    lo.counts["MatMulBlockQuantizedFp8Weight"] += 1
+    return lo.g.op("MatMulBlockQuantizedFp8Weight", x, w8, sc, a, domain=MS_DOMAIN, block_size=blk)
+
+
+# ---- FP8 helpers -------------------------------------------------------------------------------------------
+def _static_scale(lo: Lowering, name: str, scheme: Fp8, where: str) -> float | None:
+    """The one input scale the graph applies for ``name`` (None: dynamic). Routed experts share one input, so their
+    per-expert scales collapse to the max (no expert's input clips)."""
+    if scheme.activation != "static":
+        return None
+    value = float(lo.quant.act_scales[name].max())
+    lo.applied_scales[where] = value
+    return value
+
+
+def _act_qdq(lo: Lowering, x: ir.Value, scale: float, base: str) -> ir.Value:
+    """Static FP8 activation fake-quantization fp8_e4m3(x / s) * s with a float32 scalar s: QuantizeLinear
+    (saturate=1 clips to +-448, as Fp8.encode) -> Cast to float32 -> Mul by s, in float32 so the scale is exact in
+    every graph dtype. Why not DequantizeLinear: ORT 1.31 CPU's QDQ fusion turns Q -> DQ(activation) + DQ(weight)
+    -> MatMul into an integer MatMulIntegerToFloat and then rejects the FP8 input (INVALID_GRAPH)."""
+    g = lo.g
+    s = lo.weight(f"{base}.input_scale", (), np.float32, lambda: np.array(scale, np.float32))
+    zp = g.const(np.zeros((), FP8))  # FLOAT8E4M3FN zero point: selects the output type
+    lo.counts["QuantizeLinear"] += 1
+    q = g.op("QuantizeLinear", g.cast(x, FP32), s, zp)
+    return g.cast(g.op("Mul", g.op("Cast", q, to=FP32), s), g.dt)
+
+
+def _block_dequant(lo: Lowering, w8: ir.Value, tiles: ir.Value, shape: tuple[int, ...], b: int) -> ir.Value:
+    """float32 ``w8 [..., R, C] * tiles[..., r // b, c // b]`` (ORT CPU has no 2-D blocked DequantizeLinear):
+    Cast, view as [..., R/b, b, C/b, b], multiply by tiles [..., R/b, 1, C/b, 1], view back."""
+    g, lead = lo.g, shape[:-2]
+    r, c = shape[-2:]
+    lo.counts["Fp8BlockDequant"] += 1  # Cast -> Mul, not a single op
+    w = g.op("Reshape", g.op("Cast", w8, to=FP32), g.i64(*lead, r // b, b, c // b, b))
+    t = g.op("Unsqueeze", tiles, g.i64(len(lead) + 1, len(lead) + 3))
+    return g.op("Reshape", g.op("Mul", w, t), g.i64(*shape))
+
+
+# ---- routed experts ------------------------------------------------------------------------------------------
+def moe(g: GraphBuilder, x: ir.Value, probs: ir.Value, fc1: ir.Value, fc2: ir.Value) -> ir.Value:
+    """y[t] = expert_{argmax probs[t]}(x[t]) with weight 1.0: SwiGLU ``down(silu(gate x) * up x)``.
+    x [T, H] and probs [T, E] in the compute dtype; fc1 [E, 2I, H] interleaved; fc2 [E, H, I] -> [T, H]."""
+    return g.op("MoE", x, probs, fc1, None, fc2, domain=MS_DOMAIN, k=1, normalize_routing_weights=1,
+                activation_type="swiglu", swiglu_fusion=1)
+
+
+def float_experts(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: None) -> ir.Value:
+    gate, up, down = (lo.tensor(f"{pre}.experts.{n}") for n in EXPERTS)
+    e, i, h = gate.shape
+    dt = lo.g.np_dtype
+
+    def fc1() -> np.ndarray:  # [E, 2I, H] rows g0, u0, g1, u1, ...; one source tensor in memory at a time
+        out = np.empty((e, 2 * i, h), dtype=dt)
+        out[:, 0::2] = gate.load(dt)
+        out[:, 1::2] = up.load(dt)
+        return out
+
+    w1 = lo.g.weight(f"{pre}.experts.fc1_interleaved", (e, 2 * i, h), dt, fc1)
+    w2 = lo.g.weight(f"{pre}.experts.down_proj", tuple(down.shape), dt, lambda: down.load(dt))
+    return moe(lo.g, x, probs, w1, w2)
+
+
+def int_experts(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: Int) -> ir.Value:
+    gate_n, up_n, down_n = (f"{pre}.experts.{n}" for n in EXPERTS)
+    e, i, h = lo.tensor(gate_n).shape
+    bits, blk, q = scheme.bits, scheme.group_size, lo.quant.qtensor
+    if bits == 8:
+        log.warning("%s: block-wise int8 QMoE computes with int8 activations on ORT CPU (~5e-2 error)", pre)
+    # QMoE takes scales of their own type (T2): float16 even in a float32 graph (exact, 2 bytes per group)
+    sdt = np.float16 if lo.g.np_dtype == np.float32 else lo.g.np_dtype
+    fc1 = lo.weight(f"{pre}.experts.fc1.qweight", (e, 2 * i, h * bits // 8), np.uint8, lambda: pack.qmoe_weights(q(gate_n), q(up_n)))
+    fc1_s = lo.weight(f"{pre}.experts.fc1.scales", (e, 2 * i, h // blk), sdt, lambda: pack.qmoe_scales(q(gate_n), q(up_n), dtype=sdt))
+    fc1_z = fc2_z = None
+    if not scheme.symmetric:
+        fc1_z = lo.weight(f"{pre}.experts.fc1.qzeros", (e, 2 * i, (h // blk * bits + 7) // 8), np.uint8,
+                          lambda: pack.qmoe_zero_points(q(gate_n), q(up_n)))
+    fc2 = lo.weight(f"{pre}.experts.fc2.qweight", (e, h, i * bits // 8), np.uint8, lambda: pack.qmoe_weights(q(down_n)))
+    fc2_s = lo.weight(f"{pre}.experts.fc2.scales", (e, h, i // blk), sdt, lambda: pack.qmoe_scales(q(down_n), dtype=sdt))
+    if not scheme.symmetric:
+        fc2_z = lo.weight(f"{pre}.experts.fc2.qzeros", (e, h, (i // blk * bits + 7) // 8), np.uint8,
+                          lambda: pack.qmoe_zero_points(q(down_n)))
+    attrs = {"weights_prepacked": 0} if lo.target == "cuda" else {}  # CUDA: raw layout, repacked at load
+    lo.counts["QMoE"] += 1
+    return lo.g.op("QMoE", x, probs, fc1, fc1_s, None, fc2, fc2_s, None, None, None, None, fc1_z, fc2_z,
+                   domain=MS_DOMAIN, k=1, normalize_routing_weights=1, activation_type="swiglu", swiglu_fusion=1,
+                   expert_weight_bits=bits, block_size=blk, **attrs)
+
+
+def _experts_input_qdq(lo: Lowering, x: ir.Value, pre: str, scheme: Fp8) -> ir.Value:
+    """Static FP8: one input scale for the fused op, the max over experts (gate and up read the same input)."""
+    gate_n, up_n = f"{pre}.experts.gate_proj", f"{pre}.experts.up_proj"
+    a_scale = _static_scale(lo, gate_n, scheme, f"{pre}.experts.input_scale")
+    if a_scale is None:
+        return x
+    a_scale = max(a_scale, float(lo.quant.act_scales[up_n].max()))
+    lo.applied_scales[f"{pre}.experts.input_scale"] = a_scale
+    return _act_qdq(lo, x, a_scale, f"{pre}.experts")
+
+
+def fp8_experts_cpu(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: Fp8) -> ir.Value:
+    g, q = lo.g, lo.quant.qtensor
+    gate_n, up_n, down_n = (f"{pre}.experts.{n}" for n in EXPERTS)
+    e, i, h = lo.tensor(gate_n).shape
+    x = _experts_input_qdq(lo, x, pre, scheme)
+    if scheme.block_size:
+        # gate, up, down stored as QMoE would ([E, N, K] e4m3 + [E, N/b, K/b] tiles), dequantized in the graph;
+        # gate/up interleaved after dequantization for the CPU MoE's swiglu_fusion=1.
+        b = scheme.block_size
+
+        def deq(n: str, rows: int, cols: int) -> ir.Value:
+            w8 = lo.weight(f"{n}.weight_fp8", (e, rows, cols), FP8, lambda: q(n).q)
+            t = lo.weight(f"{n}.block_scale", (e, rows // b, cols // b), np.float32, lambda: scheme.block_scales(q(n)))
+            return _block_dequant(lo, w8, t, (e, rows, cols), b)
+
+        gu = [g.op("Unsqueeze", deq(n, i, h), g.i64(2)) for n in (gate_n, up_n)]  # [E, I, 1, H] each
+        fc1 = g.op("Reshape", g.op("Concat", *gu, axis=2), g.i64(e, 2 * i, h))  # rows g0, u0, g1, u1, ...
+        fc2 = deq(down_n, h, i)
+        return moe(g, x, probs, g.cast(fc1, g.dt), g.cast(fc2, g.dt))
+    # per channel: e4m3 stored 2-D [E*N, K] (per-axis DQ needs a 1-D scale), dequantized to the float MoE layout
+    fp8 = lambda n: pack.to_onnx_fp8(q(n))  # noqa: E731
+    w1 = lo.weight(f"{pre}.experts.fc1_interleaved.weight_fp8", (e * 2 * i, h), FP8,
+                   lambda: pack.interleave_rows(fp8(gate_n)["weight"], fp8(up_n)["weight"]).reshape(e * 2 * i, h))
+    s1 = lo.weight(f"{pre}.experts.fc1_interleaved.weight_scale", (e * 2 * i,), np.float32,
+                   lambda: pack.interleave_rows(fp8(gate_n)["scale"], fp8(up_n)["scale"]).reshape(-1))
+    w2 = lo.weight(f"{pre}.experts.down_proj.weight_fp8", (e * h, i), FP8, lambda: fp8(down_n)["weight"].reshape(e * h, i))
+    s2 = lo.weight(f"{pre}.experts.down_proj.weight_scale", (e * h,), np.float32, lambda: fp8(down_n)["scale"].reshape(-1))
+    lo.counts["DequantizeLinear"] += 2
+    fc1 = g.cast(g.op("Reshape", g.op("DequantizeLinear", w1, s1, axis=0), g.i64(e, 2 * i, h)), g.dt)
+    fc2 = g.cast(g.op("Reshape", g.op("DequantizeLinear", w2, s2, axis=0), g.i64(e, h, i)), g.dt)
+    return moe(g, x, probs, fc1, fc2)
+
+
+def fp8_experts_cuda(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: Fp8) -> ir.Value:
+    """QMoE fp8, square blocks (plan.make_plan refuses per-channel FP8 experts for CUDA before any weight is read)."""
+    x = _experts_input_qdq(lo, x, pre, scheme)  # QMoE fp8 takes no activation scales itself
+    e, i, h = lo.tensor(f"{pre}.experts.gate_proj").shape
+    b = scheme.block_size
+    layer = lambda: lo.quant.packed(pre, lambda: pack.to_qmoe_fp8(*(lo.quant.qtensor(f"{pre}.experts.{n}") for n in EXPERTS)))  # noqa: E731
+    fc1 = lo.weight(f"{pre}.experts.fc1.weight_fp8", (e, 2 * i, h), FP8, lambda: layer()["fc1"])
+    s1 = lo.weight(f"{pre}.experts.fc1.block_scale", (e, 2 * i // b, h // b), np.float32, lambda: layer()["fc1_scales"])
+    fc2 = lo.weight(f"{pre}.experts.fc2.weight_fp8", (e, h, i), FP8, lambda: layer()["fc2"])
+    s2 = lo.weight(f"{pre}.experts.fc2.block_scale", (e, h // b, i // b), np.float32, lambda: layer()["fc2_scales"])
+    lo.counts["QMoE"] += 1
+    return lo.g.op("QMoE", x, probs, fc1, s1, None, fc2, s2, domain=MS_DOMAIN, k=1, normalize_routing_weights=1,
+                   activation_type="swiglu", swiglu_fusion=2, expert_weight_bits=8, quant_type="fp8", block_size=b)
+
+
+LinearEmitter = Callable[[Lowering, ir.Value, str, AnyScheme | None], ir.Value]
+ExpertsEmitter = Callable[[Lowering, ir.Value, ir.Value, str, AnyScheme | None], ir.Value]
+# (scheme kind, target) -> emitter; "*" serves every target. Adding a scheme or a target is a row.
+LINEAR: dict[tuple[str, str], LinearEmitter] = {
+    ("float", "*"): float_linear, ("int", "*"): int_linear, ("fp8", "cpu"): fp8_linear_cpu, ("fp8", "cuda"): fp8_linear_cuda,
+}
+EXPERTS_TABLE: dict[tuple[str, str], ExpertsEmitter] = {
+    ("float", "*"): float_experts, ("int", "*"): int_experts, ("fp8", "cpu"): fp8_experts_cpu,
+    ("fp8", "cuda"): fp8_experts_cuda,
+}
+
+
+def emitter(table: dict, scheme: AnyScheme | None, target: str):
+    k = kind(scheme)
+    return table.get((k, target)) or table[(k, "*")]
+
+
+def linear(lo: Lowering, x: ir.Value, name: str, scheme: AnyScheme | None) -> ir.Value:
+    return emitter(LINEAR, scheme, lo.target)(lo, x, name, scheme)
+
+
+def routed_experts(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: AnyScheme | None) -> ir.Value:
+    return emitter(EXPERTS_TABLE, scheme, lo.target)(lo, x, probs, pre, scheme)

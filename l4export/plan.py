@@ -1,0 +1,233 @@
+"""The export plan: every tensor's scheme, storage and bytes, and every refusal, decided before any weight is read.
+
+    spec + recipe + format + dtype + target  --make_plan-->  ExportPlan
+        convert.py      validates the request once (make_plan raises here, before anything is read or written)
+        exporter/*.py   read each tensor's scheme from it (no second recipe lookup, no second validation)
+        quant/size.py   its bytes are the size planner's (``l4export inspect --quant``: the dry run)
+
+Storage rules (bytes of everything written for one canonical tensor; they equal the export's tensor bytes,
+tests/test_quant_size.py checks them against real exports). ``dt`` is the compute dtype's size:
+
+ONNX (``exporter/onnx_lower.py``):
+    router                          numel * 4                 (always float32: exact expert choice)
+    float                           numel * dt                (float experts: interleaved fc1 + fc2, same numel)
+    int linear (MatMulNBits)        numel*bits/8 + rows*groups*dt         [+ zero points, asymmetric]
+    int routed experts (QMoE)       numel*bits/8 + rows*groups*fp16-or-dt [+ zero points]
+                                    (QMoE scales are float16 even in fp32 graphs: exact on the fp16 grid)
+    fp8 per channel                 numel + rows*4            (float32 scale per output channel)
+    fp8 square blocks b             numel + tiles*4           (tiles = rows/b * cols/b; CUDA dense linears store
+                                                               MatMulBlockQuantizedFp8Weight's b_scale per row: rows*cols/b*4)
+    fp8 static activations          + 4 per applied input scale (dense linears; one per MoE layer, on gate_proj)
+MLX (``exporter/mlx.py``):
+    float (router included)         numel * dt
+    affine int                      numel*bits/8 + 2 * rows*groups*dt      (scales and biases)
+    fp8 (written as mxfp8)          numel + rows*cols/32                   (e8m0 byte per 32 inputs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .errors import CapabilityError, UsageError
+from .names import canonical_shapes
+from .quant.recipe import Recipe, Rule
+from .quant.schemes import AnyScheme, Fp8, Int, MxFp8
+from .spec import Llama4Spec
+
+Format = Literal["onnx", "mlx"]
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+COMPONENTS = ("routed experts", "shared expert", "attention", "dense mlp", "router", "norms", "embeddings", "lm_head")
+EXPERTS = ("gate_proj", "up_proj", "down_proj")
+
+# Which (format, target) pairs run which compute dtypes. One row per pair; adding a target is a row.
+SUPPORTED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("onnx", "cpu"): ("float32", "float16"),  # ORT CPU MoE/QMoE: fp32 and fp16 only (no bf16 kernels)
+    ("onnx", "cuda"): ("float16", "bfloat16"),  # ORT CUDA MoE/QMoE: fp16/bf16 only (no fp32)
+    ("mlx", "any"): ("float32", "float16", "bfloat16"),
+}
+
+
+def component(name: str) -> str:
+    """Which part of the model a canonical tensor belongs to (the labels of sizes and ``quant_report.json``)."""
+    if ".experts." in name:
+        return "routed experts"
+    if ".shared_expert." in name:
+        return "shared expert"
+    if ".router." in name:
+        return "router"
+    if ".self_attn." in name:
+        return "attention"
+    if ".feed_forward." in name:
+        return "dense mlp"
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    return "norms"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str  # canonical (names.py)
+    shape: tuple[int, ...]
+    scheme: AnyScheme | None  # None: stored float
+    nbytes: int  # everything written for it (codes, scales, zero points, input scales)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    spec: Llama4Spec = field(repr=False)
+    format: Format
+    dtype: str
+    target: str  # onnx: cpu | cuda; mlx: any
+    recipe: Recipe | None  # as this format stores it (MLX: FP8 rules become mxfp8)
+    calibrated: bool
+    tensors: dict[str, TensorPlan] = field(repr=False)
+
+    def scheme(self, name: str) -> AnyScheme | None:
+        t = self.tensors.get(name)
+        return None if t is None else t.scheme
+
+    @property
+    def quantized(self) -> dict[str, AnyScheme]:
+        return {n: t.scheme for n, t in self.tensors.items() if t.scheme is not None}
+
+    def expert_scheme(self, layer: int) -> AnyScheme | None:
+        """The one scheme of a MoE layer's routed experts (make_plan refused mixed schemes for ONNX)."""
+        return self.scheme(f"model.layers.{layer}.feed_forward.experts.gate_proj")
+
+    @property
+    def by_tensor(self) -> dict[str, int]:
+        return {n: t.nbytes for n, t in self.tensors.items()}
+
+    @property
+    def total(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def by_component(self) -> dict[str, int]:
+        out = dict.fromkeys(COMPONENTS, 0)
+        for t in self.tensors.values():
+            out[component(t.name)] += t.nbytes
+        return out
+
+
+# ---- checks -----------------------------------------------------------------------------------------------
+def check_dtype(fmt: str, dtype: str, target: str) -> None:
+    if dtype not in DTYPE_BYTES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    key = (fmt, target if fmt == "onnx" else "any")
+    if key not in SUPPORTED:
+        raise UsageError(f"--target {target!r} is not supported for --format {fmt}; use cpu or cuda")
+    if dtype not in SUPPORTED[key]:
+        raise CapabilityError(f"--dtype {dtype} cannot run on {fmt} target {target}; use --dtype {' or '.join(SUPPORTED[key])}")
+
+
+def mlx_recipe(recipe: Recipe) -> Recipe:
+    """The recipe as MLX stores it: FP8 (no per-channel or block e4m3 mode in MLX) becomes mxfp8."""
+    rules = tuple(Rule(r.pattern, MxFp8()) if isinstance(r.scheme, Fp8) else r for r in recipe.rules)
+    return recipe if rules == recipe.rules else Recipe(recipe.name, rules)
+
+
+def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme | None]) -> None:
+    """What ONNX Runtime cannot store or run: a quantized router or embedding, a scheme without a kernel, routed
+    experts whose gate/up/down disagree (QMoE takes one scheme)."""
+    for name, s in schemes.items():
+        if s is None:
+            continue
+        if name.endswith("router.weight") or name == "model.embed_tokens.weight":
+            raise CapabilityError(f"recipe {recipe.name}: {name} cannot be quantized for --format onnx; "
+                                  "add a float rule for it (scheme = \"float\")")
+        if not isinstance(s, (Int, Fp8)):
+            raise CapabilityError(f"recipe {recipe.name}: {s.name} for {name} has no ONNX Runtime kernel; use int4, int8 or fp8")
+    for la in spec.layers:
+        if not la.is_moe:
+            continue
+        pre = f"model.layers.{la.index}.feed_forward.experts"
+        gate, up, down = (schemes.get(f"{pre}.{p}") for p in EXPERTS)
+        if gate is None and up is None and down is None:
+            continue
+        ok = (gate is not None and gate == up and down is not None and type(down) is type(gate)
+              and (not isinstance(gate, Int) or (down.bits == gate.bits and down.group_size == gate.group_size))
+              and (not isinstance(gate, Fp8) or down.block_size == gate.block_size))
+        if not ok:
+            raise CapabilityError(
+                f"recipe {recipe.name}: {pre} gate/up/down have schemes {[s.name if s else 'float' for s in (gate, up, down)]}; "
+                "QMoE needs one scheme for all three (same bits and group/block size)")
+
+
+# ---- bytes ------------------------------------------------------------------------------------------------
+def _int_bytes(shape: tuple[int, ...], s: Int, scale_bytes: int, n_scale_tensors: int, zero_points: bool) -> int:
+    numel = int(np.prod(shape, dtype=np.int64))
+    rows, groups = numel // shape[-1], shape[-1] // s.group_size
+    n = numel * s.bits // 8 + n_scale_tensors * rows * groups * scale_bytes
+    return n + (rows * ((groups * s.bits + 7) // 8) if zero_points else 0)
+
+
+def _fp8_onnx_bytes(name: str, shape: tuple[int, ...], s: Fp8, target: str) -> int:
+    numel = int(np.prod(shape, dtype=np.int64))
+    rows, cols = numel // shape[-1], shape[-1]
+    experts = ".experts." in name
+    if not s.block_size:
+        scales = rows
+    elif target == "cuda" and not experts:
+        scales = rows * (cols // s.block_size)  # MatMulBlockQuantizedFp8Weight: b_scale [N, K/b]
+    else:
+        scales = (rows // s.block_size) * (cols // s.block_size)  # one float32 per square tile
+    static = s.activation == "static" and (not experts or name.endswith("gate_proj"))
+    return numel + 4 * scales + (4 if static else 0)
+
+
+def _onnx_bytes(name: str, shape: tuple[int, ...], s: AnyScheme | None, dt: int, target: str) -> int:
+    numel = int(np.prod(shape, dtype=np.int64))
+    if name.endswith("router.weight"):
+        return numel * 4
+    if s is None:
+        return numel * dt
+    if isinstance(s, Int):
+        scale_bytes = (2 if dt == 4 else dt) if ".experts." in name else dt
+        return _int_bytes(shape, s, scale_bytes, 1, not s.symmetric)
+    return _fp8_onnx_bytes(name, shape, s, target)
+
+
+def _mlx_bytes(shape: tuple[int, ...], s: AnyScheme | None, dt: int) -> int:
+    numel = int(np.prod(shape, dtype=np.int64))
+    if s is None:
+        return numel * dt
+    if isinstance(s, Int):
+        return _int_bytes(shape, s, dt, 2, False)
+    return numel + numel // 32  # mxfp8: e4m3 codes + one e8m0 byte per 32 inputs
+
+
+# ---- the plan -----------------------------------------------------------------------------------------------
+def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", recipe: Recipe | None = None,
+              calibrated: bool = False) -> ExportPlan:
+    """Check the request and plan every tensor. Raises (UsageError, CapabilityError, RecipeError) before any
+    weight is read; the returned plan is what every later stage reads."""
+    check_dtype(fmt, dtype, target)
+    target = target if fmt == "onnx" else "any"
+    if spec.top_k != 1:
+        raise CapabilityError(f"num_experts_per_tok={spec.top_k}; l4export exports top-1 routing only (Scout, Maverick)")
+    shapes = canonical_shapes(spec)
+    if recipe is not None:
+        recipe.validate(shapes)
+        recipe.check_target(fmt, target, names=list(shapes), calibrated=calibrated)
+        if fmt == "mlx":
+            recipe = mlx_recipe(recipe)
+    schemes = {n: None if recipe is None else recipe.scheme_for(n) for n in shapes}
+    if fmt == "onnx" and recipe is not None:
+        _check_onnx(spec, recipe, schemes)
+    dt = DTYPE_BYTES[dtype]
+    tensors = {}
+    for name, shape in shapes.items():
+        s = schemes[name]
+        nbytes = _onnx_bytes(name, shape, s, dt, target) if fmt == "onnx" else _mlx_bytes(shape, s, dt)
+        tensors[name] = TensorPlan(name, shape, s, nbytes)
+    return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors)
+
+
+__all__ = ["COMPONENTS", "DTYPE_BYTES", "ExportPlan", "SUPPORTED", "TensorPlan", "check_dtype", "component",
+           "make_plan", "mlx_recipe"]
