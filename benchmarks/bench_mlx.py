@@ -24,14 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import psutil
 
-from l4export.demo import SPECIALS, byte_tokenizer_json, demo_config
-from l4export.names import canonical_shapes
-from l4export.outputs import PendingTensor, write_sharded
-from l4export.spec import spec_from_config
+from common import write_checkpoint as common_write
+from l4export.demo import demo_config
 
 log = logging.getLogger("bench_mlx")
 HERE = Path(__file__).parent
@@ -48,43 +45,9 @@ def scout_config(hidden: int, layers: int, experts: int, inter: int, vocab: int)
 
 
 def write_checkpoint(out: Path, config: dict, shard_bytes: int, seed: int = 0) -> int:
-    """A bf16 checkpoint in the hub's multimodal layout (fused gate_up_proj [E,H,2I], down_proj [E,I,H])."""
-    spec = spec_from_config(config)
-    shapes = canonical_shapes(spec)
-    rng = np.random.default_rng(seed)
-
-    def rand(shape: tuple[int, ...], norm: bool = False):
-        def load():
-            a = rng.standard_normal(shape, dtype=np.float32)
-            a *= 0.1 if norm else 0.02
-            if norm:
-                a += 1.0
-            return a.astype(ml_dtypes.bfloat16)
-        return load
-
-    pending = []
-    for name, shape in shapes.items():
-        src = "language_model.lm_head.weight" if name == "lm_head.weight" else "language_model." + name
-        if name.endswith("experts.gate_proj"):
-            e, i, h = shape
-            pending.append(PendingTensor(src.replace("gate_proj", "gate_up_proj"), (e, h, 2 * i), np.dtype(ml_dtypes.bfloat16),
-                                         rand((e, h, 2 * i))))
-        elif name.endswith("experts.up_proj"):
-            continue
-        elif name.endswith("experts.down_proj"):
-            e, h, i = shape
-            pending.append(PendingTensor(src, (e, i, h), np.dtype(ml_dtypes.bfloat16), rand((e, i, h))))
-        else:
-            pending.append(PendingTensor(src, shape, np.dtype(ml_dtypes.bfloat16), rand(shape, norm=name.endswith("norm.weight"))))
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_sharded(out, pending, max_shard_bytes=shard_bytes)
-    (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(spec.vocab_size)))
-    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": SPECIALS[0], "eos_token": SPECIALS[5],
-                                                           "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return sum(p.nbytes for p in pending)
+    """A bf16 checkpoint in the hub's multimodal layout (common.write_checkpoint); returns its bytes on disk."""
+    common_write(out, config, shard_bytes, seed)
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
 def measure(cmd: list[str]) -> dict:

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
+from common import write_checkpoint as common_write
 
 log = logging.getLogger("bench_onnx")
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,55 +47,7 @@ def big_scout_config(layers: int) -> dict:
 
 def write_big_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:
     """A sharded bf16 checkpoint in the released multimodal layout, one tensor in memory at a time."""
-    from l4export.names import canonical_shapes
-    from l4export.outputs import PendingTensor, write_sharded
-    from l4export.spec import spec_from_config
-
-    if (out / "config.json").is_file():
-        write_tokenizer(out, big_scout_config(layers)["text_config"]["vocab_size"])
-        return out
-    cfg = big_scout_config(layers)
-    spec = spec_from_config(cfg)
-    rng = np.random.default_rng(seed)
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-
-    def rand(shape, scale=0.02):
-        return lambda: (scale * rng.standard_normal(shape, dtype=np.float32)).astype(bf16)
-
-    pending = []
-    for name, shape in canonical_shapes(spec).items():
-        src = "language_model." + name
-        if name.endswith("experts.up_proj"):
-            continue
-        if name.endswith("experts.gate_proj"):  # stored fused and input-major as the hub does: [E, H, 2I]
-            e, i, h = shape
-            pending.append(PendingTensor(src.replace("gate_proj", "gate_up_proj"), (e, h, 2 * i), bf16, rand((e, h, 2 * i))))
-        elif name.endswith("experts.down_proj"):
-            e, h, i = shape
-            pending.append(PendingTensor(src, (e, i, h), bf16, rand((e, i, h))))
-        elif name.endswith("norm.weight"):
-            pending.append(PendingTensor(src, shape, bf16, lambda shape=shape: np.ones(shape, bf16)))
-        else:
-            pending.append(PendingTensor(src, shape, bf16, rand(shape)))
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_sharded(tmp, pending, max_shard_bytes=400 * 1024**2)
-    write_tokenizer(tmp, spec.vocab_size)
-    os.replace(tmp, out)
-    return out
-
-
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """The demo's byte-level tokenizer (mlx_lm convert needs one)."""
-    from l4export.demo import SPECIALS, byte_tokenizer_json
-
-    if not (folder / "tokenizer.json").is_file():
-        (folder / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(vocab_size)))
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "bos_token": SPECIALS[0], "eos_token": SPECIALS[5], "pad_token": SPECIALS[6],
-            "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return common_write(out, big_scout_config(layers), 400 * 1024**2, seed)
 
 
 def timed(cmd: list[str], threads: int) -> dict:

@@ -11,7 +11,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
@@ -34,41 +33,24 @@ def scout_like_config(hidden: int, inter: int, layers: int, experts: int = 16, v
     return cfg
 
 
-def write_checkpoint(out: Path, config: dict, shard_bytes: int = 500 * 1024**2, seed: int = 0) -> Path:
-    """Write a random bf16 checkpoint in HF's multimodal layout, one tensor in memory at a time."""
-    from l4export.names import canonical_shapes
-    from l4export.outputs import PendingTensor, write_sharded
-    from l4export.spec import spec_from_config
+def write_checkpoint(out: Path, config: dict, shard_bytes: int = 500 * 1024**2, seed: int = 0,
+                     scale: float = 0.02) -> Path:
+    """A random bf16 checkpoint in HF's multimodal layout with the byte-level tokenizer (l4export.demo.write_checkpoint:
+    one source tensor in memory at a time), deterministic in ``seed``; kept if ``out`` already holds one."""
+    from l4export.demo import write_checkpoint as write
 
     if (out / "config.json").is_file():
         return out
-    spec = spec_from_config(config)
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    pending = []
-    for name, shape in canonical_shapes(spec).items():
-        src = "language_model." + name
-        if name.endswith("experts.up_proj"):
-            continue
-        if name.endswith("experts.gate_proj"):
-            e, i, h = shape
-            src, shape = src.replace("gate_proj", "gate_up_proj"), (e, h, 2 * i)
-        elif name.endswith("experts.down_proj"):
-            e, h, i = shape
-            shape = (e, i, h)
+    rng = np.random.default_rng(seed)
 
-        def load(shape=shape, name=name):
-            rng = np.random.default_rng(abs(hash(name)) % 2**32 + seed)
-            return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(bf16)
+    def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        a = rng.standard_normal(shape, dtype=np.float32)
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.1 * a
+        return a * np.float32(scale)
 
-        pending.append(PendingTensor(src, shape, bf16, load))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(exist_ok=True)
-    write_sharded(tmp, pending, shard_bytes)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    out.rmdir()
-    tmp.rename(out)
-    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write(out, config, make, max_shard_bytes=shard_bytes)
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:

@@ -9,14 +9,16 @@ tokenizer.json is written beside it so that text goes in and out.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from .names import canonical_shapes
+from .names import assemble, canonical_shapes, source_layout
 from .outputs import PendingTensor, atomic_output_dir, write_sharded
-from .spec import spec_from_config
+from .spec import Llama4Spec, spec_from_config
 
 SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>",
             "<|finetune_right_pad|>", "<|reserved_0|>")
@@ -110,54 +112,46 @@ def byte_tokenizer_json(vocab_size: int) -> dict:
     }
 
 
-def _source_name(canonical: str) -> str:
-    """Canonical name -> the multimodal layout's HF name (experts fused as HF stores them)."""
-    if canonical == "lm_head.weight":
-        return "language_model.lm_head.weight"
-    return "language_model." + canonical
+def write_checkpoint(out: str | Path, config: dict, make: Callable[[str, tuple[int, ...]], np.ndarray],
+                     dtype: Any = ml_dtypes.bfloat16, max_shard_bytes: int | None = None, force: bool = False,
+                     tokenizer: bool = True) -> Path:
+    """Write a checkpoint in HF's layout (``names.source_layout``: fused gate_up_proj, input-major experts) whose
+    canonical tensors are ``make(name, shape)`` (float32), made when their bytes are due, one source tensor at a
+    time; plus the byte-level tokenizer. Written atomically. The demo and the benchmarks' synthetic models use it."""
+    spec = spec_from_config(config)
+    shapes = canonical_shapes(spec)
+    dtype = np.dtype(dtype)
+    pending = [PendingTensor(src, shape, dtype, lambda held=held, op=op: assemble(
+        op, [make(n, shapes[n]) for n in held]).astype(dtype)) for src, (shape, held, op) in source_layout(spec, spec.layout).items()]
+    total = sum(p.nbytes for p in pending)
+    with atomic_output_dir(out, force=force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_sharded(tmp, pending, max_shard_bytes=max_shard_bytes or total // 2 + 1)
+        if tokenizer:
+            write_tokenizer(tmp, spec)
+    return Path(out)
+
+
+def write_tokenizer(folder: Path, spec: Llama4Spec) -> None:
+    """The byte-level tokenizer files (tokenizer.json, tokenizer_config.json, generation_config.json)."""
+    (folder / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(spec.vocab_size)))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": SPECIALS[0], "eos_token": SPECIALS[5], "pad_token": SPECIALS[6],
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": spec.max_position_embeddings,
+    }, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": BOS, "eos_token_id": [EOS, EOT], "pad_token_id": PAD}, indent=2))
 
 
 def write_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -> Path:
     """Write the tiny Scout-shaped checkpoint to ``out`` (config, 2 bf16 shards + index, tokenizer)."""
-    config = demo_config()
-    spec = spec_from_config(config)
-    shapes = canonical_shapes(spec)
     rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {}
-    for name, shape in shapes.items():
+
+    def make(name: str, shape: tuple[int, ...]) -> np.ndarray:  # called in canonical order
         if name.endswith("layernorm.weight") or name == "model.norm.weight":
-            arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            # 0.04: at larger scales these random weights route on knife-edge margins, so any quantization flips
-            # experts and verify measures chaos, not quantization error (tests/conftest.py QUANT says the same)
-            arrays[name] = (0.04 * rng.standard_normal(shape)).astype(np.float32)
-    # Store experts as HF does: gate_up_proj [E, H, 2I] and down_proj [E, I, H], input-major.
-    stored: dict[str, np.ndarray] = {}
-    for name, arr in arrays.items():
-        if name.endswith("experts.gate_proj"):
-            up = arrays[name.replace("gate_proj", "up_proj")]
-            stored[_source_name(name.replace("gate_proj", "gate_up_proj"))] = np.concatenate(
-                [arr.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=-1
-            )
-        elif name.endswith("experts.up_proj"):
-            continue
-        elif name.endswith("experts.down_proj"):
-            stored[_source_name(name)] = arr.transpose(0, 2, 1)
-        else:
-            stored[_source_name(name)] = arr
-    pending = [
-        PendingTensor(n, a.shape, np.dtype(ml_dtypes.bfloat16), (lambda a=a: a.astype(ml_dtypes.bfloat16)))
-        for n, a in stored.items()
-    ]
-    total = sum(p.nbytes for p in pending)
-    with atomic_output_dir(out, force=force) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        write_sharded(tmp, pending, max_shard_bytes=total // 2 + 1)
-        (tmp / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(spec.vocab_size)))
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "bos_token": SPECIALS[0], "eos_token": SPECIALS[5], "pad_token": SPECIALS[6],
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": spec.max_position_embeddings,
-        }, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": BOS, "eos_token_id": [EOS, EOT], "pad_token_id": PAD}, indent=2))
-    return Path(out)
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        # 0.04: at larger scales these random weights route on knife-edge margins, so any quantization flips
+        # experts and verify measures chaos, not quantization error (tests/conftest.py QUANT says the same)
+        return (0.04 * rng.standard_normal(shape)).astype(np.float32)
+
+    return write_checkpoint(out, demo_config(), make, force=force)

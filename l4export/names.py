@@ -8,7 +8,9 @@ with one change: routed experts are stacked ``[E, out, in]`` per projection, as 
     model.layers.{L}.feed_forward.experts.down_proj   [E, H, I]
 
 Every source tensor either maps through a row of ``RULES`` or is set aside by ``IGNORED`` (vision tower,
-projector); anything else is an error. Many-to-one layouts are rows, not branches:
+projector); anything else is an error. The table maps both ways: ``match`` reads a source name into canonical
+tensors, ``source_layout`` writes canonical tensors under HF's names (the demo and benchmark checkpoints,
+the reference's weights, mlx-lm's names). Many-to-one layouts are rows, not branches:
   * HF's fused ``experts.gate_up_proj [E, H, 2I]`` (input-major; gate = [..., :I]) gives gate_proj and up_proj;
   * HF's ``experts.down_proj [E, I, H]`` (input-major) is transposed;
   * compressed-tensors FP8 checkpoints store each expert unfused (``experts.{e}.gate_proj.weight [I, H]``
@@ -21,7 +23,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .spec import Llama4Spec
+import numpy as np
+
+from .errors import MappingError
+from .spec import Layout, Llama4Spec
 
 # Source prefixes of the two layouts, mapped to the text-only prefix.
 PREFIXES: tuple[tuple[str, str], ...] = (
@@ -164,3 +169,48 @@ def source_shape(op: Op, canonical_shape: tuple[int, ...]) -> tuple[int, ...]:
     if op == "transpose_experts":  # canonical [E, H, I] <- source [E, I, H]
         return (e, b, a)
     return (a, b)  # expert_slice: canonical [E, out, in] <- source [out, in]
+
+
+# ---- canonical -> source ------------------------------------------------------------------------------------
+def source_name(canonical: str, layout: Layout = "multimodal") -> str:
+    """The prefix of ``layout`` on a canonical name (``model.norm.weight`` -> ``language_model.model.norm.weight``)."""
+    for src, dst in PREFIXES:
+        if canonical.startswith(dst) and (layout == "text") == (src == dst):
+            return src + canonical[len(dst):]
+    raise MappingError(f"{canonical!r} is not a canonical Llama 4 tensor name")
+
+
+def _reverse_rule(canonical: str) -> tuple[str, Op]:
+    """The HF-layout source name (layer filled in) and op of a canonical name: the first non-FP8 row that fits."""
+    for rule in RULES:
+        if rule.op == "expert_slice":
+            continue
+        rx = re.escape(rule.canonical).replace(r"\{L\}", r"(?P<L>\d+)") + "$"
+        m = re.match(rx, canonical)
+        if m:
+            return (rule.source.replace("{L}", m.group("L")) if "L" in m.groupdict() else rule.source), rule.op
+    raise MappingError(f"{canonical!r} is not a canonical Llama 4 tensor name")
+
+
+def source_layout(spec: Llama4Spec, layout: Layout = "multimodal") -> dict[str, tuple[tuple[int, ...], tuple[str, ...], Op]]:
+    """How HF stores the canonical tensors: source name -> (source shape, the canonical names it holds, op).
+    Fused experts hold two canonical tensors (gate, up); ``assemble`` builds the source array from them."""
+    out: dict[str, tuple[tuple[int, ...], tuple[str, ...], Op]] = {}
+    for name, shape in canonical_shapes(spec).items():
+        src, op = _reverse_rule(name)
+        src = source_name(src, layout)
+        held = out[src][1] if src in out else ()
+        out[src] = (source_shape(op, shape), held + (name,), op)
+    return out
+
+
+def assemble(op: Op, parts: list[np.ndarray]) -> np.ndarray:
+    """The source array of one ``source_layout`` entry from its canonical arrays (in the entry's order)."""
+    if op == "copy":
+        return parts[0]
+    if op == "transpose_experts":  # canonical [E, H, I] -> HF [E, I, H]
+        return parts[0].transpose(0, 2, 1)
+    if op in ("gate_of_fused", "up_of_fused"):  # canonical gate, up [E, I, H] -> HF gate_up_proj [E, H, 2I]
+        gate, up = parts
+        return np.concatenate([gate.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=-1)
+    raise MappingError(f"op {op!r} has no single source array")

@@ -85,18 +85,7 @@ class LayerSpec:
 class Fp8Config:
     """compressed-tensors float-quantized checkpoints (e.g. Maverick-FP8)."""
 
-    ignore: tuple[str, ...]  # module names and "re:" patterns left in bf16
-
-    def is_ignored(self, module: str) -> bool:
-        import re
-
-        for pat in self.ignore:
-            if pat.startswith("re:"):
-                if re.fullmatch(pat[3:], module):
-                    return True
-            elif pat == module:
-                return True
-        return False
+    ignore: tuple[str, ...]  # module names and "re:" patterns left in bf16 (recorded; FP8 weights are dequantized)
 
 
 @dataclass(frozen=True)

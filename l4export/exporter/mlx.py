@@ -38,6 +38,7 @@ import ml_dtypes
 import numpy as np
 
 from ..checkpoint import Checkpoint, LazyTensor
+from ..names import source_name
 from ..outputs import PendingTensor, write_sharded
 from ..quant.pack import mlx_config_entry, to_mlx
 from ..plan import ExportPlan
@@ -51,12 +52,12 @@ NP_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
 }
-PREFIX = "language_model."  # mlx-lm's Model.language_model
 
 
 def mlx_name(canonical: str) -> str:
-    """Canonical tensor name -> the name mlx-lm's llama4 Model holds (SwitchGLU experts gain ``.weight``)."""
-    name = PREFIX + canonical
+    """Canonical tensor name -> the name mlx-lm's llama4 Model holds: HF's multimodal name, except that SwitchGLU's
+    stacked experts ([E, out, in], as canonical) are modules and gain ``.weight``."""
+    name = source_name(canonical, "multimodal")
     if ".feed_forward.experts." in canonical:
         name += ".weight"
     return name
@@ -139,8 +140,6 @@ def _warn_mlx_lm_differences(spec: Llama4Spec) -> None:
     if any(la.uses_rope != ((la.index + 1) % 4 != 0) for la in spec.layers):
         log.warning("NoPE layers %s differ from mlx-lm's hard-coded (i+1)%%4; mlx-lm will compute this model "
                     "differently (the l4export MLX runtime follows the config)", list(spec.nope_layers))
-    if spec.top_k != 1:
-        log.warning("num_experts_per_tok=%d: mlx-lm asserts top-1 routing", spec.top_k)
 
 
 def _pending(t: LazyTensor, dtype: np.dtype) -> PendingTensor:

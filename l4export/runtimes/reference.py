@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from ..names import normalise_prefix
 
 
 def _require() -> tuple[Any, Any]:
@@ -28,7 +29,8 @@ def load_reference(path: str | Path, dtype: str = "float32"):
     """The transformers text model (``Llama4ForCausalLM``) for a checkpoint of either layout.
 
     A multimodal checkpoint's ``language_model.`` tensors are loaded strictly into a ``Llama4ForCausalLM`` built from
-    its ``text_config`` (a plain prefix strip, independent of l4export's name table; the vision tower is never built).
+    its ``text_config``: names keep transformers' own layout, only the prefix changes (``names.normalise_prefix``);
+    the vision tower is never built.
     """
     torch, transformers = _require()
     from safetensors.torch import load_file
@@ -45,8 +47,8 @@ def load_reference(path: str | Path, dtype: str = "float32"):
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         for k, v in load_file(f).items():
-            if k.startswith("language_model."):
-                state[k[len("language_model."):]] = v.to(getattr(torch, dtype))
+            if k.startswith("language_model."):  # the text model; the vision tower and projector are not built
+                state[normalise_prefix(k)] = v.to(getattr(torch, dtype))
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(text_config)  # buffers were built on meta
     return model.to(getattr(torch, dtype)).eval()
