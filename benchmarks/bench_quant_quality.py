@@ -387,7 +387,7 @@ def ppl_model(model, wins: np.ndarray) -> float:
 def method_comparison(ckpt: Path, calib: Path, samples: int, wins: np.ndarray, record) -> dict:
     """RTN / GPTQ / AWQ-style on the routed experts, each evaluated as a fake-quantized transformers model."""
     from l4export.checkpoint import Checkpoint
-    from l4export.quant.calibrate import read_calibration
+    from l4export.quant.calib_data import read_calibration
 
     scheme = _expert_scheme()
     spec = Checkpoint(ckpt).spec
