@@ -201,7 +201,7 @@ def test_expert_batches_equal_one_batch(maverick):
 
 def test_calibrated_tensors_are_memory_mapped_from_disk(maverick_int4):
     """result.tensors holds no codes in RAM: every array is an np.memmap over a file in its own folder."""
-    from l4export.quant.calibrate import SpilledTensors
+    from l4export.quant.spill import SpilledTensors
 
     ck, res = maverick_int4
     store = res.tensors
@@ -224,7 +224,7 @@ def test_calibrated_tensors_are_memory_mapped_from_disk(maverick_int4):
 def test_spilled_folder_is_removed(maverick):
     import gc
 
-    from l4export.quant.calibrate import SpilledTensors
+    from l4export.quant.spill import SpilledTensors
 
     ck = Checkpoint(maverick)
     recipe = Recipe("down", (Rule("model.layers.3.feed_forward.experts.down_proj", Int(4, 32)),))

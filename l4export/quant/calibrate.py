@@ -35,11 +35,8 @@ weights and one expert batch. Calibrated tensors go to disk as they are made (``
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
-import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -50,8 +47,10 @@ from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from ..spec import LayerSpec, Llama4Spec
 from .calib_data import read_calibration
+from .gptq import gptq, output_sqnr
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, sqnr_db
+from .spill import SpilledTensors
 
 log = logging.getLogger(__name__)
 
@@ -208,159 +207,6 @@ def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture
         cap(ex + "down_proj", e, me)
         routed[rows] = me @ W[ex + "down_proj"][e].T
     return x + out + routed
-
-
-# ---- GPTQ -------------------------------------------------------------------------------------------------
-def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01) -> QTensor:
-    """GPTQ (Frantar et al. 2022) over a leading batch (expert) axis: w [B, N, K], hessian [B, K, K] (torch).
-    Group scales are fitted on the already-updated weights at each group's first column. Columns whose
-    Hessian diagonal is 0 get a unit diagonal (plain rounding); no column is ever zeroed."""
-    import torch
-
-    dev = hessian.device
-    W = torch.tensor(w, dtype=torch.float64, device=dev)
-    b, n, k = W.shape
-    H = hessian.to(torch.float64).clone()
-    diag = torch.diagonal(H, dim1=-2, dim2=-1)
-    dead = diag <= 0
-    diag[dead] = 1.0
-    mean = diag.mean(-1, keepdim=True)  # (B, 1)
-    eye = torch.eye(k, dtype=torch.float64, device=dev)
-    Hinv = _damped_inverse_factor(H, mean, eye, damp)
-    del H
-    g = scheme.group_for(k)
-    scales = np.empty((b, n, k // g), np.float32)
-    zeros = None
-    Q = np.empty((b, n, k), np.float32)
-    for i in range(k):
-        if i % g == 0:
-            s, z = scheme.fit(W[:, :, i : i + g].cpu().numpy().astype(np.float32)[:, :, None, :])
-            scales[:, :, i // g] = s[:, :, 0, 0]
-            if z is not None:
-                zeros = zeros if zeros is not None else np.empty((b, n, k // g), np.uint8)
-                zeros[:, :, i // g] = z[:, :, 0, 0]
-        col = W[:, :, i].cpu().numpy().astype(np.float32)
-        q = scheme.snap(col[:, :, None, None], s, z)[:, :, 0, 0]
-        Q[:, :, i] = q
-        err = (W[:, :, i] - torch.tensor(q, dtype=torch.float64, device=dev)) / Hinv[:, i, i][:, None]
-        W[:, :, i:] -= err[:, :, None] * Hinv[:, None, i, i:]
-    return scheme.with_scales(Q, scales, zeros)
-
-
-def _damped_inverse_factor(H, mean, eye, damp: float):
-    """Upper Cholesky factor of H⁻¹ per batch entry, H [B, K, K] dampened by λ·mean-diag. λ starts at ``damp`` and
-    is raised tenfold (up to 5 times) for the entries whose H + λ·I is not positive definite; an entry that never
-    factors gets I (plain rounding). Per entry, so an entry's result does not depend on which batch it is in."""
-    import torch
-
-    b = H.shape[0]
-    todo = torch.arange(b, device=H.device)
-    done: list[tuple[Any, Any]] = []  # (entries, their factors)
-    lam = damp
-    for _ in range(6):
-        Hs = H if len(todo) == b else H[todo]
-        L, info = torch.linalg.cholesky_ex(Hs + lam * mean[todo][..., None] * eye)
-        del Hs
-        ok = info == 0
-        if bool(ok.any()):
-            Lok = L if bool(ok.all()) else L[ok]
-            inv, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(Lok), upper=True)
-            del Lok
-            good = (info2 == 0) & torch.isfinite(inv).flatten(1).all(-1)
-            ok[ok.clone()] = good
-            done.append((todo[ok], inv if bool(good.all()) else inv[good]))
-            del inv
-        del L
-        todo = todo[~ok]
-        if len(todo) == 0:
-            break
-        lam *= 10
-    if len(done) == 1 and len(todo) == 0:
-        return done[0][1]  # the common case: every entry factored at the same λ, no copy
-    Hinv = eye.expand(b, -1, -1).clone()  # what is left over: plain rounding
-    for entries, inv in done:
-        Hinv[entries] = inv
-    return Hinv
-
-
-def output_sqnr(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray) -> np.ndarray:
-    """Per batch entry: 10·log10(tr(W H Wᵀ) / tr(ΔW H ΔWᵀ)), the SQNR of x·Wᵀ over the inputs behind H."""
-    w, d = w.astype(np.float64), (w - wq).astype(np.float64)
-    sig = np.einsum("bnk,bkl,bnl->b", w, hessian, w)
-    err = np.einsum("bnk,bkl,bnl->b", d, hessian, d)
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(np.where(err > 0, sig / np.where(err > 0, err, 1), np.inf))
-
-
-# ---- calibrated tensors on disk ----------------------------------------------------------------------------
-class SpilledTensors(Mapping[str, QTensor]):
-    """Calibrated tensors, spilled to disk as they are produced and mapped back read-only on access.
-
-    Each tensor's codes, scales and zero points are raw little files (``{i}.q``/``.scale``/``.zero``) in a private
-    temporary folder; ``[name]`` returns a ``QTensor`` over ``np.memmap`` views of them, so holding every calibrated
-    tensor of Scout (~100 GB of uint8 codes) costs address space, not RAM. Routed experts are appended in expert
-    batches (E is the leading axis, so a batch is a contiguous byte range written with plain ``write``; no
-    writable mapping grows the resident set). The folder is removed by ``close()``, when this object is garbage
-    collected, or at interpreter exit; arrays already mapped stay readable after that (the files are unlinked,
-    not unmapped)."""
-
-    def __init__(self, parent: str | Path | None = None):
-        self.path = Path(tempfile.mkdtemp(prefix="l4export-calib-", dir=parent))
-        # name -> [file index, scheme, (q dtype, q shape), (scale dtype, scale shape), zero (dtype, shape) or None]
-        self._meta: dict[str, list[Any]] = {}
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
-
-    def append(self, name: str, qt: QTensor) -> None:
-        """Add ``qt`` as ``name``, or append it along the leading (expert) axis of ``name``'s earlier parts."""
-        parts = (qt.q, qt.scale, qt.zero)
-        meta = self._meta.get(name)
-        if meta is None:
-            meta = self._meta[name] = [len(self._meta), qt.scheme,
-                                       *(None if a is None else (a.dtype, tuple(a.shape)) for a in parts)]
-        else:
-            if meta[1] != qt.scheme or any((m is None) != (a is None) or (a is not None and m[1][1:] != a.shape[1:])
-                                           for m, a in zip(meta[2:], parts)):
-                raise ValueError(f"{name}: appended part does not match the earlier parts")
-            for j, a in enumerate(parts):
-                if a is not None:
-                    meta[2 + j] = (a.dtype, (meta[2 + j][1][0] + a.shape[0],) + tuple(a.shape[1:]))
-        for suffix, a in zip(("q", "scale", "zero"), parts):
-            if a is not None:
-                with open(self.path / f"{meta[0]}.{suffix}", "ab") as f:
-                    f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-
-    def __getitem__(self, name: str) -> QTensor:
-        index, scheme, *parts = self._meta[name]
-        arrays = [None if m is None else self._map(f"{index}.{suffix}", *m)
-                  for suffix, m in zip(("q", "scale", "zero"), parts)]
-        return QTensor(scheme, arrays[0], arrays[1], arrays[2])
-
-    def _map(self, file: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        if int(np.prod(shape, dtype=np.int64)) == 0:
-            return np.empty(shape, dtype)  # nothing to map (mmap refuses empty files)
-        return np.memmap(self.path / file, dtype=dtype, mode="r", shape=shape)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._meta
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._meta)
-
-    def __len__(self) -> int:
-        return len(self._meta)
-
-    def reorder(self, names: Iterable[str]) -> None:
-        """Iterate in the order of ``names`` (model order); names not given keep their order, last."""
-        order = {n: i for i, n in enumerate(names)}
-        self._meta = dict(sorted(self._meta.items(), key=lambda kv: order.get(kv[0], len(order))))
-
-    @property
-    def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir()) if self.path.is_dir() else 0
-
-    def close(self) -> None:
-        """Remove the folder now (idempotent)."""
-        self._finalizer()
 
 
 # ---- the driver -------------------------------------------------------------------------------------------
