@@ -14,11 +14,12 @@ torch = pytest.importorskip("torch")
 from l4export.checkpoint import Checkpoint  # noqa: E402
 from l4export.errors import UsageError  # noqa: E402
 from l4export.quant.calib_data import read_calibration  # noqa: E402
-from l4export.quant.calibrate import CalibOptions, calibrate, layer_forward  # noqa: E402
+from l4export.quant.calibrate import CalibOptions, calibrate  # noqa: E402
 from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes  # noqa: E402
 from l4export.quant.report import write_report  # noqa: E402
 from l4export.quant.schemes import Int  # noqa: E402
 from l4export.runtimes.reference import load_reference  # noqa: E402
+from l4export.torch_llama4 import layer_forward  # noqa: E402
 
 QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 

@@ -45,7 +45,8 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from ..spec import LayerSpec, Llama4Spec
+from ..spec import LayerSpec
+from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
 from .calib_data import read_calibration
 from .gptq import gptq, output_sqnr
 from .recipe import Recipe
@@ -100,113 +101,6 @@ def spill_next_to(options: "CalibOptions", out: Path) -> "CalibOptions":
     """``options`` spilling into ``out`` (an export's temporary folder) unless a spill folder was chosen: the
     spilled codes (one byte per weight) then sit on the output's disk, not in a possibly RAM-backed $TMPDIR."""
     return options if options.spill_dir is not None else replace(options, spill_dir=Path(out))
-
-
-# ---- Llama 4 layer maths (transformers' Llama4TextDecoderLayer, float32) --------------------------------
-def _rms(x, w, eps: float):
-    import torch
-
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def _attention_core(h, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq):
-    """h [T, H] (already input_layernorm'ed) -> attention output before o_proj [T, nh*D]."""
-    import torch
-
-    t = h.shape[0]
-    nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    q = (h @ W["self_attn.q_proj.weight"].T).view(t, nh, d)  # (T, nh, D)
-    k = (h @ W["self_attn.k_proj.weight"].T).view(t, nkv, d)  # (T, nkv, D)
-    v = (h @ W["self_attn.v_proj.weight"].T).view(t, nkv, d)
-    pos = torch.arange(t, device=h.device, dtype=torch.float32)
-    if la.uses_rope:
-        # IMPORTANT: complex, interleaved pairs (2i, 2i+1) ("traditional"), not rotate_half.
-        ang = pos[:, None] * inv_freq[None, :]  # (T, D/2)
-        cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
-
-        def rot(x):
-            x0, x1 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-
-        q, k = rot(q), rot(k)
-    if la.qk_norm:  # IMPORTANT: weightless per-head L2 norm, after RoPE, eps = rms_norm_eps
-        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
-        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
-    if la.temperature_tuning:  # NoPE layers: q *= 1 + attn_scale·log1p(floor((pos+1)/floor_scale))
-        temp = torch.log1p(torch.floor((pos + 1.0) / spec.floor_scale)) * spec.attn_scale + 1.0
-        q = q * temp[:, None, None]
-    rep = nh // nkv
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (T, nh, D)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * d**-0.5  # (nh, T, T)
-    i = torch.arange(t, device=h.device)
-    allowed = i[None, :] <= i[:, None]
-    if la.chunked and spec.attention_chunk_size:
-        c = spec.attention_chunk_size
-        allowed = allowed & (i[None, :] // c == i[:, None] // c)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    return torch.einsum("hqk,khd->qhd", p, v).reshape(t, nh * d)
-
-
-def _route(h2, W: dict):
-    """Top-1 routing: (expert index [T], score s [T]) with s = sigmoid(max logit)."""
-    import torch
-
-    logits = h2 @ W["feed_forward.router.weight"].T  # (T, E)
-    top, idx = logits.max(dim=-1)
-    return idx, torch.sigmoid(top)
-
-
-def _attention_block(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, cap: Callable):
-    """x [T, H] -> (x + attention [T, H], h2 = post_attention_layernorm of it [T, H])."""
-    h = _rms(x, W["input_layernorm.weight"], spec.rms_norm_eps)
-    cap("self_attn.q_proj.weight", -1, h)
-    a = _attention_core(h, W, la, spec, inv_freq)
-    cap("self_attn.o_proj.weight", -1, a)
-    x = x + a @ W["self_attn.o_proj.weight"].T
-    return x, _rms(x, W["post_attention_layernorm.weight"], spec.rms_norm_eps)
-
-
-def _mlp(h2, W: dict, p: str, cap: Callable):
-    """SwiGLU MLP ``p`` (the dense MLP or the shared expert) on h2 [T, H] -> [T, H]."""
-    import torch.nn.functional as F
-
-    cap(p + "gate_proj.weight", -1, h2)
-    m = F.silu(h2 @ W[p + "gate_proj.weight"].T) * (h2 @ W[p + "up_proj.weight"].T)
-    cap(p + "down_proj.weight", -1, m)
-    return m @ W[p + "down_proj.weight"].T
-
-
-def _expert_hidden(xe, gate, up):
-    """One routed expert's intermediate silu(G xe) ⊙ (U xe): xe [n, H], gate/up [I, H] -> [n, I]."""
-    import torch.nn.functional as F
-
-    return F.silu(xe @ gate.T) * (xe @ up.T)
-
-
-def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture: Callable | None = None):
-    """One decoder layer on one sample x [T, H] with all of its weights in ``W`` (experts stacked [E, out, in]).
-    ``capture(name_in_layer, expert, inputs)`` sees the input of every linear (expert=-1 for non-expert linears).
-    The calibration driver runs the same maths in pieces (routed experts in batches); this is the whole layer."""
-    import torch
-
-    cap = capture or (lambda *a: None)
-    x, h2 = _attention_block(x, W, la, spec, inv_freq, cap)
-    if not la.is_moe:
-        return x + _mlp(h2, W, "feed_forward.", cap)
-    out = _mlp(h2, W, "feed_forward.shared_expert.", cap)
-    idx, s = _route(h2, W)
-    xs = h2 * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
-    routed = torch.zeros_like(out)
-    ex = "feed_forward.experts."
-    for e in torch.unique(idx).tolist():
-        rows = (idx == e).nonzero(as_tuple=True)[0]
-        xe = xs[rows]
-        cap(ex + "gate_proj", e, xe)
-        me = _expert_hidden(xe, W[ex + "gate_proj"][e], W[ex + "up_proj"][e])
-        cap(ex + "down_proj", e, me)
-        routed[rows] = me @ W[ex + "down_proj"][e].T
-    return x + out + routed
 
 
 # ---- the driver -------------------------------------------------------------------------------------------
@@ -369,12 +263,12 @@ def _calibrate_layer(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, la
     # pass 1, float weights: non-expert Hessians; for MoE layers keep h2 and the routing (the experts' inputs)
     routed1 = []  # per sample: (h2 [T, H], expert [T], score [T])
     for x in X:
-        _, h2 = _attention_block(x, W, la, spec, inv_freq, capture)
+        _, h2 = attention_block(x, W, la, spec, inv_freq, capture)
         if not la.is_moe:
-            _mlp(h2, W, "feed_forward.", capture)
+            mlp(h2, W, "feed_forward.", capture)
             continue
-        _mlp(h2, W, "feed_forward.shared_expert.", capture)
-        routed1.append((h2, *_route(h2, W)))
+        mlp(h2, W, "feed_forward.shared_expert.", capture)
+        routed1.append((h2, *route(h2, W)))
 
     Wq = dict(W)
     for n, scheme in dense_plan.items():
@@ -395,13 +289,13 @@ def _calibrate_layer(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, la
 
     # pass 2, quantized weights (the next layer calibrates on what it will see)
     if not la.is_moe:
-        return [x + _mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
-                (_attention_block(x, Wq, la, spec, inv_freq, _nop) for x in X)]
+        return [x + mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
+                (attention_block(x, Wq, la, spec, inv_freq, _nop) for x in X)]
     partial, routed2 = [], []  # per sample: x + attention + shared expert [T, H]; (h2, expert, score) of pass 2
     for x in X:
-        x, h2 = _attention_block(x, Wq, la, spec, inv_freq, _nop)
-        partial.append(x + _mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
-        routed2.append((h2, *_route(h2, Wq)))
+        x, h2 = attention_block(x, Wq, la, spec, inv_freq, _nop)
+        partial.append(x + mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
+        routed2.append((h2, *route(h2, Wq)))
     del Wq, X
     _calibrate_experts(lazy, {n: s for n, s in plan.items() if n in experts}, options, la, routed1, routed2, partial,
                        result, observer, dev)
@@ -463,7 +357,7 @@ def _calibrate_experts(lazy: dict, plan: dict[str, AnyScheme], options: CalibOpt
             g = torch.tensor(lazy[_GATE].load(np.float32, experts=slice(a, b)), device=dev)  # [B, I, H]
             u = torch.tensor(lazy[_UP].load(np.float32, experts=slice(a, b)), device=dev)
             for _, e, _, xe in _routed_rows(routed1, a, b):
-                trace[e] += float(_expert_hidden(xe, g[e - a], u[e - a]).to(torch.float64).pow(2).sum())
+                trace[e] += float(expert_hidden(xe, g[e - a], u[e - a]).to(torch.float64).pow(2).sum())
             del g, u
         live = counts > 0
         per_tok = torch.tensor(trace[live] / counts[live] / inter, dtype=torch.float64) if live.any() else None
@@ -482,7 +376,7 @@ def _calibrate_experts(lazy: dict, plan: dict[str, AnyScheme], options: CalibOpt
                 if acc_gu is not None:
                     acc_gu.add(e, xe)
                 if acc_dn is not None or observer is not None:
-                    me = _expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+                    me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
                     if observer is not None:
                         observer(f"model.layers.{la.index}.{_DOWN}", e, me)
                     if acc_dn is not None:
@@ -499,7 +393,7 @@ def _calibrate_experts(lazy: dict, plan: dict[str, AnyScheme], options: CalibOpt
             del qt
         del acc_gu, acc_dn
         for j, e, rows, xe in _routed_rows(routed2, a, b):  # pass 2: quantized experts on the quantized layer's tokens
-            me = _expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
             partial[j][rows] = partial[j][rows] + me @ w[_DOWN][e - a].T
         del w
     for n, scheme in plan.items():
@@ -525,7 +419,7 @@ def _global_tensors(ckpt: Checkpoint, recipe: Recipe, X: list, result: CalibResu
             acc = _Acc(1, w.shape[-1], dev)
             norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=dev)
             for x in X:
-                acc.add(-1, _rms(x, norm, ckpt.spec.rms_norm_eps))
+                acc.add(-1, rms(x, norm, ckpt.spec.rms_norm_eps))
             qt = gptq(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=dev), 0.0), scheme, options.damp)
         result.tensors.append(name, type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0]))
         result.stats[name] = {"weight_sqnr_rtn": sqnr_db(w, rtn.dequantize(), axis=(1, 2)).tolist(),
@@ -538,5 +432,4 @@ def quantize_rtn(name: str, w: np.ndarray, recipe: Recipe) -> QTensor | None:
     return None if scheme is None else scheme.quantize(w)
 
 
-__all__ = ["CalibOptions", "CalibResult", "SpilledTensors", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes", "gptq",
-           "layer_forward", "quantize_rtn", "read_calibration", "output_sqnr"]
+__all__ = ["CalibOptions", "CalibResult", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes", "quantize_rtn"]
