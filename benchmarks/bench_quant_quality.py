@@ -351,7 +351,7 @@ def gptq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme) -> dict[str, np
     from l4export.quant.recipe import Recipe, Rule
 
     recipe = Recipe("experts-only", (Rule("*.feed_forward.experts.*", scheme),))
-    res = calibrate(Checkpoint(ckpt_path), recipe, CalibOptions(samples=len(ids), seqlen=max(len(i) for i in ids)), ids=ids)
+    res = calibrate(Checkpoint(ckpt_path), recipe, ids, CalibOptions(samples=len(ids), seqlen=max(len(i) for i in ids)))
     return {n: qt.dequantize() for n, qt in res.tensors.items()}
 
 

@@ -230,11 +230,14 @@ def export_mlx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
         recipe = mlx_recipe(options.quant)
         plan = recipe.validate(shapes)
         if options.calib is not None:
+            from ..quant.calib_data import read_calibration
             from ..quant.calibrate import calibrate, spill_next_to
             from ..quant.report import write_report
 
             # one layer at a time; GPTQ per expert; calibrated codes spill next to the output until written
-            result = calibrate(ckpt, recipe, spill_next_to(options.calib, out))
+            c = options.calib
+            ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
+            result = calibrate(ckpt, recipe, ids, spill_next_to(c, out))
             calibrated = {n: qt for n, qt in result.tensors.items() if n in plan}
             write_report(out, result, shapes, recipe.name, float_bytes=dtype.itemsize)
             extra["calibration"] = {"samples": result.samples, "tokens": result.tokens, "method": options.calib.method}

@@ -380,11 +380,14 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: Any) -> dict[str, Any]:
         recipe.validate({n: t.shape for n, t in ckpt.tensors.items()})
         recipe.check_target("onnx", options.target, names=list(ckpt.tensors), calibrated=options.calib is not None)
         if options.calib is not None:
+            from ..quant.calib_data import read_calibration
             from ..quant.calibrate import calibrate, spill_next_to
 
             # one decoder layer in memory at a time; calibrated codes spill next to the output (same disk, not a
             # tmpfs $TMPDIR) and go when written
-            calib = calibrate(ckpt, recipe, spill_next_to(options.calib, out))
+            c = options.calib
+            ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
+            calib = calibrate(ckpt, recipe, ids, spill_next_to(c, out))
     builder = DecoderBuilder(ckpt, options.dtype, options.target, recipe, None if calib is None else calib.tensors,
                              None if calib is None else calib.act_scales)
     model = builder.build()

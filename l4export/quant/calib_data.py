@@ -10,10 +10,12 @@ import numpy as np
 from ..errors import UsageError
 
 
-def read_calibration(path: str | Path, vocab_size: int, tokenizer_dir: str | Path | None = None,
+def read_calibration(path: str | Path | None, vocab_size: int, tokenizer_dir: str | Path | None = None,
                      samples: int = 64, seqlen: int = 256) -> list[np.ndarray]:
     """Token id arrays from ``.txt`` (one sample per line), ``.jsonl`` ({"text": ...} or {"input_ids": [...]})
     or ``.json`` (a list of strings or of id lists). Text is tokenized with ``tokenizer_dir/tokenizer.json``."""
+    if path is None:
+        raise UsageError("calibration needs --calib FILE")
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--calib {path}: no such file")

@@ -47,7 +47,6 @@ from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from ..spec import LayerSpec
 from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
-from .calib_data import read_calibration
 from .gptq import gptq, output_sqnr
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, sqnr_db
@@ -61,7 +60,7 @@ Observer = Callable[[str, int, Any], None]
 
 @dataclass(frozen=True)
 class CalibOptions:
-    path: Path | None = None
+    path: Path | None = None  # the calibration file (--calib), for read_calibration; calibrate() takes ids
     samples: int = 64  # at most this many samples (lines / records)
     seqlen: int = 256  # each sample truncated to this many tokens
     method: str = "gptq"  # "gptq" or "rtn" (round to nearest; statistics and report only)
@@ -174,9 +173,10 @@ def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: i
     return max(1, min(num_experts, budget_bytes // expert_bytes(hidden, inter)))
 
 
-def calibrate(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, observer: Observer | None = None,
-              ids: list[np.ndarray] | None = None) -> CalibResult:
-    """Quantize every tensor the recipe matches, calibrated on ``options.path`` (or on ``ids``).
+def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: CalibOptions,
+              observer: Observer | None = None) -> CalibResult:
+    """Quantize every tensor the recipe matches, calibrated on the token id arrays ``ids`` (``read_calibration``
+    reads them from ``options.path``; this does not).
 
     The calibrated tensors are spilled to disk as they are made (``result.tensors`` is a ``SpilledTensors``)."""
     import torch
@@ -185,11 +185,6 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, observer:
     spec = ckpt.spec
     recipe.validate({n: t.shape for n, t in ckpt.tensors.items()})
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if ids is None:
-        if options.path is None:
-            raise UsageError("calibration needs --calib FILE")
-        ids = read_calibration(options.path, spec.vocab_size, ckpt.path,
-                               options.samples, options.seqlen)
     log.info("calibrating on %d samples, %d tokens, device %s", len(ids), sum(len(i) for i in ids), dev)
     embed = torch.tensor(ckpt.tensors["model.embed_tokens.weight"].load(np.float32), device=dev)
     X = [embed[torch.tensor(i, device=dev)] for i in ids]
