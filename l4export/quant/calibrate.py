@@ -421,10 +421,4 @@ def _global_tensors(ckpt: Checkpoint, recipe: Recipe, X: list, result: CalibResu
                               "weight_sqnr_calibrated": sqnr_db(w, qt.dequantize(), axis=(1, 2)).tolist()}
 
 
-def quantize_rtn(name: str, w: np.ndarray, recipe: Recipe) -> QTensor | None:
-    """Round-to-nearest quantization of one canonical tensor (no calibration); None if the recipe keeps it float."""
-    scheme = recipe.scheme_for(name)
-    return None if scheme is None else scheme.quantize(w)
-
-
-__all__ = ["CalibOptions", "CalibResult", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes", "quantize_rtn"]
+__all__ = ["CalibOptions", "CalibResult", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes"]
