@@ -30,13 +30,16 @@ tr(H_e), a first pass over the batches with gate/up only.
 Peak memory therefore does not grow with the number of experts: one layer's activations, its non-expert
 weights and one expert batch. Calibrated tensors go to disk as they are made (``SpilledTensors``), so
 ``CalibResult.tensors`` is a mapping over memory-mapped files, not ~1 byte per weight of RAM.
+
+This module is the driver. Its parts: the layer maths in torch (``l4export/torch_llama4.py``), GPTQ (``gptq.py``),
+the on-disk store (``spill.py``); the calibration file is read by ``calib_data.read_calibration``, before this runs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -102,7 +105,22 @@ def spill_next_to(options: "CalibOptions", out: Path) -> "CalibOptions":
     return options if options.spill_dir is not None else replace(options, spill_dir=Path(out))
 
 
-# ---- the driver -------------------------------------------------------------------------------------------
+def expert_bytes(hidden: int, inter: int) -> int:
+    """Estimated peak bytes one routed expert adds to an expert batch.
+
+    Float32 gate/up/down (3·I·H·4) and their dequantized copies for pass 2 (3·I·H·4); float64 Hessians,
+    gate/up [H, H] and down [I, I]; GPTQ's work on the larger one (the blended copy, its clone, L, L⁻¹ and the
+    factor of H⁻¹: 5·K², K = max(H, I)) and its float64 weight (N·K). Maverick (H 5120, I 8192): ~4.8 GB."""
+    k = max(hidden, inter)
+    return 24 * inter * hidden + 8 * (hidden * hidden + inter * inter) + 8 * (5 * k * k + inter * hidden)
+
+
+def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: int) -> int:
+    """How many routed experts fit ``budget_bytes`` at once: at least 1 (Maverick at 1 GiB), at most all."""
+    return max(1, min(num_experts, budget_bytes // expert_bytes(hidden, inter)))
+
+
+# ---- Hessians and the layer prior ---------------------------------------------------------------------------
 class _Acc:
     """Σ x xᵀ and token counts for one linear: experts ``offset .. offset + b - 1`` of a batch, or one (b = 1)."""
 
@@ -145,6 +163,7 @@ def _prior(k: int, total: int, dev, shared=None, per_token_diag: float | None = 
     return eye if float(torch.diagonal(prior).sum()) <= 0 else prior
 
 
+# ---- the driver -------------------------------------------------------------------------------------------
 def _layer_plan(recipe: Recipe, layer: int, names: list[str]) -> dict[str, AnyScheme]:
     return {n: s for n in names if (s := recipe.scheme_for(f"model.layers.{layer}.{n}")) is not None}
 
@@ -158,19 +177,59 @@ _EX = "feed_forward.experts."
 _GATE, _UP, _DOWN = _EX + "gate_proj", _EX + "up_proj", _EX + "down_proj"
 
 
-def expert_bytes(hidden: int, inter: int) -> int:
-    """Estimated peak bytes one routed expert adds to an expert batch.
+@dataclass
+class _Run:
+    """What every step of one calibration shares: its inputs, the torch device and the result being filled."""
 
-    Float32 gate/up/down (3·I·H·4) and their dequantized copies for pass 2 (3·I·H·4); float64 Hessians,
-    gate/up [H, H] and down [I, I]; GPTQ's work on the larger one (the blended copy, its clone, L, L⁻¹ and the
-    factor of H⁻¹: 5·K², K = max(H, I)) and its float64 weight (N·K). Maverick (H 5120, I 8192): ~4.8 GB."""
-    k = max(hidden, inter)
-    return 24 * inter * hidden + 8 * (hidden * hidden + inter * inter) + 8 * (5 * k * k + inter * hidden)
+    ckpt: Checkpoint
+    recipe: Recipe
+    options: CalibOptions
+    observer: Observer | None
+    dev: Any  # torch.device
+    inv_freq: Any  # RoPE inverse frequencies [D/2], on dev
+    result: CalibResult
+
+    def observe(self, layer: int, name: str, e: int, x) -> None:
+        if self.observer is not None:
+            self.observer(f"model.layers.{layer}.{name}", e, x)
 
 
-def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: int) -> int:
-    """How many routed experts fit ``budget_bytes`` at once: at least 1 (Maverick at 1 GiB), at most all."""
-    return max(1, min(num_experts, budget_bytes // expert_bytes(hidden, inter)))
+@dataclass
+class _Experts:
+    """One MoE layer's routed experts and the per-layer routing state their calibration needs.
+
+    ``routed1``/``routed2``: per sample, (h2 [T, H], top-1 expert [T], router score [T]) of pass 1 (float weights:
+    the experts' Hessians come from it) and of pass 2 (quantized weights: the experts' outputs go to it);
+    ``partial``: pass 2's x + attention + shared expert [T, H] per sample, to which the routed outputs are added."""
+
+    layer: int
+    lazy: Mapping[str, Any]  # the layer's LazyTensors; stacked experts [E, out, in] are loaded a batch at a time
+    plan: dict[str, AnyScheme]  # the routed expert tensors to quantize
+    routed1: list
+    routed2: list
+    partial: list
+    counts: np.ndarray = field(init=False)  # tokens routed to each expert (pass 1)
+    stats: dict[str, dict[str, list[float]]] = field(init=False)  # per tensor, extended batch by batch
+    amax: dict[str, list[np.ndarray]] = field(init=False)  # per tensor, each batch's input absmax per expert
+
+    def __post_init__(self) -> None:
+        num_e = self.shape[0]
+        self.counts = np.zeros(num_e, np.int64)
+        for _, idx, _ in self.routed1:
+            self.counts += np.bincount(idx.cpu().numpy(), minlength=num_e)
+        self.stats = {n: {} for n in self.plan}
+        self.amax = {n: [] for n in self.plan}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, I, H): experts, expert width, hidden size."""
+        return tuple(self.lazy[_GATE].shape)
+
+    def load(self, names: Iterable[str], a: int, b: int, dev) -> dict:
+        """Float32 experts [a, b) of each stacked tensor in ``names``, as torch tensors [b - a, out, in]."""
+        import torch
+
+        return {n: torch.tensor(self.lazy[n].load(np.float32, experts=slice(a, b)), device=dev) for n in names}
 
 
 def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: CalibOptions,
@@ -192,10 +251,11 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
     result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=sum(len(i) for i in ids),
                          device=str(dev))
+    run = _Run(ckpt, recipe, options, observer, dev, inv_freq, result)
     with torch.no_grad():
         for la in spec.layers:
-            X = _calibrate_layer(ckpt, recipe, options, la, X, inv_freq, result, observer, dev)
-    _global_tensors(ckpt, recipe, X, result, options, dev)
+            X = _calibrate_layer(la, X, run)
+    _global_tensors(X, run)
     result.tensors.reorder(ckpt.tensors)
     result.stats = {n: result.stats[n] for n in sorted(result.stats, key=list(ckpt.tensors).index)}
     result.seconds = time.perf_counter() - t0
@@ -231,8 +291,13 @@ def _static_scales(amax: np.ndarray, n: np.ndarray) -> np.ndarray:
     return (amax / 448.0).astype(np.float32)
 
 
-def _calibrate_layer(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, la: LayerSpec, X: list, inv_freq,
-                     result: CalibResult, observer: Observer | None, dev) -> list:
+def _unstack(qt: QTensor) -> QTensor:
+    """The single entry of a [1, N, K] batch as an [N, K] tensor."""
+    return type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0])
+
+
+# ---- one decoder layer: the non-expert linears --------------------------------------------------------------
+def _calibrate_layer(la: LayerSpec, X: list, run: _Run) -> list:
     """Calibrate one decoder layer; returns its output on the calibration data with quantized weights.
 
     Non-expert linears are calibrated on the float pass (pass 1), then the quantized non-expert part of the layer
@@ -240,67 +305,80 @@ def _calibrate_layer(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, la
     pass-1 tokens routed to it, and its quantized output is added to the pass-2 tokens routed to it."""
     import torch
 
-    spec = ckpt.spec
-    lazy = ckpt.layer(la.index)
-    plan = _layer_plan(recipe, la.index, list(lazy))
+    lazy = run.ckpt.layer(la.index)
+    plan = _layer_plan(run.recipe, la.index, list(lazy))
     experts = {n for n, t in lazy.items() if t.is_experts}  # stacked [E, out, in]: loaded per batch, never whole
-    W = {n: torch.tensor(t.load(np.float32), device=dev) for n, t in lazy.items() if n not in experts}
+    W = {n: torch.tensor(t.load(np.float32), device=run.dev) for n, t in lazy.items() if n not in experts}
     dense_plan = {n: s for n, s in plan.items() if n not in experts}
-    inputs_of = {n: _SHARES.get(n, n) for n in dense_plan}
-    accs = {n: _Acc(1, W[n].shape[-1], dev) for n in set(inputs_of.values())}
+    accs, routed1 = _float_pass(la, X, W, dense_plan, run)
+    Wq = _quantize_dense(la.index, W, dense_plan, accs, run)
+    del W, accs
+
+    # pass 2, quantized weights (the next layer calibrates on what it will see)
+    spec = run.ckpt.spec
+    if not la.is_moe:
+        return [x + mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
+                (attention_block(x, Wq, la, spec, run.inv_freq, _nop) for x in X)]
+    partial, routed2 = [], []  # per sample: x + attention + shared expert [T, H]; (h2, expert, score) of pass 2
+    for x in X:
+        x, h2 = attention_block(x, Wq, la, spec, run.inv_freq, _nop)
+        partial.append(x + mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
+        routed2.append((h2, *route(h2, Wq)))
+    del Wq, X
+    _calibrate_experts(_Experts(la.index, lazy, {n: s for n, s in plan.items() if n in experts}, routed1, routed2,
+                                partial), run)
+    return partial
+
+
+def _float_pass(la: LayerSpec, X: list, W: dict, dense_plan: dict[str, AnyScheme], run: _Run) -> tuple[dict, list]:
+    """Pass 1, float weights: the Hessians of the non-expert linears in ``dense_plan`` (one ``_Acc`` per distinct
+    input, ``_SHARES``); for an MoE layer also h2 and the top-1 routing per sample (the routed experts' inputs)."""
+    accs = {n: _Acc(1, W[n].shape[-1], run.dev) for n in {_SHARES.get(n, n) for n in dense_plan}}
 
     def capture(name: str, e: int, x) -> None:
-        if observer is not None:
-            observer(f"model.layers.{la.index}.{name}", e, x)
+        run.observe(la.index, name, e, x)
         if name in accs:
             accs[name].add(e, x)
 
-    # pass 1, float weights: non-expert Hessians; for MoE layers keep h2 and the routing (the experts' inputs)
     routed1 = []  # per sample: (h2 [T, H], expert [T], score [T])
     for x in X:
-        _, h2 = attention_block(x, W, la, spec, inv_freq, capture)
+        _, h2 = attention_block(x, W, la, run.ckpt.spec, run.inv_freq, capture)
         if not la.is_moe:
             mlp(h2, W, "feed_forward.", capture)
             continue
         mlp(h2, W, "feed_forward.shared_expert.", capture)
         routed1.append((h2, *route(h2, W)))
+    return accs, routed1
+
+
+def _quantize_dense(layer: int, W: dict, dense_plan: dict[str, AnyScheme], accs: dict, run: _Run) -> dict:
+    """GPTQ each non-expert linear of ``dense_plan`` on its input's Hessian; returns the layer's weights with those
+    replaced by their dequantized tensors (pass 2's weights)."""
+    import torch
 
     Wq = dict(W)
     for n, scheme in dense_plan.items():
-        full = f"model.layers.{la.index}.{n}"
-        acc = accs[inputs_of[n]]
+        full = f"model.layers.{layer}.{n}"
+        acc = accs[_SHARES.get(n, n)]
         w = W[n].cpu().numpy()[None]  # [1, N, K]
         stats: dict[str, list[float]] = {}
-        qt = _quantize(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=dev), 0.0), scheme,
-                       options, stats)
-        result.stats[full] = {**stats, "tokens": acc.n.tolist()}
-        qt = type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0])
+        qt = _quantize(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=run.dev), 0.0), scheme,
+                       run.options, stats)
+        run.result.stats[full] = {**stats, "tokens": acc.n.tolist()}
+        qt = _unstack(qt)
         if isinstance(scheme, Fp8) and scheme.activation == "static":
-            result.act_scales[full] = _static_scales(acc.amax, acc.n)
-        result.tensors.append(full, qt)
-        Wq[n] = torch.tensor(qt.dequantize(), device=dev)
-        _log_tensor(full, scheme, stats, options.method)
-    del W, accs
-
-    # pass 2, quantized weights (the next layer calibrates on what it will see)
-    if not la.is_moe:
-        return [x + mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
-                (attention_block(x, Wq, la, spec, inv_freq, _nop) for x in X)]
-    partial, routed2 = [], []  # per sample: x + attention + shared expert [T, H]; (h2, expert, score) of pass 2
-    for x in X:
-        x, h2 = attention_block(x, Wq, la, spec, inv_freq, _nop)
-        partial.append(x + mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
-        routed2.append((h2, *route(h2, Wq)))
-    del Wq, X
-    _calibrate_experts(lazy, {n: s for n, s in plan.items() if n in experts}, options, la, routed1, routed2, partial,
-                       result, observer, dev)
-    return partial
+            run.result.act_scales[full] = _static_scales(acc.amax, acc.n)
+        run.result.tensors.append(full, qt)
+        Wq[n] = torch.tensor(qt.dequantize(), device=run.dev)
+        _log_tensor(full, scheme, stats, run.options.method)
+    return Wq
 
 
 def _nop(*_: Any) -> None:
     return None
 
 
+# ---- one MoE layer: the routed experts, in batches ----------------------------------------------------------
 def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any, Any]]:
     """(sample, expert, token rows, s·h2 of those rows) for every expert in [a, b) with tokens, sample by sample."""
     import torch
@@ -313,112 +391,141 @@ def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any,
                 yield j, e, rows, xs[rows]
 
 
-def _calibrate_experts(lazy: dict, plan: dict[str, AnyScheme], options: CalibOptions, la: LayerSpec,
-                       routed1: list, routed2: list, partial: list, result: CalibResult,
-                       observer: Observer | None, dev) -> None:
-    """GPTQ the routed experts of one MoE layer in batches, and add their quantized outputs to ``partial``.
+def _calibrate_experts(ex: _Experts, run: _Run) -> None:
+    """GPTQ the routed experts of one MoE layer in batches, and add their quantized outputs to ``ex.partial``.
 
     Memory holds one batch's weights and Hessians; nothing here is [E, K, K] or the whole [E, out, in]."""
+    num_e, inter, hidden = ex.shape
+    run.result.token_counts[ex.layer] = ex.counts.tolist()
+    log.info("layer %d: tokens per expert %s", ex.layer, ex.counts.tolist())
+    bsz = expert_batch_size(hidden, inter, run.options.expert_batch_bytes, num_e)
+    batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
+    log.info("layer %d: %d routed experts in %d batch(es) of up to %d", ex.layer, num_e, len(batches), bsz)
+    priors = _expert_priors(ex, batches, run.dev)
+    for a, b in batches:
+        w = ex.load((_GATE, _UP, _DOWN), a, b, run.dev)
+        accs = _expert_hessians(ex, a, b, w, run)  # pass 1: the float experts' real inputs
+        _quantize_experts(ex, w, accs, priors, run)
+        del accs
+        # pass 2: the quantized experts on the quantized layer's tokens
+        for j, e, rows, xe in _routed_rows(ex.routed2, a, b):
+            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+            ex.partial[j][rows] = ex.partial[j][rows] + me @ w[_DOWN][e - a].T
+        del w
+    for n, scheme in ex.plan.items():
+        full = f"model.layers.{ex.layer}.{n}"
+        run.result.stats[full] = {**ex.stats[n], "tokens": ex.counts.tolist()}
+        if isinstance(scheme, Fp8) and scheme.activation == "static":
+            run.result.act_scales[full] = _static_scales(np.concatenate(ex.amax[n]), ex.counts)
+        _log_tensor(full, scheme, ex.stats[n], run.options.method)
+
+
+def _expert_priors(ex: _Experts, batches: list[tuple[int, int]], dev) -> dict:
+    """The layer priors H̄ (module docstring) of the planned experts' inputs, keyed by input as in ``_SHARES``
+    (gate/up: gate_proj's; down: its own), computed without per-expert stacks."""
+    priors = {}
+    if _GATE in ex.plan or _UP in ex.plan:
+        priors[_GATE] = _prior_gate_up(ex, dev)
+    if _DOWN in ex.plan:
+        priors[_DOWN] = _prior_down(ex, batches, dev)
+    return priors
+
+
+def _prior_gate_up(ex: _Experts, dev):
+    """gate/up: every routed token's s·h2 feeds exactly one expert, so Σ_e H_e is Σ over all routed tokens of
+    (s·h2)(s·h2)ᵀ, one [H, H]."""
     import torch
 
-    num_e, inter, hidden = lazy[_GATE].shape
-    counts = np.zeros(num_e, np.int64)
-    for _, idx, _ in routed1:
-        counts += np.bincount(idx.cpu().numpy(), minlength=num_e)
-    total = int(counts.sum())
-    result.token_counts[la.index] = counts.tolist()
-    log.info("layer %d: tokens per expert %s", la.index, counts.tolist())
-    bsz = expert_batch_size(hidden, inter, options.expert_batch_bytes, num_e)
-    batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
-    log.info("layer %d: %d routed experts in %d batch(es) of up to %d", la.index, num_e, len(batches), bsz)
-    alpha = options.prior_tokens if num_e > 1 else 0.0
+    hidden = ex.shape[2]
+    shared = torch.zeros(hidden, hidden, dtype=torch.float64, device=dev)
+    for h2, _, s in ex.routed1:
+        xd = (h2 * s[:, None]).to(torch.float64)
+        shared += xd.T @ xd
+    return _prior(hidden, int(ex.counts.sum()), dev, shared=shared)
 
-    # The layer priors (module docstring), without per-expert stacks. gate/up: every routed token's s·h2
-    # feeds exactly one expert, so Σ_e H_e is Σ over all routed tokens of (s·h2)(s·h2)ᵀ, one [H, H].
-    prior_gu = prior_dn = None
-    if _GATE in plan or _UP in plan:
-        shared = torch.zeros(hidden, hidden, dtype=torch.float64, device=dev)
-        for h2, _, s in routed1:
-            xd = (h2 * s[:, None]).to(torch.float64)
-            shared += xd.T @ xd
-        prior_gu = _prior(hidden, total, dev, shared=shared)
-        del shared
-    if _DOWN in plan:
-        # down: each expert's intermediate features are its own, so the prior is mean-diag·I, the mean over routed
-        # experts of tr(H_e)/n_e/I. tr(H_e) = Σ_tokens |silu(G s h2) ⊙ (U s h2)|², which needs the float gate/up:
-        # a first, cheaper pass over the batches (weights only, no Hessians).
-        trace = np.zeros(num_e, np.float64)
-        for a, b in batches:
-            g = torch.tensor(lazy[_GATE].load(np.float32, experts=slice(a, b)), device=dev)  # [B, I, H]
-            u = torch.tensor(lazy[_UP].load(np.float32, experts=slice(a, b)), device=dev)
-            for _, e, _, xe in _routed_rows(routed1, a, b):
-                trace[e] += float(expert_hidden(xe, g[e - a], u[e - a]).to(torch.float64).pow(2).sum())
-            del g, u
-        live = counts > 0
-        per_tok = torch.tensor(trace[live] / counts[live] / inter, dtype=torch.float64) if live.any() else None
-        prior_dn = _prior(inter, total, dev, per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
 
-    stats: dict[str, dict[str, list[float]]] = {n: {} for n in plan}
-    amax: dict[str, list[np.ndarray]] = {n: [] for n in plan}
+def _prior_down(ex: _Experts, batches: list[tuple[int, int]], dev):
+    """down: each expert's intermediate features are its own, so the prior is mean-diag·I, the mean over routed
+    experts of tr(H_e)/n_e/I. tr(H_e) = Σ_tokens |silu(G s h2) ⊙ (U s h2)|², which needs the float gate/up:
+    a first, cheaper pass over the batches (weights only, no Hessians)."""
+    import torch
+
+    num_e, inter, _ = ex.shape
+    trace = np.zeros(num_e, np.float64)
     for a, b in batches:
-        w = {n: torch.tensor(lazy[n].load(np.float32, experts=slice(a, b)), device=dev) for n in (_GATE, _UP, _DOWN)}
-        acc_gu = _Acc(b - a, hidden, dev, a) if prior_gu is not None else None
-        acc_dn = _Acc(b - a, inter, dev, a) if prior_dn is not None else None
-        if acc_gu is not None or acc_dn is not None or observer is not None:
-            for _, e, _, xe in _routed_rows(routed1, a, b):  # pass 1: the float experts' real inputs
-                if observer is not None:
-                    observer(f"model.layers.{la.index}.{_GATE}", e, xe)
-                if acc_gu is not None:
-                    acc_gu.add(e, xe)
-                if acc_dn is not None or observer is not None:
-                    me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
-                    if observer is not None:
-                        observer(f"model.layers.{la.index}.{_DOWN}", e, me)
-                    if acc_dn is not None:
-                        acc_dn.add(e, me)
-        for n in (_GATE, _UP, _DOWN):
-            if n not in plan:
-                continue
-            acc, prior = (acc_dn, prior_dn) if n == _DOWN else (acc_gu, prior_gu)
-            full = f"model.layers.{la.index}.{n}"
-            qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, alpha), plan[n], options, stats[n])
-            amax[n].append(acc.amax)
-            result.tensors.append(full, qt)
-            w[n] = torch.tensor(qt.dequantize(), device=dev)
-            del qt
-        del acc_gu, acc_dn
-        for j, e, rows, xe in _routed_rows(routed2, a, b):  # pass 2: quantized experts on the quantized layer's tokens
-            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
-            partial[j][rows] = partial[j][rows] + me @ w[_DOWN][e - a].T
+        w = ex.load((_GATE, _UP), a, b, dev)  # [B, I, H] each
+        for _, e, _, xe in _routed_rows(ex.routed1, a, b):
+            trace[e] += float(expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a]).to(torch.float64).pow(2).sum())
         del w
-    for n, scheme in plan.items():
-        full = f"model.layers.{la.index}.{n}"
-        result.stats[full] = {**stats[n], "tokens": counts.tolist()}
-        if isinstance(scheme, Fp8) and scheme.activation == "static":
-            result.act_scales[full] = _static_scales(np.concatenate(amax[n]), counts)
-        _log_tensor(full, scheme, stats[n], options.method)
+    live = ex.counts > 0
+    per_tok = torch.tensor(trace[live] / ex.counts[live] / inter, dtype=torch.float64) if live.any() else None
+    return _prior(inter, int(ex.counts.sum()), dev,
+                  per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
 
 
-def _global_tensors(ckpt: Checkpoint, recipe: Recipe, X: list, result: CalibResult, options: CalibOptions, dev) -> None:
+def _expert_hessians(ex: _Experts, a: int, b: int, w: dict, run: _Run) -> dict:
+    """Pass 1 over experts [a, b): Σ x xᵀ of the float experts' real inputs for the planned tensors, keyed by input
+    as in ``_SHARES``; the observer (if any) sees every input, planned or not."""
+    _, inter, hidden = ex.shape
+    accs = {}
+    if _GATE in ex.plan or _UP in ex.plan:
+        accs[_GATE] = _Acc(b - a, hidden, run.dev, a)
+    if _DOWN in ex.plan:
+        accs[_DOWN] = _Acc(b - a, inter, run.dev, a)
+    if not accs and run.observer is None:
+        return accs
+    for _, e, _, xe in _routed_rows(ex.routed1, a, b):
+        run.observe(ex.layer, _GATE, e, xe)
+        if _GATE in accs:
+            accs[_GATE].add(e, xe)
+        if _DOWN in accs or run.observer is not None:
+            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+            run.observe(ex.layer, _DOWN, e, me)
+            if _DOWN in accs:
+                accs[_DOWN].add(e, me)
+    return accs
+
+
+def _quantize_experts(ex: _Experts, w: dict, accs: dict, priors: dict, run: _Run) -> None:
+    """GPTQ the batch's planned tensors on their blended Hessians (one at a time), spill them, record their stats
+    and input absmax in ``ex``, and replace their float weights in ``w`` by the dequantized ones (pass 2's)."""
+    import torch
+
+    alpha = run.options.prior_tokens if ex.shape[0] > 1 else 0.0
+    for n in (_GATE, _UP, _DOWN):
+        if n not in ex.plan:
+            continue
+        acc, prior = accs[_SHARES.get(n, n)], priors[_SHARES.get(n, n)]
+        qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, alpha), ex.plan[n], run.options, ex.stats[n])
+        ex.amax[n].append(acc.amax)
+        run.result.tensors.append(f"model.layers.{ex.layer}.{n}", qt)
+        w[n] = torch.tensor(qt.dequantize(), device=run.dev)
+        del qt
+
+
+# ---- lm_head and the embedding -----------------------------------------------------------------------------
+def _global_tensors(X: list, run: _Run) -> None:
     """lm_head (calibrated on the final normed states) and the embedding (RTN: its 'input' is a lookup)."""
     import torch
 
+    ckpt = run.ckpt
     for name in ("lm_head.weight", "model.embed_tokens.weight"):
-        scheme = recipe.scheme_for(name)
+        scheme = run.recipe.scheme_for(name)
         if scheme is None or name not in ckpt.tensors:
             continue
         w = ckpt.tensors[name].load(np.float32)[None]
         rtn = scheme.quantize(w)
         qt = rtn
-        if name == "lm_head.weight" and options.method == "gptq":
-            acc = _Acc(1, w.shape[-1], dev)
-            norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=dev)
+        if name == "lm_head.weight" and run.options.method == "gptq":
+            acc = _Acc(1, w.shape[-1], run.dev)
+            norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=run.dev)
             for x in X:
                 acc.add(-1, rms(x, norm, ckpt.spec.rms_norm_eps))
-            qt = gptq(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=dev), 0.0), scheme, options.damp)
-        result.tensors.append(name, type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0]))
-        result.stats[name] = {"weight_sqnr_rtn": sqnr_db(w, rtn.dequantize(), axis=(1, 2)).tolist(),
-                              "weight_sqnr_calibrated": sqnr_db(w, qt.dequantize(), axis=(1, 2)).tolist()}
+            eye = torch.eye(w.shape[-1], dtype=torch.float64, device=run.dev)
+            qt = gptq(w, acc.blended(eye, 0.0), scheme, run.options.damp)
+        run.result.tensors.append(name, _unstack(qt))
+        run.result.stats[name] = {"weight_sqnr_rtn": sqnr_db(w, rtn.dequantize(), axis=(1, 2)).tolist(),
+                                  "weight_sqnr_calibrated": sqnr_db(w, qt.dequantize(), axis=(1, 2)).tolist()}
 
 
 __all__ = ["CalibOptions", "CalibResult", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes"]
