@@ -23,43 +23,11 @@ def read_calibration(path: str | Path | None, vocab_size: int, tokenizer_dir: st
         raw = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise UsageError(f"--calib {path}: not UTF-8 text (byte {err.start}); give a UTF-8 .txt, .jsonl or .json file") from None
-    records: list[str | list[int]] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"--calib {path} line {n}: not JSON ({err.msg}); one JSON object per line") from None
-            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                records.append(obj["text"])
-            elif isinstance(obj, dict) and isinstance(obj.get("input_ids"), list):
-                records.append(obj["input_ids"])
-            else:
-                raise UsageError(f"--calib {path} line {n}: needs a string \"text\" or a list \"input_ids\" field")
-    elif path.suffix == ".json":
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--calib {path}: not JSON ({err.msg}); give a list of strings or of token id lists") from None
-        if not isinstance(obj, list) or not all(isinstance(r, (str, list)) for r in obj):
-            raise UsageError(f"--calib {path}: a .json calibration file must be a list of strings or of token id lists")
-        records = list(obj)
-    else:
-        records = [line for line in raw.splitlines() if line.strip()]
-    records = [r for r in records if len(r) > 0][:samples]
+    records = [r for r in _records(path, raw) if len(r) > 0][:samples]
     if not records:
         raise UsageError(f"--calib {path}: no calibration samples in the file; give at least one non-empty line")
 
-    tok = None
-    if any(isinstance(r, str) for r in records):
-        tj = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir else None
-        if tj is None or not tj.is_file():
-            raise UsageError(f"--calib {path}: text needs the checkpoint's tokenizer.json, which is missing; give token ids instead")
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tj))
+    tok = _tokenizer(path, tokenizer_dir) if any(isinstance(r, str) for r in records) else None
     out = []
     for n, r in enumerate(records, 1):
         if isinstance(r, str):
@@ -76,3 +44,46 @@ def read_calibration(path: str | Path | None, vocab_size: int, tokenizer_dir: st
     if not out:
         raise UsageError(f"--calib {path}: every sample tokenized to nothing")
     return out
+
+
+def _records(path: Path, raw: str) -> list[str | list[int]]:
+    """The file's samples, texts or id lists, by suffix: .jsonl, .json, else one text per non-empty line."""
+    if path.suffix == ".jsonl":
+        return _jsonl_records(path, raw)
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--calib {path}: not JSON ({err.msg}); give a list of strings or of token id lists") from None
+        if not isinstance(obj, list) or not all(isinstance(r, (str, list)) for r in obj):
+            raise UsageError(f"--calib {path}: a .json calibration file must be a list of strings or of token id lists")
+        return list(obj)
+    return [line for line in raw.splitlines() if line.strip()]
+
+
+def _jsonl_records(path: Path, raw: str) -> list[str | list[int]]:
+    records: list[str | list[int]] = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--calib {path} line {n}: not JSON ({err.msg}); one JSON object per line") from None
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            records.append(obj["text"])
+        elif isinstance(obj, dict) and isinstance(obj.get("input_ids"), list):
+            records.append(obj["input_ids"])
+        else:
+            raise UsageError(f"--calib {path} line {n}: needs a string \"text\" or a list \"input_ids\" field")
+    return records
+
+
+def _tokenizer(path: Path, tokenizer_dir: str | Path | None):
+    """The checkpoint's ``tokenizer.json`` (``tokenizers.Tokenizer``), for calibration text."""
+    tj = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir else None
+    if tj is None or not tj.is_file():
+        raise UsageError(f"--calib {path}: text needs the checkpoint's tokenizer.json, which is missing; give token ids instead")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tj))
