@@ -53,7 +53,7 @@ ck = Checkpoint(sys.argv[1])
 ids = [np.asarray(i, np.int64) for i in json.loads(open(sys.argv[2]).read())]
 options = CalibOptions(expert_batch_bytes=int(sys.argv[3])) if len(sys.argv) > 3 else CalibOptions()
 t = time.perf_counter()
-res = calibrate(ck, PRESETS["int4"], options, ids=ids)
+res = calibrate(ck, PRESETS["int4"], options=options, ids=ids)  # by keyword: old and new signatures both take it
 seconds = time.perf_counter() - t
 peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 h = hashlib.sha256()

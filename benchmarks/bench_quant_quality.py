@@ -277,7 +277,7 @@ def _awq_search(w: np.ndarray, x: np.ndarray, scheme) -> tuple[np.ndarray, float
 def awq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme,
                 compare: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """AWQ-style fake quantization of every routed expert, layer by layer, with l4export's calibration layer
-    maths (``calibrate.layer_forward`` and its capture hook): gate/up see the expert's real routed inputs
+    maths (``torch_llama4.layer_forward`` and its capture hook): gate/up see the expert's real routed inputs
     (router score × normed h), down the true intermediate. Unrouted experts: gate/up use the layer's pooled
     routed inputs (the experts share that input space, as GPTQ's layer prior does); down falls back to RTN.
     ``compare`` (e.g. the GPTQ experts): their output error on the same captured inputs is reported too, as a
@@ -285,7 +285,7 @@ def awq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme,
     import torch
 
     from l4export.checkpoint import Checkpoint
-    from l4export.quant.calibrate import layer_forward
+    from l4export.torch_llama4 import layer_forward
 
     torch.set_num_threads(1)
     ck = Checkpoint(ckpt_path)
@@ -351,7 +351,7 @@ def gptq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme) -> dict[str, np
     from l4export.quant.recipe import Recipe, Rule
 
     recipe = Recipe("experts-only", (Rule("*.feed_forward.experts.*", scheme),))
-    res = calibrate(Checkpoint(ckpt_path), recipe, CalibOptions(samples=len(ids), seqlen=max(len(i) for i in ids)), ids=ids)
+    res = calibrate(Checkpoint(ckpt_path), recipe, ids, CalibOptions(samples=len(ids), seqlen=max(len(i) for i in ids)))
     return {n: qt.dequantize() for n, qt in res.tensors.items()}
 
 
@@ -387,7 +387,7 @@ def ppl_model(model, wins: np.ndarray) -> float:
 def method_comparison(ckpt: Path, calib: Path, samples: int, wins: np.ndarray, record) -> dict:
     """RTN / GPTQ / AWQ-style on the routed experts, each evaluated as a fake-quantized transformers model."""
     from l4export.checkpoint import Checkpoint
-    from l4export.quant.calibrate import read_calibration
+    from l4export.quant.calib_data import read_calibration
 
     scheme = _expert_scheme()
     spec = Checkpoint(ckpt).spec

@@ -51,9 +51,12 @@ def plan_export(ckpt: Checkpoint, options: ExportOptions) -> ExportPlan:
 def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: Path):
     """GPTQ (or RTN statistics) for the plan's recipe; calibrated codes spill into the output's temporary folder
     (the output's disk, not a possibly RAM-backed $TMPDIR) and go when the export is written."""
+    from .quant.calib_data import read_calibration
     from .quant.calibrate import calibrate, spill_next_to
 
-    return calibrate(ckpt, plan.recipe, spill_next_to(options.calib, tmp))
+    c = options.calib
+    ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
+    return calibrate(ckpt, plan.recipe, ids, spill_next_to(c, tmp))
 
 
 def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, force: bool = False) -> Path:

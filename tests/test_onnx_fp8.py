@@ -24,6 +24,7 @@ from l4export.checkpoint import Checkpoint  # noqa: E402
 from l4export.cli import main  # noqa: E402
 from l4export.convert import ExportOptions, convert  # noqa: E402
 from l4export.errors import CapabilityError, RecipeError  # noqa: E402
+from l4export.quant.calib_data import read_calibration  # noqa: E402
 from l4export.quant.calibrate import CalibOptions, calibrate  # noqa: E402
 from l4export.quant.pack import to_matmul_fp8, to_qmoe_fp8  # noqa: E402
 from l4export.quant.recipe import PRESETS, Recipe, Rule, load_recipe  # noqa: E402
@@ -223,7 +224,8 @@ def _emulation(src: Path, recipe: Recipe, calib_file: Path) -> tuple[ReferenceRu
     """transformers float32 with every quantized weight replaced by its calibrated dequantized tensor and the
     graph's activation fake-quantization, fp8(x / s) * s, on the same inputs: each static dense linear's input
     (its own scale) and the routed experts' input (max over experts of the gate/up scales)."""
-    result = calibrate(Checkpoint(src), recipe, _calib(calib_file))
+    ck, c = Checkpoint(src), _calib(calib_file)
+    result = calibrate(ck, recipe, read_calibration(c.path, ck.spec.vocab_size, ck.path, c.samples, c.seqlen), c)
     ref = ReferenceRunner(src)
     modules = dict(ref.model.named_modules())
 

@@ -13,11 +13,13 @@ torch = pytest.importorskip("torch")
 
 from l4export.checkpoint import Checkpoint  # noqa: E402
 from l4export.errors import UsageError  # noqa: E402
-from l4export.quant.calibrate import CalibOptions, calibrate, layer_forward, read_calibration  # noqa: E402
+from l4export.quant.calib_data import read_calibration  # noqa: E402
+from l4export.quant.calibrate import CalibOptions, calibrate  # noqa: E402
 from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes  # noqa: E402
 from l4export.quant.report import write_report  # noqa: E402
 from l4export.quant.schemes import Int  # noqa: E402
 from l4export.runtimes.reference import load_reference  # noqa: E402
+from l4export.torch_llama4 import layer_forward  # noqa: E402
 
 QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
@@ -52,8 +54,8 @@ def test_routed_expert_inputs_are_score_times_x(which, request):
     last = ck.spec.num_layers - 1  # quantize only the last layer, so earlier layers propagate in float
     recipe = Recipe("last", (Rule(f"model.layers.{last}.feed_forward.experts.*", Int(4, 32)),))
     seen: dict[tuple[str, int], list] = {}
-    calibrate(ck, recipe, CalibOptions(), observer=lambda n, e, x: seen.setdefault((n, e), []).append(x.clone()),
-              ids=IDS[:1])
+    calibrate(ck, recipe, IDS[:1], CalibOptions(),
+              observer=lambda n, e, x: seen.setdefault((n, e), []).append(x.clone()))
     model, hs = _hf_hidden(path, IDS[0])
     checked = 0
     for la in ck.spec.layers:
@@ -86,7 +88,7 @@ def test_routed_expert_inputs_are_score_times_x(which, request):
 @pytest.fixture(scope="module")
 def maverick_int4(maverick):
     ck = Checkpoint(maverick)
-    return ck, calibrate(ck, PRESETS["int4"], CalibOptions(), ids=IDS)
+    return ck, calibrate(ck, PRESETS["int4"], IDS, CalibOptions())
 
 
 def test_unrouted_experts_stay_finite_and_nonzero(maverick_int4):
@@ -117,8 +119,8 @@ def test_calibrated_beats_rtn_on_calibration_activations(scout):
                            Rule("model.layers.0.feed_forward.shared_expert.*", Int(4, 32)),
                            Rule("model.layers.0.self_attn.*", Int(4, 32))))
     seen: dict[tuple[str, int], list] = {}
-    res = calibrate(ck, recipe, CalibOptions(), observer=lambda n, e, x: seen.setdefault((n, e), []).append(x.clone()),
-                    ids=IDS)
+    res = calibrate(ck, recipe, IDS, CalibOptions(),
+                    observer=lambda n, e, x: seen.setdefault((n, e), []).append(x.clone()))
     inputs = {"gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
     for part in ("experts", "shared_expert"):
         for proj, src in inputs.items():
@@ -183,8 +185,8 @@ def test_expert_batches_equal_one_batch(maverick):
     budget = 5 * expert_bytes(h, i)
     assert expert_batch_size(h, i, budget, 128) == 5
     assert expert_batch_size(h, i, 1, 128) == 1 and expert_batch_size(h, i, 1 << 40, 128) == 128
-    batched = _snapshot(calibrate(ck, recipe, CalibOptions(expert_batch_bytes=budget), ids=IDS[:3]))
-    whole = _snapshot(calibrate(ck, recipe, CalibOptions(expert_batch_bytes=1 << 40), ids=IDS[:3]))
+    batched = _snapshot(calibrate(ck, recipe, IDS[:3], CalibOptions(expert_batch_bytes=budget)))
+    whole = _snapshot(calibrate(ck, recipe, IDS[:3], CalibOptions(expert_batch_bytes=1 << 40)))
     assert set(batched[0]) == set(whole[0]) and any(".experts." in n for n in whole[0])
     for name, parts in whole[0].items():
         for a, b in zip(parts, batched[0][name]):
@@ -200,7 +202,7 @@ def test_expert_batches_equal_one_batch(maverick):
 
 def test_calibrated_tensors_are_memory_mapped_from_disk(maverick_int4):
     """result.tensors holds no codes in RAM: every array is an np.memmap over a file in its own folder."""
-    from l4export.quant.calibrate import SpilledTensors
+    from l4export.quant.spill import SpilledTensors
 
     ck, res = maverick_int4
     store = res.tensors
@@ -223,17 +225,17 @@ def test_calibrated_tensors_are_memory_mapped_from_disk(maverick_int4):
 def test_spilled_folder_is_removed(maverick):
     import gc
 
-    from l4export.quant.calibrate import SpilledTensors
+    from l4export.quant.spill import SpilledTensors
 
     ck = Checkpoint(maverick)
     recipe = Recipe("down", (Rule("model.layers.3.feed_forward.experts.down_proj", Int(4, 32)),))
-    res = calibrate(ck, recipe, CalibOptions(), ids=IDS[:1])
+    res = calibrate(ck, recipe, IDS[:1], CalibOptions())
     path = res.tensors.path
     qt = res.tensors["model.layers.3.feed_forward.experts.down_proj"]
     res.close()
     assert not path.exists()
     assert np.isfinite(qt.dequantize()).all()  # what was mapped stays readable: the files are unlinked, not unmapped
-    res = calibrate(ck, recipe, CalibOptions(), ids=IDS[:1])
+    res = calibrate(ck, recipe, IDS[:1], CalibOptions())
     path = res.tensors.path
     assert path.is_dir()
     del res
@@ -292,5 +294,7 @@ def test_bad_calibration_files(tmp_path, name, content, message):
 def test_missing_file_and_bad_options(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         read_calibration(tmp_path / "nope.txt", 300)
+    with pytest.raises(UsageError, match="needs --calib FILE"):
+        read_calibration(None, 300)
     with pytest.raises(UsageError, match="at least 1"):
         CalibOptions(samples=0)

@@ -30,16 +30,15 @@ tr(H_e), a first pass over the batches with gate/up only.
 Peak memory therefore does not grow with the number of experts: one layer's activations, its non-expert
 weights and one expert batch. Calibrated tensors go to disk as they are made (``SpilledTensors``), so
 ``CalibResult.tensors`` is a mapping over memory-mapped files, not ~1 byte per weight of RAM.
+
+This module is the driver. Its parts: the layer maths in torch (``l4export/torch_llama4.py``), GPTQ (``gptq.py``),
+the on-disk store (``spill.py``); the calibration file is read by ``calib_data.read_calibration``, before this runs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,9 +48,12 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from ..spec import LayerSpec, Llama4Spec
+from ..spec import LayerSpec
+from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
+from .gptq import gptq, output_sqnr
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, sqnr_db
+from .spill import SpilledTensors
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ Observer = Callable[[str, int, Any], None]
 
 @dataclass(frozen=True)
 class CalibOptions:
-    path: Path | None = None
+    path: Path | None = None  # the calibration file (--calib), for read_calibration; calibrate() takes ids
     samples: int = 64  # at most this many samples (lines / records)
     seqlen: int = 256  # each sample truncated to this many tokens
     method: str = "gptq"  # "gptq" or "rtn" (round to nearest; statistics and report only)
@@ -103,334 +105,22 @@ def spill_next_to(options: "CalibOptions", out: Path) -> "CalibOptions":
     return options if options.spill_dir is not None else replace(options, spill_dir=Path(out))
 
 
-# ---- calibration data -----------------------------------------------------------------------------------
-def read_calibration(path: str | Path, vocab_size: int, tokenizer_dir: str | Path | None = None,
-                     samples: int = 64, seqlen: int = 256) -> list[np.ndarray]:
-    """Token id arrays from ``.txt`` (one sample per line), ``.jsonl`` ({"text": ...} or {"input_ids": [...]})
-    or ``.json`` (a list of strings or of id lists). Text is tokenized with ``tokenizer_dir/tokenizer.json``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--calib {path}: no such file")
-    try:
-        raw = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"--calib {path}: not UTF-8 text (byte {err.start}); give a UTF-8 .txt, .jsonl or .json file") from None
-    records: list[str | list[int]] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"--calib {path} line {n}: not JSON ({err.msg}); one JSON object per line") from None
-            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                records.append(obj["text"])
-            elif isinstance(obj, dict) and isinstance(obj.get("input_ids"), list):
-                records.append(obj["input_ids"])
-            else:
-                raise UsageError(f"--calib {path} line {n}: needs a string \"text\" or a list \"input_ids\" field")
-    elif path.suffix == ".json":
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--calib {path}: not JSON ({err.msg}); give a list of strings or of token id lists") from None
-        if not isinstance(obj, list) or not all(isinstance(r, (str, list)) for r in obj):
-            raise UsageError(f"--calib {path}: a .json calibration file must be a list of strings or of token id lists")
-        records = list(obj)
-    else:
-        records = [line for line in raw.splitlines() if line.strip()]
-    records = [r for r in records if len(r) > 0][:samples]
-    if not records:
-        raise UsageError(f"--calib {path}: no calibration samples in the file; give at least one non-empty line")
+def expert_bytes(hidden: int, inter: int) -> int:
+    """Estimated peak bytes one routed expert adds to an expert batch.
 
-    tok = None
-    if any(isinstance(r, str) for r in records):
-        tj = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir else None
-        if tj is None or not tj.is_file():
-            raise UsageError(f"--calib {path}: text needs the checkpoint's tokenizer.json, which is missing; give token ids instead")
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tj))
-    out = []
-    for n, r in enumerate(records, 1):
-        if isinstance(r, str):
-            ids = tok.encode(r).ids
-        else:
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in r):
-                raise UsageError(f"--calib {path} sample {n}: token ids must be integers")
-            ids = r
-        ids = np.asarray(ids[:seqlen], dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise UsageError(f"--calib {path} sample {n}: token id {int(ids.max())} is outside the vocabulary (0..{vocab_size - 1})")
-        if ids.size:
-            out.append(ids)
-    if not out:
-        raise UsageError(f"--calib {path}: every sample tokenized to nothing")
-    return out
+    Float32 gate/up/down (3·I·H·4) and their dequantized copies for pass 2 (3·I·H·4); float64 Hessians,
+    gate/up [H, H] and down [I, I]; GPTQ's work on the larger one (the blended copy, its clone, L, L⁻¹ and the
+    factor of H⁻¹: 5·K², K = max(H, I)) and its float64 weight (N·K). Maverick (H 5120, I 8192): ~4.8 GB."""
+    k = max(hidden, inter)
+    return 24 * inter * hidden + 8 * (hidden * hidden + inter * inter) + 8 * (5 * k * k + inter * hidden)
 
 
-# ---- Llama 4 layer maths (transformers' Llama4TextDecoderLayer, float32) --------------------------------
-def _rms(x, w, eps: float):
-    import torch
-
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: int) -> int:
+    """How many routed experts fit ``budget_bytes`` at once: at least 1 (Maverick at 1 GiB), at most all."""
+    return max(1, min(num_experts, budget_bytes // expert_bytes(hidden, inter)))
 
 
-def _attention_core(h, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq):
-    """h [T, H] (already input_layernorm'ed) -> attention output before o_proj [T, nh*D]."""
-    import torch
-
-    t = h.shape[0]
-    nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    q = (h @ W["self_attn.q_proj.weight"].T).view(t, nh, d)  # (T, nh, D)
-    k = (h @ W["self_attn.k_proj.weight"].T).view(t, nkv, d)  # (T, nkv, D)
-    v = (h @ W["self_attn.v_proj.weight"].T).view(t, nkv, d)
-    pos = torch.arange(t, device=h.device, dtype=torch.float32)
-    if la.uses_rope:
-        # IMPORTANT: complex, interleaved pairs (2i, 2i+1) ("traditional"), not rotate_half.
-        ang = pos[:, None] * inv_freq[None, :]  # (T, D/2)
-        cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
-
-        def rot(x):
-            x0, x1 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-
-        q, k = rot(q), rot(k)
-    if la.qk_norm:  # IMPORTANT: weightless per-head L2 norm, after RoPE, eps = rms_norm_eps
-        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
-        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
-    if la.temperature_tuning:  # NoPE layers: q *= 1 + attn_scale·log1p(floor((pos+1)/floor_scale))
-        temp = torch.log1p(torch.floor((pos + 1.0) / spec.floor_scale)) * spec.attn_scale + 1.0
-        q = q * temp[:, None, None]
-    rep = nh // nkv
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (T, nh, D)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * d**-0.5  # (nh, T, T)
-    i = torch.arange(t, device=h.device)
-    allowed = i[None, :] <= i[:, None]
-    if la.chunked and spec.attention_chunk_size:
-        c = spec.attention_chunk_size
-        allowed = allowed & (i[None, :] // c == i[:, None] // c)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    return torch.einsum("hqk,khd->qhd", p, v).reshape(t, nh * d)
-
-
-def _route(h2, W: dict):
-    """Top-1 routing: (expert index [T], score s [T]) with s = sigmoid(max logit)."""
-    import torch
-
-    logits = h2 @ W["feed_forward.router.weight"].T  # (T, E)
-    top, idx = logits.max(dim=-1)
-    return idx, torch.sigmoid(top)
-
-
-def _attention_block(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, cap: Callable):
-    """x [T, H] -> (x + attention [T, H], h2 = post_attention_layernorm of it [T, H])."""
-    h = _rms(x, W["input_layernorm.weight"], spec.rms_norm_eps)
-    cap("self_attn.q_proj.weight", -1, h)
-    a = _attention_core(h, W, la, spec, inv_freq)
-    cap("self_attn.o_proj.weight", -1, a)
-    x = x + a @ W["self_attn.o_proj.weight"].T
-    return x, _rms(x, W["post_attention_layernorm.weight"], spec.rms_norm_eps)
-
-
-def _mlp(h2, W: dict, p: str, cap: Callable):
-    """SwiGLU MLP ``p`` (the dense MLP or the shared expert) on h2 [T, H] -> [T, H]."""
-    import torch.nn.functional as F
-
-    cap(p + "gate_proj.weight", -1, h2)
-    m = F.silu(h2 @ W[p + "gate_proj.weight"].T) * (h2 @ W[p + "up_proj.weight"].T)
-    cap(p + "down_proj.weight", -1, m)
-    return m @ W[p + "down_proj.weight"].T
-
-
-def _expert_hidden(xe, gate, up):
-    """One routed expert's intermediate silu(G xe) ⊙ (U xe): xe [n, H], gate/up [I, H] -> [n, I]."""
-    import torch.nn.functional as F
-
-    return F.silu(xe @ gate.T) * (xe @ up.T)
-
-
-def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture: Callable | None = None):
-    """One decoder layer on one sample x [T, H] with all of its weights in ``W`` (experts stacked [E, out, in]).
-    ``capture(name_in_layer, expert, inputs)`` sees the input of every linear (expert=-1 for non-expert linears).
-    The calibration driver runs the same maths in pieces (routed experts in batches); this is the whole layer."""
-    import torch
-
-    cap = capture or (lambda *a: None)
-    x, h2 = _attention_block(x, W, la, spec, inv_freq, cap)
-    if not la.is_moe:
-        return x + _mlp(h2, W, "feed_forward.", cap)
-    out = _mlp(h2, W, "feed_forward.shared_expert.", cap)
-    idx, s = _route(h2, W)
-    xs = h2 * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
-    routed = torch.zeros_like(out)
-    ex = "feed_forward.experts."
-    for e in torch.unique(idx).tolist():
-        rows = (idx == e).nonzero(as_tuple=True)[0]
-        xe = xs[rows]
-        cap(ex + "gate_proj", e, xe)
-        me = _expert_hidden(xe, W[ex + "gate_proj"][e], W[ex + "up_proj"][e])
-        cap(ex + "down_proj", e, me)
-        routed[rows] = me @ W[ex + "down_proj"][e].T
-    return x + out + routed
-
-
-# ---- GPTQ -------------------------------------------------------------------------------------------------
-def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01) -> QTensor:
-    """GPTQ (Frantar et al. 2022) over a leading batch (expert) axis: w [B, N, K], hessian [B, K, K] (torch).
-    Group scales are fitted on the already-updated weights at each group's first column. Columns whose
-    Hessian diagonal is 0 get a unit diagonal (plain rounding); no column is ever zeroed."""
-    import torch
-
-    dev = hessian.device
-    W = torch.tensor(w, dtype=torch.float64, device=dev)
-    b, n, k = W.shape
-    H = hessian.to(torch.float64).clone()
-    diag = torch.diagonal(H, dim1=-2, dim2=-1)
-    dead = diag <= 0
-    diag[dead] = 1.0
-    mean = diag.mean(-1, keepdim=True)  # (B, 1)
-    eye = torch.eye(k, dtype=torch.float64, device=dev)
-    Hinv = _damped_inverse_factor(H, mean, eye, damp)
-    del H
-    g = scheme.group_for(k)
-    scales = np.empty((b, n, k // g), np.float32)
-    zeros = None
-    Q = np.empty((b, n, k), np.float32)
-    for i in range(k):
-        if i % g == 0:
-            s, z = scheme.fit(W[:, :, i : i + g].cpu().numpy().astype(np.float32)[:, :, None, :])
-            scales[:, :, i // g] = s[:, :, 0, 0]
-            if z is not None:
-                zeros = zeros if zeros is not None else np.empty((b, n, k // g), np.uint8)
-                zeros[:, :, i // g] = z[:, :, 0, 0]
-        col = W[:, :, i].cpu().numpy().astype(np.float32)
-        q = scheme.snap(col[:, :, None, None], s, z)[:, :, 0, 0]
-        Q[:, :, i] = q
-        err = (W[:, :, i] - torch.tensor(q, dtype=torch.float64, device=dev)) / Hinv[:, i, i][:, None]
-        W[:, :, i:] -= err[:, :, None] * Hinv[:, None, i, i:]
-    return scheme.with_scales(Q, scales, zeros)
-
-
-def _damped_inverse_factor(H, mean, eye, damp: float):
-    """Upper Cholesky factor of H⁻¹ per batch entry, H [B, K, K] dampened by λ·mean-diag. λ starts at ``damp`` and
-    is raised tenfold (up to 5 times) for the entries whose H + λ·I is not positive definite; an entry that never
-    factors gets I (plain rounding). Per entry, so an entry's result does not depend on which batch it is in."""
-    import torch
-
-    b = H.shape[0]
-    todo = torch.arange(b, device=H.device)
-    done: list[tuple[Any, Any]] = []  # (entries, their factors)
-    lam = damp
-    for _ in range(6):
-        Hs = H if len(todo) == b else H[todo]
-        L, info = torch.linalg.cholesky_ex(Hs + lam * mean[todo][..., None] * eye)
-        del Hs
-        ok = info == 0
-        if bool(ok.any()):
-            Lok = L if bool(ok.all()) else L[ok]
-            inv, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(Lok), upper=True)
-            del Lok
-            good = (info2 == 0) & torch.isfinite(inv).flatten(1).all(-1)
-            ok[ok.clone()] = good
-            done.append((todo[ok], inv if bool(good.all()) else inv[good]))
-            del inv
-        del L
-        todo = todo[~ok]
-        if len(todo) == 0:
-            break
-        lam *= 10
-    if len(done) == 1 and len(todo) == 0:
-        return done[0][1]  # the common case: every entry factored at the same λ, no copy
-    Hinv = eye.expand(b, -1, -1).clone()  # what is left over: plain rounding
-    for entries, inv in done:
-        Hinv[entries] = inv
-    return Hinv
-
-
-def output_sqnr(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray) -> np.ndarray:
-    """Per batch entry: 10·log10(tr(W H Wᵀ) / tr(ΔW H ΔWᵀ)), the SQNR of x·Wᵀ over the inputs behind H."""
-    w, d = w.astype(np.float64), (w - wq).astype(np.float64)
-    sig = np.einsum("bnk,bkl,bnl->b", w, hessian, w)
-    err = np.einsum("bnk,bkl,bnl->b", d, hessian, d)
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(np.where(err > 0, sig / np.where(err > 0, err, 1), np.inf))
-
-
-# ---- calibrated tensors on disk ----------------------------------------------------------------------------
-class SpilledTensors(Mapping[str, QTensor]):
-    """Calibrated tensors, spilled to disk as they are produced and mapped back read-only on access.
-
-    Each tensor's codes, scales and zero points are raw little files (``{i}.q``/``.scale``/``.zero``) in a private
-    temporary folder; ``[name]`` returns a ``QTensor`` over ``np.memmap`` views of them, so holding every calibrated
-    tensor of Scout (~100 GB of uint8 codes) costs address space, not RAM. Routed experts are appended in expert
-    batches (E is the leading axis, so a batch is a contiguous byte range written with plain ``write``; no
-    writable mapping grows the resident set). The folder is removed by ``close()``, when this object is garbage
-    collected, or at interpreter exit; arrays already mapped stay readable after that (the files are unlinked,
-    not unmapped)."""
-
-    def __init__(self, parent: str | Path | None = None):
-        self.path = Path(tempfile.mkdtemp(prefix="l4export-calib-", dir=parent))
-        # name -> [file index, scheme, (q dtype, q shape), (scale dtype, scale shape), zero (dtype, shape) or None]
-        self._meta: dict[str, list[Any]] = {}
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
-
-    def append(self, name: str, qt: QTensor) -> None:
-        """Add ``qt`` as ``name``, or append it along the leading (expert) axis of ``name``'s earlier parts."""
-        parts = (qt.q, qt.scale, qt.zero)
-        meta = self._meta.get(name)
-        if meta is None:
-            meta = self._meta[name] = [len(self._meta), qt.scheme,
-                                       *(None if a is None else (a.dtype, tuple(a.shape)) for a in parts)]
-        else:
-            if meta[1] != qt.scheme or any((m is None) != (a is None) or (a is not None and m[1][1:] != a.shape[1:])
-                                           for m, a in zip(meta[2:], parts)):
-                raise ValueError(f"{name}: appended part does not match the earlier parts")
-            for j, a in enumerate(parts):
-                if a is not None:
-                    meta[2 + j] = (a.dtype, (meta[2 + j][1][0] + a.shape[0],) + tuple(a.shape[1:]))
-        for suffix, a in zip(("q", "scale", "zero"), parts):
-            if a is not None:
-                with open(self.path / f"{meta[0]}.{suffix}", "ab") as f:
-                    f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-
-    def __getitem__(self, name: str) -> QTensor:
-        index, scheme, *parts = self._meta[name]
-        arrays = [None if m is None else self._map(f"{index}.{suffix}", *m)
-                  for suffix, m in zip(("q", "scale", "zero"), parts)]
-        return QTensor(scheme, arrays[0], arrays[1], arrays[2])
-
-    def _map(self, file: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        if int(np.prod(shape, dtype=np.int64)) == 0:
-            return np.empty(shape, dtype)  # nothing to map (mmap refuses empty files)
-        return np.memmap(self.path / file, dtype=dtype, mode="r", shape=shape)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._meta
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._meta)
-
-    def __len__(self) -> int:
-        return len(self._meta)
-
-    def reorder(self, names: Iterable[str]) -> None:
-        """Iterate in the order of ``names`` (model order); names not given keep their order, last."""
-        order = {n: i for i, n in enumerate(names)}
-        self._meta = dict(sorted(self._meta.items(), key=lambda kv: order.get(kv[0], len(order))))
-
-    @property
-    def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir()) if self.path.is_dir() else 0
-
-    def close(self) -> None:
-        """Remove the folder now (idempotent)."""
-        self._finalizer()
-
-
-# ---- the driver -------------------------------------------------------------------------------------------
+# ---- Hessians and the layer prior ---------------------------------------------------------------------------
 class _Acc:
     """Σ x xᵀ and token counts for one linear: experts ``offset .. offset + b - 1`` of a batch, or one (b = 1)."""
 
@@ -473,6 +163,7 @@ def _prior(k: int, total: int, dev, shared=None, per_token_diag: float | None = 
     return eye if float(torch.diagonal(prior).sum()) <= 0 else prior
 
 
+# ---- the driver -------------------------------------------------------------------------------------------
 def _layer_plan(recipe: Recipe, layer: int, names: list[str]) -> dict[str, AnyScheme]:
     return {n: s for n in names if (s := recipe.scheme_for(f"model.layers.{layer}.{n}")) is not None}
 
@@ -486,37 +177,73 @@ _EX = "feed_forward.experts."
 _GATE, _UP, _DOWN = _EX + "gate_proj", _EX + "up_proj", _EX + "down_proj"
 
 
-def expert_bytes(hidden: int, inter: int) -> int:
-    """Estimated peak bytes one routed expert adds to an expert batch.
+@dataclass
+class _Run:
+    """What every step of one calibration shares: its inputs, the torch device and the result being filled."""
 
-    Float32 gate/up/down (3·I·H·4) and their dequantized copies for pass 2 (3·I·H·4); float64 Hessians,
-    gate/up [H, H] and down [I, I]; GPTQ's work on the larger one (the blended copy, its clone, L, L⁻¹ and the
-    factor of H⁻¹: 5·K², K = max(H, I)) and its float64 weight (N·K). Maverick (H 5120, I 8192): ~4.8 GB."""
-    k = max(hidden, inter)
-    return 24 * inter * hidden + 8 * (hidden * hidden + inter * inter) + 8 * (5 * k * k + inter * hidden)
+    ckpt: Checkpoint
+    recipe: Recipe
+    options: CalibOptions
+    observer: Observer | None
+    dev: Any  # torch.device
+    inv_freq: Any  # RoPE inverse frequencies [D/2], on dev
+    result: CalibResult
+
+    def observe(self, layer: int, name: str, e: int, x) -> None:
+        if self.observer is not None:
+            self.observer(f"model.layers.{layer}.{name}", e, x)
 
 
-def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: int) -> int:
-    """How many routed experts fit ``budget_bytes`` at once: at least 1 (Maverick at 1 GiB), at most all."""
-    return max(1, min(num_experts, budget_bytes // expert_bytes(hidden, inter)))
+@dataclass
+class _Experts:
+    """One MoE layer's routed experts and the per-layer routing state their calibration needs.
+
+    ``routed1``/``routed2``: per sample, (h2 [T, H], top-1 expert [T], router score [T]) of pass 1 (float weights:
+    the experts' Hessians come from it) and of pass 2 (quantized weights: the experts' outputs go to it);
+    ``partial``: pass 2's x + attention + shared expert [T, H] per sample, to which the routed outputs are added."""
+
+    layer: int
+    lazy: Mapping[str, Any]  # the layer's LazyTensors; stacked experts [E, out, in] are loaded a batch at a time
+    plan: dict[str, AnyScheme]  # the routed expert tensors to quantize
+    routed1: list
+    routed2: list
+    partial: list
+    counts: np.ndarray = field(init=False)  # tokens routed to each expert (pass 1)
+    stats: dict[str, dict[str, list[float]]] = field(init=False)  # per tensor, extended batch by batch
+    amax: dict[str, list[np.ndarray]] = field(init=False)  # per tensor, each batch's input absmax per expert
+
+    def __post_init__(self) -> None:
+        num_e = self.shape[0]
+        self.counts = np.zeros(num_e, np.int64)
+        for _, idx, _ in self.routed1:
+            self.counts += np.bincount(idx.cpu().numpy(), minlength=num_e)
+        self.stats = {n: {} for n in self.plan}
+        self.amax = {n: [] for n in self.plan}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, I, H): experts, expert width, hidden size."""
+        return tuple(self.lazy[_GATE].shape)
+
+    def load(self, names: Iterable[str], a: int, b: int, dev) -> dict:
+        """Float32 experts [a, b) of each stacked tensor in ``names``, as torch tensors [b - a, out, in]."""
+        import torch
+
+        return {n: torch.tensor(self.lazy[n].load(np.float32, experts=slice(a, b)), device=dev) for n in names}
 
 
-def calibrate(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, observer: Observer | None = None,
-              ids: list[np.ndarray] | None = None) -> CalibResult:
-    """Quantize every tensor the recipe matches, calibrated on ``options.path`` (or on ``ids``).
+def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: CalibOptions,
+              observer: Observer | None = None) -> CalibResult:
+    """Quantize every tensor the recipe matches, calibrated on the token id arrays ``ids`` (``read_calibration``
+    reads them from ``options.path``; this does not). ``recipe`` is one that ``plan.make_plan`` (convert) or
+    ``Recipe.validate`` accepted for this checkpoint; it is not validated again here.
 
     The calibrated tensors are spilled to disk as they are made (``result.tensors`` is a ``SpilledTensors``)."""
     import torch
 
     t0 = time.perf_counter()
     spec = ckpt.spec
-    recipe.validate({n: t.shape for n, t in ckpt.tensors.items()})
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if ids is None:
-        if options.path is None:
-            raise UsageError("calibration needs --calib FILE")
-        ids = read_calibration(options.path, spec.vocab_size, ckpt.path,
-                               options.samples, options.seqlen)
     log.info("calibrating on %d samples, %d tokens, device %s", len(ids), sum(len(i) for i in ids), dev)
     embed = torch.tensor(ckpt.tensors["model.embed_tokens.weight"].load(np.float32), device=dev)
     X = [embed[torch.tensor(i, device=dev)] for i in ids]
@@ -524,10 +251,11 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, observer:
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
     result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=sum(len(i) for i in ids),
                          device=str(dev))
+    run = _Run(ckpt, recipe, options, observer, dev, inv_freq, result)
     with torch.no_grad():
         for la in spec.layers:
-            X = _calibrate_layer(ckpt, recipe, options, la, X, inv_freq, result, observer, dev)
-    _global_tensors(ckpt, recipe, X, result, options, dev)
+            X = _calibrate_layer(la, X, run)
+    _global_tensors(X, run)
     result.tensors.reorder(ckpt.tensors)
     result.stats = {n: result.stats[n] for n in sorted(result.stats, key=list(ckpt.tensors).index)}
     result.seconds = time.perf_counter() - t0
@@ -563,8 +291,13 @@ def _static_scales(amax: np.ndarray, n: np.ndarray) -> np.ndarray:
     return (amax / 448.0).astype(np.float32)
 
 
-def _calibrate_layer(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, la: LayerSpec, X: list, inv_freq,
-                     result: CalibResult, observer: Observer | None, dev) -> list:
+def _unstack(qt: QTensor) -> QTensor:
+    """The single entry of a [1, N, K] batch as an [N, K] tensor."""
+    return type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0])
+
+
+# ---- one decoder layer: the non-expert linears --------------------------------------------------------------
+def _calibrate_layer(la: LayerSpec, X: list, run: _Run) -> list:
     """Calibrate one decoder layer; returns its output on the calibration data with quantized weights.
 
     Non-expert linears are calibrated on the float pass (pass 1), then the quantized non-expert part of the layer
@@ -572,67 +305,80 @@ def _calibrate_layer(ckpt: Checkpoint, recipe: Recipe, options: CalibOptions, la
     pass-1 tokens routed to it, and its quantized output is added to the pass-2 tokens routed to it."""
     import torch
 
-    spec = ckpt.spec
-    lazy = ckpt.layer(la.index)
-    plan = _layer_plan(recipe, la.index, list(lazy))
+    lazy = run.ckpt.layer(la.index)
+    plan = _layer_plan(run.recipe, la.index, list(lazy))
     experts = {n for n, t in lazy.items() if t.is_experts}  # stacked [E, out, in]: loaded per batch, never whole
-    W = {n: torch.tensor(t.load(np.float32), device=dev) for n, t in lazy.items() if n not in experts}
+    W = {n: torch.tensor(t.load(np.float32), device=run.dev) for n, t in lazy.items() if n not in experts}
     dense_plan = {n: s for n, s in plan.items() if n not in experts}
-    inputs_of = {n: _SHARES.get(n, n) for n in dense_plan}
-    accs = {n: _Acc(1, W[n].shape[-1], dev) for n in set(inputs_of.values())}
-
-    def capture(name: str, e: int, x) -> None:
-        if observer is not None:
-            observer(f"model.layers.{la.index}.{name}", e, x)
-        if name in accs:
-            accs[name].add(e, x)
-
-    # pass 1, float weights: non-expert Hessians; for MoE layers keep h2 and the routing (the experts' inputs)
-    routed1 = []  # per sample: (h2 [T, H], expert [T], score [T])
-    for x in X:
-        _, h2 = _attention_block(x, W, la, spec, inv_freq, capture)
-        if not la.is_moe:
-            _mlp(h2, W, "feed_forward.", capture)
-            continue
-        _mlp(h2, W, "feed_forward.shared_expert.", capture)
-        routed1.append((h2, *_route(h2, W)))
-
-    Wq = dict(W)
-    for n, scheme in dense_plan.items():
-        full = f"model.layers.{la.index}.{n}"
-        acc = accs[inputs_of[n]]
-        w = W[n].cpu().numpy()[None]  # [1, N, K]
-        stats: dict[str, list[float]] = {}
-        qt = _quantize(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=dev), 0.0), scheme,
-                       options, stats)
-        result.stats[full] = {**stats, "tokens": acc.n.tolist()}
-        qt = type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0])
-        if isinstance(scheme, Fp8) and scheme.activation == "static":
-            result.act_scales[full] = _static_scales(acc.amax, acc.n)
-        result.tensors.append(full, qt)
-        Wq[n] = torch.tensor(qt.dequantize(), device=dev)
-        _log_tensor(full, scheme, stats, options.method)
+    accs, routed1 = _float_pass(la, X, W, dense_plan, run)
+    Wq = _quantize_dense(la.index, W, dense_plan, accs, run)
     del W, accs
 
     # pass 2, quantized weights (the next layer calibrates on what it will see)
+    spec = run.ckpt.spec
     if not la.is_moe:
-        return [x + _mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
-                (_attention_block(x, Wq, la, spec, inv_freq, _nop) for x in X)]
+        return [x + mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
+                (attention_block(x, Wq, la, spec, run.inv_freq, _nop) for x in X)]
     partial, routed2 = [], []  # per sample: x + attention + shared expert [T, H]; (h2, expert, score) of pass 2
     for x in X:
-        x, h2 = _attention_block(x, Wq, la, spec, inv_freq, _nop)
-        partial.append(x + _mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
-        routed2.append((h2, *_route(h2, Wq)))
+        x, h2 = attention_block(x, Wq, la, spec, run.inv_freq, _nop)
+        partial.append(x + mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
+        routed2.append((h2, *route(h2, Wq)))
     del Wq, X
-    _calibrate_experts(lazy, {n: s for n, s in plan.items() if n in experts}, options, la, routed1, routed2, partial,
-                       result, observer, dev)
+    _calibrate_experts(_Experts(la.index, lazy, {n: s for n, s in plan.items() if n in experts}, routed1, routed2,
+                                partial), run)
     return partial
+
+
+def _float_pass(la: LayerSpec, X: list, W: dict, dense_plan: dict[str, AnyScheme], run: _Run) -> tuple[dict, list]:
+    """Pass 1, float weights: the Hessians of the non-expert linears in ``dense_plan`` (one ``_Acc`` per distinct
+    input, ``_SHARES``); for an MoE layer also h2 and the top-1 routing per sample (the routed experts' inputs)."""
+    accs = {n: _Acc(1, W[n].shape[-1], run.dev) for n in {_SHARES.get(n, n) for n in dense_plan}}
+
+    def capture(name: str, e: int, x) -> None:
+        run.observe(la.index, name, e, x)
+        if name in accs:
+            accs[name].add(e, x)
+
+    routed1 = []  # per sample: (h2 [T, H], expert [T], score [T])
+    for x in X:
+        _, h2 = attention_block(x, W, la, run.ckpt.spec, run.inv_freq, capture)
+        if not la.is_moe:
+            mlp(h2, W, "feed_forward.", capture)
+            continue
+        mlp(h2, W, "feed_forward.shared_expert.", capture)
+        routed1.append((h2, *route(h2, W)))
+    return accs, routed1
+
+
+def _quantize_dense(layer: int, W: dict, dense_plan: dict[str, AnyScheme], accs: dict, run: _Run) -> dict:
+    """GPTQ each non-expert linear of ``dense_plan`` on its input's Hessian; returns the layer's weights with those
+    replaced by their dequantized tensors (pass 2's weights)."""
+    import torch
+
+    Wq = dict(W)
+    for n, scheme in dense_plan.items():
+        full = f"model.layers.{layer}.{n}"
+        acc = accs[_SHARES.get(n, n)]
+        w = W[n].cpu().numpy()[None]  # [1, N, K]
+        stats: dict[str, list[float]] = {}
+        qt = _quantize(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=run.dev), 0.0), scheme,
+                       run.options, stats)
+        run.result.stats[full] = {**stats, "tokens": acc.n.tolist()}
+        qt = _unstack(qt)
+        if isinstance(scheme, Fp8) and scheme.activation == "static":
+            run.result.act_scales[full] = _static_scales(acc.amax, acc.n)
+        run.result.tensors.append(full, qt)
+        Wq[n] = torch.tensor(qt.dequantize(), device=run.dev)
+        _log_tensor(full, scheme, stats, run.options.method)
+    return Wq
 
 
 def _nop(*_: Any) -> None:
     return None
 
 
+# ---- one MoE layer: the routed experts, in batches ----------------------------------------------------------
 def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any, Any]]:
     """(sample, expert, token rows, s·h2 of those rows) for every expert in [a, b) with tokens, sample by sample."""
     import torch
@@ -645,119 +391,141 @@ def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any,
                 yield j, e, rows, xs[rows]
 
 
-def _calibrate_experts(lazy: dict, plan: dict[str, AnyScheme], options: CalibOptions, la: LayerSpec,
-                       routed1: list, routed2: list, partial: list, result: CalibResult,
-                       observer: Observer | None, dev) -> None:
-    """GPTQ the routed experts of one MoE layer in batches, and add their quantized outputs to ``partial``.
+def _calibrate_experts(ex: _Experts, run: _Run) -> None:
+    """GPTQ the routed experts of one MoE layer in batches, and add their quantized outputs to ``ex.partial``.
 
     Memory holds one batch's weights and Hessians; nothing here is [E, K, K] or the whole [E, out, in]."""
+    num_e, inter, hidden = ex.shape
+    run.result.token_counts[ex.layer] = ex.counts.tolist()
+    log.info("layer %d: tokens per expert %s", ex.layer, ex.counts.tolist())
+    bsz = expert_batch_size(hidden, inter, run.options.expert_batch_bytes, num_e)
+    batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
+    log.info("layer %d: %d routed experts in %d batch(es) of up to %d", ex.layer, num_e, len(batches), bsz)
+    priors = _expert_priors(ex, batches, run.dev)
+    for a, b in batches:
+        w = ex.load((_GATE, _UP, _DOWN), a, b, run.dev)
+        accs = _expert_hessians(ex, a, b, w, run)  # pass 1: the float experts' real inputs
+        _quantize_experts(ex, w, accs, priors, run)
+        del accs
+        # pass 2: the quantized experts on the quantized layer's tokens
+        for j, e, rows, xe in _routed_rows(ex.routed2, a, b):
+            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+            ex.partial[j][rows] = ex.partial[j][rows] + me @ w[_DOWN][e - a].T
+        del w
+    for n, scheme in ex.plan.items():
+        full = f"model.layers.{ex.layer}.{n}"
+        run.result.stats[full] = {**ex.stats[n], "tokens": ex.counts.tolist()}
+        if isinstance(scheme, Fp8) and scheme.activation == "static":
+            run.result.act_scales[full] = _static_scales(np.concatenate(ex.amax[n]), ex.counts)
+        _log_tensor(full, scheme, ex.stats[n], run.options.method)
+
+
+def _expert_priors(ex: _Experts, batches: list[tuple[int, int]], dev) -> dict:
+    """The layer priors H̄ (module docstring) of the planned experts' inputs, keyed by input as in ``_SHARES``
+    (gate/up: gate_proj's; down: its own), computed without per-expert stacks."""
+    priors = {}
+    if _GATE in ex.plan or _UP in ex.plan:
+        priors[_GATE] = _prior_gate_up(ex, dev)
+    if _DOWN in ex.plan:
+        priors[_DOWN] = _prior_down(ex, batches, dev)
+    return priors
+
+
+def _prior_gate_up(ex: _Experts, dev):
+    """gate/up: every routed token's s·h2 feeds exactly one expert, so Σ_e H_e is Σ over all routed tokens of
+    (s·h2)(s·h2)ᵀ, one [H, H]."""
     import torch
 
-    num_e, inter, hidden = lazy[_GATE].shape
-    counts = np.zeros(num_e, np.int64)
-    for _, idx, _ in routed1:
-        counts += np.bincount(idx.cpu().numpy(), minlength=num_e)
-    total = int(counts.sum())
-    result.token_counts[la.index] = counts.tolist()
-    log.info("layer %d: tokens per expert %s", la.index, counts.tolist())
-    bsz = expert_batch_size(hidden, inter, options.expert_batch_bytes, num_e)
-    batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
-    log.info("layer %d: %d routed experts in %d batch(es) of up to %d", la.index, num_e, len(batches), bsz)
-    alpha = options.prior_tokens if num_e > 1 else 0.0
+    hidden = ex.shape[2]
+    shared = torch.zeros(hidden, hidden, dtype=torch.float64, device=dev)
+    for h2, _, s in ex.routed1:
+        xd = (h2 * s[:, None]).to(torch.float64)
+        shared += xd.T @ xd
+    return _prior(hidden, int(ex.counts.sum()), dev, shared=shared)
 
-    # The layer priors (module docstring), without per-expert stacks. gate/up: every routed token's s·h2
-    # feeds exactly one expert, so Σ_e H_e is Σ over all routed tokens of (s·h2)(s·h2)ᵀ, one [H, H].
-    prior_gu = prior_dn = None
-    if _GATE in plan or _UP in plan:
-        shared = torch.zeros(hidden, hidden, dtype=torch.float64, device=dev)
-        for h2, _, s in routed1:
-            xd = (h2 * s[:, None]).to(torch.float64)
-            shared += xd.T @ xd
-        prior_gu = _prior(hidden, total, dev, shared=shared)
-        del shared
-    if _DOWN in plan:
-        # down: each expert's intermediate features are its own, so the prior is mean-diag·I, the mean over routed
-        # experts of tr(H_e)/n_e/I. tr(H_e) = Σ_tokens |silu(G s h2) ⊙ (U s h2)|², which needs the float gate/up:
-        # a first, cheaper pass over the batches (weights only, no Hessians).
-        trace = np.zeros(num_e, np.float64)
-        for a, b in batches:
-            g = torch.tensor(lazy[_GATE].load(np.float32, experts=slice(a, b)), device=dev)  # [B, I, H]
-            u = torch.tensor(lazy[_UP].load(np.float32, experts=slice(a, b)), device=dev)
-            for _, e, _, xe in _routed_rows(routed1, a, b):
-                trace[e] += float(_expert_hidden(xe, g[e - a], u[e - a]).to(torch.float64).pow(2).sum())
-            del g, u
-        live = counts > 0
-        per_tok = torch.tensor(trace[live] / counts[live] / inter, dtype=torch.float64) if live.any() else None
-        prior_dn = _prior(inter, total, dev, per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
 
-    stats: dict[str, dict[str, list[float]]] = {n: {} for n in plan}
-    amax: dict[str, list[np.ndarray]] = {n: [] for n in plan}
+def _prior_down(ex: _Experts, batches: list[tuple[int, int]], dev):
+    """down: each expert's intermediate features are its own, so the prior is mean-diag·I, the mean over routed
+    experts of tr(H_e)/n_e/I. tr(H_e) = Σ_tokens |silu(G s h2) ⊙ (U s h2)|², which needs the float gate/up:
+    a first, cheaper pass over the batches (weights only, no Hessians)."""
+    import torch
+
+    num_e, inter, _ = ex.shape
+    trace = np.zeros(num_e, np.float64)
     for a, b in batches:
-        w = {n: torch.tensor(lazy[n].load(np.float32, experts=slice(a, b)), device=dev) for n in (_GATE, _UP, _DOWN)}
-        acc_gu = _Acc(b - a, hidden, dev, a) if prior_gu is not None else None
-        acc_dn = _Acc(b - a, inter, dev, a) if prior_dn is not None else None
-        if acc_gu is not None or acc_dn is not None or observer is not None:
-            for _, e, _, xe in _routed_rows(routed1, a, b):  # pass 1: the float experts' real inputs
-                if observer is not None:
-                    observer(f"model.layers.{la.index}.{_GATE}", e, xe)
-                if acc_gu is not None:
-                    acc_gu.add(e, xe)
-                if acc_dn is not None or observer is not None:
-                    me = _expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
-                    if observer is not None:
-                        observer(f"model.layers.{la.index}.{_DOWN}", e, me)
-                    if acc_dn is not None:
-                        acc_dn.add(e, me)
-        for n in (_GATE, _UP, _DOWN):
-            if n not in plan:
-                continue
-            acc, prior = (acc_dn, prior_dn) if n == _DOWN else (acc_gu, prior_gu)
-            full = f"model.layers.{la.index}.{n}"
-            qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, alpha), plan[n], options, stats[n])
-            amax[n].append(acc.amax)
-            result.tensors.append(full, qt)
-            w[n] = torch.tensor(qt.dequantize(), device=dev)
-            del qt
-        del acc_gu, acc_dn
-        for j, e, rows, xe in _routed_rows(routed2, a, b):  # pass 2: quantized experts on the quantized layer's tokens
-            me = _expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
-            partial[j][rows] = partial[j][rows] + me @ w[_DOWN][e - a].T
+        w = ex.load((_GATE, _UP), a, b, dev)  # [B, I, H] each
+        for _, e, _, xe in _routed_rows(ex.routed1, a, b):
+            trace[e] += float(expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a]).to(torch.float64).pow(2).sum())
         del w
-    for n, scheme in plan.items():
-        full = f"model.layers.{la.index}.{n}"
-        result.stats[full] = {**stats[n], "tokens": counts.tolist()}
-        if isinstance(scheme, Fp8) and scheme.activation == "static":
-            result.act_scales[full] = _static_scales(np.concatenate(amax[n]), counts)
-        _log_tensor(full, scheme, stats[n], options.method)
+    live = ex.counts > 0
+    per_tok = torch.tensor(trace[live] / ex.counts[live] / inter, dtype=torch.float64) if live.any() else None
+    return _prior(inter, int(ex.counts.sum()), dev,
+                  per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
 
 
-def _global_tensors(ckpt: Checkpoint, recipe: Recipe, X: list, result: CalibResult, options: CalibOptions, dev) -> None:
+def _expert_hessians(ex: _Experts, a: int, b: int, w: dict, run: _Run) -> dict:
+    """Pass 1 over experts [a, b): Σ x xᵀ of the float experts' real inputs for the planned tensors, keyed by input
+    as in ``_SHARES``; the observer (if any) sees every input, planned or not."""
+    _, inter, hidden = ex.shape
+    accs = {}
+    if _GATE in ex.plan or _UP in ex.plan:
+        accs[_GATE] = _Acc(b - a, hidden, run.dev, a)
+    if _DOWN in ex.plan:
+        accs[_DOWN] = _Acc(b - a, inter, run.dev, a)
+    if not accs and run.observer is None:
+        return accs
+    for _, e, _, xe in _routed_rows(ex.routed1, a, b):
+        run.observe(ex.layer, _GATE, e, xe)
+        if _GATE in accs:
+            accs[_GATE].add(e, xe)
+        if _DOWN in accs or run.observer is not None:
+            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+            run.observe(ex.layer, _DOWN, e, me)
+            if _DOWN in accs:
+                accs[_DOWN].add(e, me)
+    return accs
+
+
+def _quantize_experts(ex: _Experts, w: dict, accs: dict, priors: dict, run: _Run) -> None:
+    """GPTQ the batch's planned tensors on their blended Hessians (one at a time), spill them, record their stats
+    and input absmax in ``ex``, and replace their float weights in ``w`` by the dequantized ones (pass 2's)."""
+    import torch
+
+    alpha = run.options.prior_tokens if ex.shape[0] > 1 else 0.0
+    for n in (_GATE, _UP, _DOWN):
+        if n not in ex.plan:
+            continue
+        acc, prior = accs[_SHARES.get(n, n)], priors[_SHARES.get(n, n)]
+        qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, alpha), ex.plan[n], run.options, ex.stats[n])
+        ex.amax[n].append(acc.amax)
+        run.result.tensors.append(f"model.layers.{ex.layer}.{n}", qt)
+        w[n] = torch.tensor(qt.dequantize(), device=run.dev)
+        del qt
+
+
+# ---- lm_head and the embedding -----------------------------------------------------------------------------
+def _global_tensors(X: list, run: _Run) -> None:
     """lm_head (calibrated on the final normed states) and the embedding (RTN: its 'input' is a lookup)."""
     import torch
 
+    ckpt = run.ckpt
     for name in ("lm_head.weight", "model.embed_tokens.weight"):
-        scheme = recipe.scheme_for(name)
+        scheme = run.recipe.scheme_for(name)
         if scheme is None or name not in ckpt.tensors:
             continue
         w = ckpt.tensors[name].load(np.float32)[None]
         rtn = scheme.quantize(w)
         qt = rtn
-        if name == "lm_head.weight" and options.method == "gptq":
-            acc = _Acc(1, w.shape[-1], dev)
-            norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=dev)
+        if name == "lm_head.weight" and run.options.method == "gptq":
+            acc = _Acc(1, w.shape[-1], run.dev)
+            norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=run.dev)
             for x in X:
-                acc.add(-1, _rms(x, norm, ckpt.spec.rms_norm_eps))
-            qt = gptq(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=dev), 0.0), scheme, options.damp)
-        result.tensors.append(name, type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0]))
-        result.stats[name] = {"weight_sqnr_rtn": sqnr_db(w, rtn.dequantize(), axis=(1, 2)).tolist(),
-                              "weight_sqnr_calibrated": sqnr_db(w, qt.dequantize(), axis=(1, 2)).tolist()}
+                acc.add(-1, rms(x, norm, ckpt.spec.rms_norm_eps))
+            eye = torch.eye(w.shape[-1], dtype=torch.float64, device=run.dev)
+            qt = gptq(w, acc.blended(eye, 0.0), scheme, run.options.damp)
+        run.result.tensors.append(name, _unstack(qt))
+        run.result.stats[name] = {"weight_sqnr_rtn": sqnr_db(w, rtn.dequantize(), axis=(1, 2)).tolist(),
+                                  "weight_sqnr_calibrated": sqnr_db(w, qt.dequantize(), axis=(1, 2)).tolist()}
 
 
-def quantize_rtn(name: str, w: np.ndarray, recipe: Recipe) -> QTensor | None:
-    """Round-to-nearest quantization of one canonical tensor (no calibration); None if the recipe keeps it float."""
-    scheme = recipe.scheme_for(name)
-    return None if scheme is None else scheme.quantize(w)
-
-
-__all__ = ["CalibOptions", "CalibResult", "SpilledTensors", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes", "gptq",
-           "layer_forward", "quantize_rtn", "read_calibration", "output_sqnr"]
+__all__ = ["CalibOptions", "CalibResult", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes"]

@@ -1,0 +1,123 @@
+"""The Llama 4 decoder layer in torch, float32: transformers' ``Llama4TextDecoderLayer`` re-implemented from the spec.
+
+This is l4export's one torch copy of the layer. Calibration (``quant/calibrate.py``) runs it in pieces, with a capture
+hook on the input of every linear; ``layer_forward`` is the whole layer. The tests hold it to transformers' own
+decoder layers (``runtimes/reference.py``, which runs the transformers model itself and copies none of this).
+torch is imported inside the functions, so importing this module needs no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .spec import LayerSpec, Llama4Spec
+
+
+def rms(x, w, eps: float):
+    """RMSNorm over the last axis, times the weight ``w``."""
+    import torch
+
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def attention_core(h, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq):
+    """h [T, H] (already input_layernorm'ed) -> attention output before o_proj [T, nh*D]."""
+    import torch
+
+    t = h.shape[0]
+    nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q = (h @ W["self_attn.q_proj.weight"].T).view(t, nh, d)  # (T, nh, D)
+    k = (h @ W["self_attn.k_proj.weight"].T).view(t, nkv, d)  # (T, nkv, D)
+    v = (h @ W["self_attn.v_proj.weight"].T).view(t, nkv, d)
+    pos = torch.arange(t, device=h.device, dtype=torch.float32)
+    if la.uses_rope:
+        # IMPORTANT: complex, interleaved pairs (2i, 2i+1) ("traditional"), not rotate_half.
+        ang = pos[:, None] * inv_freq[None, :]  # (T, D/2)
+        cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
+
+        def rot(x):
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+        q, k = rot(q), rot(k)
+    if la.qk_norm:  # IMPORTANT: weightless per-head L2 norm, after RoPE, eps = rms_norm_eps
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
+    if la.temperature_tuning:  # NoPE layers: q *= 1 + attn_scale·log1p(floor((pos+1)/floor_scale))
+        temp = torch.log1p(torch.floor((pos + 1.0) / spec.floor_scale)) * spec.attn_scale + 1.0
+        q = q * temp[:, None, None]
+    rep = nh // nkv
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (T, nh, D)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * d**-0.5  # (nh, T, T)
+    i = torch.arange(t, device=h.device)
+    allowed = i[None, :] <= i[:, None]
+    if la.chunked and spec.attention_chunk_size:
+        c = spec.attention_chunk_size
+        allowed = allowed & (i[None, :] // c == i[:, None] // c)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, v).reshape(t, nh * d)
+
+
+def route(h2, W: dict):
+    """Top-1 routing: (expert index [T], score s [T]) with s = sigmoid(max logit)."""
+    import torch
+
+    logits = h2 @ W["feed_forward.router.weight"].T  # (T, E)
+    top, idx = logits.max(dim=-1)
+    return idx, torch.sigmoid(top)
+
+
+def attention_block(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, cap: Callable):
+    """x [T, H] -> (x + attention [T, H], h2 = post_attention_layernorm of it [T, H])."""
+    h = rms(x, W["input_layernorm.weight"], spec.rms_norm_eps)
+    cap("self_attn.q_proj.weight", -1, h)
+    a = attention_core(h, W, la, spec, inv_freq)
+    cap("self_attn.o_proj.weight", -1, a)
+    x = x + a @ W["self_attn.o_proj.weight"].T
+    return x, rms(x, W["post_attention_layernorm.weight"], spec.rms_norm_eps)
+
+
+def mlp(h2, W: dict, p: str, cap: Callable):
+    """SwiGLU MLP ``p`` (the dense MLP or the shared expert) on h2 [T, H] -> [T, H]."""
+    import torch.nn.functional as F
+
+    cap(p + "gate_proj.weight", -1, h2)
+    m = F.silu(h2 @ W[p + "gate_proj.weight"].T) * (h2 @ W[p + "up_proj.weight"].T)
+    cap(p + "down_proj.weight", -1, m)
+    return m @ W[p + "down_proj.weight"].T
+
+
+def expert_hidden(xe, gate, up):
+    """One routed expert's intermediate silu(G xe) ⊙ (U xe): xe [n, H], gate/up [I, H] -> [n, I]."""
+    import torch.nn.functional as F
+
+    return F.silu(xe @ gate.T) * (xe @ up.T)
+
+
+def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture: Callable | None = None):
+    """One decoder layer on one sample x [T, H] with all of its weights in ``W`` (experts stacked [E, out, in]).
+    ``capture(name_in_layer, expert, inputs)`` sees the input of every linear (expert=-1 for non-expert linears).
+    The calibration driver runs the same maths in pieces (routed experts in batches); this is the whole layer."""
+    import torch
+
+    cap = capture or (lambda *a: None)
+    x, h2 = attention_block(x, W, la, spec, inv_freq, cap)
+    if not la.is_moe:
+        return x + mlp(h2, W, "feed_forward.", cap)
+    out = mlp(h2, W, "feed_forward.shared_expert.", cap)
+    idx, s = route(h2, W)
+    xs = h2 * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
+    routed = torch.zeros_like(out)
+    ex = "feed_forward.experts."
+    for e in torch.unique(idx).tolist():
+        rows = (idx == e).nonzero(as_tuple=True)[0]
+        xe = xs[rows]
+        cap(ex + "gate_proj", e, xe)
+        me = expert_hidden(xe, W[ex + "gate_proj"][e], W[ex + "up_proj"][e])
+        cap(ex + "down_proj", e, me)
+        routed[rows] = me @ W[ex + "down_proj"][e].T
+    return x + out + routed
+
+
+__all__ = ["attention_block", "attention_core", "expert_hidden", "layer_forward", "mlp", "rms", "route"]
