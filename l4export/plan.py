@@ -9,15 +9,18 @@ Storage rules (bytes of everything written for one canonical tensor; they equal 
 tests/test_quant_size.py checks them against real exports). ``dt`` is the compute dtype's size:
 
 ONNX (``exporter/onnx_lower.py``):
-    router                          numel * 4                 (always float32: exact expert choice)
+    router, norms                   numel * 4                 (always float32: exact expert choice, fp32 residual)
     float                           numel * dt                (float experts: interleaved fc1 + fc2, same numel)
     int linear (MatMulNBits)        numel*bits/8 + rows*groups*dt         [+ zero points, asymmetric]
-    int routed experts (QMoE)       numel*bits/8 + rows*groups*fp16-or-dt [+ zero points]
+    int embedding (GatherBlockQuantized)   the same
+    int routed experts (QMoE), and dense MLPs / shared experts lowered as a one-expert QMoE (``mlp_fused``)
+                                    numel*bits/8 + rows*groups*fp16-or-dt [+ zero points]
                                     (QMoE scales are float16 even in fp32 graphs: exact on the fp16 grid)
     fp8 per channel                 numel + rows*4            (float32 scale per output channel)
     fp8 square blocks b             numel + tiles*4           (tiles = rows/b * cols/b; CUDA dense linears store
                                                                MatMulBlockQuantizedFp8Weight's b_scale per row: rows*cols/b*4)
     fp8 static activations          + 4 per applied input scale (dense linears; one per MoE layer, on gate_proj)
+    Fused storage (q/k/v as one qkv_proj; gate/up/down as one MoE) stores the same bytes as the parts.
 MLX (``exporter/mlx.py``):
     float (router included)         numel * dt
     affine int                      numel*bits/8 + 2 * rows*groups*dt      (scales and biases)
@@ -99,6 +102,15 @@ class ExportPlan:
         """The one scheme of a MoE layer's routed experts (make_plan refused mixed schemes for ONNX)."""
         return self.scheme(f"model.layers.{layer}.feed_forward.experts.gate_proj")
 
+    def qkv_fused(self, layer: int) -> bool:
+        """q, k and v projections of ``layer`` as one linear (ONNX): one scheme for the three, no static FP8."""
+        return _qkv_fused(self.tensors, layer)
+
+    def mlp_fused(self, pre: str) -> bool:
+        """A SwiGLU MLP (``pre`` = a dense ``feed_forward`` or a ``feed_forward.shared_expert``) lowered as one
+        one-expert (Q)MoE node (ONNX): gate/up/down float, or one int4 scheme."""
+        return _mlp_fused(self.tensors, pre)
+
     @property
     def by_tensor(self) -> dict[str, int]:
         return {n: t.nbytes for n, t in self.tensors.items()}
@@ -113,6 +125,17 @@ class ExportPlan:
         for t in self.tensors.values():
             out[component(t.name)] += t.nbytes
         return out
+
+
+def _qkv_fused(tensors: dict[str, "TensorPlan"], layer: int) -> bool:
+    schemes = [tensors[f"model.layers.{layer}.self_attn.{p}_proj.weight"].scheme for p in "qkv"]
+    static = isinstance(schemes[0], Fp8) and schemes[0].activation == "static"
+    return schemes[0] == schemes[1] == schemes[2] and not static
+
+
+def _mlp_fused(tensors: dict[str, "TensorPlan"], pre: str) -> bool:
+    gate, up, down = (tensors[f"{pre}.{p}.weight"].scheme for p in EXPERTS)
+    return gate == up == down and (gate is None or (isinstance(gate, Int) and gate.bits == 4))
 
 
 # ---- checks -----------------------------------------------------------------------------------------------
@@ -132,17 +155,23 @@ def mlx_recipe(recipe: Recipe) -> Recipe:
     return recipe if rules == recipe.rules else Recipe(recipe.name, rules)
 
 
-def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme | None]) -> None:
+def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme | None], target: str) -> None:
     """What ONNX Runtime cannot store or run: a quantized router or embedding, a scheme without a kernel, routed
     experts whose gate/up/down disagree (QMoE takes one scheme)."""
     for name, s in schemes.items():
         if s is None:
             continue
-        if name.endswith("router.weight") or name == "model.embed_tokens.weight":
-            raise CapabilityError(f"recipe {recipe.name}: {name} cannot be quantized for --format onnx; "
-                                  "add a float rule for it (scheme = \"float\")")
+        if name.endswith("router.weight"):
+            raise CapabilityError(f"recipe {recipe.name}: {name} cannot be quantized for --format onnx (the router "
+                                  "chooses experts in float32); add a float rule for it (scheme = \"float\")")
+        if name == "model.embed_tokens.weight" and not isinstance(s, Int):
+            raise CapabilityError(f"recipe {recipe.name}: {s.name} for {name} has no ONNX Runtime gather kernel; "
+                                  "use int4 or int8 (GatherBlockQuantized), or float")
         if not isinstance(s, (Int, Fp8)):
             raise CapabilityError(f"recipe {recipe.name}: {s.name} for {name} has no ONNX Runtime kernel; use int4, int8 or fp8")
+        if isinstance(s, Int) and s.accuracy_level == 4 and target == "cuda":
+            raise CapabilityError(f"recipe {recipe.name}: accuracy_level = 4 (int8 activations) for {name} is an ONNX "
+                                  "Runtime CPU kernel option; for --target cuda use accuracy_level = 0")
     for la in spec.layers:
         if not la.is_moe:
             continue
@@ -181,16 +210,24 @@ def _fp8_onnx_bytes(name: str, shape: tuple[int, ...], s: Fp8, target: str) -> i
     return numel + 4 * scales + (4 if static else 0)
 
 
-def _onnx_bytes(name: str, shape: tuple[int, ...], s: AnyScheme | None, dt: int, target: str) -> int:
+def _onnx_bytes(name: str, shape: tuple[int, ...], s: AnyScheme | None, dt: int, target: str, qmoe: bool) -> int:
+    """``qmoe``: stored as QMoE weights (routed experts, or an MLP lowered as a one-expert QMoE)."""
     numel = int(np.prod(shape, dtype=np.int64))
-    if name.endswith("router.weight"):
+    if name.endswith(("router.weight", "norm.weight")):
         return numel * 4
     if s is None:
         return numel * dt
     if isinstance(s, Int):
-        scale_bytes = (2 if dt == 4 else dt) if ".experts." in name else dt
+        scale_bytes = (2 if dt == 4 else dt) if qmoe else dt
         return _int_bytes(shape, s, scale_bytes, 1, not s.symmetric)
     return _fp8_onnx_bytes(name, shape, s, target)
+
+
+def _qmoe_stored(tensors: dict[str, TensorPlan], name: str) -> bool:
+    if ".experts." in name:
+        return True
+    pre = name.rsplit(".", 2)[0]  # model.layers.{L}.feed_forward[.shared_expert]
+    return name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")) and _mlp_fused(tensors, pre)
 
 
 def _mlx_bytes(shape: tuple[int, ...], s: AnyScheme | None, dt: int) -> int:
@@ -219,13 +256,13 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
             recipe = mlx_recipe(recipe)
     schemes = {n: None if recipe is None else recipe.scheme_for(n) for n in shapes}
     if fmt == "onnx" and recipe is not None:
-        _check_onnx(spec, recipe, schemes)
+        _check_onnx(spec, recipe, schemes, target)
     dt = DTYPE_BYTES[dtype]
-    tensors = {}
-    for name, shape in shapes.items():
-        s = schemes[name]
-        nbytes = _onnx_bytes(name, shape, s, dt, target) if fmt == "onnx" else _mlx_bytes(shape, s, dt)
-        tensors[name] = TensorPlan(name, shape, s, nbytes)
+    tensors = {n: TensorPlan(n, shape, schemes[n], 0) for n, shape in shapes.items()}
+    for name, t in tensors.items():
+        nbytes = (_onnx_bytes(name, t.shape, t.scheme, dt, target, _qmoe_stored(tensors, name)) if fmt == "onnx"
+                  else _mlx_bytes(t.shape, t.scheme, dt))
+        tensors[name] = TensorPlan(name, t.shape, t.scheme, nbytes)
     return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors)
 
 

@@ -130,15 +130,21 @@ def test_io_names_and_moe_nodes(exports, scout):
     g = model.graph
     names = [i.name for i in g.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names[3:] == [f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
+    assert names[3:-2] == [f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
+    # optional inputs: initializers holding their defaults (onnxruntime-genai does not feed them)
+    assert names[-2:] == ["cache_start", "num_logits_to_keep"]
+    assert {"cache_start", "num_logits_to_keep"} <= {i.name for i in g.initializer}
     assert [o.name for o in g.output] == ["logits"] + [f"present.{i}.{kv}" for i in range(spec.num_layers)
                                                        for kv in ("key", "value")]
     past = g.input[3].type.tensor_type
     assert [d.dim_value or d.dim_param for d in past.shape.dim][1:2] == [spec.num_kv_heads]
     assert [d.dim_value for d in past.shape.dim][3] == spec.head_dim
-    # Routed experts are one fused MoE node per MoE layer; no expert weight feeds a dense MatMul/Gather.
+    # Routed experts are one fused MoE node per MoE layer, and every layer's shared expert or dense MLP is one
+    # one-expert MoE node; no expert weight feeds a dense MatMul/Gather.
     moe = [n for n in g.node if n.op_type == "MoE"]
-    assert len(moe) == len(spec.moe_layers)
+    assert len([n for n in moe if ".experts." in n.input[2]]) == len(spec.moe_layers)
+    assert len(moe) == len(spec.moe_layers) + spec.num_layers
+    assert [n.op_type for n in g.node].count("GroupQueryAttention") == spec.num_layers
     assert all(n.domain == "com.microsoft" for n in moe)
     expert_weights = {i.name for i in g.initializer if ".experts." in i.name}
     assert len(expert_weights) == 2 * len(spec.moe_layers)
@@ -179,6 +185,7 @@ def test_chunked_layer_cache_holds_at_most_one_chunk(exports):
         for layer, length in zip(rt.spec.layers, rt.cache_lengths()):
             if layer.chunked:
                 assert length == n % chunk < chunk
+                assert rt.cache[layer.index][0].shape()[2] <= chunk  # the buffer itself is one chunk
             else:
                 assert length == n  # global (NoPE) layers keep everything
 

@@ -352,7 +352,9 @@ def test_cuda_graph_has_native_fp8_ops_and_only_lacks_cpu_kernels(cuda_exports):
         m = onnx.load(str(export / "model.onnx"), load_external_data=True)
         cfg = json.loads((export / "l4export.json").read_text())["onnx"]
         ops = [n.op_type for n in m.graph.node]
-        assert "MoE" not in ops and "DequantizeLinear" not in ops
+        assert "DequantizeLinear" not in ops
+        # float MoE nodes only for the (float) shared experts: the routed experts are QMoE fp8
+        assert all(".shared_expert." in n.input[2] for n in m.graph.node if n.op_type == "MoE")
         assert ops.count("QMoE") == cfg["quant"]["nodes"]["QMoE"] > 0
         assert ops.count("MatMulBlockQuantizedFp8Weight") == cfg["quant"]["nodes"]["MatMulBlockQuantizedFp8Weight"] > 0
         qmoe = next(n for n in m.graph.node if n.op_type == "QMoE")
@@ -371,8 +373,11 @@ def test_cuda_graph_has_native_fp8_ops_and_only_lacks_cpu_kernels(cuda_exports):
     # control: a wrongly typed scale is a type error at graph resolution, not a missing kernel
     m = onnx.load(str(cuda_exports["bfloat16"] / "model.onnx"), load_external_data=True)
     for i in m.graph.initializer:
-        if i.name.endswith("q_proj.weight_scale"):
+        if i.name.endswith("qkv_proj.weight_scale"):
             i.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(i).astype(np.float16), i.name))
+            break
+    else:
+        raise AssertionError("no qkv_proj.weight_scale initializer")
     with pytest.raises(Exception, match="INVALID_GRAPH|Type Error"):
         ort.InferenceSession(_single_node(m, "MatMulBlockQuantizedFp8Weight", onnx.TensorProto.BFLOAT16),
                              providers=["CPUExecutionProvider"])
@@ -392,12 +397,15 @@ def test_cuda_initializers_dequantize_to_our_tensors(cuda_exports, scout):
     fc2 = _qmoe_fp8_dequant(inits[f"{pre}.feed_forward.experts.fc2.weight_fp8"],
                             inits[f"{pre}.feed_forward.experts.fc2.block_scale"], 32)
     np.testing.assert_array_equal(fc2, qt["down_proj"].dequantize())
-    name = f"{pre}.self_attn.q_proj.weight"
-    want = recipe.scheme_for(name).quantize(ckpt[name].load(np.float32)).dequantize()
-    w8, sc = inits[f"{pre}.self_attn.q_proj.weight_fp8"], inits[f"{pre}.self_attn.q_proj.weight_scale"]
+    # q, k and v of one scheme are one stored linear, their rows concatenated
+    want = np.concatenate([recipe.scheme_for(n).quantize(ckpt[n].load(np.float32)).dequantize()
+                           for n in (f"{pre}.self_attn.{p}_proj.weight" for p in "qkv")])
+    w8, sc = inits[f"{pre}.self_attn.qkv_proj.weight_fp8"], inits[f"{pre}.self_attn.qkv_proj.weight_scale"]
     assert w8.shape == want.shape and sc.shape == (want.shape[0], 1)
     np.testing.assert_array_equal(_matmul_fp8_dequant(w8, sc, w8.shape[1]), want)
-    # static: a_scale is a float32 scalar on every dense FP8 op; the experts' scale feeds the Q before QMoE
+    # static: a_scale is a float32 scalar on every dense FP8 op (static q, k, v stay three linears); the experts'
+    # scale feeds the Q before QMoE
+    name = f"{pre}.self_attn.q_proj.weight"
     static = _initializers(cuda_exports["float16"])
     q = json.loads((cuda_exports["float16"] / "l4export.json").read_text())["onnx"]["quant"]
     a = static[f"{pre}.self_attn.q_proj.input_scale"]

@@ -78,21 +78,28 @@ def test_int4_graph_has_qmoe_and_matmulnbits_and_no_float_moe(model, qexports, r
     ops = _ops(export)
     spec = load_runtime(export).spec
     n_moe = sum(la.is_moe for la in spec.layers)
-    assert ops.count("QMoE") == n_moe and "MoE" not in ops
+    # per MoE layer: the routed experts and the shared expert (a one-expert QMoE), both int4
+    assert ops.count("QMoE") == 2 * n_moe and "MoE" not in ops
     assert ops.count("MatMulNBits") > 0
     g = _graph(export).graph
-    qmoe = next(n for n in g.node if n.op_type == "QMoE")
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe.attribute}
-    assert attrs["expert_weight_bits"] == 4 and attrs["block_size"] == 64 and attrs["swiglu_fusion"] == 1
-    assert attrs["k"] == 1 and attrs["normalize_routing_weights"] == 1
+    recipe = load_recipe("int4")
+    for qmoe in (n for n in g.node if n.op_type == "QMoE"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe.attribute}
+        assert attrs["expert_weight_bits"] == 4 and attrs["block_size"] == 64 and attrs["swiglu_fusion"] == 1
+        assert attrs["k"] == 1 and attrs["normalize_routing_weights"] == 1
+        assert attrs["accuracy_level"] == recipe.scheme_for(qmoe.input[2].replace(".fc1.qweight", ".gate_proj")
+                                                            .replace("shared_expert.gate_proj", "shared_expert.gate_proj.weight")).accuracy_level
     for n in g.node:
         if n.op_type == "MatMulNBits":
-            assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["accuracy_level"] == 0
+            name = n.input[1].replace(".qweight", ".weight").replace("qkv_proj", "q_proj")
+            level = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["accuracy_level"]
+            assert level == recipe.scheme_for(name).accuracy_level, name
     info = json.loads((export / "l4export.json").read_text())
-    assert info["quantization"] == "int4" and info["onnx"]["quant"]["nodes"]["QMoE"] == n_moe
+    assert info["quantization"] == "int4" and info["onnx"]["quant"]["nodes"]["QMoE"] == 2 * n_moe
     # router, norms and embeddings stay float; lm_head is int8 (MatMulNBits)
     floats = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert "model.embed_tokens.weight" in floats and "lm_head.weight" not in floats
+    assert all(f"{la}.feed_forward.router.weight" in floats for la in (f"model.layers.{i}" for i in spec.moe_layers))
+    assert "lm_head.weight" not in floats
     assert any(n.op_type == "MatMulNBits" and n.input[1].startswith("lm_head") for n in g.node)
 
 
@@ -117,7 +124,7 @@ def test_int4_equals_transformers_on_the_same_dequantized_weights(model, qexport
         assert m["kl"] > 0  # the weights really are quantized
 
 
-def test_fp8_export_has_e4m3_initializers_and_dequantizelinear(qexports, scout):
+def test_fp8_export_has_e4m3_initializers_and_dequantizes_only_routed_experts(qexports, scout):
     export = qexports["scout_fp8"]
     g = _graph(export).graph
     fp8 = [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
@@ -125,9 +132,13 @@ def test_fp8_export_has_e4m3_initializers_and_dequantizelinear(qexports, scout):
     n_moe = sum(la.is_moe for la in spec.layers)
     assert len(fp8) == 2 * n_moe  # fc1 (gate/up interleaved) and fc2 per MoE layer
     ops = [n.op_type for n in g.node]
-    assert ops.count("DequantizeLinear") == 2 * n_moe and ops.count("MoE") == n_moe and "QMoE" not in ops
-    dq = next(n for n in g.node if n.op_type == "DequantizeLinear")
-    assert {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}["axis"] == 0  # per output channel
+    # each MoE layer gathers and dequantizes only its routed experts (fc1, fc2), then runs the float MoE; the
+    # float shared experts and dense MLPs are one-expert MoE nodes
+    assert ops.count("GatherBlockQuantized") == 2 * n_moe and ops.count("Unique") == n_moe
+    assert ops.count("MoE") == n_moe + spec.num_layers and "QMoE" not in ops and "DequantizeLinear" not in ops
+    gbq = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gbq.attribute}
+    assert attrs["quantize_axis"] == 2 and attrs["block_size"] == 0  # one scale per output channel
     rt, ref = load_runtime(export), ReferenceRunner(scout)
     ids = default_prompts(spec)[2][1]
     m = compare(ref.logits(ids), rt.logits(ids))

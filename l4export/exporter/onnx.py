@@ -1,27 +1,41 @@
 """ONNX export of the Llama 4 text decoder (MoE, chunked attention, NoPE layers) with a KV cache.
 
 The graph mirrors transformers' ``modeling_llama4.py`` layer by layer (``Llama4TextModel.forward`` ->
-``Llama4TextDecoderLayer`` -> ``Llama4TextAttention`` / ``Llama4TextMoe`` / ``Llama4TextMLP``). Shapes in the
-comments use B batch, S new tokens, P_i layer i's past length, L_i = P_i + S its key length, T total length
-(attention_mask's width), H hidden, D head_dim, Hq/Hkv heads, G = Hq/Hkv, E experts, I expert width, V vocab.
+``Llama4TextDecoderLayer`` -> ``Llama4TextAttention`` / ``Llama4TextMoe`` / ``Llama4TextMLP``), written with ONNX
+Runtime's fused operators so that a decode step is a few kernels per layer, not a few dozen:
+
+    SkipSimplifiedLayerNormalization   residual add + RMSNorm (the residual stream stays float32)
+    MatMul / MatMulNBits               q, k, v as one linear (qkv_proj)
+    RMSNormalization (opset 23)        qk-norm, per head (weightless RMS; it commutes with RoPE, so it comes first)
+    RotaryEmbedding (opset 23)         interleaved RoPE from this step's cos/sin (no max-length table)
+    GroupQueryAttention                causal attention over the cache, in place when past and present share a buffer
+    MoE / QMoE                         routed experts (top-1, input scaled by the router score) and the shared
+                                       expert or dense MLP as a one-expert MoE
+
+Shapes: B batch, S new tokens, T total tokens (attention_mask's width), H hidden, D head_dim, Hq/Hkv heads,
+E experts, I expert width, V vocab, C attention_chunk_size.
 
 I/O (optimum / onnxruntime-genai names)::
 
     input_ids                 int64 [B, S]
     attention_mask            int64 [B, T]            T = tokens seen so far + S
     position_ids              int64 [B, S]            RoPE positions
-    past_key_values.{i}.key   dt    [B, Hkv, P_i, D]  P_i = 0 starts a sequence
-    past_key_values.{i}.value dt    [B, Hkv, P_i, D]
-    -> logits                 fp32  [B, S, V]
-    -> present.{i}.key/value  dt    [B, Hkv, P_i + S, D]
+    past_key_values.{i}.key   dt    [B, Hkv, P_i, D]  P_i = 0 starts a sequence; or a larger buffer shared with
+    past_key_values.{i}.value dt    [B, Hkv, P_i, D]  present.{i}.* (GroupQueryAttention writes in place)
+    cache_start               int64 []   (optional, default 0) absolute position of the first key that the
+                                         chunked layers' caches hold
+    num_logits_to_keep        int64 []   (optional, default 0 = all) logits for the last n positions only
+    -> logits                 fp32  [B, S or n, V]
+    -> present.{i}.key/value  dt    [B, Hkv, P_i + S (or the shared buffer), D]
 
-Why each layer reads its own past length: our runtime keeps only the current chunk in a chunked layer's cache
-(memory bounded by attention_chunk_size) while global layers keep everything, and onnxruntime-genai keeps
-everything everywhere. Layer i's keys sit at absolute positions (T - L_i) .. T-1, so one graph serves both.
+Why cache_start: a chunked (RoPE) layer only ever attends within its chunk of C tokens (aligned to absolute
+positions 0, C, 2C, ...), so our runtime keeps only the current chunk in those layers' caches, a buffer of C
+(memory and compute bounded by C), and passes where that chunk starts. onnxruntime-genai keeps everything in every
+layer and passes nothing: cache_start 0. Either way the chunked layers read (T - cache_start) keys and an
+attention bias keeps each query to its own chunk; global (NoPE) layers always hold all T keys.
 
 Weights are lazy initializers: ``ir.save`` reads each one from the checkpoint when its bytes are due and
-drops it after, so the model never sits whole in memory. Linear weights are stored transposed ``[in, out]``
-under their checkpoint names (MatMul layout).
+drops it after, so the model never sits whole in memory.
 """
 
 from __future__ import annotations
@@ -40,14 +54,17 @@ from ..checkpoint import Checkpoint
 from ..plan import ExportPlan
 from ..spec import LayerSpec, Llama4Spec
 from . import onnx_lower
-from .onnx_graph import FP32, GraphBuilder
+from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
+from .onnx_lower import Route
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+OPSET = 23  # RotaryEmbedding
 NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-NEG = -3.0e38  # additive mask; finite so a fully masked (padding) row gives a uniform softmax, not NaN
+NEG = -3.0e38  # additive mask; finite so a fully masked row gives a uniform softmax, not NaN
+I32 = ir.DataType.INT32
 
 
 class DecoderBuilder:
@@ -57,7 +74,7 @@ class DecoderBuilder:
                  act_scales: dict[str, Any] | None = None):
         self.ckpt, self.plan = ckpt, plan
         self.spec: Llama4Spec = ckpt.spec
-        self.g = GraphBuilder(opset=21, dtype=NP_DTYPES[plan.dtype])
+        self.g = GraphBuilder(opset=OPSET, dtype=NP_DTYPES[plan.dtype])
         self.dt = self.g.dt
         quant = None
         if plan.recipe is not None:  # quantized tensors come from calibration, else round to nearest
@@ -65,189 +82,180 @@ class DecoderBuilder:
         self.lo = onnx_lower.Lowering(self.g, ckpt.__getitem__, plan.target, quant)
 
     # ---- linears and norms -------------------------------------------------------------------------
-    def linear(self, x: ir.Value, name: str) -> ir.Value:
-        """x [..., in] @ W^T -> [..., out] for W [out, in], lowered by the plan's scheme (onnx_lower.LINEAR)."""
-        with self.g.scope(name.rsplit(".", 2)[-2]):
-            return onnx_lower.linear(self.lo, x, name, self.plan.scheme(name))
+    def linear(self, x: ir.Value, *names: str, base: str | None = None) -> ir.Value:
+        """x [..., in] @ W^T for one weight, or several of one scheme as one stored linear (``base``)."""
+        base = base or names[0]
+        with self.g.scope(base.rsplit(".", 2)[-2]):
+            return onnx_lower.linear(self.lo, x, names, base, self.plan.scheme(names[0]))
 
-    def rms(self, x: ir.Value, eps: float) -> ir.Value:
-        """Weightless RMS over the last axis, in fp32 (as HF: ``x.float() * rsqrt(mean(x^2) + eps)``)."""
-        g = self.g
-        xf = self.g.cast(x, FP32)
-        ms = g.op("ReduceMean", g.op("Mul", xf, xf), self.g.i64(-1), keepdims=1)
-        return g.op("Mul", xf, g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, self.g.f32(eps)))))
+    def norm_weight(self, name: str) -> ir.Value:
+        t = self.ckpt[name]
+        return self.g.weight(name, tuple(t.shape), np.dtype(np.float32), lambda: t.load(np.float32))
 
-    def rms_norm(self, x: ir.Value, name: str) -> ir.Value:
-        """Llama4TextRMSNorm: ``(x.float() * rsqrt(mean(x^2)+eps)).type_as(x) * weight``, returned in fp32.
+    def add_norm(self, x: ir.Value, residual: ir.Value | None, name: str) -> tuple[ir.Value, ir.Value]:
+        """(RMSNorm(residual + x) * weight, residual + x), both float32 [B, S, H]; ``residual`` None: no add.
 
-        The residual stream stays fp32 in every graph (only matmul inputs and the KV cache use the compute
-        dtype): with 128 experts the top-1 router margin can be ~1e-4, and fp16 residual rounding flips it.
-        """
-        t, dt = self.ckpt[name], self.g.np_dtype
-        w = self.g.weight(name, tuple(t.shape), dt, lambda: t.load(dt))
-        with self.g.scope(name.rsplit(".", 1)[0].rsplit(".", 1)[-1]):
-            y = self.g.op("Mul", self.rms(x, self.spec.rms_norm_eps), self.g.cast(w, FP32))
-            y.type = ir.TensorType(FP32)
-            return y
+        Llama4TextRMSNorm: ``(x.float() * rsqrt(mean(x^2) + eps)).type_as(x) * weight``. The residual stream stays
+        float32 in every graph (only matmul inputs and the KV cache use the compute dtype): with 128 experts the
+        top-1 router margin can be ~1e-4, and fp16 residual rounding flips it."""
+        g, w, eps = self.g, self.norm_weight(name), self.spec.rms_norm_eps
+        with g.scope(name.rsplit(".", 2)[-2]):
+            if residual is None:
+                return g.op("RMSNormalization", g.cast(x, FP32), w, axis=-1, epsilon=eps, stash_type=1), x
+            y, _, _, total = g.op("SkipSimplifiedLayerNormalization", g.cast(x, FP32), residual, w, domain=MS_DOMAIN,
+                                  outputs=4, epsilon=eps)
+            return y, total
 
-    # ---- shared per-call values ------------------------------------------------------------------------
-    def positions(self, input_ids: ir.Value, attention_mask: ir.Value, position_ids: ir.Value) -> None:
-        """RoPE cos/sin and the query positions, computed once for all layers.
+    # ---- shared per-call values ----------------------------------------------------------------------
+    def positions(self, input_ids: ir.Value, attention_mask: ir.Value, position_ids: ir.Value, cache_start: ir.Value) -> None:
+        """What every layer of this call shares, computed once:
 
-        freqs = position_ids x inv_freq in fp32 (as Llama4TextRotaryEmbedding); cos/sin [B, S, 1, D/2].
-        q_pos = (T - S) + arange(S): the absolute cache position, which temperature tuning and masks use.
-        """
-        g = self.g
+            cos, sin      [B, S, D/2] compute dtype   RoPE of position_ids (fp32 angles, as transformers)
+            q_pos         [S] int64                   absolute cache positions T - S .. T - 1
+            temperature   [1, S, 1] fp32              NoPE layers' q multiplier at q_pos
+            seqlens/total int32 [B] / []              GroupQueryAttention's key counts: T for global layers,
+                                                      T - cache_start for chunked layers
+            chunk_bias    [1, 1, S, T - cache_start]  0 where key and query share a chunk, else -inf"""
+        g, s = self.g, self.spec
         with g.scope("rotary_emb"):
-            inv = g.const(self.spec.inv_freq().reshape(1, 1, -1))  # [1, 1, D/2]
-            pos = g.op("Unsqueeze", g.op("Cast", position_ids, to=FP32), self.g.i64(-1))  # [B, S, 1]
-            freqs = g.op("Unsqueeze", g.op("Mul", pos, inv), self.g.i64(2))  # [B, S, 1, D/2]
-            self.cos, self.sin = g.op("Cos", freqs), g.op("Sin", freqs)
+            inv = g.const(s.inv_freq().reshape(1, 1, -1))  # [1, 1, D/2]
+            freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", position_ids, to=FP32), g.i64(-1)), inv)  # [B, S, D/2]
+            self.cos, self.sin = g.cast(g.op("Cos", freqs), self.dt), g.cast(g.op("Sin", freqs), self.dt)
         with g.scope("positions"):
-            self.total = g.op("Gather", g.op("Shape", attention_mask), self.g.i64(1), axis=0)  # [1] = T
-            self.seq = g.op("Gather", g.op("Shape", input_ids), self.g.i64(1), axis=0)  # [1] = S
-            start = g.op("Sub", self.total, self.seq)
-            steps = g.op("Range", g.const(np.int64(0)), g.op("Squeeze", self.seq, self.g.i64(0)), g.const(np.int64(1)))
-            self.q_pos = g.op("Add", steps, start)  # [S] int64
-            self.attention_mask = attention_mask
+            total = g.op("Gather", g.op("Shape", attention_mask), g.i64(1), axis=0)  # [1] = T
+            seq = g.op("Gather", g.op("Shape", input_ids), g.i64(1), axis=0)  # [1] = S
+            start = g.op("Sub", total, seq)
+            steps = g.op("Range", g.const(np.int64(0)), g.op("Squeeze", seq, g.i64(0)), g.const(np.int64(1)))
+            self.q_pos = g.op("Add", steps, start)  # [S]
+            self.seqlens = {"global": self._seqlens(total)}
+        if any(la.temperature_tuning for la in s.layers):
+            with g.scope("temperature"):
+                # NoPE layers sharpen attention at long range: q *= 1 + attn_scale*log1p(floor((pos+1)/floor_scale)),
+                # pos being the absolute cache position (not position_ids).
+                p = g.op("Cast", self.q_pos, to=FP32)
+                t = g.op("Floor", g.op("Div", g.op("Add", p, g.f32(1.0)), g.f32(s.floor_scale)))
+                t = g.op("Add", g.op("Mul", g.op("Log", g.op("Add", t, g.f32(1.0))), g.f32(s.attn_scale)), g.f32(1.0))
+                self.temperature = g.cast(g.op("Reshape", t, g.i64(1, -1, 1)), self.dt)  # [1, S, 1]
+        if any(la.chunked for la in s.layers):
+            with g.scope("chunks"):
+                held = g.op("Sub", total, g.op("Reshape", cache_start, g.i64(1)))  # [1] = keys a chunked layer holds
+                self.seqlens["chunked"] = self._seqlens(held)
+                self.chunk_bias = self._chunk_bias(cache_start, held)
+
+    def _seqlens(self, keys: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """GroupQueryAttention's (seqlens_k [B] = keys - 1, total_sequence_length [] = keys), int32 (batch 1)."""
+        g = self.g
+        k32 = g.op("Cast", keys, to=I32)
+        return g.op("Sub", k32, g.const(np.array([1], np.int32))), g.op("Squeeze", k32, g.i64(0))
+
+    def _chunk_bias(self, cache_start: ir.Value, held: ir.Value) -> ir.Value:
+        """[1, 1, S, L] additive bias, L = keys held: key j (absolute cache_start + j) is visible to query q only in
+        q's chunk (k // C == q // C, chunks aligned to absolute positions). GroupQueryAttention adds the causal part."""
+        g = self.g
+        c = g.i64(self.spec.attention_chunk_size)
+        k_pos = g.op("Add", g.op("Range", g.const(np.int64(0)), g.op("Squeeze", held, g.i64(0)), g.const(np.int64(1))),
+                     cache_start)  # [L]
+        q_col = g.op("Unsqueeze", self.q_pos, g.i64(1))  # [S, 1]
+        same = g.op("Equal", g.op("Div", k_pos, c), g.op("Div", q_col, c))  # [S, L]
+        bias = g.cast(g.op("Where", same, g.f32(0.0), g.f32(NEG)), self.dt)  # (-inf in fp16: a query always sees itself)
+        return g.op("Unsqueeze", bias, g.i64(0, 1))
 
     # ---- attention -----------------------------------------------------------------------------------------
-    def rope(self, x: ir.Value) -> ir.Value:
-        """Interleaved ("traditional") RoPE on [B, S, heads, D] in fp32: rotates pairs (2i, 2i+1).
-
-        Llama 4 uses complex RoPE (view_as_complex over adjacent pairs), not neox rotate_half; written with
-        real cos/sin so it exports (complex does not: pytorch#150891).
-        """
-        g, d = self.g, self.spec.head_dim
-        xf = self.g.cast(x, FP32)
-        pairs = g.op("Reshape", xf, self.g.i64(0, 0, 0, d // 2, 2))  # [B, S, h, D/2, 2]
-        x0 = g.op("Squeeze", g.op("Slice", pairs, self.g.i64(0), self.g.i64(1), self.g.i64(-1)), self.g.i64(-1))
-        x1 = g.op("Squeeze", g.op("Slice", pairs, self.g.i64(1), self.g.i64(2), self.g.i64(-1)), self.g.i64(-1))
-        r0 = g.op("Sub", g.op("Mul", x0, self.cos), g.op("Mul", x1, self.sin))  # [B, S, h, D/2]
-        r1 = g.op("Add", g.op("Mul", x0, self.sin), g.op("Mul", x1, self.cos))
-        both = g.op("Concat", g.op("Unsqueeze", r0, self.g.i64(-1)), g.op("Unsqueeze", r1, self.g.i64(-1)), axis=-1)
-        return g.op("Reshape", both, self.g.i64(0, 0, 0, d))  # [B, S, h, D] fp32
-
-    def key_mask(self, layer: LayerSpec, past_len: ir.Value) -> ir.Value:
-        """Additive mask [B, 1, 1, S, L_i] in fp32 for this layer's keys.
-
-            k_pos = (T - L_i) + arange(L_i)            absolute positions of this layer's keys
-            allow = k_pos <= q_pos                     causal
-                  & k_pos // C == q_pos // C           chunked layers only (aligned to absolute 0, C, 2C, ...)
-                  & attention_mask[:, T - L_i:]        padding
-        """
-        g, C = self.g, self.spec.attention_chunk_size
-        klen = g.op("Add", past_len, self.seq)  # [1] = L_i
-        kstart = g.op("Sub", self.total, klen)
-        k_pos = g.op("Add", g.op("Range", g.const(np.int64(0)), g.op("Squeeze", klen, self.g.i64(0)), g.const(np.int64(1))),
-                     kstart)  # [L]
-        q_col = g.op("Unsqueeze", self.q_pos, self.g.i64(1))  # [S, 1]
-        allow = g.op("LessOrEqual", k_pos, q_col)  # [S, L]
-        if layer.chunked:
-            cc = self.g.i64(C)
-            allow = g.op("And", allow, g.op("Equal", g.op("Div", k_pos, cc), g.op("Div", q_col, cc)))
-        pad = g.op("Cast", g.op("Slice", self.attention_mask, kstart, self.total, self.g.i64(1)), to=ir.DataType.BOOL)  # [B, L]
-        pad = g.op("Unsqueeze", pad, self.g.i64(1, 2, 3))  # [B, 1, 1, 1, L]
-        allow = g.op("And", allow, pad)  # [B, 1, 1, S, L]
-        return g.op("Where", allow, self.g.f32(0.0), self.g.f32(NEG))
-
     def attention(self, x: ir.Value, layer: LayerSpec, past_k: ir.Value, past_v: ir.Value) -> tuple[ir.Value, ...]:
-        """Llama4TextAttention with a KV cache.
+        """Llama4TextAttention with a KV cache (GroupQueryAttention).
 
-            x [B,S,H] -> q_proj -> [B,S,Hq,D] -> RoPE? -> qk-norm? -> temperature? -> [B,Hkv,G,S,D] --+
-                      -> k_proj -> [B,S,Hkv,D] -> RoPE? -> qk-norm? -> [B,Hkv,S,D] -> concat(past) --+-> scores
-                      -> v_proj -> [B,Hkv,S,D] ------------------------------> concat(past) ----+   [B,Hkv,G,S,L]
-            scores * D^-0.5 + mask -> softmax(fp32) -> @ v -> [B,Hq,S,D] -> [B,S,Hq*D] -> o_proj -> [B,S,H]
+            x [B,S,H] -> qkv_proj -> q [B,S,Hq*D], k, v [B,S,Hkv*D]
+              q, k -> qk-norm per head (if qk_norm) -> RoPE (if uses_rope)      q -> * temperature (NoPE layers)
+              GroupQueryAttention(q, k, v, cache) -> [B,S,Hq*D] -> o_proj -> [B,S,H]
         """
         g, s = self.g, self.spec
         hq, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
         pre = f"model.layers.{layer.index}.self_attn"
         with g.scope("self_attn"):
-            q = g.op("Reshape", self.linear(x, f"{pre}.q_proj.weight"), self.g.i64(0, 0, hq, d))  # [B, S, Hq, D]
-            k = g.op("Reshape", self.linear(x, f"{pre}.k_proj.weight"), self.g.i64(0, 0, hkv, d))  # [B, S, Hkv, D]
-            v = g.op("Reshape", self.linear(x, f"{pre}.v_proj.weight"), self.g.i64(0, 0, hkv, d))
+            names = tuple(f"{pre}.{p}_proj.weight" for p in "qkv")
+            if self.plan.qkv_fused(layer.index):
+                qkv = self.linear(x, *names, base=f"{pre}.qkv_proj.weight")
+                q, k, v = g.op("Split", qkv, g.i64(hq * d, hkv * d, hkv * d), axis=-1, outputs=3)
+            else:
+                q, k, v = (self.linear(x, n) for n in names)
+            if layer.qk_norm:
+                # Why: Llama 4's qk-norm is a weightless RMS per head over head_dim, eps=rms_norm_eps, applied after
+                # RoPE in transformers; a rotation keeps each head's norm, so it is applied first here.
+                with g.scope("qk_norm"):
+                    q, k = self.head_rms(q, hq), self.head_rms(k, hkv)
             if layer.uses_rope:
                 with g.scope("rope"):
-                    q, k = self.rope(q), self.rope(k)
-            if layer.qk_norm:
-                # Why: Llama 4's qk-norm is a weightless RMS per head over head_dim, after RoPE, eps=rms_norm_eps.
-                with g.scope("qk_norm"):
-                    q, k = self.rms(q, s.rms_norm_eps), self.rms(k, s.rms_norm_eps)
+                    # IMPORTANT: interleaved ("traditional") pairs (2i, 2i+1), as Llama 4's complex RoPE.
+                    q, k = (g.op("RotaryEmbedding", t, self.cos, self.sin, interleaved=1, num_heads=n) for t, n in ((q, hq), (k, hkv)))
             if layer.temperature_tuning:
-                # Why: NoPE layers sharpen attention at long range: q *= 1 + attn_scale*log1p(floor((pos+1)/floor_scale)),
-                # pos being the absolute cache position (not position_ids).
                 with g.scope("temperature"):
-                    p = g.op("Cast", self.q_pos, to=FP32)
-                    t = g.op("Floor", g.op("Div", g.op("Add", p, self.g.f32(1.0)), self.g.f32(s.floor_scale)))
-                    t = g.op("Add", g.op("Mul", g.op("Log", g.op("Add", t, self.g.f32(1.0))), self.g.f32(s.attn_scale)),
-                             self.g.f32(1.0))  # [S]
-                    q = g.op("Mul", self.g.cast(q, FP32), g.op("Reshape", t, self.g.i64(1, -1, 1, 1)))
-            q, k = self.g.cast(q, self.dt), self.g.cast(k, self.dt)  # HF: .type_as(x) after RoPE / norm
-            with g.scope("cache"):
-                k = g.op("Transpose", k, perm=[0, 2, 1, 3])  # [B, Hkv, S, D]
-                v = g.op("Transpose", v, perm=[0, 2, 1, 3])
-                present_k = g.op("Concat", past_k, k, axis=2)  # [B, Hkv, L, D]
-                present_v = g.op("Concat", past_v, v, axis=2)
-                past_len = g.op("Gather", g.op("Shape", past_k), self.g.i64(2), axis=0)  # [1] = P_i
-            with g.scope("mask"):
-                mask = self.key_mask(layer, past_len)
+                    q = g.op("Mul", q, self.temperature)
+            seqlens, total = self.seqlens["chunked" if layer.chunked else "global"]
+            bias = self.chunk_bias if layer.chunked else None
             with g.scope("sdpa"):
-                # GQA as repeat_kv: query head h reads kv head h // G, i.e. q viewed as [B, Hkv, G, S, D].
-                qg = g.op("Reshape", g.op("Transpose", q, perm=[0, 2, 1, 3]), self.g.i64(0, hkv, hq // hkv, -1, d))
-                kt = g.op("Unsqueeze", g.op("Transpose", self.g.cast(present_k, FP32), perm=[0, 1, 3, 2]), self.g.i64(2))
-                scores = g.op("MatMul", self.g.cast(qg, FP32), kt)  # [B, Hkv, G, S, L]
-                scores = g.op("Add", g.op("Mul", scores, self.g.f32(d**-0.5)), mask)
-                probs = g.op("Softmax", scores, axis=-1)
-                vv = g.op("Unsqueeze", present_v, self.g.i64(2))  # [B, Hkv, 1, L, D]
-                # HF: softmax in fp32, then .to(q.dtype) @ v in the compute dtype
-                o = g.op("MatMul", self.g.cast(probs, self.dt), self.g.cast(vv, self.dt))  # [B, Hkv, G, S, D]
-                o = g.op("Transpose", g.op("Reshape", o, self.g.i64(0, hq, -1, d)), perm=[0, 2, 1, 3])  # [B, S, Hq, D]
-                o = g.op("Reshape", o, self.g.i64(0, 0, hq * d))
+                o, present_k, present_v = g.op("GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, None, None,
+                                               None, bias, domain=MS_DOMAIN, outputs=3, num_heads=hq, kv_num_heads=hkv)
             return self.linear(o, f"{pre}.o_proj.weight"), present_k, present_v
 
+    def head_rms(self, x: ir.Value, heads: int) -> ir.Value:
+        """Weightless RMS over head_dim of [B, S, heads*D] (computed in float32, as transformers' L2Norm)."""
+        g, d = self.g, self.spec.head_dim
+        x4 = g.op("Reshape", x, g.i64(0, 0, heads, d))
+        y = g.op("RMSNormalization", x4, g.const(np.ones(d, g.np_dtype)), axis=-1,
+                 epsilon=self.spec.rms_norm_eps, stash_type=1)
+        return g.op("Reshape", y, g.i64(0, 0, heads * d))
+
     # ---- feed-forward ------------------------------------------------------------------------------------
-    def mlp(self, x: ir.Value, pre: str) -> ir.Value:
-        """Llama4TextMLP: down(silu(gate x) * up x); the dense layers and the shared expert."""
-        g = self.g
-        gate = self.linear(x, f"{pre}.gate_proj.weight")
-        up = self.linear(x, f"{pre}.up_proj.weight")
-        return self.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), f"{pre}.down_proj.weight")
+    def mlp(self, flat: ir.Value, probs1: ir.Value, pre: str) -> ir.Value:
+        """Llama4TextMLP, down(silu(gate x) * up x), on flat [T, H]: the dense layers and the shared expert.
+        As a one-expert MoE/QMoE when the plan fuses it (one kernel; ``probs1`` [T, 1] routes every token to it)."""
+        g, x = self.g, self.g.cast(flat, self.dt)
+        names = tuple(f"{pre}.{p}_proj.weight" for p in ("gate", "up", "down"))
+        if self.plan.mlp_fused(pre):
+            return onnx_lower.experts(self.lo, x, Route(None, probs1), names, pre, self.plan.scheme(names[0]))
+        gate, up = self.linear(x, names[0]), self.linear(x, names[1])
+        return self.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), names[2])
 
     def moe(self, x: ir.Value, layer: LayerSpec) -> ir.Value:
         """Llama4TextMoe, top-1 routing, only the routed expert computed per token.
 
-            x [B,S,H] -> [T,H] -+-> router (fp32) -> logits [T,E] -> s = sigmoid(max logit) [T,1]
-                                +-> x * s --------------------------> MoE(k=1, w=1.0) -----+
-                                +-> shared_expert(x) -------------------------------------(+)-> [B,S,H]
+            x [B,S,H] -> [T,H] -+-> router (fp32) -> logits [T,E] -> m = max logit [T,1] -> s = sigmoid(m)
+                                +-> x * s ------------------------------> (Q)MoE(k=1, weight 1.0) -----+
+                                +-> shared_expert(x) as a one-expert (Q)MoE routed by m ------------(+)-> [B,S,H]
 
         Why: Llama 4's router score scales the expert INPUT (expert(x * s)), not its output, so it is applied
-        before the fused op and the op's own routing weight is forced to 1.0 (k=1, normalized).
-        """
+        before the fused op and the op's own routing weight is forced to 1.0 (k=1, normalized)."""
         g, s = self.g, self.spec
         pre = f"model.layers.{layer.index}.feed_forward"
         with g.scope("feed_forward"):
-            flat = g.op("Reshape", x, self.g.i64(-1, s.hidden_size))  # [T, H] fp32
-            flat.type = ir.TensorType(FP32)
+            flat = g.op("Reshape", x, g.i64(-1, s.hidden_size))  # [T, H] fp32
             r = self.ckpt[f"{pre}.router.weight"]
             w_r = g.weight(f"{pre}.router.weight", (s.hidden_size, s.num_experts), np.dtype(np.float32),
                            lambda: np.ascontiguousarray(r.load(np.float32).T))
             with g.scope("router"):
-                logits = g.op("MatMul", self.g.cast(flat, FP32), w_r)  # [T, E] fp32, as HF's router
-                score = g.op("Sigmoid", g.op("ReduceMax", logits, self.g.i64(-1), keepdims=1))  # [T, 1]
-                scaled = self.g.cast(g.op("Mul", flat, score), self.dt)
-                # Why: the op picks its own top-1 from router_probs in the compute dtype; fp16 rounding of the
-                # logits can tie or swap near-equal experts. Hand it the fp32 choice as 0 / -30000 instead.
-                choice = g.op("Equal", logits, g.op("ReduceMax", logits, self.g.i64(-1), keepdims=1))
-                probs = self.g.cast(g.op("Where", choice, self.g.f32(0.0), self.g.f32(-30000.0)), self.dt)  # [T, E]
-            with g.scope("experts"):  # [T, H]: QMoE, MoE, or FP8 dequantized -> MoE (onnx_lower.EXPERTS_TABLE)
-                routed = onnx_lower.routed_experts(self.lo, scaled, probs, pre, self.plan.expert_scheme(layer.index))
+                logits = g.op("MatMul", flat, w_r)  # [T, E] fp32, as HF's router
+                top = g.op("ReduceMax", logits, g.i64(-1), keepdims=1)  # [T, 1]
+                scaled = g.cast(g.op("Mul", flat, g.op("Sigmoid", top)), self.dt)
+                probs = self.router_probs(logits, top)
+            with g.scope("experts"):  # [T, H]: QMoE, MoE, or the routed FP8 experts dequantized -> MoE
+                names = tuple(f"{pre}.experts.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
+                routed = onnx_lower.experts(self.lo, scaled, Route(logits, probs), names, f"{pre}.experts",
+                                            self.plan.expert_scheme(layer.index))
             with g.scope("shared_expert"):
-                shared = self.mlp(self.g.cast(flat, self.dt), f"{pre}.shared_expert")
-            out = g.op("Add", shared, routed)
-            return g.op("Reshape", out, g.op("Shape", x))
+                shared = self.mlp(flat, g.cast(top, self.dt), f"{pre}.shared_expert")
+            return g.op("Reshape", g.op("Add", shared, routed), g.op("Shape", x))
+
+    def router_probs(self, logits: ir.Value, top: ir.Value) -> ir.Value:
+        """The op's router_probs [T, E]: the fp32 logits in a float32 graph. Otherwise the fp32 choice as 0 / -30000:
+        the op picks its own top-1 in the compute dtype, and fp16 rounding can tie or swap near-equal experts."""
+        g = self.g
+        if self.dt == FP32:
+            return logits
+        choice = g.op("Equal", logits, top)
+        return g.cast(g.op("Where", choice, g.f32(0.0), g.f32(-30000.0)), self.dt)
 
     # ---- the model -------------------------------------------------------------------------------------
-    def build(self) -> ir.Model:
+    def inputs(self) -> tuple[ir.Value, ...]:
         g, s = self.g, self.spec
         input_ids = g.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
         attention_mask = g.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
@@ -257,37 +265,50 @@ class DecoderBuilder:
             shape = ["batch_size", s.num_kv_heads, f"past_sequence_length_{i}", s.head_dim]
             pasts.append((g.input(f"past_key_values.{i}.key", self.dt, shape),
                           g.input(f"past_key_values.{i}.value", self.dt, shape)))
-        self.positions(input_ids, attention_mask, position_ids)
-        embed = self.ckpt["model.embed_tokens.weight"]
+        cache_start = g.input_with_default("cache_start", np.array(0, np.int64))
+        keep = g.input_with_default("num_logits_to_keep", np.array(0, np.int64))
+        return input_ids, attention_mask, position_ids, pasts, cache_start, keep
+
+    def build(self) -> ir.Model:
+        g, s = self.g, self.spec
+        input_ids, attention_mask, position_ids, pasts, cache_start, keep = self.inputs()
+        self.positions(input_ids, attention_mask, position_ids, cache_start)
         with g.scope("model.embed_tokens"):
-            dt = g.np_dtype
-            w = g.weight("model.embed_tokens.weight", tuple(embed.shape), dt, lambda: embed.load(dt))
-            h = self.g.cast(g.op("Gather", w, input_ids, axis=0), FP32)  # [B, S, H], residual stream in fp32
-        presents = []
+            name = "model.embed_tokens.weight"
+            h = g.cast(onnx_lower.embedding(self.lo, input_ids, name, self.plan.scheme(name)), FP32)  # [B, S, H] fp32
+        ff, presents = None, []
         for layer in s.layers:
             pre = f"model.layers.{layer.index}"
             with g.scope(pre):
-                x = self.g.cast(self.rms_norm(h, f"{pre}.input_layernorm.weight"), self.dt)
-                attn, pk, pv = self.attention(x, layer, *pasts[layer.index])
-                h = g.op("Add", h, self.g.cast(attn, FP32))
-                normed = self.rms_norm(h, f"{pre}.post_attention_layernorm.weight")
+                x, h = self.add_norm(h if ff is None else ff, None if ff is None else h, f"{pre}.input_layernorm.weight")
+                attn, pk, pv = self.attention(g.cast(x, self.dt), layer, *pasts[layer.index])
+                normed, h = self.add_norm(attn, h, f"{pre}.post_attention_layernorm.weight")
                 if layer.is_moe:
                     ff = self.moe(normed, layer)
                 else:
                     with g.scope("feed_forward"):
-                        ff = self.mlp(self.g.cast(normed, self.dt), f"{pre}.feed_forward")
-                h = g.op("Add", h, self.g.cast(ff, FP32))
+                        flat = g.op("Reshape", normed, g.i64(-1, s.hidden_size))
+                        one = g.cast(g.op("Slice", flat, g.i64(0), g.i64(1), g.i64(-1)), self.dt)  # [T, 1]: any value
+                        ff = g.op("Reshape", self.mlp(flat, one, f"{pre}.feed_forward"), g.op("Shape", normed))
             presents.append((pk, pv))
         with g.scope("model.norm"):
-            h = self.g.cast(self.rms_norm(h, "model.norm.weight"), self.dt)
+            h, _ = self.add_norm(ff, h, "model.norm.weight")
         with g.scope("lm_head"):
-            logits = self.g.cast(self.linear(h, "lm_head.weight"), FP32)
-        g.output(logits, "logits", FP32, ["batch_size", "sequence_length", s.vocab_size])
+            logits = g.cast(self.linear(g.cast(self.last(h, keep), self.dt), "lm_head.weight"), FP32)
+        g.output(logits, "logits", FP32, ["batch_size", "logits_length", s.vocab_size])
         for i, (pk, pv) in enumerate(presents):
             shape = ["batch_size", s.num_kv_heads, f"total_sequence_length_{i}", s.head_dim]
             g.output(pk, f"present.{i}.key", self.dt, shape)
             g.output(pv, f"present.{i}.value", self.dt, shape)
         return g.model(doc="Llama 4 text decoder with KV cache, exported by l4export")
+
+    def last(self, h: ir.Value, keep: ir.Value) -> ir.Value:
+        """h [B, S, H] -> its last ``keep`` positions (all of them when keep is 0): logits only where needed."""
+        g = self.g
+        seq = g.op("Gather", g.op("Shape", h), g.i64(1), axis=0)  # [1] = S
+        k = g.op("Reshape", keep, g.i64(1))
+        n = g.op("Where", g.op("Greater", k, g.i64(0)), g.op("Min", k, seq), seq)
+        return g.op("Slice", h, g.op("Sub", seq, n), seq, g.i64(1))
 
 
 def genai_config(spec: Llama4Spec, dtype: str, target: str) -> dict[str, Any]:
@@ -326,7 +347,7 @@ def genai_config(spec: Llama4Spec, dtype: str, target: str) -> dict[str, Any]:
             "do_sample": False,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # Off: each layer reads its own past length (present = concat(past, new)), not a max-length buffer.
+            # Off: present = concat(past, new) (genai keeps every layer's whole cache; cache_start stays 0)
             "past_present_share_buffer": False,
             "temperature": 1.0,
             "top_k": 1,

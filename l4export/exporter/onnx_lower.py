@@ -108,19 +108,38 @@ def _base(name: str) -> str:
 
 
 # ---- dense linears -------------------------------------------------------------------------------------------
-def float_linear(lo: Lowering, x: ir.Value, name: str, scheme: None) -> ir.Value:
-    """W [out, in] stored transposed [in, out] under its checkpoint name (MatMul layout)."""
-    t = lo.tensor(name)
-    out_f, in_f = t.shape
-    w = lo.g.weight(name, (in_f, out_f), lo.g.np_dtype, lambda: np.ascontiguousarray(t.load(lo.g.np_dtype).T))
+# Each emitter takes the canonical names of one or more weights [out_i, in] that read the same input and stores them
+# as one [sum(out_i), in] weight under ``base`` (q, k, v -> qkv_proj: one kernel call instead of three).
+def _rows(lo: Lowering, names: tuple[str, ...]) -> tuple[int, int]:
+    shapes = [lo.tensor(n).shape for n in names]
+    return sum(sh[0] for sh in shapes), shapes[0][1]
+
+
+def _concat(qts: list[QTensor]) -> QTensor:
+    if len(qts) == 1:
+        return qts[0]
+    zero = None if qts[0].zero is None else np.concatenate([qt.zero for qt in qts])
+    return QTensor(qts[0].scheme, np.concatenate([qt.q for qt in qts]), np.concatenate([qt.scale for qt in qts]), zero)
+
+
+def _quantized(lo: Lowering, names: tuple[str, ...]) -> QTensor:
+    return _concat([lo.quant.qtensor(n) for n in names])
+
+
+def float_linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: None) -> ir.Value:
+    """W [out, in] stored transposed [in, out] (MatMul layout), under the checkpoint name for one weight."""
+    out_f, in_f = _rows(lo, names)
+    dt = lo.g.np_dtype
+    w = lo.g.weight(base, (in_f, out_f), dt, lambda: np.ascontiguousarray(
+        np.concatenate([lo.tensor(n).load(dt) for n in names]).T))
     return lo.g.op("MatMul", x, w)
 
 
-def int_linear(lo: Lowering, x: ir.Value, name: str, scheme: Int) -> ir.Value:
-    out_f, in_f = lo.tensor(name).shape
-    base, sdt, blk, bits = _base(name), lo.g.np_dtype, scheme.group_size, scheme.bits
+def int_linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: Int) -> ir.Value:
+    out_f, in_f = _rows(lo, names)
+    base, sdt, blk, bits = _base(base), lo.g.np_dtype, scheme.group_size, scheme.bits
     nb = in_f // blk
-    packed = lambda: lo.quant.packed(name, lambda: pack.to_matmulnbits(lo.quant.qtensor(name), sdt))  # noqa: E731
+    packed = lambda: lo.quant.packed(base, lambda: pack.to_matmulnbits(_quantized(lo, names), sdt))  # noqa: E731
     b = lo.weight(f"{base}.qweight", (out_f, nb, blk * bits // 8), np.uint8, lambda: packed()["B"])
     s = lo.weight(f"{base}.scales", (out_f, nb), sdt, lambda: packed()["scales"])
     zp = None
@@ -128,40 +147,40 @@ def int_linear(lo: Lowering, x: ir.Value, name: str, scheme: Int) -> ir.Value:
         zp = lo.weight(f"{base}.qzeros", (out_f, (nb * bits + 7) // 8), np.uint8, lambda: packed()["zero_points"])
     lo.counts["MatMulNBits"] += 1
     return lo.g.op("MatMulNBits", x, b, s, zp, domain=MS_DOMAIN, K=in_f, N=out_f, bits=bits, block_size=blk,
-                   accuracy_level=0)
+                   accuracy_level=scheme.accuracy_level)
 
 
-def fp8_linear_cpu(lo: Lowering, x: ir.Value, name: str, scheme: Fp8) -> ir.Value:
-    g, q = lo.g, lo.quant.qtensor
-    out_f, in_f = lo.tensor(name).shape
-    base = _base(name)
-    a_scale = _static_scale(lo, name, scheme, f"{base}.input_scale")
+def fp8_linear_cpu(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
+    g = lo.g
+    out_f, in_f = _rows(lo, names)
+    base = _base(base)
+    a_scale = _static_scale(lo, names[0], scheme, f"{base}.input_scale")  # static FP8 is never fused (plan)
     if a_scale is not None:
         x = _act_qdq(lo, x, a_scale, base)
     if scheme.block_size:
         # Square tiles are symmetric under transposition: store W^T [in, out] (MatMul layout) and tiles^T.
         b = scheme.block_size
-        w8 = lo.weight(f"{base}.weight_fp8", (in_f, out_f), FP8, lambda: np.ascontiguousarray(q(name).q.T))
+        w8 = lo.weight(f"{base}.weight_fp8", (in_f, out_f), FP8, lambda: np.ascontiguousarray(_quantized(lo, names).q.T))
         t = lo.weight(f"{base}.weight_block_scale", (in_f // b, out_f // b), np.float32,
-                      lambda: np.ascontiguousarray(scheme.block_scales(q(name)).T))
+                      lambda: np.ascontiguousarray(scheme.block_scales(_quantized(lo, names)).T))
         return g.op("MatMul", x, g.cast(_block_dequant(lo, w8, t, (in_f, out_f), b), g.dt))
     # per channel: stored transposed [in, out] (MatMul layout), one scale per output channel -> DQ axis=1
     w8 = lo.weight(f"{base}.weight_fp8", (in_f, out_f), FP8,
-                   lambda: np.ascontiguousarray(pack.to_onnx_fp8(q(name))["weight"].T))
-    sc = lo.weight(f"{base}.weight_scale", (out_f,), np.float32, lambda: pack.to_onnx_fp8(q(name))["scale"])
+                   lambda: np.ascontiguousarray(pack.to_onnx_fp8(_quantized(lo, names))["weight"].T))
+    sc = lo.weight(f"{base}.weight_scale", (out_f,), np.float32, lambda: pack.to_onnx_fp8(_quantized(lo, names))["scale"])
     lo.counts["DequantizeLinear"] += 1
     return g.op("MatMul", x, g.cast(g.op("DequantizeLinear", w8, sc, axis=1), g.dt))
 
 
-def fp8_linear_cuda(lo: Lowering, x: ir.Value, name: str, scheme: Fp8) -> ir.Value:
+def fp8_linear_cuda(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
     """One CUDA op: B e4m3 [N, K] as stored, b_scale [N, K/block]; per channel is block_size = K."""
-    q = lo.quant.qtensor
-    out_f, in_f = lo.tensor(name).shape
-    base = _base(name)
-    a_scale = _static_scale(lo, name, scheme, f"{base}.input_scale")
+    out_f, in_f = _rows(lo, names)
+    base = _base(base)
+    a_scale = _static_scale(lo, names[0], scheme, f"{base}.input_scale")
     blk = scheme.block_size or in_f
-    w8 = lo.weight(f"{base}.weight_fp8", (out_f, in_f), FP8, lambda: pack.to_matmul_fp8(q(name))["B"])
-    sc = lo.weight(f"{base}.weight_scale", (out_f, in_f // blk), np.float32, lambda: pack.to_matmul_fp8(q(name))["b_scale"])
+    mm = lambda: pack.to_matmul_fp8(_quantized(lo, names))  # noqa: E731
+    w8 = lo.weight(f"{base}.weight_fp8", (out_f, in_f), FP8, lambda: mm()["B"])
+    sc = lo.weight(f"{base}.weight_scale", (out_f, in_f // blk), np.float32, lambda: mm()["b_scale"])
     a = None if a_scale is None else lo.weight(f"{base}.input_scale", (), np.float32, lambda: np.array(a_scale, np.float32))
     lo.counts["MatMulBlockQuantizedFp8Weight"] += 1
     return lo.g.op("MatMulBlockQuantizedFp8Weight", x, w8, sc, a, domain=MS_DOMAIN, block_size=blk)
@@ -194,15 +213,45 @@ def _act_qdq(lo: Lowering, x: ir.Value, scale: float, base: str) -> ir.Value:
 def _block_dequant(lo: Lowering, w8: ir.Value, tiles: ir.Value, shape: tuple[int, ...], b: int) -> ir.Value:
     """float32 ``w8 [..., R, C] * tiles[..., r // b, c // b]`` (ORT CPU has no 2-D blocked DequantizeLinear):
     Cast, view as [..., R/b, b, C/b, b], multiply by tiles [..., R/b, 1, C/b, 1], view back."""
+    lo.counts["Fp8BlockDequant"] += 1  # Cast -> Mul, not a single op
+    return _tile_scale(lo, lo.g.op("Cast", w8, to=FP32), tiles, shape, b)
+
+
+def _tile_scale(lo: Lowering, w: ir.Value, tiles: ir.Value, shape: tuple[int, ...], b: int) -> ir.Value:
+    """float32 ``w [..., R, C] * tiles[..., r // b, c // b]``: view as [..., R/b, b, C/b, b], multiply, view back."""
     g, lead = lo.g, shape[:-2]
     r, c = shape[-2:]
-    lo.counts["Fp8BlockDequant"] += 1  # Cast -> Mul, not a single op
-    w = g.op("Reshape", g.op("Cast", w8, to=FP32), g.i64(*lead, r // b, b, c // b, b))
+    w = g.op("Reshape", w, g.i64(*lead, r // b, b, c // b, b))
     t = g.op("Unsqueeze", tiles, g.i64(len(lead) + 1, len(lead) + 3))
     return g.op("Reshape", g.op("Mul", w, t), g.i64(*shape))
 
 
-# ---- routed experts ------------------------------------------------------------------------------------------
+# ---- experts: routed (stacked [E, out, in]) and one-expert MLPs ([out, in] as E = 1) ---------------------------
+# Each emitter takes the canonical (gate, up, down) names and ``base``, the prefix of what it stores; ``route`` has
+# the fp32 router logits [T, E] (None for a one-expert MLP) and the op's router_probs [T, E] in the compute dtype.
+@dataclass(frozen=True)
+class Route:
+    logits: ir.Value | None
+    probs: ir.Value
+
+
+def _experts_shape(lo: Lowering, name: str) -> tuple[int, int, int]:
+    shape = tuple(lo.tensor(name).shape)
+    return shape if len(shape) == 3 else (1,) + shape  # an MLP weight is one expert
+
+
+def _load_experts(lo: Lowering, name: str, dtype: np.dtype) -> np.ndarray:
+    a = lo.tensor(name).load(dtype)
+    return a if a.ndim == 3 else a[None]
+
+
+def _q_experts(lo: Lowering, name: str) -> QTensor:
+    qt = lo.quant.qtensor(name)
+    if qt.q.ndim == 3:
+        return qt
+    return QTensor(qt.scheme, qt.q[None], qt.scale[None], None if qt.zero is None else qt.zero[None])
+
+
 def moe(g: GraphBuilder, x: ir.Value, probs: ir.Value, fc1: ir.Value, fc2: ir.Value) -> ir.Value:
     """y[t] = expert_{argmax probs[t]}(x[t]) with weight 1.0: SwiGLU ``down(silu(gate x) * up x)``.
     x [T, H] and probs [T, E] in the compute dtype; fc1 [E, 2I, H] interleaved; fc2 [E, H, I] -> [T, H]."""
@@ -210,109 +259,149 @@ def moe(g: GraphBuilder, x: ir.Value, probs: ir.Value, fc1: ir.Value, fc2: ir.Va
                 activation_type="swiglu", swiglu_fusion=1)
 
 
-def float_experts(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: None) -> ir.Value:
-    gate, up, down = (lo.tensor(f"{pre}.experts.{n}") for n in EXPERTS)
-    e, i, h = gate.shape
+def float_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: None) -> ir.Value:
+    gate, up, down = names
+    e, i, h = _experts_shape(lo, gate)
     dt = lo.g.np_dtype
 
     def fc1() -> np.ndarray:  # [E, 2I, H] rows g0, u0, g1, u1, ...; one source tensor in memory at a time
         out = np.empty((e, 2 * i, h), dtype=dt)
-        out[:, 0::2] = gate.load(dt)
-        out[:, 1::2] = up.load(dt)
+        out[:, 0::2] = _load_experts(lo, gate, dt)
+        out[:, 1::2] = _load_experts(lo, up, dt)
         return out
 
-    w1 = lo.g.weight(f"{pre}.experts.fc1_interleaved", (e, 2 * i, h), dt, fc1)
-    w2 = lo.g.weight(f"{pre}.experts.down_proj", tuple(down.shape), dt, lambda: down.load(dt))
-    return moe(lo.g, x, probs, w1, w2)
+    w1 = lo.g.weight(f"{base}.fc1_interleaved", (e, 2 * i, h), dt, fc1)
+    w2 = lo.g.weight(f"{base}.down_proj", (e, h, i), dt, lambda: _load_experts(lo, down, dt))
+    return moe(lo.g, x, route.probs, w1, w2)
 
 
-def int_experts(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: Int) -> ir.Value:
-    gate_n, up_n, down_n = (f"{pre}.experts.{n}" for n in EXPERTS)
-    e, i, h = lo.tensor(gate_n).shape
-    bits, blk, q = scheme.bits, scheme.group_size, lo.quant.qtensor
-    if bits == 8:
-        log.warning("%s: block-wise int8 QMoE computes with int8 activations on ORT CPU (~5e-2 error)", pre)
+def int_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: Int) -> ir.Value:
+    gate_n, up_n, down_n = names
+    e, i, h = _experts_shape(lo, gate_n)
+    bits, blk = scheme.bits, scheme.group_size
+    q = lambda n: _q_experts(lo, n)  # noqa: E731
+    if bits == 8 and scheme.accuracy_level == 0:
+        log.warning("%s: block-wise int8 QMoE computes with int8 activations on ORT CPU (~5e-2 error)", base)
     # QMoE takes scales of their own type (T2): float16 even in a float32 graph (exact, 2 bytes per group)
     sdt = np.float16 if lo.g.np_dtype == np.float32 else lo.g.np_dtype
-    fc1 = lo.weight(f"{pre}.experts.fc1.qweight", (e, 2 * i, h * bits // 8), np.uint8, lambda: pack.qmoe_weights(q(gate_n), q(up_n)))
-    fc1_s = lo.weight(f"{pre}.experts.fc1.scales", (e, 2 * i, h // blk), sdt, lambda: pack.qmoe_scales(q(gate_n), q(up_n), dtype=sdt))
+    fc1 = lo.weight(f"{base}.fc1.qweight", (e, 2 * i, h * bits // 8), np.uint8, lambda: pack.qmoe_weights(q(gate_n), q(up_n)))
+    fc1_s = lo.weight(f"{base}.fc1.scales", (e, 2 * i, h // blk), sdt, lambda: pack.qmoe_scales(q(gate_n), q(up_n), dtype=sdt))
     fc1_z = fc2_z = None
     if not scheme.symmetric:
-        fc1_z = lo.weight(f"{pre}.experts.fc1.qzeros", (e, 2 * i, (h // blk * bits + 7) // 8), np.uint8,
+        fc1_z = lo.weight(f"{base}.fc1.qzeros", (e, 2 * i, (h // blk * bits + 7) // 8), np.uint8,
                           lambda: pack.qmoe_zero_points(q(gate_n), q(up_n)))
-    fc2 = lo.weight(f"{pre}.experts.fc2.qweight", (e, h, i * bits // 8), np.uint8, lambda: pack.qmoe_weights(q(down_n)))
-    fc2_s = lo.weight(f"{pre}.experts.fc2.scales", (e, h, i // blk), sdt, lambda: pack.qmoe_scales(q(down_n), dtype=sdt))
+    fc2 = lo.weight(f"{base}.fc2.qweight", (e, h, i * bits // 8), np.uint8, lambda: pack.qmoe_weights(q(down_n)))
+    fc2_s = lo.weight(f"{base}.fc2.scales", (e, h, i // blk), sdt, lambda: pack.qmoe_scales(q(down_n), dtype=sdt))
     if not scheme.symmetric:
-        fc2_z = lo.weight(f"{pre}.experts.fc2.qzeros", (e, h, (i // blk * bits + 7) // 8), np.uint8,
+        fc2_z = lo.weight(f"{base}.fc2.qzeros", (e, h, (i // blk * bits + 7) // 8), np.uint8,
                           lambda: pack.qmoe_zero_points(q(down_n)))
-    attrs = {"weights_prepacked": 0} if lo.target == "cuda" else {}  # CUDA: raw layout, repacked at load
+    attrs = {"weights_prepacked": 0} if lo.target == "cuda" else {"accuracy_level": scheme.accuracy_level}
     lo.counts["QMoE"] += 1
-    return lo.g.op("QMoE", x, probs, fc1, fc1_s, None, fc2, fc2_s, None, None, None, None, fc1_z, fc2_z,
+    return lo.g.op("QMoE", x, route.probs, fc1, fc1_s, None, fc2, fc2_s, None, None, None, None, fc1_z, fc2_z,
                    domain=MS_DOMAIN, k=1, normalize_routing_weights=1, activation_type="swiglu", swiglu_fusion=1,
                    expert_weight_bits=bits, block_size=blk, **attrs)
 
 
-def _experts_input_qdq(lo: Lowering, x: ir.Value, pre: str, scheme: Fp8) -> ir.Value:
+def _experts_input_qdq(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
     """Static FP8: one input scale for the fused op, the max over experts (gate and up read the same input)."""
-    gate_n, up_n = f"{pre}.experts.gate_proj", f"{pre}.experts.up_proj"
-    a_scale = _static_scale(lo, gate_n, scheme, f"{pre}.experts.input_scale")
+    gate_n, up_n = names[:2]
+    a_scale = _static_scale(lo, gate_n, scheme, f"{base}.input_scale")
     if a_scale is None:
         return x
     a_scale = max(a_scale, float(lo.quant.act_scales[up_n].max()))
-    lo.applied_scales[f"{pre}.experts.input_scale"] = a_scale
-    return _act_qdq(lo, x, a_scale, f"{pre}.experts")
+    lo.applied_scales[f"{base}.input_scale"] = a_scale
+    return _act_qdq(lo, x, a_scale, base)
 
 
-def fp8_experts_cpu(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: Fp8) -> ir.Value:
+def _routed_subset(g: GraphBuilder, logits: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """The experts this step routes to, without dequantizing the others: unique top-1 experts [U] (U <= T, E)
+    and router_probs [T, U] that pick each token's expert among them (one-hot, in the compute dtype)."""
+    idx = g.op("ArgMax", logits, axis=-1, keepdims=0)  # [T]
+    uniq, _, inverse, _ = g.op("Unique", idx, outputs=4, sorted=1)  # [U], [T]
+    onehot_values = g.const(np.array([0.0, 1.0], dtype=g.np_dtype))
+    probs = g.op("OneHot", inverse, g.op("Shape", uniq), onehot_values, axis=-1)  # [T, U]
+    return uniq, probs
+
+
+def fp8_experts_cpu(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
+    """ORT CPU stores FP8 but has no FP8 MoE kernel: gather the experts this step routes to (one per token, at most
+    E) and dequantize only those (GatherBlockQuantized for per-channel scales; Gather + Cast * tile for square
+    blocks), then run the float MoE on them. A decode step dequantizes one expert per layer, not all E."""
     g, q = lo.g, lo.quant.qtensor
-    gate_n, up_n, down_n = (f"{pre}.experts.{n}" for n in EXPERTS)
-    e, i, h = lo.tensor(gate_n).shape
-    x = _experts_input_qdq(lo, x, pre, scheme)
+    gate_n, up_n, down_n = names
+    e, i, h = _experts_shape(lo, gate_n)
+    x = _experts_input_qdq(lo, x, names, base, scheme)
+    uniq, probs = _routed_subset(g, route.logits)
     if scheme.block_size:
-        # gate, up, down stored as QMoE would ([E, N, K] e4m3 + [E, N/b, K/b] tiles), dequantized in the graph;
+        # gate, up, down stored as QMoE would ([E, N, K] e4m3 + [E, N/b, K/b] tiles), dequantized after the gather;
         # gate/up interleaved after dequantization for the CPU MoE's swiglu_fusion=1.
         b = scheme.block_size
+
+        one = g.const(np.ones((1, 1, 1), np.float32))  # GatherBlockQuantized: FP8 -> float, scale broadcast
 
         def deq(n: str, rows: int, cols: int) -> ir.Value:
             w8 = lo.weight(f"{n}.weight_fp8", (e, rows, cols), FP8, lambda: q(n).q)
             t = lo.weight(f"{n}.block_scale", (e, rows // b, cols // b), np.float32, lambda: scheme.block_scales(q(n)))
-            return _block_dequant(lo, w8, t, (e, rows, cols), b)
+            w = g.op("GatherBlockQuantized", w8, uniq, one, domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
+                     block_size=0)  # [U, rows, cols] float32 (ORT CPU's Gather takes no FP8)
+            return _tile_scale(lo, w, g.op("Gather", t, uniq, axis=0), (-1, rows, cols), b)
 
-        gu = [g.op("Unsqueeze", deq(n, i, h), g.i64(2)) for n in (gate_n, up_n)]  # [E, I, 1, H] each
-        fc1 = g.op("Reshape", g.op("Concat", *gu, axis=2), g.i64(e, 2 * i, h))  # rows g0, u0, g1, u1, ...
+        gu = [g.op("Unsqueeze", deq(n, i, h), g.i64(2)) for n in (gate_n, up_n)]  # [U, I, 1, H] each
+        fc1 = g.op("Reshape", g.op("Concat", *gu, axis=2), g.i64(-1, 2 * i, h))  # rows g0, u0, g1, u1, ...
         fc2 = deq(down_n, h, i)
         return moe(g, x, probs, g.cast(fc1, g.dt), g.cast(fc2, g.dt))
-    # per channel: e4m3 stored 2-D [E*N, K] (per-axis DQ needs a 1-D scale), dequantized to the float MoE layout
+    # per channel: e4m3 [E, N, K] with one float32 scale per row [E, N, 1]; fc1 rows interleaved gate/up
     fp8 = lambda n: pack.to_onnx_fp8(q(n))  # noqa: E731
-    w1 = lo.weight(f"{pre}.experts.fc1_interleaved.weight_fp8", (e * 2 * i, h), FP8,
-                   lambda: pack.interleave_rows(fp8(gate_n)["weight"], fp8(up_n)["weight"]).reshape(e * 2 * i, h))
-    s1 = lo.weight(f"{pre}.experts.fc1_interleaved.weight_scale", (e * 2 * i,), np.float32,
-                   lambda: pack.interleave_rows(fp8(gate_n)["scale"], fp8(up_n)["scale"]).reshape(-1))
-    w2 = lo.weight(f"{pre}.experts.down_proj.weight_fp8", (e * h, i), FP8, lambda: fp8(down_n)["weight"].reshape(e * h, i))
-    s2 = lo.weight(f"{pre}.experts.down_proj.weight_scale", (e * h,), np.float32, lambda: fp8(down_n)["scale"].reshape(-1))
-    lo.counts["DequantizeLinear"] += 2
-    fc1 = g.cast(g.op("Reshape", g.op("DequantizeLinear", w1, s1, axis=0), g.i64(e, 2 * i, h)), g.dt)
-    fc2 = g.cast(g.op("Reshape", g.op("DequantizeLinear", w2, s2, axis=0), g.i64(e, h, i)), g.dt)
-    return moe(g, x, probs, fc1, fc2)
+    w1 = lo.weight(f"{base}.fc1_interleaved.weight_fp8", (e, 2 * i, h), FP8,
+                   lambda: pack.interleave_rows(fp8(gate_n)["weight"], fp8(up_n)["weight"]))
+    s1 = lo.weight(f"{base}.fc1_interleaved.weight_scale", (e, 2 * i, 1), np.float32,
+                   lambda: pack.interleave_rows(fp8(gate_n)["scale"], fp8(up_n)["scale"])[..., None])
+    w2 = lo.weight(f"{base}.down_proj.weight_fp8", (e, h, i), FP8, lambda: fp8(down_n)["weight"])
+    s2 = lo.weight(f"{base}.down_proj.weight_scale", (e, h, 1), np.float32, lambda: fp8(down_n)["scale"][..., None])
+    lo.counts["GatherBlockQuantized"] += 2
+    gather = lambda w, sc: g.op("GatherBlockQuantized", w, uniq, sc, domain=MS_DOMAIN, gather_axis=0,  # noqa: E731
+                                quantize_axis=2, block_size=0)
+    return moe(g, x, probs, g.cast(gather(w1, s1), g.dt), g.cast(gather(w2, s2), g.dt))
 
 
-def fp8_experts_cuda(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: Fp8) -> ir.Value:
+def fp8_experts_cuda(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
     """QMoE fp8, square blocks (plan.make_plan refuses per-channel FP8 experts for CUDA before any weight is read)."""
-    x = _experts_input_qdq(lo, x, pre, scheme)  # QMoE fp8 takes no activation scales itself
-    e, i, h = lo.tensor(f"{pre}.experts.gate_proj").shape
+    x = _experts_input_qdq(lo, x, names, base, scheme)  # QMoE fp8 takes no activation scales itself
+    e, i, h = _experts_shape(lo, names[0])
     b = scheme.block_size
-    layer = lambda: lo.quant.packed(pre, lambda: pack.to_qmoe_fp8(*(lo.quant.qtensor(f"{pre}.experts.{n}") for n in EXPERTS)))  # noqa: E731
-    fc1 = lo.weight(f"{pre}.experts.fc1.weight_fp8", (e, 2 * i, h), FP8, lambda: layer()["fc1"])
-    s1 = lo.weight(f"{pre}.experts.fc1.block_scale", (e, 2 * i // b, h // b), np.float32, lambda: layer()["fc1_scales"])
-    fc2 = lo.weight(f"{pre}.experts.fc2.weight_fp8", (e, h, i), FP8, lambda: layer()["fc2"])
-    s2 = lo.weight(f"{pre}.experts.fc2.block_scale", (e, h // b, i // b), np.float32, lambda: layer()["fc2_scales"])
+    layer = lambda: lo.quant.packed(base, lambda: pack.to_qmoe_fp8(*(lo.quant.qtensor(n) for n in names)))  # noqa: E731
+    fc1 = lo.weight(f"{base}.fc1.weight_fp8", (e, 2 * i, h), FP8, lambda: layer()["fc1"])
+    s1 = lo.weight(f"{base}.fc1.block_scale", (e, 2 * i // b, h // b), np.float32, lambda: layer()["fc1_scales"])
+    fc2 = lo.weight(f"{base}.fc2.weight_fp8", (e, h, i), FP8, lambda: layer()["fc2"])
+    s2 = lo.weight(f"{base}.fc2.block_scale", (e, h // b, i // b), np.float32, lambda: layer()["fc2_scales"])
     lo.counts["QMoE"] += 1
-    return lo.g.op("QMoE", x, probs, fc1, s1, None, fc2, s2, domain=MS_DOMAIN, k=1, normalize_routing_weights=1,
+    return lo.g.op("QMoE", x, route.probs, fc1, s1, None, fc2, s2, domain=MS_DOMAIN, k=1, normalize_routing_weights=1,
                    activation_type="swiglu", swiglu_fusion=2, expert_weight_bits=8, quant_type="fp8", block_size=b)
 
 
-LinearEmitter = Callable[[Lowering, ir.Value, str, AnyScheme | None], ir.Value]
-ExpertsEmitter = Callable[[Lowering, ir.Value, ir.Value, str, AnyScheme | None], ir.Value]
+# ---- embedding -------------------------------------------------------------------------------------------------
+def embedding(lo: Lowering, ids: ir.Value, name: str, scheme: Int | None) -> ir.Value:
+    """Rows of the embedding table for ``ids`` [B, S] -> [B, S, H] in the compute dtype: Gather, or
+    GatherBlockQuantized for an int table (codes packed along H, symmetric codes read with the default zero point)."""
+    g, t, dt = lo.g, lo.tensor(name), lo.g.np_dtype
+    if scheme is None:
+        w = g.weight(name, tuple(t.shape), dt, lambda: t.load(dt))
+        return g.op("Gather", w, ids, axis=0)
+    v, hid = t.shape
+    base, blk, bits = _base(name), scheme.group_size, scheme.bits
+    packed = lambda: lo.quant.packed(base, lambda: pack.to_matmulnbits(lo.quant.qtensor(name), dt))  # noqa: E731
+    data = lo.weight(f"{base}.qweight", (v, hid * bits // 8), np.uint8, lambda: packed()["B"].reshape(v, -1))
+    sc = lo.weight(f"{base}.scales", (v, hid // blk), dt, lambda: packed()["scales"])
+    zp = None
+    if not scheme.symmetric:
+        zp = lo.weight(f"{base}.qzeros", (v, (hid // blk * bits + 7) // 8), np.uint8, lambda: packed()["zero_points"])
+    lo.counts["GatherBlockQuantized"] += 1
+    return g.op("GatherBlockQuantized", data, ids, sc, zp, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                block_size=blk, bits=bits)
+
+
+LinearEmitter = Callable[[Lowering, ir.Value, tuple[str, ...], str, AnyScheme | None], ir.Value]
+ExpertsEmitter = Callable[[Lowering, ir.Value, Route, tuple[str, ...], str, AnyScheme | None], ir.Value]
 # (scheme kind, target) -> emitter; "*" serves every target. Adding a scheme or a target is a row.
 LINEAR: dict[tuple[str, str], LinearEmitter] = {
     ("float", "*"): float_linear, ("int", "*"): int_linear, ("fp8", "cpu"): fp8_linear_cpu, ("fp8", "cuda"): fp8_linear_cuda,
@@ -328,9 +417,10 @@ def emitter(table: dict, scheme: AnyScheme | None, target: str):
     return table.get((k, target)) or table[(k, "*")]
 
 
-def linear(lo: Lowering, x: ir.Value, name: str, scheme: AnyScheme | None) -> ir.Value:
-    return emitter(LINEAR, scheme, lo.target)(lo, x, name, scheme)
+def linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: AnyScheme | None) -> ir.Value:
+    """x [..., in] @ [W_0; W_1; ...]^T for weights of one scheme, stored as one under ``base``."""
+    return emitter(LINEAR, scheme, lo.target)(lo, x, names, base, scheme)
 
 
-def routed_experts(lo: Lowering, x: ir.Value, probs: ir.Value, pre: str, scheme: AnyScheme | None) -> ir.Value:
-    return emitter(EXPERTS_TABLE, scheme, lo.target)(lo, x, probs, pre, scheme)
+def experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: AnyScheme | None) -> ir.Value:
+    return emitter(EXPERTS_TABLE, scheme, lo.target)(lo, x, route, names, base, scheme)

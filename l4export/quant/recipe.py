@@ -13,6 +13,7 @@ stays float as well. Presets are data (``PRESETS``); TOML recipes are read stric
     scheme = "int4"           # int4 | int8 | fp8 | mxfp8 | float
     group_size = 64           # int4/int8: 32, 64, 128
     symmetric = true          # int4/int8
+    accuracy_level = 4        # int4/int8, ONNX only: 0 float activations (exact), 4 int8 activations (fast on CPU)
     # activation = "static"   # fp8 only: per-expert static input scales from calibration (needs --calib)
     # block_size = 128        # fp8 only: 128x128 square tiles instead of per-channel scales
 
@@ -164,8 +165,8 @@ PRESETS: dict[str, Recipe] = {
 # ---- TOML ---------------------------------------------------------------------------------------------
 _TOP_KEYS = {"name", "rule"}
 _SCHEME_KEYS: dict[str, set[str]] = {
-    "int4": {"group_size", "symmetric"},
-    "int8": {"group_size", "symmetric"},
+    "int4": {"group_size", "symmetric", "accuracy_level"},
+    "int8": {"group_size", "symmetric", "accuracy_level"},
     "fp8": {"activation", "block_size"},
     "mxfp8": set(),
     "float": set(),
@@ -175,10 +176,10 @@ _SCHEME_KEYS: dict[str, set[str]] = {
 def _scheme(kind: str, opts: dict[str, Any], where: str) -> AnyScheme | None:
     try:
         if kind in ("int4", "int8"):
-            gs, sym = opts.get("group_size", 32), opts.get("symmetric", True)
-            if not isinstance(gs, int) or isinstance(gs, bool) or not isinstance(sym, bool):
-                raise RecipeError(f"{where}: group_size must be an integer and symmetric true or false")
-            return Int(bits=4 if kind == "int4" else 8, group_size=gs, symmetric=sym)
+            gs, sym, acc = opts.get("group_size", 32), opts.get("symmetric", True), opts.get("accuracy_level", 0)
+            if any(not isinstance(v, int) or isinstance(v, bool) for v in (gs, acc)) or not isinstance(sym, bool):
+                raise RecipeError(f"{where}: group_size and accuracy_level must be integers and symmetric true or false")
+            return Int(bits=4 if kind == "int4" else 8, group_size=gs, symmetric=sym, accuracy_level=acc)
         if kind == "fp8":
             block = opts.get("block_size", 0)
             if not isinstance(block, int) or isinstance(block, bool):

@@ -31,6 +31,7 @@ from ..errors import RecipeError
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 FP8_MAX = 448.0
 FP8_BLOCKS = (0, 16, 32, 64, 128)  # 0: per output channel; else square b x b tiles
+ACCURACY_LEVELS = (0, 4)  # ONNX Runtime accuracy_level of integer kernels: 0 float, 4 int8 activations
 
 
 @dataclass(frozen=True)
@@ -130,16 +131,24 @@ class Int(_Base):
     bits: int = 4
     group_size: int = 32
     symmetric: bool = True
+    # ONNX Runtime's MatMulNBits/QMoE/GatherBlockQuantized compute: 0 = float activations (exact with respect to
+    # the dequantized weights), 4 = activations quantized to int8 per block (ORT CPU's fast integer kernels). The
+    # weights are the same either way; MLX has no such kernel and reads only the weights.
+    accuracy_level: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise RecipeError(f"int scheme: bits={self.bits} is not supported; use 4 or 8")
         if self.group_size not in (16, 32, 64, 128):
             raise RecipeError(f"int{self.bits}: group_size={self.group_size} is not supported; use 32, 64 or 128")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise RecipeError(f"int{self.bits}: accuracy_level={self.accuracy_level} is not supported; use 0 (float "
+                              "activations, exact) or 4 (int8 activations, ONNX Runtime CPU's fast kernels)")
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+        acc = f"-acc{self.accuracy_level}" if self.accuracy_level else ""
+        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}{acc}"
 
     @property
     def qmax(self) -> int:

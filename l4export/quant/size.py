@@ -44,9 +44,10 @@ def export_tensor_bytes(path: str | Path) -> int:
         import onnx
 
         graph = onnx.load(str(onnx_file), load_external_data=False).graph
+        inputs = {i.name for i in graph.input}  # optional inputs' defaults are not weights
         total = 0
         for init in graph.initializer:
-            if _GRAPH_CONSTANT.fullmatch(init.name):
+            if _GRAPH_CONSTANT.fullmatch(init.name) or init.name in inputs:
                 continue
             total += int(np.prod(init.dims, dtype=np.int64)) * _ONNX_ITEMSIZE[init.data_type]
         return total

@@ -7,20 +7,22 @@ from pathlib import Path
 from .base import Runtime, read_export_info
 
 
-def load_runtime(path: str | Path, provider: str | None = None, dtype: str | None = None) -> Runtime:
+def load_runtime(path: str | Path, provider: str | None = None, dtype: str | None = None,
+                 prefill_step: int | None = None) -> Runtime:
     """Open an export folder with the runtime its format needs.
 
-    provider: ONNX Runtime execution provider ("cpu", "cuda"); dtype: MLX compute dtype override.
+    provider: ONNX Runtime execution provider ("cpu", "cuda"); dtype: MLX compute dtype override; prefill_step:
+    prompt tokens per step (default min(2048, attention_chunk_size)).
     """
     fmt = read_export_info(Path(path)).get("format")
     if fmt == "onnx":
         from .onnx import OnnxRuntime
 
-        return OnnxRuntime(path, provider=provider)
+        return OnnxRuntime(path, provider=provider, prefill_step=prefill_step)
     if fmt == "mlx":
         from .mlx import MlxRuntime
 
-        return MlxRuntime(path, dtype=dtype)
+        return MlxRuntime(path, dtype=dtype, prefill_step=prefill_step)
     from ..errors import UsageError
 
     raise UsageError(f"{path}: unknown export format {fmt!r} in l4export.json")

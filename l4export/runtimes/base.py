@@ -1,7 +1,8 @@
 """What every runtime shares: the Python API apps embed, sampling, tokenizer handling.
 
-A backend implements ``reset()`` (drop the KV cache) and ``forward(ids)`` (run new tokens through the cache,
-return their logits [S, V] float32). Everything else is here, once:
+A backend implements ``_reset()`` (drop the KV cache) and ``_step(ids, n_logits)`` (run new tokens of one chunk
+through the cache, return the logits of the last n of them). Everything else is here, once: prompts in steps,
+ids checked, sampling, text:
 
     rt = load_runtime("out/")              # ONNX or MLX export
     rt.logits([1, 2, 3])                    # [T, V] full forward from an empty cache
@@ -33,36 +34,91 @@ def read_export_info(path: Path) -> dict:
     return json.loads(p.read_text())
 
 
+DEFAULT_PREFILL_STEP = 2048  # tokens per prefill step (capped by attention_chunk_size)
+
+
 class Runtime(ABC):
-    """A loaded export with a KV cache for one sequence."""
+    """A loaded export with a KV cache for one sequence.
+
+    Prompts are run in steps (``prefill_step`` tokens, never crossing a chunk boundary of the chunked layers, so a
+    chunked layer's cache never holds more than one chunk), and logits are computed only where they are asked for:
+    ``generate`` needs the last position of a prompt, ``logits`` every position."""
 
     format: str = ""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, prefill_step: int | None = None):
         self.path = Path(path)
         self.info = read_export_info(self.path)
         self.spec: Llama4Spec = load_spec(self.path)
         self._tokenizer = None
+        self.prefill_step = check_prefill_step(prefill_step, self.spec)
+        self.pos = 0  # tokens in the cache
 
     # ---- backend -------------------------------------------------------------------------------
     @abstractmethod
-    def reset(self) -> None:
-        """Forget the sequence (empty KV cache)."""
+    def _reset(self) -> None:
+        """Drop the KV cache."""
 
     @abstractmethod
-    def forward(self, ids: Sequence[int]) -> np.ndarray:
-        """Run ``ids`` after what the cache holds; return their logits [len(ids), vocab] as float32."""
+    def _step(self, ids: list[int], n_logits: int) -> np.ndarray:
+        """Run ``ids`` (within one chunk) at positions ``self.pos`` ..; return the logits [n_logits, V] float32 of the
+        last ``n_logits`` of them (n_logits >= 1)."""
 
     # ---- shared API ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the sequence (empty KV cache)."""
+        self.pos = 0
+        self._reset()
+
+    def reserve(self, tokens: int) -> None:
+        """A hint: the sequence will reach ``tokens`` tokens (backends may size their caches once)."""
+
+    def steps(self, n: int) -> list[tuple[int, int]]:
+        """[a, b) pieces of ``n`` new tokens: at most prefill_step each, none crossing a chunk boundary."""
+        chunk, out, a = self.spec.attention_chunk_size or 0, [], 0
+        while a < n:
+            room = chunk - (self.pos + a) % chunk if chunk else n - a
+            b = a + min(self.prefill_step, room, n - a)
+            out.append((a, b))
+            a = b
+        return out
+
+    def forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Run ``ids`` after what the cache holds; return their logits [len(ids), V] (``last_only``: [1, V], the last
+        position's) as float32."""
+        ids = self.check_ids(ids)
+        pieces = self.steps(len(ids))
+        out = []
+        for n, (a, b) in enumerate(pieces):
+            want = 1 if last_only else b - a  # a step always computes at least its last position's logits
+            logits = self._step(ids[a:b], want)
+            self.pos += b - a
+            if not last_only or n == len(pieces) - 1:
+                out.append(logits)
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
+
+    def check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise UsageError("forward needs at least one token id")
+        if min(ids) < 0 or max(ids) >= self.spec.vocab_size:
+            raise UsageError(f"token ids must be in 0..{self.spec.vocab_size - 1}; got {min(ids)}..{max(ids)}")
+        if self.pos + len(ids) > self.spec.max_position_embeddings:
+            raise UsageError(f"{self.pos + len(ids)} tokens exceed max_position_embeddings "
+                             f"({self.spec.max_position_embeddings}); use a shorter prompt or fewer new tokens")
+        return ids
+
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] of one full forward over ``ids`` from an empty cache."""
         self.reset()
+        self.reserve(len(ids))
         return self.forward(list(ids))
 
     def logits_incremental(self, ids: Sequence[int], step: int = 1) -> np.ndarray:
         """Logits [T, V] feeding ``ids`` ``step`` tokens at a time through the KV cache."""
         self.reset()
         ids = list(ids)
+        self.reserve(len(ids))
         return np.concatenate([self.forward(ids[i : i + step]) for i in range(0, len(ids), step)], axis=0)
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -73,7 +129,8 @@ class Runtime(ABC):
         rng = np.random.default_rng(seed)
         stop_ids = set(self.spec.eos_token_ids if stop is None else stop)
         self.reset()
-        logits = self.forward(list(ids))[-1]
+        self.reserve(len(ids) + max_new_tokens)
+        logits = self.forward(list(ids), last_only=True)[-1]
         for _ in range(max_new_tokens):
             tok = sample(logits, temperature, top_p, rng)
             yield tok
@@ -113,6 +170,19 @@ class Runtime(ABC):
             if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
                 yield text[len(shown):]
                 shown = text
+
+
+def check_prefill_step(step: int | None, spec: Llama4Spec) -> int:
+    """The prefill step: at most attention_chunk_size (a step never crosses a chunk boundary)."""
+    chunk = spec.attention_chunk_size or 0
+    if step is None:
+        return min(DEFAULT_PREFILL_STEP, chunk) if chunk else DEFAULT_PREFILL_STEP
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise UsageError(f"prefill step {step!r} must be a positive number of tokens (e.g. {DEFAULT_PREFILL_STEP})")
+    if chunk and step > chunk:
+        raise UsageError(f"prefill step {step} is larger than attention_chunk_size {chunk}: a step never crosses a chunk "
+                         f"boundary; use a step of at most {chunk}")
+    return step
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

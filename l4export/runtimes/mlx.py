@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CapabilityError, CheckpointError, UsageError
-from ..spec import LayerSpec, load_spec
-from .base import Runtime, read_export_info
+from ..spec import LayerSpec
+from .base import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -70,50 +69,47 @@ def pick_dtype(stored: str, requested: str | None) -> str:
 
 
 class LayerCache:
-    """Keys and values of one layer for positions [start, end). A chunked layer keeps only the current chunk."""
+    """Keys and values of one layer in a preallocated buffer, grown in steps of ``STEP`` rows (as mlx-lm's KVCache),
+    written in place. A chunked layer holds only the current chunk: a step that starts a chunk starts at row 0
+    (steps never cross a chunk boundary, base.Runtime.steps), so every key it holds is visible to its queries."""
+
+    STEP = 256
 
     def __init__(self, chunk: int | None):
         self.chunk = chunk  # attention_chunk_size for chunked layers, None for global ones
-        self.start = 0  # absolute position of keys[0]
-        self.keys = None  # (n_kv, T, D)
+        self.keys = None  # (n_kv, capacity, D)
         self.values = None
+        self.length = 0  # valid rows
 
-    def extend(self, k, v):
-        """Append this step's keys/values; return everything the step's queries may look at."""
-        if self.keys is None:
-            self.keys, self.values = k, v
-        else:
-            self.keys = mx.concatenate([self.keys, k], axis=1)
-            self.values = mx.concatenate([self.values, v], axis=1)
-        return self.keys, self.values
-
-    def trim(self, next_pos: int) -> None:
-        """Drop keys no later query can see: for a chunked layer, those before the chunk of ``next_pos``."""
-        if self.chunk is None or self.keys is None:
-            return
-        keep_from = (next_pos // self.chunk) * self.chunk
-        drop = keep_from - self.start
-        if drop > 0:
-            self.keys, self.values = self.keys[:, drop:], self.values[:, drop:]
-            self.start = keep_from
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys is None else int(self.keys.shape[1])
+    def update(self, k, v, pos: int):
+        """Write this step's keys/values (n_kv, S, D) at absolute position ``pos``; return the valid rows."""
+        if self.chunk is not None and pos % self.chunk == 0:
+            self.length = 0  # a new chunk: the previous one is never seen again
+        n = k.shape[1]
+        end = self.length + n
+        if self.keys is None or end > self.keys.shape[1]:
+            rows = ((end + self.STEP - 1) // self.STEP) * self.STEP
+            if self.chunk is not None:
+                rows = min(rows, max(self.chunk, end))
+            grow = lambda old, new: (new if old is None else  # noqa: E731
+                                     mx.concatenate([old[:, : self.length], new[:, self.length:]], axis=1))
+            shape = (k.shape[0], rows, k.shape[2])
+            self.keys, self.values = grow(self.keys, mx.zeros(shape, k.dtype)), grow(self.values, mx.zeros(shape, v.dtype))
+        self.keys[:, self.length : end] = k
+        self.values[:, self.length : end] = v
+        self.length = end
+        return self.keys[:, :end], self.values[:, :end]
 
 
 class MlxRuntime(Runtime):
     format = "mlx"
 
-    def __init__(self, path: str | Path, dtype: str | None = None):
+    def __init__(self, path: str | Path, dtype: str | None = None, prefill_step: int | None = None):
         if mx is None:
             raise UsageError("the MLX runtime needs mlx: pip install mlx (Apple silicon) or 'mlx[cpu]' (Linux)")
-        # Runtime.__init__, with the spec read past mlx-lm's "quantization_config" copy (spec.py reads that key
-        # as a source checkpoint's compressed-tensors FP8 config and refuses anything else).
-        self.path = Path(path)
-        self.info = read_export_info(self.path)
-        self.spec = load_spec(self.path)
-        self._tokenizer = None
+        # The spec is read past mlx-lm's "quantization_config" copy (spec.py reads that key as a source checkpoint's
+        # compressed-tensors FP8 config only when it has a quant_method).
+        super().__init__(path, prefill_step)
         spec = self.spec
         if spec.top_k < 1 or spec.top_k > spec.num_experts:
             raise CheckpointError(f"{path}: num_experts_per_tok={spec.top_k} outside 1..{spec.num_experts}")
@@ -123,7 +119,7 @@ class MlxRuntime(Runtime):
         self.w = self._load_weights()
         self.inv_freq = mx.array(spec.inv_freq())  # (D/2,) float32, exactly as transformers computes it
         self.scale = spec.head_dim**-0.5
-        self.reset()
+        self._reset()
         log.info("MLX runtime: %s, computing in %s on %s", self.path, self.dtype_name, mx.default_device())
 
     # ---- weights -----------------------------------------------------------------------------
@@ -196,28 +192,22 @@ class MlxRuntime(Runtime):
         return mx.gather_mm(x, self.w[name + ".weight"].swapaxes(-1, -2), rhs_indices=idx)
 
     # ---- Runtime API ---------------------------------------------------------------------------
-    def reset(self) -> None:
-        self.pos = 0
+    def _reset(self) -> None:
         self.cache = [LayerCache(self.spec.attention_chunk_size if la.chunked else None) for la in self.spec.layers]
 
-    def forward(self, ids: Sequence[int]) -> np.ndarray:
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise UsageError("forward needs at least one token id")
-        if min(ids) < 0 or max(ids) >= self.spec.vocab_size:
-            raise UsageError(f"token ids must be in 0..{self.spec.vocab_size - 1}; got {min(ids)}..{max(ids)}")
-        S, p0 = len(ids), self.pos
-        positions = np.arange(p0, p0 + S)
+    def _step(self, ids: list[int], n_logits: int) -> np.ndarray:
+        positions = np.arange(self.pos, self.pos + len(ids))
         x = self.w["model.embed_tokens.weight"][mx.array(ids)]  # (S, H)
         for layer, cache in zip(self.spec.layers, self.cache):
             x = self._layer(x, layer, cache, positions)
-        x = self._rms_norm(x, self.w["model.norm.weight"])
-        logits = self._linear(x, "lm_head").astype(mx.float32)  # (S, V)
+        x = self._rms_norm(x[-n_logits:], self.w["model.norm.weight"])  # logits only where asked
+        logits = self._linear(x, "lm_head").astype(mx.float32)  # (n, V)
         mx.eval(logits)
-        self.pos += S
-        for cache in self.cache:
-            cache.trim(self.pos)
         return np.array(logits)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.keys.nbytes + c.values.nbytes for c in self.cache if c.keys is not None)
 
     # ---- the model -----------------------------------------------------------------------------
     def _rms_norm(self, x, weight):
@@ -259,13 +249,10 @@ class MlxRuntime(Runtime):
             # NoPE layers: q *= 1 + attn_scale·log1p(floor((pos+1)/floor_scale)), pos = absolute cache position.
             t = mx.array(spec.attn_temperature(positions))[None, :, None]  # (1, S, 1)
             q = (q.astype(mx.float32) * t).astype(q.dtype)
-        keys, values = cache.extend(k, v)  # (nkv, T, D), positions cache.start .. p0+S-1
-        kpos = np.arange(cache.start, cache.start + keys.shape[1])
-        allowed = kpos[None, :] <= positions[:, None]  # (S, T) causal
-        if cache.chunk is not None:  # chunks aligned to absolute positions 0, C, 2C, ...
-            allowed &= (kpos[None, :] // cache.chunk) == (positions[:, None] // cache.chunk)
+        keys, values = cache.update(k, v, int(positions[0]))  # (nkv, L, D): all visible to this step's queries
+        # causal within the step, aligned to the last key ("causal" is bottom-right); one query needs no mask
         out = mx.fast.scaled_dot_product_attention(
-            q[None], keys[None], values[None], scale=self.scale, mask=mx.array(allowed)
+            q[None], keys[None], values[None], scale=self.scale, mask="causal" if len(positions) > 1 else None
         )  # (1, nh, S, D); grouped-query heads share kv heads
         out = out[0].transpose(1, 0, 2).reshape(S, spec.num_heads * D)  # (S, nh·D)
         return self._linear(out, p + "o_proj")

@@ -1,8 +1,10 @@
-"""ONNX Runtime backend: one decoder session and a KV cache for one sequence.
+"""ONNX Runtime backend: one decoder session and an in-place KV cache for one sequence.
 
-Memory is bounded by attention_chunk_size on chunked layers: after each step their cache is trimmed to the
-keys of the current chunk (the only ones a later query can see); global (NoPE) layers keep everything. The
-graph reads each layer's own past length, so trimmed and full caches give the same logits.
+Each layer's cache is one preallocated buffer that GroupQueryAttention reads and appends to in place: the same
+OrtValue is bound as ``past_key_values.{i}.*`` and as ``present.{i}.*`` (IO binding), so a step copies only its
+new keys, never the cache. Chunked (RoPE) layers hold at most one chunk: their buffer has attention_chunk_size
+rows, and when a step starts a new chunk it starts at row 0 again (``cache_start`` tells the graph where that
+chunk begins). Global (NoPE) layers hold the whole sequence in a buffer sized by ``reserve`` (or grown by doubling).
 
 Needs numpy and onnxruntime only (tokenizers for text); no torch, transformers, onnx or onnx_ir.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,15 @@ log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+MIN_CAPACITY = 256  # rows a global layer's buffer starts with when nothing was reserved
 
 
 def session_options(threads: int | None = None):
-    """Session options for parity: no reduced-precision accuracy levels, deterministic thread count."""
+    """Session options: deterministic thread count, quiet logging."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    # int4 Q/DQ fused into MatMulNBits defaults to int8 activations (accuracy level 4); keep full precision.
+    # int4 Q/DQ fused into MatMulNBits defaults to int8 activations (accuracy level 4); keep what the graph says.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     so.log_severity_level = 3
     if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -44,12 +46,14 @@ def session_options(threads: int | None = None):
 class OnnxRuntime(Runtime):
     format = "onnx"
 
-    def __init__(self, path: str | Path, provider: str | None = None, threads: int | None = None):
-        super().__init__(path)
+    def __init__(self, path: str | Path, provider: str | None = None, threads: int | None = None,
+                 prefill_step: int | None = None):
+        super().__init__(path, prefill_step)
         try:
             import onnxruntime as ort
         except ImportError:
             raise UsageError("running ONNX exports needs onnxruntime: pip install onnxruntime") from None
+        self.ort = ort
         model = self.path / self.info.get("onnx", {}).get("model", "model.onnx")
         if not model.is_file():
             raise UsageError(f"{self.path}: no {model.name}; the export is incomplete, convert it again")
@@ -62,50 +66,95 @@ class OnnxRuntime(Runtime):
         if provider == "cpu" and self.info.get("dtype") == "bfloat16":
             raise CapabilityError(f"{self.path}: a bfloat16 export needs --provider cuda (ORT CPU has no bfloat16 MoE)")
         self.session = ort.InferenceSession(str(model), sess_options=session_options(threads), providers=[ep])
-        self.provider = provider
+        optional = {i.name for i in self.session.get_overridable_initializers()}
+        if "cache_start" not in optional:
+            raise UsageError(f"{self.path}: exported by an older l4export (no in-place KV cache); convert it again")
+        self.provider, self.device = provider, ("cuda" if provider == "cuda" else "cpu")
         kv = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_dtype = KV_DTYPES.get(kv.type, np.float16)
         self.chunk = self.spec.attention_chunk_size
-        self.reset()
+        self.capacity = 0  # rows of the global layers' buffers
+        self.cache: list[tuple] = []
+        self._reset()
 
-    def reset(self) -> None:
+    # ---- cache --------------------------------------------------------------------------------------
+    def _buffer(self, rows: int):
         s = self.spec
-        empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), dtype=self.kv_dtype)
-        self.past: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty) for _ in s.layers]
-        self.seen = 0  # tokens in the sequence so far
+        shape = (1, s.num_kv_heads, rows, s.head_dim)
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
 
-    def forward(self, ids: Sequence[int]) -> np.ndarray:
-        n = len(ids)
-        if n == 0:
-            raise UsageError("forward needs at least one token")
-        total = self.seen + n
-        feeds: dict[str, np.ndarray] = {
-            "input_ids": np.asarray(ids, dtype=np.int64).reshape(1, n),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-            "position_ids": np.arange(self.seen, total, dtype=np.int64).reshape(1, n),
-        }
-        for i, (k, v) in enumerate(self.past):
-            feeds[f"past_key_values.{i}.key"] = k
-            feeds[f"past_key_values.{i}.value"] = v
-        outs = self.session.run(None, feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        got = dict(zip(names, outs))
-        keep = self.chunk_keep(total)
+    def _reset(self) -> None:
+        self.capacity = 0
+        self.cache = [None] * self.spec.num_layers  # (key, value) OrtValues, allocated on first use
+
+    def reserve(self, tokens: int) -> None:
+        """Size the global layers' buffers for ``tokens`` tokens now (no growth copies later)."""
+        self._grow(tokens)
+
+    def _grow(self, tokens: int) -> None:
+        """Global buffers with room for ``tokens`` rows (doubling; the valid rows are copied over); chunked ones
+        with room for one chunk."""
+        if tokens <= self.capacity:
+            return
+        new = max(tokens, 2 * self.capacity, MIN_CAPACITY)
+        new = min(new, max(tokens, self.spec.max_position_embeddings))
         for layer in self.spec.layers:
-            k, v = got[f"present.{layer.index}.key"], got[f"present.{layer.index}.value"]
-            if layer.chunked:
-                # Later queries (positions >= total) only see keys of their own chunk: keep those.
-                k, v = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
-            self.past[layer.index] = (np.ascontiguousarray(k), np.ascontiguousarray(v))
-        self.seen = total
-        return got["logits"][0].astype(np.float32, copy=False)
+            old = self.cache[layer.index]
+            if layer.chunked and self.chunk:
+                if old is None:
+                    rows = min(self.chunk, new)
+                elif old[0].shape()[2] >= min(self.chunk, new):
+                    continue
+                else:
+                    rows = min(self.chunk, new)
+            else:
+                rows = new
+            self.cache[layer.index] = tuple(self._copy(old[j] if old else None, rows) for j in range(2))
+        self.capacity = new
 
-    def chunk_keep(self, total: int) -> int:
-        """How many trailing keys a chunked layer keeps after ``total`` tokens: those of the current chunk."""
-        if not self.chunk:
-            return total
-        return total - (total // self.chunk) * self.chunk
+    def _copy(self, old, rows: int):
+        buf = self._buffer(rows)
+        if old is not None and self.pos:  # keep the valid rows (only the global layers' ever grow past a chunk)
+            valid = min(old.shape()[2], rows)
+            dst, src = buf.numpy(), old.numpy()
+            dst[:, :, :valid] = src[:, :, :valid]
+            buf.update_inplace(dst)
+        return buf
+
+    def chunk_start(self) -> int:
+        """Absolute position of the first key the chunked layers' buffers hold: the start of the current chunk."""
+        return (self.pos // self.chunk) * self.chunk if self.chunk else 0
 
     def cache_lengths(self) -> list[int]:
         """Keys held per layer (for tests and memory reports)."""
-        return [k.shape[2] for k, _ in self.past]
+        return [self.pos - self.chunk_start() if la.chunked else self.pos for la in self.spec.layers]
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache buffers as allocated."""
+        item = np.dtype(self.kv_dtype).itemsize
+        return sum(2 * int(np.prod(kv[0].shape())) * item for kv in self.cache if kv is not None)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def _step(self, ids: list[int], n_logits: int) -> np.ndarray:
+        n, total = len(ids), self.pos + len(ids)
+        self._grow(total)
+        io = self.session.io_binding()
+        feeds = {
+            "input_ids": np.asarray(ids, dtype=np.int64).reshape(1, n),
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+            "position_ids": np.arange(self.pos, total, dtype=np.int64).reshape(1, n),
+        }
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        optional = {"cache_start": self.chunk_start(), "num_logits_to_keep": n_logits}  # overridable initializers:
+        for name, value in optional.items():  # bound as OrtValues (bind_cpu_input looks for graph inputs only)
+            io.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.array(value, dtype=np.int64)))
+        io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        for i, (k, v) in enumerate(self.cache):  # past and present are one buffer: appended in place
+            io.bind_ortvalue_input(f"past_key_values.{i}.key", k)
+            io.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+            io.bind_ortvalue_output(f"present.{i}.key", k)
+            io.bind_ortvalue_output(f"present.{i}.value", v)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()[0].astype(np.float32, copy=False)
