@@ -3,8 +3,9 @@
     kind    target   LINEAR (x [.., in] @ W^T)                      EXPERTS (top-1 routed SwiGLU experts)
     float   any      MatMul, W stored [in, out]                    com.microsoft.MoE, fc1 gate/up interleaved
     int     any      com.microsoft.MatMulNBits                     com.microsoft.QMoE (CUDA: weights_prepacked=0)
-    fp8     cpu      e4m3 + DequantizeLinear (per channel)         e4m3 dequantized in the graph -> MoE
-                     or Cast * tile scale (square blocks) -> MatMul  (ORT CPU stores FP8 but computes in float)
+    fp8     cpu      e4m3 Cast * scale (per channel or per square   the same -> MoE (ORT CPU stores FP8 but computes
+                     tile) -> MatMul                               in float: the dequantization is a constant
+                                                                   subgraph, folded when the session is created)
     fp8     cuda     com.microsoft.MatMulBlockQuantizedFp8Weight   QMoE quant_type='fp8' (square blocks, SM90+,
                                                                    a USE_FP8_QMOE build: docs/fp8.md)
 
@@ -164,12 +165,13 @@ def fp8_linear_cpu(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str,
         t = lo.weight(f"{base}.weight_block_scale", (in_f // b, out_f // b), np.float32,
                       lambda: np.ascontiguousarray(scheme.block_scales(_quantized(lo, names)).T))
         return g.op("MatMul", x, g.cast(_block_dequant(lo, w8, t, (in_f, out_f), b), g.dt))
-    # per channel: stored transposed [in, out] (MatMul layout), one scale per output channel -> DQ axis=1
+    # per channel: stored transposed [in, out] (MatMul layout), one scale per output channel; Cast * scale is folded
+    # at session creation (DequantizeLinear would not be, and would run on every step)
     w8 = lo.weight(f"{base}.weight_fp8", (in_f, out_f), FP8,
                    lambda: np.ascontiguousarray(pack.to_onnx_fp8(_quantized(lo, names))["weight"].T))
     sc = lo.weight(f"{base}.weight_scale", (out_f,), np.float32, lambda: pack.to_onnx_fp8(_quantized(lo, names))["scale"])
-    lo.counts["DequantizeLinear"] += 1
-    return g.op("MatMul", x, g.cast(g.op("DequantizeLinear", w8, sc, axis=1), g.dt))
+    lo.counts["Fp8Dequant"] += 1
+    return g.op("MatMul", x, g.cast(g.op("Mul", g.op("Cast", w8, to=FP32), sc), g.dt))
 
 
 def fp8_linear_cuda(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
@@ -313,43 +315,29 @@ def _experts_input_qdq(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: 
     return _act_qdq(lo, x, a_scale, base)
 
 
-def _routed_subset(g: GraphBuilder, logits: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """The experts this step routes to, without dequantizing the others: unique top-1 experts [U] (U <= T, E)
-    and router_probs [T, U] that pick each token's expert among them (one-hot, in the compute dtype)."""
-    idx = g.op("ArgMax", logits, axis=-1, keepdims=0)  # [T]
-    uniq, _, inverse, _ = g.op("Unique", idx, outputs=4, sorted=1)  # [U], [T]
-    onehot_values = g.const(np.array([0.0, 1.0], dtype=g.np_dtype))
-    probs = g.op("OneHot", inverse, g.op("Shape", uniq), onehot_values, axis=-1)  # [T, U]
-    return uniq, probs
-
-
 def fp8_experts_cpu(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
-    """ORT CPU stores FP8 but has no FP8 MoE kernel: gather the experts this step routes to (one per token, at most
-    E) and dequantize only those (GatherBlockQuantized for per-channel scales; Gather + Cast * tile for square
-    blocks), then run the float MoE on them. A decode step dequantizes one expert per layer, not all E."""
+    """ORT CPU stores FP8 but has no FP8 MoE kernel, and its FP8 gathers and DequantizeLinear convert 1-4 ns per
+    element (a decode step slower than float32). So the stored e4m3 weights are dequantized with Cast * scale,
+    a constant subgraph that ONNX Runtime folds when the session is created: the file holds FP8 (1 byte per weight),
+    memory and compute are float (as a float32 export), and a decode step runs the float MoE."""
     g, q = lo.g, lo.quant.qtensor
     gate_n, up_n, down_n = names
     e, i, h = _experts_shape(lo, gate_n)
     x = _experts_input_qdq(lo, x, names, base, scheme)
-    uniq, probs = _routed_subset(g, route.logits)
     if scheme.block_size:
-        # gate, up, down stored as QMoE would ([E, N, K] e4m3 + [E, N/b, K/b] tiles), dequantized after the gather;
-        # gate/up interleaved after dequantization for the CPU MoE's swiglu_fusion=1.
+        # gate, up, down stored as QMoE would ([E, N, K] e4m3 + [E, N/b, K/b] tiles); gate/up interleaved after
+        # dequantization for the CPU MoE's swiglu_fusion=1.
         b = scheme.block_size
-
-        one = g.const(np.ones((1, 1, 1), np.float32))  # GatherBlockQuantized: FP8 -> float, scale broadcast
 
         def deq(n: str, rows: int, cols: int) -> ir.Value:
             w8 = lo.weight(f"{n}.weight_fp8", (e, rows, cols), FP8, lambda: q(n).q)
             t = lo.weight(f"{n}.block_scale", (e, rows // b, cols // b), np.float32, lambda: scheme.block_scales(q(n)))
-            w = g.op("GatherBlockQuantized", w8, uniq, one, domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
-                     block_size=0)  # [U, rows, cols] float32 (ORT CPU's Gather takes no FP8)
-            return _tile_scale(lo, w, g.op("Gather", t, uniq, axis=0), (-1, rows, cols), b)
+            return _block_dequant(lo, w8, t, (e, rows, cols), b)
 
-        gu = [g.op("Unsqueeze", deq(n, i, h), g.i64(2)) for n in (gate_n, up_n)]  # [U, I, 1, H] each
-        fc1 = g.op("Reshape", g.op("Concat", *gu, axis=2), g.i64(-1, 2 * i, h))  # rows g0, u0, g1, u1, ...
+        gu = [g.op("Unsqueeze", deq(n, i, h), g.i64(2)) for n in (gate_n, up_n)]  # [E, I, 1, H] each
+        fc1 = g.op("Reshape", g.op("Concat", *gu, axis=2), g.i64(e, 2 * i, h))  # rows g0, u0, g1, u1, ...
         fc2 = deq(down_n, h, i)
-        return moe(g, x, probs, g.cast(fc1, g.dt), g.cast(fc2, g.dt))
+        return moe(g, x, route.probs, g.cast(fc1, g.dt), g.cast(fc2, g.dt))
     # per channel: e4m3 [E, N, K] with one float32 scale per row [E, N, 1]; fc1 rows interleaved gate/up
     fp8 = lambda n: pack.to_onnx_fp8(q(n))  # noqa: E731
     w1 = lo.weight(f"{base}.fc1_interleaved.weight_fp8", (e, 2 * i, h), FP8,
@@ -358,10 +346,9 @@ def fp8_experts_cpu(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, .
                    lambda: pack.interleave_rows(fp8(gate_n)["scale"], fp8(up_n)["scale"])[..., None])
     w2 = lo.weight(f"{base}.down_proj.weight_fp8", (e, h, i), FP8, lambda: fp8(down_n)["weight"])
     s2 = lo.weight(f"{base}.down_proj.weight_scale", (e, h, 1), np.float32, lambda: fp8(down_n)["scale"][..., None])
-    lo.counts["GatherBlockQuantized"] += 2
-    gather = lambda w, sc: g.op("GatherBlockQuantized", w, uniq, sc, domain=MS_DOMAIN, gather_axis=0,  # noqa: E731
-                                quantize_axis=2, block_size=0)
-    return moe(g, x, probs, g.cast(gather(w1, s1), g.dt), g.cast(gather(w2, s2), g.dt))
+    lo.counts["Fp8Dequant"] += 2  # Cast -> Mul, folded at session creation
+    deq = lambda w, sc: g.cast(g.op("Mul", g.op("Cast", w, to=FP32), sc), g.dt)  # noqa: E731
+    return moe(g, x, route.probs, deq(w1, s1), deq(w2, s2))
 
 
 def fp8_experts_cuda(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
