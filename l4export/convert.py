@@ -84,6 +84,7 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
             "dtype": options.dtype,
             "target": options.target,
             "quantization": None if options.quant is None else getattr(options.quant, "name", str(options.quant)),
+            **({"quantization_adapted": plan.adapted} if plan.adapted else {}),
             "source": str(Path(checkpoint).resolve()),
             "source_layout": ckpt.spec.layout,
             "tokenizer_files": tokenizer,

@@ -29,6 +29,7 @@ MLX (``exporter/mlx.py``):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,10 +37,11 @@ import numpy as np
 
 from .errors import CapabilityError, UsageError
 from .names import canonical_shapes
-from .quant.recipe import Recipe, Rule
+from .quant.recipe import Recipe, Rule, for_model
 from .quant.schemes import AnyScheme, Fp8, Int, MxFp8
 from .spec import Llama4Spec
 
+log = logging.getLogger(__name__)
 Format = Literal["onnx", "mlx"]
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 COMPONENTS = ("routed experts", "shared expert", "attention", "dense mlp", "router", "norms", "embeddings", "lm_head")
@@ -89,6 +91,7 @@ class ExportPlan:
     recipe: Recipe | None  # as this format stores it (MLX: FP8 rules become mxfp8)
     calibrated: bool
     tensors: dict[str, TensorPlan] = field(repr=False)
+    adapted: dict[str, str] = field(default_factory=dict)  # preset tensors changed to fit: name -> "from -> to"
 
     def scheme(self, name: str) -> AnyScheme | None:
         t = self.tensors.get(name)
@@ -155,7 +158,7 @@ def mlx_recipe(recipe: Recipe) -> Recipe:
     return recipe if rules == recipe.rules else Recipe(recipe.name, rules)
 
 
-def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme | None], target: str) -> None:
+def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme | None]) -> None:
     """What ONNX Runtime cannot store or run: a quantized router or embedding, a scheme without a kernel, routed
     experts whose gate/up/down disagree (QMoE takes one scheme)."""
     for name, s in schemes.items():
@@ -169,9 +172,6 @@ def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme |
                                   "use int4 or int8 (GatherBlockQuantized), or float")
         if not isinstance(s, (Int, Fp8)):
             raise CapabilityError(f"recipe {recipe.name}: {s.name} for {name} has no ONNX Runtime kernel; use int4, int8 or fp8")
-        if isinstance(s, Int) and s.accuracy_level == 4 and target == "cuda":
-            raise CapabilityError(f"recipe {recipe.name}: accuracy_level = 4 (int8 activations) for {name} is an ONNX "
-                                  "Runtime CPU kernel option; for --target cuda use accuracy_level = 0")
     for la in spec.layers:
         if not la.is_moe:
             continue
@@ -249,21 +249,25 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
     if spec.top_k != 1:
         raise CapabilityError(f"num_experts_per_tok={spec.top_k}; l4export exports top-1 routing only (Scout, Maverick)")
     shapes = canonical_shapes(spec)
+    adapted: dict[str, str] = {}
     if recipe is not None:
+        recipe, adapted = for_model(recipe, shapes, fmt, target)  # presets fit the model and the target
+        for name, how in adapted.items():
+            log.info("preset %s: %s %s", recipe.name, name, how)
         recipe.validate(shapes)
         recipe.check_target(fmt, target, names=list(shapes), calibrated=calibrated)
         if fmt == "mlx":
             recipe = mlx_recipe(recipe)
     schemes = {n: None if recipe is None else recipe.scheme_for(n) for n in shapes}
     if fmt == "onnx" and recipe is not None:
-        _check_onnx(spec, recipe, schemes, target)
+        _check_onnx(spec, recipe, schemes)
     dt = DTYPE_BYTES[dtype]
     tensors = {n: TensorPlan(n, shape, schemes[n], 0) for n, shape in shapes.items()}
     for name, t in tensors.items():
         nbytes = (_onnx_bytes(name, t.shape, t.scheme, dt, target, _qmoe_stored(tensors, name)) if fmt == "onnx"
                   else _mlx_bytes(t.shape, t.scheme, dt))
         tensors[name] = TensorPlan(name, t.shape, t.scheme, nbytes)
-    return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors)
+    return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors, adapted)
 
 
 __all__ = ["COMPONENTS", "DTYPE_BYTES", "ExportPlan", "SUPPORTED", "TensorPlan", "check_dtype", "component",

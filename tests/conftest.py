@@ -48,9 +48,11 @@ def maverick(request) -> Path:
     return _shaped(request, "maverick")
 
 
-# Quantization fixtures. Group 64 (the int4 preset) must divide the expert width, so experts are 64 wide.
-# initializer_range 0.05 instead of 0.1: at 0.1 these random models route on knife-edge margins, and any
-# weight perturbation (even FP8's) flips experts; at 0.05 quantization error, not chaos, is what is measured.
+# Quantization fixtures. Group 64 (the int4 preset's experts) must divide the expert width, so experts are 64
+# wide; the preset's group 128 for the other linears falls back to 64 here (hidden 64) and to 32 for Maverick's
+# 96-wide dense MLPs (recipe.for_model). initializer_range 0.05 instead of 0.1: at 0.1 these random models route on
+# knife-edge margins, and any weight perturbation (even FP8's) flips experts; at 0.05 quantization error, not
+# chaos, is what is measured.
 QUANT = dict(intermediate_size=64, initializer_range=0.05)
 
 

@@ -24,6 +24,7 @@ from builders import build  # noqa: E402
 from l4export.checkpoint import Checkpoint  # noqa: E402
 from l4export.cli import main  # noqa: E402
 from l4export.convert import ExportOptions, convert  # noqa: E402
+from l4export.plan import make_plan  # noqa: E402
 from l4export.quant.recipe import load_recipe  # noqa: E402
 from l4export.runtimes import load_runtime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner, set_canonical_weight  # noqa: E402
@@ -46,6 +47,8 @@ def qexports(tmp_path_factory, scout, maverick) -> dict[str, Path]:
     return {
         "scout_int4": _export(scout, root / "scout_int4", "int4"),
         "maverick_int4": _export(maverick, root / "maverick_int4", "int4"),
+        "scout_int4-exact": _export(scout, root / "scout_int4_exact", "int4-exact"),
+        "maverick_int4-exact": _export(maverick, root / "maverick_int4_exact", "int4-exact"),
         "scout_fp8": _export(scout, root / "scout_fp8", "fp8"),
     }
 
@@ -59,9 +62,10 @@ def _ops(export: Path) -> list[str]:
 
 
 def _fake_quant_reference(src: Path, recipe_name: str) -> ReferenceRunner:
-    """transformers (float32) with every recipe-quantized weight replaced by dequantize(quantize(w))."""
-    recipe = load_recipe(recipe_name)
+    """transformers (float32) with every recipe-quantized weight replaced by dequantize(quantize(w)) (the preset as
+    this model takes it: plan.make_plan's recipe)."""
     ckpt = Checkpoint(src)
+    recipe = make_plan(ckpt.spec, "onnx", "float32", "cpu", load_recipe(recipe_name)).recipe
     ref = ReferenceRunner(src)
     for name, t in ckpt.tensors.items():
         if (scheme := recipe.scheme_for(name)) is not None:
@@ -107,10 +111,11 @@ def test_int4_graph_has_qmoe_and_matmulnbits_and_no_float_moe(model, qexports, r
 
 
 @pytest.mark.parametrize("model", ["scout", "maverick"])
-def test_int4_equals_transformers_on_the_same_dequantized_weights(model, qexports, request):
+def test_int4_exact_equals_transformers_on_the_same_dequantized_weights(model, qexports, request):
+    """int4-exact: float activations (accuracy_level 0), so the lowering adds no error to the scheme's."""
     src = request.getfixturevalue(model)
-    rt = load_runtime(qexports[f"{model}_int4"])
-    fq = _fake_quant_reference(src, "int4")
+    rt = load_runtime(qexports[f"{model}_int4-exact"])
+    fq = _fake_quant_reference(src, "int4-exact")
     ref = ReferenceRunner(src)
     for name, ids in default_prompts(rt.spec):
         got, want = rt.logits(ids), fq.logits(ids)
@@ -254,14 +259,12 @@ def test_unknown_recipe_key_is_exit_2(scout, tmp_path):
 
 
 def test_onnx_and_mlx_int4_exports_of_one_recipe_agree(qexports, maverick, tmp_path):
-    """The same int4 recipe through both exporters reads the same grid: the two runtimes' logits agree."""
+    """The int4 preset through both exporters reads the same grid: MLX (float activations) and ONNX int4-exact
+    (the same weights at accuracy_level 0) give the same logits."""
     pytest.importorskip("mlx.core")
     out = tmp_path / "maverick_mlx_int4"
-    try:
-        convert(maverick, out, ExportOptions(format="mlx", quant=load_recipe("int4")))
-    except Exception as err:  # the MLX --quant path is being written alongside; skip until it converts
-        pytest.skip(f"--format mlx --quant int4 does not convert here: {err}")
-    mlx_rt, onnx_rt = load_runtime(out), load_runtime(qexports["maverick_int4"])
+    convert(maverick, out, ExportOptions(format="mlx", quant=load_recipe("int4")))
+    mlx_rt, onnx_rt = load_runtime(out), load_runtime(qexports["maverick_int4-exact"])
     for name, ids in default_prompts(onnx_rt.spec):
         a, b = mlx_rt.logits(ids), onnx_rt.logits(ids)
         rel = float(np.abs(a - b).max() / np.abs(b).max())

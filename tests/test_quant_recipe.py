@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from l4export.errors import CapabilityError, RecipeError
-from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes, load_recipe
+from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes, for_model, load_recipe
 from l4export.quant.schemes import Fp8, Int, MxFp8
 from l4export.spec import load_spec
 
@@ -21,13 +23,34 @@ def test_first_match_wins():
 
 
 def test_int4_preset_plan(scout):
-    plan = PRESETS["int4"].validate(load_spec(scout))
-    assert plan["model.layers.0.feed_forward.experts.gate_proj"] == Int(4, 64, True)
-    assert plan["model.layers.0.feed_forward.shared_expert.down_proj.weight"] == Int(4, 64, True)
-    assert plan["model.layers.0.self_attn.q_proj.weight"].bits == 8
-    assert plan["lm_head.weight"] == Int(8, 32, True)
-    for kept in ("model.layers.0.feed_forward.router.weight", "model.embed_tokens.weight"):
-        assert kept not in plan
+    plan = PRESETS["int4"].validate({n: (s[0], 128) if len(s) == 2 else s for n, s in canonical_shapes(load_spec(scout)).items()})
+    assert plan["model.layers.0.feed_forward.experts.gate_proj"] == Int(4, 64, True, accuracy_level=4)
+    assert plan["model.layers.0.feed_forward.shared_expert.down_proj.weight"] == Int(4, 64, True, accuracy_level=4)
+    assert plan["model.layers.0.self_attn.q_proj.weight"] == Int(8, 128, True, accuracy_level=4)
+    assert plan["lm_head.weight"] == plan["model.embed_tokens.weight"] == Int(8, 128, True, accuracy_level=4)
+    assert "model.layers.0.feed_forward.router.weight" not in plan and "model.norm.weight" not in plan
+    exact = PRESETS["int4-exact"].validate({n: (s[0], 128) if len(s) == 2 else s  # the same weights, float activations
+                                            for n, s in canonical_shapes(load_spec(scout)).items()})
+    assert {n: replace(s, accuracy_level=0) for n, s in plan.items()} == exact
+
+
+def test_presets_adapt_to_the_model_and_target(maverick):
+    """A preset's group size that does not divide a tensor falls back (128 -> 64 -> 32 -> float); accuracy_level 4
+    is for ONNX Runtime CPU only. Explicit recipes are not adapted: they are refused with the reason."""
+    shapes = canonical_shapes(load_spec(maverick))
+    recipe, adapted = for_model(PRESETS["int4"], shapes, "onnx", "cpu")
+    down = "model.layers.0.feed_forward.down_proj.weight"  # dense, 96 inputs
+    assert recipe.scheme_for(down) == Int(8, 32, True, accuracy_level=4) and down in adapted
+    assert all(shapes[n][-1] % 128 for n in adapted)
+    odd = {**shapes, down: (64, 100)}  # nothing of 128, 64, 32 divides 100: float
+    assert for_model(PRESETS["int4"], odd, "onnx", "cpu")[0].scheme_for(down) is None
+    for fmt, target in (("mlx", "any"), ("onnx", "cuda")):
+        r, _ = for_model(PRESETS["int4"], shapes, fmt, target)
+        assert {s.accuracy_level for s in r.plan(shapes).values()} == {0}
+    explicit = Recipe("mine", (Rule("*.self_attn.*", Int(8, 128, accuracy_level=4)),))
+    assert for_model(explicit, shapes, "onnx", "cuda") == (explicit, {})
+    with pytest.raises(CapabilityError, match="accuracy_level = 4"):
+        explicit.check_target("onnx", "cuda")
 
 
 def test_fp8_preset_only_routed_experts(maverick):
@@ -105,4 +128,4 @@ def test_capabilities():
         Recipe("f", (Rule("*", Fp8("static")),)).check_target("mlx", "any")
     PRESETS["fp8"].check_target("onnx", "cpu")  # stored FP8 + DequantizeLinear: allowed
     PRESETS["fp8"].check_target("mlx", "any")  # re-quantized to mxfp8
-    PRESETS["int4"].check_target("onnx", "cuda")
+    PRESETS["int4-exact"].check_target("onnx", "cuda")

@@ -42,7 +42,7 @@ from ..names import source_name
 from ..outputs import PendingTensor, write_sharded
 from ..quant.pack import mlx_config_entry, to_mlx
 from ..plan import ExportPlan
-from ..quant.schemes import Int, QTensor
+from ..quant.schemes import Fp8, Int, QTensor
 from ..spec import Llama4Spec
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
     calibrated: dict[str, QTensor] = {}
     extra: dict[str, Any] = {}
     if plan.recipe is not None:
-        if plan.recipe is not options.quant:
+        if any(isinstance(r.scheme, Fp8) for r in options.quant.rules):
             log.info("recipe %s: MLX has no per-channel e4m3 FP8; FP8 rules are written as mxfp8 (e4m3, power-of-two "
                      "scale per 32 inputs), re-quantized from the float weights", plan.recipe.name)
         if calib is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -102,6 +102,12 @@ class Recipe:
                 raise CapabilityError(
                     f"recipe {self.name}: mxfp8 (e8m0 group scales) has no ONNX Runtime kernel; use fp8 for --format onnx"
                 )
+            if isinstance(s, Int) and s.accuracy_level and (fmt == "mlx" or target == "cuda"):
+                where = "MLX" if fmt == "mlx" else "--target cuda"
+                raise CapabilityError(
+                    f"recipe {self.name}: accuracy_level = {s.accuracy_level} (int8 activations) is an ONNX Runtime CPU "
+                    f"kernel option that {where} cannot run; use accuracy_level = 0 for {where}"
+                )
             if isinstance(s, Fp8) and fmt == "mlx" and s.activation == "static":
                 raise CapabilityError(
                     f"recipe {self.name}: MLX has no static FP8 activation scales; use activation = \"dynamic\" for --format mlx"
@@ -140,18 +146,37 @@ _ROUTER_NORMS_EMBED = (
 )
 _FLOAT_FIRST = _ROUTER_NORMS_EMBED + (Rule("lm_head.weight", None),)
 
+def _int4_preset(name: str, level: int) -> Recipe:
+    """Routed and shared experts int4 g64 (Meta's int4_mixed covers both); attention, Maverick's dense MLPs, lm_head
+    and the input embedding int8 g128; router and norms float. ``level``: ONNX Runtime's accuracy_level.
+
+    Why these (benchmarks/bench_decode.py, bench_quant_quality.py; docs/quantization.md "Speed and accuracy level"):
+    on ORT CPU, integer kernels at accuracy_level 4 (int8 activations, per block) decode 5x faster than the float
+    export, while 8-bit MatMulNBits at level 0 runs 300x slower than at level 4 (the lm_head alone took 70% of a
+    step). int8 g128 reads as fast as int4 g64 at level 4 and keeps attention and lm_head at 8 bits. The embedding
+    is a lookup (GatherBlockQuantized): int8 halves its bytes at no speed cost and brings the export under 0.32x
+    bf16 on the 1 GB benchmark model. mlx-lm quantizes everything to 4 bits; llama.cpp's Q4_K_M keeps
+    output.weight at 6."""
+    int4 = Int(bits=4, group_size=64, symmetric=True, accuracy_level=level)
+    int8 = Int(bits=8, group_size=128, symmetric=True, accuracy_level=level)
+    return Recipe(name, (
+        Rule("*.feed_forward.router.weight", None),  # routing decisions stay exact (every toolkit keeps it float)
+        Rule("*norm.weight", None),
+        Rule("*.feed_forward.experts.*", int4),
+        Rule("*.feed_forward.shared_expert.*", int4),
+        Rule("*.self_attn.*_proj.weight", int8),
+        Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", int8),
+        Rule("lm_head.weight", int8),
+        Rule("model.embed_tokens.weight", int8),
+    ))
+
+
 PRESETS: dict[str, Recipe] = {
-    # Routed and shared experts int4 g64 (Meta int4_mixed covers both); attention, Maverick's dense MLPs and
-    # lm_head int8. Why lm_head int8: Scout's float embed + lm_head are 1.9% of its bf16 bytes (3.8% in an fp32
-    # graph), enough to push the export past 0.3x bf16 (size.py: 0.303x MLX, 0.308x ONNX fp32); llama.cpp's
-    # Q4_K_M keeps output.weight at 6 bits, mlx-lm quantizes it to 4. The input embedding stays float (a lookup).
-    "int4": Recipe("int4", _ROUTER_NORMS_EMBED + (
-        Rule("*.feed_forward.experts.*", Int(bits=4, group_size=64, symmetric=True)),
-        Rule("*.feed_forward.shared_expert.*", Int(bits=4, group_size=64, symmetric=True)),
-        Rule("*.self_attn.*_proj.weight", Int(bits=8, group_size=32, symmetric=True)),
-        Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", Int(bits=8, group_size=32, symmetric=True)),
-        Rule("lm_head.weight", Int(bits=8, group_size=32, symmetric=True)),
-    )),
+    # Fast on ONNX Runtime CPU (int8 activations); MLX and CUDA read the same weights with float activations.
+    "int4": _int4_preset("int4", 4),
+    # The same weights with float activations on ONNX Runtime too: exact with respect to the dequantized weights
+    # (parity studies; 3-5x slower decode on CPU).
+    "int4-exact": _int4_preset("int4-exact", 0),
     # Routed experts only, per expert per output channel (Meta fp8_mixed); the rest float.
     "fp8": Recipe("fp8", _FLOAT_FIRST + (
         Rule("*.feed_forward.experts.*", Fp8()),
@@ -161,6 +186,39 @@ PRESETS: dict[str, Recipe] = {
         Rule("*.feed_forward.experts.*", Fp8(block_size=128)),
     )),
 }
+
+
+GROUP_FALLBACKS = (128, 64, 32)  # group sizes both ONNX Runtime and MLX read
+
+
+def for_model(recipe: Recipe, shapes: Mapping[str, tuple[int, ...]], fmt: str, target: str
+              ) -> tuple[Recipe, dict[str, str]]:
+    """A preset as this model, format and target can run it; explicit recipes are returned unchanged (and refused
+    later where they cannot run). Returns the recipe and what was adapted (tensor -> "from -> to").
+
+    * accuracy_level 4 (int8 activations) is an ONNX Runtime CPU kernel option: level 0 for MLX and --target cuda;
+    * a group size that does not divide a tensor's input dimension: the largest of 128, 64, 32 that does, else the
+      tensor stays float (as llama.cpp falls back to another block size and mlx-lm leaves such tensors float).
+      Adapted tensors get rules of their own, first, so the recipe stays the one description of the export."""
+    if PRESETS.get(recipe.name) is not recipe:
+        return recipe, {}
+    rules, adapted = list(recipe.rules), {}
+    if not (fmt == "onnx" and target == "cpu"):
+        rules = [Rule(r.pattern, replace(r.scheme, accuracy_level=0)) if isinstance(r.scheme, Int) else r for r in rules]
+    base = Recipe(recipe.name, tuple(rules))
+    extra = []
+    for name, shape in shapes.items():
+        s = base.scheme_for(name)
+        if not isinstance(s, Int) or shape[-1] % s.group_size == 0:
+            continue
+        g = next((g for g in GROUP_FALLBACKS if shape[-1] % g == 0), None)
+        new = None if g is None else replace(s, group_size=g)
+        extra.append(Rule(name, new))
+        adapted[name] = f"{s.name} -> {new.name if new else 'float'} (input dimension {shape[-1]})"
+    if not extra and base.rules == recipe.rules:
+        return recipe, {}
+    return Recipe(recipe.name, tuple(extra) + base.rules), adapted
+
 
 # ---- TOML ---------------------------------------------------------------------------------------------
 _TOP_KEYS = {"name", "rule"}
