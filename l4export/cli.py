@@ -51,17 +51,20 @@ def main(verbose: int) -> None:
 @click.option("--quant", default=None, help="Dry run: plan this recipe (int4, fp8, fp8-block or RECIPE.toml).")
 @click.option("--dtype", default=None, help="Dry run: compute dtype (default as convert).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Dry run: ONNX provider.")
+@click.option("--context", type=int, default=None, help="Memory plan for N tokens of context (KV per layer type and dtype).")
 def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant: str | None, dtype: str | None,
-            target: str) -> None:
+            target: str, context: int | None) -> None:
     """Describe a Llama 4 checkpoint: layers, experts, attention pattern, sizes, parameter counts.
 
     With --format or --quant, also the dry run of that convert: its planned bytes per component."""
     from .checkpoint import Checkpoint
     from .inspect import check as check_tensors
-    from .inspect import format_plan, format_table, plan_summary, summarize
+    from .inspect import context_memory, format_context, format_plan, format_table, plan_summary, summarize
 
     ckpt = Checkpoint(checkpoint)
     info = summarize(ckpt)
+    if context is not None:
+        info["context"] = context_memory(ckpt.spec, context)
     if fmt is not None or quant is not None:
         from .plan import make_plan
         from .quant.recipe import load_recipe
@@ -78,6 +81,8 @@ def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant
         click.echo(format_table(info))
         if "plan" in info:
             click.echo(format_plan(info["plan"]))
+        if "context" in info:
+            click.echo(format_context(info["context"]))
         if check:
             bad = info["check"]["non_finite"]
             click.echo(f"check: {info['check']['tensors_checked']} tensors read, "

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .errors import L4ExportError
+from .errors import L4ExportError, UsageError
 from .plan import ExportPlan, make_plan
 from .spec import Llama4Spec
 
@@ -51,6 +51,41 @@ def format_plan(info: dict[str, Any]) -> str:
     rows.append(("total", f"{human(info['total_bytes'])}  ({info['ratio_to_bf16']:.4f}x bf16)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+# KV cache element sizes by dtype (per stored element; ONNX int8/fp8 use one static scale per channel per layer).
+KV_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
+
+
+def context_memory(spec: Llama4Spec, tokens: int) -> dict[str, Any]:
+    """The memory plan for ``tokens`` tokens of context: KV per layer type and dtype, and weights + KV in total.
+
+    Chunked (RoPE) layers hold at most one chunk (attention_chunk_size keys); global (NoPE) layers hold every token
+    (what both runtimes keep, runtimes/onnx.py and runtimes/mlx.py)."""
+    if tokens < 1 or tokens > spec.max_position_embeddings:
+        raise UsageError(f"--context {tokens}: use 1..{spec.max_position_embeddings} (max_position_embeddings)")
+    per_token = 2 * spec.num_kv_heads * spec.head_dim  # key + value elements per token per layer
+    chunk = spec.attention_chunk_size
+    types = {"global": [la for la in spec.layers if not la.chunked], "chunked": [la for la in spec.layers if la.chunked]}
+    held = {"global": tokens, "chunked": min(tokens, chunk) if chunk else tokens}
+    kv = {dt: {t: len(layers) * held[t] * per_token * nb for t, layers in types.items()} for dt, nb in KV_BYTES.items()}
+    weights = {k: v for k, v in planned_sizes(spec).items() if isinstance(v, int)}
+    return {"tokens": tokens, "layers": {t: len(v) for t, v in types.items()}, "keys_held_per_layer": held,
+            "kv_bytes": kv, "weights_bytes": weights,
+            "total_bytes": {f"{w} + kv {dt}": wb + sum(kv[dt].values()) for w, wb in weights.items()
+                            for dt in ("bfloat16", "int8")}}
+
+
+def format_context(info: dict[str, Any]) -> str:
+    n, held, layers = info["tokens"], info["keys_held_per_layer"], info["layers"]
+    lines = [f"context {n:,} tokens: global layers x{layers['global']} hold {held['global']:,} keys each, "
+             f"chunked layers x{layers['chunked']} hold {held['chunked']:,}"]
+    for dt, parts in info["kv_bytes"].items():
+        lines.append(f"  kv {dt:<9} {human(sum(parts.values())):>10}  (global {human(parts['global'])}, "
+                     f"chunked {human(parts['chunked'])})")
+    for k, v in info["total_bytes"].items():
+        lines.append(f"  {k:<42} {human(v):>10}")
+    return "\n".join(lines)
 
 
 def pattern(flags: list[bool], yes: str, no: str) -> str:

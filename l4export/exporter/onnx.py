@@ -366,6 +366,50 @@ def save_model(model: ir.Model, out: Path, total_bytes: int) -> None:
         ir.save(model, out / MODEL_FILE, external_data=DATA_FILE, callback=progress, max_workers=1)
 
 
+# Run-time KV cache quantization (GroupQueryAttention's quantized cache): one small graph file per KV dtype beside
+# model.onnx, over the same weights file. ORT CPU runs int8 (per-channel scales); FP8 is CUDA-only (SM89+).
+KV_VARIANTS = {"int8": ("PER_CHANNEL", 3), "fp8": ("PER_TENSOR", 17)}  # (quant type, TensorProto.INT8 / FLOAT8E4M3FN)
+
+
+def kv_variant_file(kv_dtype: str) -> str:
+    return f"model.kv-{kv_dtype}.onnx"
+
+
+def write_kv_variant(out: Path, spec: Llama4Spec, kv_dtype: str, dtype: str) -> str:
+    """``model.kv-<dtype>.onnx``: model.onnx with a quantized KV cache. The cache inputs/outputs become int8 (or e4m3),
+    each GroupQueryAttention quantizes what it appends with static scales that are inputs (``kv_scale.{i}.key`` /
+    ``.value``, [1, Hkv, 1, D] per channel for int8, [1] for FP8; default 1), and each layer's new keys and values
+    are outputs too (``new_key.{i}`` / ``new_value.{i}``), so that the runtime can choose and grow the scales as
+    tokens arrive (runtimes/onnx.py). The weights stay in model.onnx.data (external references are kept)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    quant, elem = KV_VARIANTS[kv_dtype]
+    m = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    g = m.graph
+    for v in list(g.input) + list(g.output):
+        if v.name.startswith(("past_key_values.", "present.")):
+            v.type.tensor_type.elem_type = elem
+    shape = [1, spec.num_kv_heads, 1, spec.head_dim] if quant == "PER_CHANNEL" else [1]
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    for i, node in enumerate(gqa):
+        scales = [f"kv_scale.{i}.key", f"kv_scale.{i}.value"]
+        while len(node.input) < 12:
+            node.input.append("")
+        node.input.extend(scales)
+        node.attribute.extend([helper.make_attribute("k_quant_type", quant), helper.make_attribute("v_quant_type", quant),
+                               helper.make_attribute("kv_cache_bit_width", 8)])
+        for name in scales:  # optional inputs: an initializer holding the default
+            g.initializer.append(numpy_helper.from_array(np.ones(shape, np.float32), name))
+            g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+        for src, name in ((node.input[1], f"new_key.{i}"), (node.input[2], f"new_value.{i}")):
+            g.node.append(helper.make_node("Identity", [src], [name], name=f"outputs/{name}"))
+            g.output.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(NP_DTYPES[dtype]), None))
+    name = kv_variant_file(kv_dtype)
+    onnx.save(m, str(out / name))
+    return name
+
+
 def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None) -> dict[str, Any]:
     """Write the decoder, its external data and genai_config.json into ``out``; return l4export.json extras.
     ``calib``: convert's calibration result (quantized tensors and FP8 input scales), or None."""
@@ -379,7 +423,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
     (out / "config.json").write_text(json.dumps(ckpt.spec.config, indent=2))
     (out / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, plan.dtype, plan.target), indent=2))
     info: dict[str, Any] = {"model": MODEL_FILE, "data": DATA_FILE, "opset": builder.g.opset, "nodes": len(builder.g.nodes),
-                            "moe_nodes": sum(n.op_type == "MoE" for n in builder.g.nodes)}
+                            "moe_nodes": sum(n.op_type == "MoE" for n in builder.g.nodes),
+                            "kv_variants": {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype) for kv in KV_VARIANTS}}
     if plan.recipe is not None:
         info["quant"] = {"recipe": plan.recipe.name, "calibrated": calib is not None, "nodes": dict(builder.lo.counts),
                          "weight_bytes": total, **builder.lo.meta}

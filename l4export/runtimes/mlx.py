@@ -68,48 +68,73 @@ def pick_dtype(stored: str, requested: str | None) -> str:
     return stored if stored in ok else ok[0]
 
 
+KV_MODES = {"int8": dict(bits=8, mode="affine"), "fp8": dict(bits=8, mode="mxfp8")}  # run-time KV quantization
+
+
 class LayerCache:
     """Keys and values of one layer in a preallocated buffer, grown in steps of ``STEP`` rows (as mlx-lm's KVCache),
     written in place. A chunked layer holds only the current chunk: a step that starts a chunk starts at row 0
-    (steps never cross a chunk boundary, base.Runtime.steps), so every key it holds is visible to its queries."""
+    (steps never cross a chunk boundary, base.Runtime.steps), so every key it holds is visible to its queries.
+
+    ``kv``: None (the compute dtype) or a KV_MODES entry: each new key/value row is quantized as it arrives (groups of
+    ``group`` along head_dim, mx.quantize), and the buffers hold codes, scales [and biases], not floats."""
 
     STEP = 256
 
-    def __init__(self, chunk: int | None):
+    def __init__(self, chunk: int | None, kv: dict | None = None, group: int = 64):
         self.chunk = chunk  # attention_chunk_size for chunked layers, None for global ones
-        self.keys = None  # (n_kv, capacity, D)
-        self.values = None
+        self.kv, self.group = kv, group
+        self.keys: list | None = None  # arrays (n_kv, capacity, ...): [float] or [codes, scales(, biases)]
+        self.values: list | None = None
         self.length = 0  # valid rows
 
-    def update(self, k, v, pos: int):
-        """Write this step's keys/values (n_kv, S, D) at absolute position ``pos``; return the valid rows."""
+    def _parts(self, x) -> list:
+        if self.kv is None:
+            return [x]
+        return [a for a in mx.quantize(x, group_size=self.group, **self.kv) if a is not None]
+
+    def update(self, k, v, pos: int) -> tuple[list, list]:
+        """Write this step's keys/values (n_kv, S, D) at absolute position ``pos``; return the valid rows (as parts)."""
         if self.chunk is not None and pos % self.chunk == 0:
             self.length = 0  # a new chunk: the previous one is never seen again
-        n = k.shape[1]
-        end = self.length + n
-        if self.keys is None or end > self.keys.shape[1]:
+        kp, vp = self._parts(k), self._parts(v)
+        end = self.length + k.shape[1]
+        if self.keys is None or end > self.keys[0].shape[1]:
             rows = ((end + self.STEP - 1) // self.STEP) * self.STEP
             if self.chunk is not None:
                 rows = min(rows, max(self.chunk, end))
-            grow = lambda old, new: (new if old is None else  # noqa: E731
-                                     mx.concatenate([old[:, : self.length], new[:, self.length:]], axis=1))
-            shape = (k.shape[0], rows, k.shape[2])
-            self.keys, self.values = grow(self.keys, mx.zeros(shape, k.dtype)), grow(self.values, mx.zeros(shape, v.dtype))
-        self.keys[:, self.length : end] = k
-        self.values[:, self.length : end] = v
+            self.keys, self.values = self._grow(self.keys, kp, rows), self._grow(self.values, vp, rows)
+        for buf, new in zip(self.keys + self.values, kp + vp):
+            buf[:, self.length : end] = new
         self.length = end
-        return self.keys[:, :end], self.values[:, :end]
+        return [a[:, :end] for a in self.keys], [a[:, :end] for a in self.values]
+
+    def _grow(self, old: list | None, like: list, rows: int) -> list:
+        fresh = [mx.zeros((a.shape[0], rows, *a.shape[2:]), a.dtype) for a in like]
+        if old is None:
+            return fresh
+        return [mx.concatenate([o[:, : self.length], f[:, self.length :]], axis=1) for o, f in zip(old, fresh)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys or []) + (self.values or []))
 
 
 class MlxRuntime(Runtime):
     format = "mlx"
 
-    def __init__(self, path: str | Path, dtype: str | None = None, prefill_step: int | None = None):
+    def __init__(self, path: str | Path, dtype: str | None = None, prefill_step: int | None = None,
+                 kv_dtype: str | None = None):
         if mx is None:
             raise UsageError("the MLX runtime needs mlx: pip install mlx (Apple silicon) or 'mlx[cpu]' (Linux)")
         # The spec is read past mlx-lm's "quantization_config" copy (spec.py reads that key as a source checkpoint's
         # compressed-tensors FP8 config only when it has a quant_method).
         super().__init__(path, prefill_step)
+        if kv_dtype is not None and kv_dtype not in KV_MODES:
+            raise UsageError(f"--kv-dtype {kv_dtype!r}: the MLX runtime quantizes the KV cache to {' or '.join(KV_MODES)}")
+        self.kv_dtype = kv_dtype
+        # groups along head_dim: 64 for int8 (as mlx-lm's kv_bits), 32 for mxfp8 (its only group size)
+        self.kv_group = 32 if kv_dtype == "fp8" or self.spec.head_dim % 64 else 64
         spec = self.spec
         if spec.top_k < 1 or spec.top_k > spec.num_experts:
             raise CheckpointError(f"{path}: num_experts_per_tok={spec.top_k} outside 1..{spec.num_experts}")
@@ -193,7 +218,9 @@ class MlxRuntime(Runtime):
 
     # ---- Runtime API ---------------------------------------------------------------------------
     def _reset(self) -> None:
-        self.cache = [LayerCache(self.spec.attention_chunk_size if la.chunked else None) for la in self.spec.layers]
+        kv = KV_MODES.get(self.kv_dtype)
+        self.cache = [LayerCache(self.spec.attention_chunk_size if la.chunked else None, kv, self.kv_group)
+                      for la in self.spec.layers]
 
     def _step(self, ids: list[int], n_logits: int) -> np.ndarray:
         positions = np.arange(self.pos, self.pos + len(ids))
@@ -207,7 +234,7 @@ class MlxRuntime(Runtime):
 
     @property
     def cache_bytes(self) -> int:
-        return sum(c.keys.nbytes + c.values.nbytes for c in self.cache if c.keys is not None)
+        return sum(c.nbytes for c in self.cache)
 
     # ---- the model -----------------------------------------------------------------------------
     def _rms_norm(self, x, weight):
@@ -249,13 +276,33 @@ class MlxRuntime(Runtime):
             # NoPE layers: q *= 1 + attn_scale·log1p(floor((pos+1)/floor_scale)), pos = absolute cache position.
             t = mx.array(spec.attn_temperature(positions))[None, :, None]  # (1, S, 1)
             q = (q.astype(mx.float32) * t).astype(q.dtype)
-        keys, values = cache.update(k, v, int(positions[0]))  # (nkv, L, D): all visible to this step's queries
-        # causal within the step, aligned to the last key ("causal" is bottom-right); one query needs no mask
-        out = mx.fast.scaled_dot_product_attention(
-            q[None], keys[None], values[None], scale=self.scale, mask="causal" if len(positions) > 1 else None
-        )  # (1, nh, S, D); grouped-query heads share kv heads
+        keys, values = cache.update(k, v, int(positions[0]))  # (nkv, L, ...): all visible to this step's queries
+        if self.kv_dtype is None:
+            # causal within the step, aligned to the last key ("causal" is bottom-right); one query needs no mask
+            out = mx.fast.scaled_dot_product_attention(
+                q[None], keys[0][None], values[0][None], scale=self.scale, mask="causal" if len(positions) > 1 else None
+            )  # (1, nh, S, D); grouped-query heads share kv heads
+        else:
+            out = self._quantized_attention(q, keys, values)[None]
         out = out[0].transpose(1, 0, 2).reshape(S, spec.num_heads * D)  # (S, nh·D)
         return self._linear(out, p + "o_proj")
+
+    def _quantized_attention(self, q, keys: list, values: list):
+        """softmax(q kᵀ / √d + causal) v over a quantized cache, with quantized matmuls (the cache is never turned
+        back into floats). q (nh, S, D) -> (nh, S, D); query heads of one kv head are stacked as rows."""
+        nh, S, D = q.shape
+        nkv = keys[0].shape[0]
+        L = keys[0].shape[1]
+        kw = dict(group_size=self.kv_group, **KV_MODES[self.kv_dtype])
+        qg = (q.astype(mx.float32) * self.scale).reshape(nkv, (nh // nkv) * S, D)  # (nkv, G*S, D)
+        parts = lambda p: (p[0], p[1], p[2] if len(p) > 2 else None)  # noqa: E731
+        scores = mx.quantized_matmul(qg, *parts(keys), transpose=True, **kw)  # (nkv, G*S, L)
+        if S > 1:  # causal within the step, the last query at the last key
+            allowed = mx.arange(L)[None, :] <= (mx.arange(S) + L - S)[:, None]  # (S, L)
+            scores = mx.where(mx.tile(allowed, (nh // nkv, 1))[None], scores, mx.array(-mx.inf, scores.dtype))
+        probs = mx.softmax(scores, axis=-1, precise=True)
+        out = mx.quantized_matmul(probs, *parts(values), transpose=False, **kw)  # (nkv, G*S, D)
+        return out.reshape(nh, S, D).astype(q.dtype)
 
     def _mlp(self, x, p: str):
         """Dense SwiGLU (and the shared expert): down(silu(gate(x)) · up(x))."""

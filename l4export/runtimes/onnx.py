@@ -6,6 +6,12 @@ new keys, never the cache. Chunked (RoPE) layers hold at most one chunk: their b
 rows, and when a step starts a new chunk it starts at row 0 again (``cache_start`` tells the graph where that
 chunk begins). Global (NoPE) layers hold the whole sequence in a buffer sized by ``reserve`` (or grown by doubling).
 
+``kv_dtype="int8"`` runs the export's ``model.kv-int8.onnx``: GroupQueryAttention quantizes what it appends with
+per-channel static scales, which this runtime chooses as tokens arrive. Each step also returns its new float keys
+and values; when they exceed a layer's range (always on the first step), that layer's scales grow (x1.25 headroom),
+its cached rows are requantized to them, and the step runs again. Scales only grow, so this is rare after the first
+step; the cache holds one byte per element (plus a few scales per layer).
+
 Needs numpy and onnxruntime only (tokenizers for text); no torch, transformers, onnx or onnx_ir.
 """
 
@@ -23,7 +29,8 @@ from .base import Runtime
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+HEADROOM = 1.25  # int8 KV scales leave this much room over the largest value seen
 MIN_CAPACITY = 256  # rows a global layer's buffer starts with when nothing was reserved
 
 
@@ -47,17 +54,15 @@ class OnnxRuntime(Runtime):
     format = "onnx"
 
     def __init__(self, path: str | Path, provider: str | None = None, threads: int | None = None,
-                 prefill_step: int | None = None):
+                 prefill_step: int | None = None, kv_dtype: str | None = None):
         super().__init__(path, prefill_step)
         try:
             import onnxruntime as ort
         except ImportError:
             raise UsageError("running ONNX exports needs onnxruntime: pip install onnxruntime") from None
         self.ort = ort
-        model = self.path / self.info.get("onnx", {}).get("model", "model.onnx")
-        if not model.is_file():
-            raise UsageError(f"{self.path}: no {model.name}; the export is incomplete, convert it again")
         provider = provider or ("cuda" if self.info.get("target") == "cuda" else "cpu")
+        model = self._model_file(kv_dtype, provider)
         if provider not in PROVIDERS:
             raise UsageError(f"--provider {provider!r} is not one of {', '.join(PROVIDERS)}")
         ep = PROVIDERS[provider]
@@ -72,10 +77,29 @@ class OnnxRuntime(Runtime):
         self.provider, self.device = provider, ("cuda" if provider == "cuda" else "cpu")
         kv = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_dtype = KV_DTYPES.get(kv.type, np.float16)
+        self.kv_quant = kv_dtype  # None: the cache is in the compute dtype
+        self.scales: list[list[np.ndarray]] = []  # per layer [key, value] int8 scales [1, Hkv, 1, D]
         self.chunk = self.spec.attention_chunk_size
         self.capacity = 0  # rows of the global layers' buffers
         self.cache: list[tuple] = []
         self._reset()
+
+    def _model_file(self, kv_dtype: str | None, provider: str) -> Path:
+        info = self.info.get("onnx", {})
+        name = info.get("model", "model.onnx")
+        if kv_dtype is not None:
+            variants = info.get("kv_variants", {})
+            if kv_dtype not in variants:
+                raise UsageError(f"--kv-dtype {kv_dtype!r}: this export has {', '.join(variants) or 'no'} quantized KV "
+                                 "cache graphs; use one of them, or convert again with this l4export")
+            if kv_dtype == "fp8" and provider == "cpu":
+                raise CapabilityError("--kv-dtype fp8: ONNX Runtime's CPU GroupQueryAttention has no FP8 cache; use "
+                                      "--kv-dtype int8 (or fp8 with --provider cuda on an SM89+ GPU, or the MLX runtime)")
+            name = variants[kv_dtype]
+        model = self.path / name
+        if not model.is_file():
+            raise UsageError(f"{self.path}: no {model.name}; the export is incomplete, convert it again")
+        return model
 
     # ---- cache --------------------------------------------------------------------------------------
     def _buffer(self, rows: int):
@@ -86,6 +110,8 @@ class OnnxRuntime(Runtime):
     def _reset(self) -> None:
         self.capacity = 0
         self.cache = [None] * self.spec.num_layers  # (key, value) OrtValues, allocated on first use
+        s = self.spec
+        self.scales = [[np.zeros((1, s.num_kv_heads, 1, s.head_dim), np.float32) for _ in range(2)] for _ in s.layers]
 
     def reserve(self, tokens: int) -> None:
         """Size the global layers' buffers for ``tokens`` tokens now (no growth copies later)."""
@@ -137,8 +163,16 @@ class OnnxRuntime(Runtime):
 
     # ---- one step ---------------------------------------------------------------------------------------
     def _step(self, ids: list[int], n_logits: int) -> np.ndarray:
+        self._grow(self.pos + len(ids))
+        while True:
+            io = self._bind(ids, n_logits)
+            self.session.run_with_iobinding(io)
+            outs = io.get_outputs()
+            if self.kv_quant is None or not self._rescale([o.numpy() for o in outs[1:]]):
+                return outs[0].numpy()[0].astype(np.float32, copy=False)
+
+    def _bind(self, ids: list[int], n_logits: int):
         n, total = len(ids), self.pos + len(ids)
-        self._grow(total)
         io = self.session.io_binding()
         feeds = {
             "input_ids": np.asarray(ids, dtype=np.int64).reshape(1, n),
@@ -147,14 +181,46 @@ class OnnxRuntime(Runtime):
         }
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
-        optional = {"cache_start": self.chunk_start(), "num_logits_to_keep": n_logits}  # overridable initializers:
-        for name, value in optional.items():  # bound as OrtValues (bind_cpu_input looks for graph inputs only)
-            io.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.array(value, dtype=np.int64)))
+        # overridable initializers are bound as OrtValues (bind_cpu_input looks for graph inputs only)
+        optional = {"cache_start": np.array(self.chunk_start(), np.int64), "num_logits_to_keep": np.array(n_logits, np.int64)}
+        if self.kv_quant is not None:
+            for i, (ks, vs) in enumerate(self.scales):
+                optional[f"kv_scale.{i}.key"], optional[f"kv_scale.{i}.value"] = np.maximum(ks, 1e-30), np.maximum(vs, 1e-30)
+        for name, value in optional.items():
+            io.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(value))
         io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        if self.kv_quant is not None:
+            for i in range(self.spec.num_layers):
+                io.bind_output(f"new_key.{i}", "cpu")
+                io.bind_output(f"new_value.{i}", "cpu")
         for i, (k, v) in enumerate(self.cache):  # past and present are one buffer: appended in place
             io.bind_ortvalue_input(f"past_key_values.{i}.key", k)
             io.bind_ortvalue_input(f"past_key_values.{i}.value", v)
             io.bind_ortvalue_output(f"present.{i}.key", k)
             io.bind_ortvalue_output(f"present.{i}.value", v)
-        self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()[0].astype(np.float32, copy=False)
+        return io
+
+    def _rescale(self, new: list[np.ndarray]) -> bool:
+        """Grow the int8 scales of the layers whose new keys/values did not fit; requantize their cached rows.
+        True when the step must run again."""
+        s, again = self.spec, False
+        for layer in s.layers:
+            held = self.pos - self.chunk_start() if layer.chunked else self.pos  # rows cached before this step
+            for j in range(2):
+                x = new[2 * layer.index + j].reshape(-1, s.num_kv_heads, s.head_dim)  # [S, Hkv, D]
+                amax = np.abs(x).max(axis=0).reshape(1, s.num_kv_heads, 1, s.head_dim)
+                old = self.scales[layer.index][j]
+                if np.all(amax <= 127 * old):
+                    continue
+                scale = np.maximum(old, amax * HEADROOM / 127).astype(np.float32)
+                if held:
+                    self._requantize(self.cache[layer.index][j], held, old, scale)
+                self.scales[layer.index][j] = scale
+                again = True
+        return again
+
+    @staticmethod
+    def _requantize(buf, rows: int, old: np.ndarray, new: np.ndarray) -> None:
+        a = buf.numpy()
+        a[:, :, :rows] = np.clip(np.rint(a[:, :, :rows] * (old / new)), -127, 127).astype(np.int8)
+        buf.update_inplace(a)
