@@ -171,7 +171,7 @@ def test_chunked_cache_holds_at_most_one_chunk(exports):
         rt.forward([tok])
         for layer, cache in zip(rt.spec.layers, rt.cache):
             if layer.chunked:  # only the current chunk (a full chunk stays until the next token starts a new one)
-                assert cache.length == (i - 1) % CHUNK + 1 and cache.keys.shape[1] <= CHUNK
+                assert cache.length == (i - 1) % CHUNK + 1 and cache.keys[0].shape[1] <= CHUNK
             else:
                 assert cache.length == i  # global (NoPE) layers keep everything
     rt.logits(ids[: 3 * CHUNK + 1])  # one prefill across 3 boundaries keeps only the last chunk's one token
