@@ -159,14 +159,17 @@ def _parse_ids(ids: str) -> list[int]:
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None, help="ONNX Runtime provider.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="MLX compute dtype (default: the export's where the device runs it, else float32).")
+@click.option("--kv-dtype", type=click.Choice(["int8", "fp8"]), default=None,
+              help="Quantize the KV cache as tokens arrive (fp8: MLX, or ONNX Runtime CUDA).")
+@click.option("--prefill-step", type=int, default=None, help="Prompt tokens per step (default min(2048, chunk size)).")
 def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float, top_p: float,
-        seed: int, provider: str | None, dtype: str | None) -> None:
+        seed: int, provider: str | None, dtype: str | None, kv_dtype: str | None, prefill_step: int | None) -> None:
     """Generate from an ONNX or MLX export, streaming tokens to stdout."""
     from .runtimes import load_runtime
 
     if (prompt is None) == (ids is None):
         raise click.UsageError("pass exactly one of --prompt or --ids")
-    rt = load_runtime(export, provider=provider, dtype=dtype)
+    rt = load_runtime(export, provider=provider, dtype=dtype, kv_dtype=kv_dtype, prefill_step=prefill_step)
     kw = dict(temperature=temperature, top_p=top_p, seed=seed)
     if prompt is not None:
         for piece in rt.generate_text(prompt, max_new_tokens, **kw):
@@ -187,12 +190,16 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
 @click.option("--junit", type=click.Path(path_type=Path), default=None, help="Write a JUnit XML report (for CI).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--greedy-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
+@click.option("--kv-dtype", type=click.Choice(["int8", "fp8"]), default=None,
+              help="Run with a quantized KV cache; also report KL against the float cache.")
+@click.option("--prefill-step", type=int, default=None, help="Prompt tokens per step.")
 def verify(export: Path, reference: Path, prompts: Path | None, json_out: Path | None, junit: Path | None,
-           provider: str | None, greedy_tokens: int) -> None:
+           provider: str | None, greedy_tokens: int, kv_dtype: str | None, prefill_step: int | None) -> None:
     """Compare an export's logits with transformers (float32); exit 1 outside the thresholds."""
     from .verify import verify as run_verify
 
-    report = run_verify(export, reference, prompts=prompts, provider=provider, greedy_tokens=greedy_tokens)
+    report = run_verify(export, reference, prompts=prompts, provider=provider, greedy_tokens=greedy_tokens,
+                        kv_dtype=kv_dtype, prefill_step=prefill_step)
     click.echo(report.table())
     if json_out:
         json_out.write_text(report.to_json())

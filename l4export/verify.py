@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -116,6 +116,7 @@ class PromptResult:
     greedy_match: int
     greedy_total: int
     failures: list[str] = field(default_factory=list)
+    kv: dict[str, float] | None = None  # --kv-dtype: the quantized cache's logits against the float cache's
 
     @property
     def passed(self) -> bool:
@@ -132,6 +133,7 @@ class Report:
     threshold_key: str
     threshold: Threshold
     results: list[PromptResult] = field(default_factory=list)
+    kv_dtype: str | None = None
 
     failures: list[str] = field(default_factory=list)  # run-level (overall top-1)
 
@@ -144,6 +146,8 @@ class Report:
                 f"{', ' + self.quantization if self.quantization else ''}) vs {self.reference}\n"
                 f"thresholds [{self.threshold_key}]: {self.threshold.describe()}\n")
         cols = f"{'prompt':<14}{'tokens':>7} {'mode':<6}{'rel':>11}{'mean|Δ|':>11}{'cosine':>11}{'KL':>11}{'top1':>7}{'greedy':>9}  result"
+        if self.kv_dtype:
+            head += f"KV cache {self.kv_dtype}: rows 'kv' compare with the float cache, KL <= {KV_THRESHOLDS[self.kv_dtype]:g}\n"
         lines = [head + cols, "-" * len(cols)]
         for r in self.results:
             for mode, m in (("full", r.full), ("incr", r.incremental)):
@@ -151,6 +155,9 @@ class Report:
                 ok = ("PASS" if r.passed else "FAIL") if mode == "full" else ""
                 lines.append(f"{r.name:<14}{r.tokens:>7} {mode:<6}{m['rel']:>11.3e}{m['mean_abs']:>11.3e}{m['cosine']:>11.7f}"
                              f"{m['kl']:>11.3e}{m['top1']:>7.3f}{greedy:>9}  {ok}")
+            if r.kv is not None:
+                lines.append(f"{'':<14}{'':>7} {'kv':<6}{r.kv['rel']:>11.3e}{r.kv['mean_abs']:>11.3e}{r.kv['cosine']:>11.7f}"
+                             f"{r.kv['kl']:>11.3e}{r.kv['top1']:>7.3f}")
             for f in r.failures:
                 lines.append(f"    ! {f}")
         for f in self.failures:
@@ -248,25 +255,42 @@ def check_same_model(export: Llama4Spec, reference: Llama4Spec, export_path: Pat
             )
 
 
+# A quantized KV cache (--kv-dtype) is judged by KL of its logits against the same export with the float cache.
+KV_THRESHOLDS = {"int8": 1e-3, "fp8": 5e-3}
+
+
+def kv_threshold(thr: Threshold, kv_dtype: str) -> Threshold:
+    """The reference thresholds with a quantized cache: KL (at least the cache's own gate) instead of rel/greedy."""
+    return replace(thr, rel=None, greedy_all=False, kl=max(thr.kl or 0.0, KV_THRESHOLDS[kv_dtype]))
+
+
 def verify(export: str | Path, reference: str | Path, prompts: Path | None = None, provider: str | None = None,
-           greedy_tokens: int = 32) -> Report:
-    """Compare an export with transformers on ``reference``; the returned Report says whether it passed."""
+           greedy_tokens: int = 32, kv_dtype: str | None = None, prefill_step: int | None = None) -> Report:
+    """Compare an export with transformers on ``reference``; the returned Report says whether it passed.
+
+    ``kv_dtype``: run with a quantized KV cache and also report KL against the float cache (gate KV_THRESHOLDS)."""
     from .runtimes import load_runtime
     from .runtimes.reference import ReferenceRunner
 
     export, reference = Path(export), Path(reference)
-    rt = load_runtime(export, provider=provider)
+    if kv_dtype is not None and kv_dtype not in KV_THRESHOLDS:
+        raise UsageError(f"--kv-dtype {kv_dtype!r} is not one of {', '.join(KV_THRESHOLDS)}")
+    rt = load_runtime(export, provider=provider, kv_dtype=kv_dtype, prefill_step=prefill_step)
+    float_cache = None if kv_dtype is None else load_runtime(export, provider=provider, prefill_step=prefill_step)
     ref_spec = load_spec(reference)
     check_same_model(rt.spec, ref_spec, export, reference)
     key, thr = threshold_for(rt.info)
+    if kv_dtype is not None:
+        key, thr = f"{key}+kv-{kv_dtype}", kv_threshold(thr, kv_dtype)
     plist = read_prompts(prompts, rt) if prompts is not None else default_prompts(rt.spec)
     ref = ReferenceRunner(reference)
     report = Report(str(export), str(reference), str(rt.info.get("format")), str(rt.info.get("dtype")),
-                    rt.info.get("quantization"), key, thr)
+                    rt.info.get("quantization"), key, thr, kv_dtype=kv_dtype)
     for name, ids in plist:
         log.info("verify: prompt %s (%d tokens)", name, len(ids))
         r = ref.logits(ids)
-        full = compare(r, rt.logits(ids))
+        export_logits = rt.logits(ids)
+        full = compare(r, export_logits)
         incr = compare(r, rt.logits_incremental(ids))
         want = ref.greedy(ids, greedy_tokens) if greedy_tokens > 0 else []
         got = list(rt.generate(ids, greedy_tokens, stop=[])) if greedy_tokens > 0 else []
@@ -279,6 +303,10 @@ def verify(export: str | Path, reference: str | Path, prompts: Path | None = Non
                 res.failures.append(f"{mode}: KL {m['kl']:.3e} > {thr.kl:g}")
         if thr.greedy_all and match != len(want):
             res.failures.append(f"greedy: {match}/{len(want)} tokens equal (first difference at token {match})")
+        if float_cache is not None:
+            res.kv = compare(float_cache.logits(ids), export_logits)
+            if not res.kv["kl"] <= KV_THRESHOLDS[kv_dtype]:
+                res.failures.append(f"kv {kv_dtype}: KL vs the float cache {res.kv['kl']:.3e} > {KV_THRESHOLDS[kv_dtype]:g}")
         report.results.append(res)
     if thr.top1 is not None and report.results:
         n = sum(r.tokens for r in report.results)

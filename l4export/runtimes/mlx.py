@@ -142,7 +142,7 @@ class MlxRuntime(Runtime):
         self.dtype_name = pick_dtype(stored, dtype)
         self.dtype = getattr(mx, self.dtype_name)
         self.w = self._load_weights()
-        self.inv_freq = mx.array(spec.inv_freq())  # (D/2,) float32, exactly as transformers computes it
+        self.rope_freqs = mx.array(1.0 / spec.inv_freq())  # (D/2,) wavelengths / 2π, from transformers' inv_freq
         self.scale = spec.head_dim**-0.5
         self._reset()
         log.info("MLX runtime: %s, computing in %s on %s", self.path, self.dtype_name, mx.default_device())
@@ -249,15 +249,11 @@ class MlxRuntime(Runtime):
         return h + y
 
     def _rope(self, x, positions: np.ndarray):
-        """Interleaved (complex) RoPE: rotate adjacent pairs (2i, 2i+1) by pos·inv_freq[i]. x: (n, S, D)."""
+        """Interleaved (complex) RoPE: rotate adjacent pairs (2i, 2i+1) by pos·inv_freq[i]. x: (n, S, D), positions
+        contiguous. mx.fast.rope with ``traditional=True`` and the spec's own frequencies (llama3 scaling included)."""
         # IMPORTANT: Llama 4 rotates adjacent pairs (view_as_complex), not neox halves (rotate_half).
-        angles = mx.array(positions.astype(np.float32))[:, None] * self.inv_freq[None, :]  # (S, D/2) float32
-        cos, sin = mx.cos(angles), mx.sin(angles)
-        n, S, D = x.shape
-        xf = x.astype(mx.float32).reshape(n, S, D // 2, 2)  # (n, S, D/2, 2)
-        x0, x1 = xf[..., 0], xf[..., 1]
-        out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)  # (n, S, D/2, 2)
-        return out.reshape(n, S, D).astype(x.dtype)
+        return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=1.0, offset=int(positions[0]),
+                            freqs=self.rope_freqs)
 
     def _attention(self, x, layer: LayerSpec, cache: LayerCache, positions: np.ndarray):
         spec, p = self.spec, f"model.layers.{layer.index}.self_attn."
