@@ -212,7 +212,8 @@ class OnnxRuntime(Runtime):
                 old = self.scales[layer.index][j]
                 if np.all(amax <= 127 * old):
                     continue
-                scale = np.maximum(old, amax * HEADROOM / 127).astype(np.float32)
+                # at least double: a range that creeps up costs a few reruns, not one per step
+                scale = np.maximum(2 * old, amax * HEADROOM / 127).astype(np.float32)
                 if held:
                     self._requantize(self.cache[layer.index][j], held, old, scale)
                 self.scales[layer.index][j] = scale
