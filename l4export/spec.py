@@ -264,81 +264,72 @@ def _per_layer(cfg: dict[str, Any], n: int, where: str) -> tuple[LayerSpec, ...]
     )
 
 
-def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llama4Spec:
-    """Parse a config dict (either layout, either style) into a Llama4Spec."""
+def _layout(config: dict[str, Any], where: str) -> tuple[dict[str, Any], Layout]:
+    """The text config and the layout: ``llama4`` + text_config (multimodal) or flat ``llama4_text``."""
     mt = config.get("model_type")
     if mt == "llama4":
         if not isinstance(config.get("text_config"), dict):
             raise SpecError(f"{where}: model_type 'llama4' needs a 'text_config' object")
-        cfg, layout = config["text_config"], "multimodal"
-    elif mt == "llama4_text":
-        cfg, layout = config, "text"
-    else:
-        arch = config.get("architectures")
-        raise NotLlama4Error(
-            f"{where}: model_type is {mt!r} (architectures {arch}), not Llama 4; expected 'llama4' or 'llama4_text'"
-        )
+        return config["text_config"], "multimodal"
+    if mt == "llama4_text":
+        return config, "text"
+    arch = config.get("architectures")
+    raise NotLlama4Error(f"{where}: model_type is {mt!r} (architectures {arch}), not Llama 4; expected 'llama4' or 'llama4_text'")
+
+
+def _fp8(config: dict[str, Any], cfg: dict[str, Any], where: str) -> Fp8Config | None:
+    """A compressed-tensors FP8 source, or None. Only a block with a quant_method describes a quantized source
+    checkpoint; mlx-lm's copy of its own "quantization" block (in our MLX exports) has none and describes the export."""
+    quant = config.get("quantization_config") or cfg.get("quantization_config")
+    if not quant or "quant_method" not in quant:
+        return None
+    if quant.get("quant_method") != "compressed-tensors":
+        raise SpecError(f"{where}: quantization_config.quant_method {quant.get('quant_method')!r} is not supported; "
+                        "only compressed-tensors FP8 checkpoints are read (or dequantize the checkpoint first)")
+    return Fp8Config(ignore=tuple(quant.get("ignore") or ()))
+
+
+def _checked(cfg: dict[str, Any], get: Any, where: str) -> tuple[int, int, int]:
+    """(heads, kv heads, head_dim), after refusing what is not Llama 4."""
+    heads = int(get("num_attention_heads"))
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(get("hidden_size")) // heads)
+    if heads % kv:
+        raise SpecError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if get("hidden_act") != "silu":
+        raise SpecError(f"{where}: hidden_act {get('hidden_act')!r} is not supported (Llama 4 uses 'silu')")
+    if get("attention_bias"):
+        raise SpecError(f"{where}: attention_bias=true is not Llama 4 (its projections have no bias)")
+    return heads, kv, head_dim
+
+
+def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llama4Spec:
+    """Parse a config dict (either layout, either style) into a Llama4Spec."""
+    cfg, layout = _layout(config, where)
 
     def get(key: str) -> Any:  # the file's value, or transformers' default when absent or null
         value = cfg.get(key)
         return TEXT_DEFAULTS[key] if value is None else value
 
     n = int(get("num_hidden_layers"))
-    heads = int(get("num_attention_heads"))
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or int(get("hidden_size")) // heads
-    if heads % int(kv):
-        raise SpecError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    top_k = int(get("num_experts_per_tok"))
-    if get("hidden_act") != "silu":
-        raise SpecError(f"{where}: hidden_act {get('hidden_act')!r} is not supported (Llama 4 uses 'silu')")
-    if get("attention_bias"):
-        raise SpecError(f"{where}: attention_bias=true is not Llama 4 (its projections have no bias)")
+    heads, kv, head_dim = _checked(cfg, get, where)
     theta, scaling = _rope(cfg, where)
     eos = cfg.get("eos_token_id", TEXT_DEFAULTS["eos_token_id"])
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-    quant = config.get("quantization_config") or cfg.get("quantization_config")
-    fp8 = None
-    # Only a block with a quant_method describes a quantized source checkpoint; mlx-lm's copy of its own
-    # "quantization" block (in our MLX exports) has none and describes the export, not the source.
-    if quant and "quant_method" in quant:
-        if quant.get("quant_method") != "compressed-tensors":
-            raise SpecError(
-                f"{where}: quantization_config.quant_method {quant.get('quant_method')!r} is not supported; "
-                "only compressed-tensors FP8 checkpoints are read (or dequantize the checkpoint first)"
-            )
-        fp8 = Fp8Config(ignore=tuple(quant.get("ignore") or ()))
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return Llama4Spec(
-        layout=layout,
-        vocab_size=int(get("vocab_size")),
-        hidden_size=int(get("hidden_size")),
-        num_layers=n,
-        num_heads=heads,
-        num_kv_heads=int(kv),
-        head_dim=int(head_dim),
-        intermediate_size=int(get("intermediate_size")),
-        intermediate_size_mlp=int(get("intermediate_size_mlp")),
-        num_experts=int(get("num_local_experts")),
-        top_k=top_k,
-        rms_norm_eps=float(get("rms_norm_eps")),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        attention_chunk_size=cfg.get("attention_chunk_size", TEXT_DEFAULTS["attention_chunk_size"]),
-        attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
-        floor_scale=float(get("floor_scale")),
-        attn_scale=float(get("attn_scale")),
-        use_qk_norm=bool(cfg.get("use_qk_norm", True)),
+        layout=layout, vocab_size=int(get("vocab_size")), hidden_size=int(get("hidden_size")), num_layers=n,
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=int(get("intermediate_size")),
+        intermediate_size_mlp=int(get("intermediate_size_mlp")), num_experts=int(get("num_local_experts")),
+        top_k=int(get("num_experts_per_tok")), rms_norm_eps=float(get("rms_norm_eps")), rope_theta=theta,
+        rope_scaling=scaling, attention_chunk_size=cfg.get("attention_chunk_size", TEXT_DEFAULTS["attention_chunk_size"]),
+        attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)), floor_scale=float(get("floor_scale")),
+        attn_scale=float(get("attn_scale")), use_qk_norm=bool(cfg.get("use_qk_norm", True)),
         max_position_embeddings=int(get("max_position_embeddings")),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-        bos_token_id=cfg.get("bos_token_id", TEXT_DEFAULTS["bos_token_id"]),
-        eos_token_ids=eos_ids,
-        pad_token_id=cfg.get("pad_token_id"),
-        layers=_per_layer(cfg, n, where),
-        torch_dtype=dtype,
-        has_vision=isinstance(config.get("vision_config"), dict),
-        fp8=fp8,
-        config=config,
+        bos_token_id=cfg.get("bos_token_id", TEXT_DEFAULTS["bos_token_id"]), eos_token_ids=eos_ids,
+        pad_token_id=cfg.get("pad_token_id"), layers=_per_layer(cfg, n, where), torch_dtype=dtype,
+        has_vision=isinstance(config.get("vision_config"), dict), fp8=_fp8(config, cfg, where), config=config,
     )
 
 

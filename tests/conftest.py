@@ -1,8 +1,17 @@
-"""Session fixtures: tiny Llama 4 checkpoints built with transformers (see builders.py)."""
+"""Session fixtures: tiny Llama 4 checkpoints built with transformers (see builders.py), and their exports, each made
+on first request and shared by every module of the session.
+
+    checkpoint(name) -> Path    name: one of CASES (float parity) or QUANT_CASES (quantization)
+    export(src, fmt, ...) -> Path   l4export convert, once per (checkpoint, format, dtype, target, recipe)
+    scout, maverick             checkpoint("scout_hub"), checkpoint("maverick_hub")
+    qscout, qmaverick           the quantization checkpoints (quantization modules override scout/maverick with them,
+                                visibly, in a fixture of their own)
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +25,16 @@ CASES = {
     "maverick_hub": dict(shape="maverick", style="hub", dtype="float32"),
     "maverick_v5": dict(shape="maverick", style="v5", dtype="bfloat16"),
 }
+# Quantization checkpoints. Group 64 (the int4 preset's experts) must divide the expert width, so experts are 64
+# wide; the preset's group 128 for the other linears falls back to 64 here (hidden 64) and to 32 for Maverick's
+# 96-wide dense MLPs (recipe.for_model). initializer_range 0.05 instead of 0.1: at 0.1 these random models route on
+# knife-edge margins, and any weight perturbation (even FP8's) flips experts; at 0.05 quantization error, not
+# chaos, is what is measured.
+QUANT = dict(intermediate_size=64, initializer_range=0.05)
+QUANT_CASES = {
+    "qscout": dict(shape="scout", style="hub", dtype="bfloat16", **QUANT),
+    "qmaverick": dict(shape="maverick", style="hub", dtype="float32", **QUANT),
+}
 
 
 def _need_reference():
@@ -24,47 +43,76 @@ def _need_reference():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """All four tiny checkpoints, built once per session."""
+def checkpoint(tmp_path_factory) -> Callable[[str], Path]:
+    """``checkpoint(name)``: the tiny checkpoint, built with transformers on first request."""
     _need_reference()
     root = tmp_path_factory.mktemp("ckpts")
-    return {name: build(root / name, **kw) for name, kw in CASES.items()}
+    built: dict[str, Path] = {}
 
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build(root / name, **{**CASES, **QUANT_CASES}[name])
+        return built[name]
 
-def _shaped(request, shape: str) -> Path:
-    """A module that sets ``QUANT_FIXTURES = True`` gets the quantization checkpoints (QUANT below)."""
-    if getattr(request.module, "QUANT_FIXTURES", False):
-        return request.getfixturevalue("quant_checkpoints")[shape]
-    return request.getfixturevalue("tiny_checkpoints")[f"{shape}_hub"]
-
-
-@pytest.fixture(scope="module")
-def scout(request) -> Path:
-    return _shaped(request, "scout")
-
-
-@pytest.fixture(scope="module")
-def maverick(request) -> Path:
-    return _shaped(request, "maverick")
-
-
-# Quantization fixtures. Group 64 (the int4 preset's experts) must divide the expert width, so experts are 64
-# wide; the preset's group 128 for the other linears falls back to 64 here (hidden 64) and to 32 for Maverick's
-# 96-wide dense MLPs (recipe.for_model). initializer_range 0.05 instead of 0.1: at 0.1 these random models route on
-# knife-edge margins, and any weight perturbation (even FP8's) flips experts; at 0.05 quantization error, not
-# chaos, is what is measured.
-QUANT = dict(intermediate_size=64, initializer_range=0.05)
+    return get
 
 
 @pytest.fixture(scope="session")
-def quant_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Scout (hub layout, bf16) and Maverick (hub layout, fp32) shaped for the quantization tests."""
-    _need_reference()
-    root = tmp_path_factory.mktemp("qckpts")
-    return {"scout": build(root / "scout", shape="scout", style="hub", dtype="bfloat16", **QUANT),
-            "maverick": build(root / "maverick", shape="maverick", style="hub", dtype="float32", **QUANT)}
+def export(tmp_path_factory) -> Callable[..., Path]:
+    """``export(src, fmt="onnx", dtype="float32", target="cpu", quant=None)``: converted once per session (``quant``
+    a preset name or a Recipe). Tests that damage an export copy it first."""
+    from l4export.convert import ExportOptions, convert
+    from l4export.quant.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("exports")
+    done: dict[tuple, Path] = {}
+
+    def get(src: Path, fmt: str = "onnx", dtype: str = "float32", target: str = "cpu", quant=None) -> Path:
+        key = (str(src), fmt, dtype, target, quant if isinstance(quant, str) or quant is None else repr(quant))
+        if key not in done:
+            recipe = load_recipe(quant) if isinstance(quant, str) else quant
+            out = root / f"{len(done)}-{Path(src).name}-{fmt}-{dtype}-{target}"
+            done[key] = convert(src, out, ExportOptions(format=fmt, dtype=dtype, target=target, quant=recipe))
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def scout(checkpoint) -> Path:
+    return checkpoint("scout_hub")
+
+
+@pytest.fixture(scope="session")
+def maverick(checkpoint) -> Path:
+    return checkpoint("maverick_hub")
+
+
+@pytest.fixture(scope="session")
+def qscout(checkpoint) -> Path:
+    return checkpoint("qscout")
+
+
+@pytest.fixture(scope="session")
+def qmaverick(checkpoint) -> Path:
+    return checkpoint("qmaverick")
 
 
 @pytest.fixture(params=list(CASES))
-def any_checkpoint(request, tiny_checkpoints) -> Path:
-    return tiny_checkpoints[request.param]
+def any_checkpoint(request, checkpoint) -> Path:
+    return checkpoint(request.param)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need ONNX Runtime's CUDAExecutionProvider: skipped cleanly without one."""
+    try:
+        import onnxruntime as ort
+
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (ONNX Runtime's CUDAExecutionProvider)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -30,15 +30,12 @@ def _mlx_or_skip(fmt: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, scout) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("long")
-    out = {"onnx": root / "onnx"}
-    convert(scout, out["onnx"], ExportOptions(format="onnx"))
+def exports(scout, export) -> dict[str, Path]:
+    out = {"onnx": export(scout)}
     try:
         import mlx.core  # noqa: F401
 
-        out["mlx"] = root / "mlx"
-        convert(scout, out["mlx"], ExportOptions(format="mlx"))
+        out["mlx"] = export(scout, "mlx")
     except ImportError:
         pass
     return out

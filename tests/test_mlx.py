@@ -43,16 +43,23 @@ def prompt(n: int, seed: int = 0, vocab: int = 300) -> list[int]:
     return np.random.default_rng(seed + n).integers(4, vocab, n).tolist()
 
 
-def export(src: Path, out: Path, **kw) -> Path:
+def mlx_export(src: Path, out: Path, **kw) -> Path:
     if not out.exists():
         convert(src, out, ExportOptions(format="mlx", dtype="float32", **kw))
     return out
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("mlx_exports")
-    return {name: export(src, root / name) for name, src in tiny_checkpoints.items()}
+def tiny_checkpoints(checkpoint) -> dict[str, Path]:
+    """The four float-parity checkpoints (the parametrized tests below use them all)."""
+    from conftest import CASES
+
+    return {name: checkpoint(name) for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_checkpoints, export) -> dict[str, Path]:
+    return {name: export(src, "mlx") for name, src in tiny_checkpoints.items()}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +72,7 @@ def demo_export(tmp_path_factory) -> Path:
     from l4export.demo import write_demo_checkpoint
 
     root = tmp_path_factory.mktemp("mlx_demo")
-    return export(write_demo_checkpoint(root / "demo"), root / "demo_mlx")
+    return mlx_export(write_demo_checkpoint(root / "demo"), root / "demo_mlx")
 
 
 # ---- export layout -------------------------------------------------------------------------------
@@ -98,7 +105,7 @@ def test_export_sharded_with_index_and_tokenizer(tmp_path):
     from l4export.demo import write_demo_checkpoint
 
     src = write_demo_checkpoint(tmp_path / "demo")
-    out = export(src, tmp_path / "sharded", max_shard_bytes=200_000)
+    out = mlx_export(src, tmp_path / "sharded", max_shard_bytes=200_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
@@ -106,7 +113,7 @@ def test_export_sharded_with_index_and_tokenizer(tmp_path):
         assert (out / f).is_file()
     assert json.loads((out / "l4export.json").read_text())["format"] == "mlx"
     # Sharded and single-file exports hold the same model.
-    single = export(src, tmp_path / "single")
+    single = mlx_export(src, tmp_path / "single")
     ids = prompt(10, vocab=256)
     np.testing.assert_array_equal(MlxRuntime(out).logits(ids), MlxRuntime(single).logits(ids))
 
@@ -149,7 +156,7 @@ def test_runtime_follows_config_where_mlx_lm_hard_codes(tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     (top1 / "config.json").unlink()
     (top1 / "config.json").write_text(json.dumps(dict(cfg, num_experts_per_tok=1)))
-    out = export(top1, tmp_path / "out")
+    out = mlx_export(top1, tmp_path / "out")
     ecfg = json.loads((out / "config.json").read_text())
     assert ecfg["text_config"]["no_rope_layers"] == [0, 1, 1, 1] and ecfg["text_config"]["moe_layers"] == [0, 2]
     ecfg["text_config"]["num_experts_per_tok"] = 2

@@ -24,15 +24,25 @@ mx = pytest.importorskip("mlx.core")
 from l4export.cli import main  # noqa: E402
 from l4export.runtimes.mlx import MlxRuntime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner  # noqa: E402
+from l4export.verify import THRESHOLDS  # noqa: E402
 
-QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 log = logging.getLogger(__name__)
 
 PROMPT = np.random.default_rng(7).integers(4, 256, 40).tolist()  # crosses several 8-token chunks
 PARITY_TOL = 1e-5  # max|Δ| / max|logit|: quantized kernels vs float matmuls on the dequantized weights
-INT4_KL_MAX = 0.05  # tiny random models; measured ~0.005-0.01 (docs/quantization.md)
+INT4_KL_MAX = THRESHOLDS["int4"].kl  # verify's own gate; measured ~0.005-0.01 on these tiny random models
 FP8_KL_MAX = 0.01  # mxfp8 experts only; measured ~5e-5-2e-3
+
+
+@pytest.fixture(scope="module")
+def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
+    return qscout
+
+
+@pytest.fixture(scope="module")
+def maverick(qmaverick):
+    return qmaverick
 
 
 def kl(ref: np.ndarray, got: np.ndarray) -> float:
@@ -55,14 +65,9 @@ def size(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def quant_exports(scout, maverick, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    root = tmp_path_factory.mktemp("mlx_quant")
-    out = {}
-    for name, src in (("scout", scout), ("maverick", maverick)):
-        for q in ("float", "int4", "fp8"):
-            extra = () if q == "float" else ("--quant", q)
-            out[name, q] = cli_convert(src, root / f"{name}_{q}", *extra)
-    return out
+def quant_exports(scout, maverick, export) -> dict[tuple[str, str], Path]:
+    return {(name, q): export(src, "mlx", quant=None if q == "float" else q)
+            for name, src in (("scout", scout), ("maverick", maverick)) for q in ("float", "int4", "fp8")}
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ from l4export.verify import THRESHOLDS, compare, default_prompts  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 
 # The fixtures are 64 wide (hidden and expert width), so tiles of 32 stand in for the real models' 128.
@@ -53,6 +52,16 @@ RECIPES = {
                                  'activation = "static"\n'
                                  '[[rule]]\nmatch = "*.self_attn.*_proj.weight"\nscheme = "fp8"\nactivation = "static"\n',
 }
+
+
+@pytest.fixture(scope="module")
+def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
+    return qscout
+
+
+@pytest.fixture(scope="module")
+def maverick(qmaverick):
+    return qmaverick
 
 
 def _recipe_file(root: Path, name: str) -> Path:
@@ -415,7 +424,7 @@ def test_cuda_initializers_dequantize_to_our_tensors(cuda_exports, scout):
     assert float(e) == np.float32(max(q["activation_scales"][f"{pre}.feed_forward.experts.gate_proj"]))
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDAExecutionProvider")
+@pytest.mark.gpu
 def test_cuda_fp8_parity(cuda_exports, scout):
     """KL vs transformers under the fp8 verify threshold on a GPU (QMoE fp8 needs SM90 and a USE_FP8_QMOE build)."""
     if ", fp8-qmoe=" not in ort.get_build_info():

@@ -22,9 +22,18 @@ from l4export.quant.schemes import Int  # noqa: E402
 from l4export.runtimes.reference import load_reference  # noqa: E402
 from l4export.torch_llama4 import layer_forward  # noqa: E402
 
-QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 IDS = [np.random.default_rng(i).integers(4, 300, size=20) for i in range(6)]  # 20 > chunk 8: chunking is exercised
+
+
+@pytest.fixture(scope="module")
+def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
+    return qscout
+
+
+@pytest.fixture(scope="module")
+def maverick(qmaverick):
+    return qmaverick
 
 
 def _hf_hidden(path, ids):
@@ -119,7 +128,10 @@ def test_unrouted_experts_stay_finite_and_nonzero(maverick_int4):
 
 
 def test_calibrated_beats_rtn_on_calibration_activations(scout):
-    """On the real routed inputs of layer 0 (float upstream), GPTQ's output error is below RTN's."""
+    """On the real routed inputs of layer 0 (float upstream), GPTQ's output error is clearly below RTN's (GPTQ
+    minimizes exactly that error; round to nearest does not look at the inputs): at most 0.4x RTN's for the routed
+    experts (measured 0.18-0.29), at most 0.75x for the shared expert (0.43-0.65); and every per-tensor figure of the
+    report is at least 0.5 dB better (measured 0.8-4.2 dB). A GPTQ that became round to nearest gives 1x and 0 dB."""
     ck = Checkpoint(scout)
     recipe = Recipe("l0", (Rule("model.layers.0.feed_forward.experts.*", Int(4, 32)),
                            Rule("model.layers.0.feed_forward.shared_expert.*", Int(4, 32)),
@@ -142,10 +154,10 @@ def test_calibrated_beats_rtn_on_calibration_activations(scout):
                 we, ce, re_ = (w[e], cal[e], rtn[e]) if part == "experts" else (w, cal, rtn)
                 err_cal += ((x @ (we - ce).T) ** 2).sum()
                 err_rtn += ((x @ (we - re_).T) ** 2).sum()
-            assert err_cal < err_rtn, (name, err_cal, err_rtn)
+            assert err_cal <= (0.4 if part == "experts" else 0.75) * err_rtn, (name, err_cal / err_rtn)
     # and the report's own per-tensor figures agree
     for name, st in res.stats.items():
-        assert np.mean(st["output_sqnr_calibrated"]) > np.mean(st["output_sqnr_rtn"]), name
+        assert np.mean(st["output_sqnr_calibrated"]) >= np.mean(st["output_sqnr_rtn"]) + 0.5, name
 
 
 def test_calibrated_tensors_round_trip(maverick_int4):

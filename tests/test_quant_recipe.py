@@ -11,7 +11,16 @@ from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes, for_m
 from l4export.quant.schemes import Fp8, Int, MxFp8
 from l4export.spec import load_spec
 
-QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
+
+
+@pytest.fixture(scope="module")
+def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
+    return qscout
+
+
+@pytest.fixture(scope="module")
+def maverick(qmaverick):
+    return qmaverick
 
 
 def test_first_match_wins():

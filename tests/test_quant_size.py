@@ -21,7 +21,6 @@ from l4export.quant.schemes import Fp8, Int, MxFp8  # noqa: E402
 from l4export.quant.size import COMPONENTS, bf16_bytes, export_tensor_bytes, plan_bytes  # noqa: E402
 from l4export.spec import load_spec, spec_from_config  # noqa: E402
 
-QUANT_FIXTURES = True  # scout/maverick are conftest.QUANT's checkpoints (64-wide experts, init 0.05)
 
 
 CASES = [  # (format, dtype, recipe): ONNX fp32 and fp16 graphs, MLX bf16; int4 and fp8 presets; one float
@@ -30,12 +29,22 @@ CASES = [  # (format, dtype, recipe): ONNX fp32 and fp16 graphs, MLX bf16; int4 
 ]
 
 
+@pytest.fixture(scope="module")
+def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
+    return qscout
+
+
+@pytest.fixture(scope="module")
+def maverick(qmaverick):
+    return qmaverick
+
+
 @pytest.mark.parametrize("fmt, dtype, quant", CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("model", ["scout", "maverick"])
-def test_plan_equals_export_tensor_bytes(model, fmt, dtype, quant, request, tmp_path):
+def test_plan_equals_export_tensor_bytes(model, fmt, dtype, quant, request, export):
     src = request.getfixturevalue(model)
     recipe = None if quant is None else load_recipe(quant)
-    out = convert(src, tmp_path / "export", ExportOptions(format=fmt, dtype=dtype, quant=recipe))
+    out = export(src, fmt, dtype, quant=quant)
     plan = plan_bytes(load_spec(src), recipe, fmt, dtype)
     assert plan.total == export_tensor_bytes(out), (model, fmt, dtype, quant, plan.by_component)
     assert sum(plan.by_component.values()) == plan.total and set(plan.by_component) == set(COMPONENTS)

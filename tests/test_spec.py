@@ -48,9 +48,9 @@ def test_parameter_counts_equal_transformers(any_checkpoint):
     assert spec.active_params == spec.total_params - len(spec.moe_layers) * (spec.num_experts - 1) * per_expert
 
 
-def test_layouts_and_styles(tiny_checkpoints):
-    scout_hub, scout_v5 = load_spec(tiny_checkpoints["scout_hub"]), load_spec(tiny_checkpoints["scout_v5"])
-    mav_hub, mav_v5 = load_spec(tiny_checkpoints["maverick_hub"]), load_spec(tiny_checkpoints["maverick_v5"])
+def test_layouts_and_styles(checkpoint):
+    scout_hub, scout_v5 = load_spec(checkpoint("scout_hub")), load_spec(checkpoint("scout_v5"))
+    mav_hub, mav_v5 = load_spec(checkpoint("maverick_hub")), load_spec(checkpoint("maverick_v5"))
     assert scout_hub.layout == scout_v5.layout == "multimodal" and scout_hub.has_vision
     assert mav_hub.layout == mav_v5.layout == "text"
     # Same model whichever config style wrote it.

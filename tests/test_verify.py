@@ -23,10 +23,8 @@ from builders import build  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def scout_export(tmp_path_factory, scout) -> Path:
-    out = tmp_path_factory.mktemp("verify") / "scout_onnx"
-    convert(scout, out, ExportOptions(format="onnx", dtype="float32"))
-    return out
+def scout_export(scout, export) -> Path:
+    return export(scout)
 
 
 def test_compare_metrics():

@@ -17,7 +17,7 @@ import numpy as np
 
 from .calibrate import CalibResult
 from .schemes import QTensor
-from .size import component
+from ..plan import component
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = size_by_component(shapes, result.tensors, float_bytes)
@@ -64,8 +62,25 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
     }
     path = out_dir / "quant_report.json"
     path.write_text(json.dumps(report, indent=2, allow_nan=False))
+    _plot_tokens(result, out_dir / "tokens_per_expert.png")
+    _plot_sqnr(result, out_dir / "expert_sqnr.png")
+    _plot_sizes(sizes, recipe_name, float_bytes, out_dir / "size_by_component.png")
+    log.info("wrote %s", path)
+    return path
 
-    # tokens routed per expert per MoE layer
+
+def _save(fig, png: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _plot_tokens(result: CalibResult, png: Path) -> None:
+    """Tokens routed per expert per MoE layer (a heatmap)."""
+    import matplotlib.pyplot as plt
+
     layers = sorted(result.token_counts)
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.3 * max(len(layers), 1)))
     if layers:
@@ -76,11 +91,13 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title("Calibration tokens routed per expert")
-    fig.tight_layout()
-    fig.savefig(out_dir / "tokens_per_expert.png", dpi=100)
-    plt.close(fig)
+    _save(fig, png)
 
-    # per-expert output SQNR, RTN vs calibrated (routed expert tensors)
+
+def _plot_sqnr(result: CalibResult, png: Path) -> None:
+    """Per-expert output SQNR, RTN vs calibrated (routed expert tensors)."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4))
     xs_r, xs_c = [], []
     for name, st in result.stats.items():
@@ -97,11 +114,13 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
     ax.set_xlabel("RTN output SQNR (dB)")
     ax.set_ylabel("calibrated output SQNR (dB)")
     ax.set_title("Per-expert output SQNR (each point: one expert of one tensor)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "expert_sqnr.png", dpi=100)
-    plt.close(fig)
+    _save(fig, png)
 
-    # model size by component
+
+def _plot_sizes(sizes: dict, recipe_name: str, float_bytes: int, png: Path) -> None:
+    """Model size by component, float vs quantized."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4))
     names = list(sizes)
     x = np.arange(len(names))
@@ -111,8 +130,4 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
     ax.set_ylabel("MiB")
     ax.set_title("Model size by component")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "size_by_component.png", dpi=100)
-    plt.close(fig)
-    log.info("wrote %s", path)
-    return path
+    _save(fig, png)
