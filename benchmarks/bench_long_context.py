@@ -77,7 +77,8 @@ def run(engine: str, model: Path, length: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1024,2048,4096,16384,32768,131072")
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="Comma-separated; ENGINE:N runs that engine up to N tokens only (e.g. onnx-int4-kv8:32768).")
     ap.add_argument("--budget", type=float, default=900.0, help="Largest predicted prefill time (s) an engine is run.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -91,10 +92,11 @@ def main() -> None:
     lengths = [int(n) for n in args.lengths.split(",")]
     env = {"OMP_NUM_THREADS": str(args.threads)}
     results: dict[str, list[dict]] = {}
-    for engine in [e for e in args.engines.split(",") if e]:
+    for item in [e for e in args.engines.split(",") if e]:
+        engine, _, cap = item.partition(":")
         model = engine_model(engine.removesuffix("-kv8"))
         results[engine] = []
-        for n in lengths:
+        for n in [n for n in lengths if not cap or n <= int(cap)]:
             prev = results[engine][-1] if results[engine] else None
             if prev and "prefill_tok_s" in prev and n / prev["prefill_tok_s"] * (n / prev["length"]) ** 0.5 > args.budget:
                 results[engine].append({"length": n, "skipped": f"predicted prefill over {args.budget:.0f} s"})
@@ -104,6 +106,7 @@ def main() -> None:
             r = json.loads(m["output_tail"].strip().splitlines()[-1])
             r["process_peak_rss_mb"] = m["peak_rss_mb"]
             results[engine].append(r)
+            save("long-context", {"partial": True, "results": results})  # a long run keeps what it measured
             print(f"{engine} {n}: ttft {r['ttft_s']:.1f} s ({r['prefill_tok_s']:.0f} tok/s), decode "
                   f"{r['decode_tok_s']:.1f} tok/s, peak RSS {r['process_peak_rss_mb']:.0f} MB, KV {r['kv_bytes'] / 1e6:.1f} MB")
     report(results, args)
