@@ -20,7 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError, MappingError, UsageError
-from .names import IGNORED, SCALE_SUFFIXES, Match, canonical_shapes, match, normalise_prefix, source_shape
+from .names import (IGNORED, SCALE_SUFFIXES, Match, canonical_shapes, is_vision, match, normalise_prefix, source_shape,
+                    vision_shapes)
 from .spec import Llama4Spec, load_spec
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ class Checkpoint:
             self.sources.update(read_header(f))
         self._check_index()
         self.ignored: list[str] = []
+        self.vision: dict[str, LazyTensor] = {}  # the vision tower and projector (HF names), when the config has one
         self.tensors: dict[str, LazyTensor] = self._map()
 
     # ---- files -------------------------------------------------------------------------------
@@ -279,7 +281,11 @@ class Checkpoint:
         shapes = canonical_shapes(spec)
         tensors: dict[str, LazyTensor] = {}
         unknown: list[str] = []
+        vshapes = vision_shapes(spec.vision, spec.hidden_size) if spec.vision is not None else {}
         for raw, src in self.sources.items():
+            if is_vision(raw) and vshapes:
+                self._map_vision(raw, src, vshapes, unknown)
+                continue
             if IGNORED.match(raw):
                 self.ignored.append(raw)
                 continue
@@ -320,7 +326,25 @@ class Checkpoint:
                 + (f" and {more} more" if more else "")
                 + "; the checkpoint is incomplete or its config.json does not match it"
             )
+        self.vision = {n: self.vision[n] for n in vshapes if n in self.vision}  # model order
         return {n: tensors[n] for n in shapes}  # model order
+
+    def _map_vision(self, raw: str, src: SourceTensor, shapes: dict[str, tuple[int, ...]], unknown: list[str]) -> None:
+        if raw not in shapes:
+            unknown.append(raw)
+        elif src.shape != shapes[raw]:
+            raise MappingError(f"{src.file}: tensor {raw} has shape {list(src.shape)}, expected {list(shapes[raw])} "
+                               "from config.json's vision_config")
+        elif src.dtype == FLOAT8:
+            raise MappingError(f"{src.file}: vision tensor {raw} is FP8; l4export reads the vision tower in bf16/fp16/fp32")
+        else:
+            self.vision[raw] = LazyTensor(raw, src.shape, src.dtype, [(Match(raw, "copy", None), src, None)])
+
+    def vision_missing(self) -> list[str]:
+        """The vision tensors the config implies but the files lack (an export with images needs none missing)."""
+        if self.spec.vision is None:
+            return []
+        return [n for n in vision_shapes(self.spec.vision, self.spec.hidden_size) if n not in self.vision]
 
     # ---- access ----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[LazyTensor]:
@@ -353,5 +377,5 @@ class Checkpoint:
 
     def tokenizer_files(self) -> list[Path]:
         names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
-                 "generation_config.json")
+                 "generation_config.json", "preprocessor_config.json", "processor_config.json")
         return [self.path / n for n in names if (self.path / n).is_file()]

@@ -72,7 +72,9 @@ def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant
         fmt = fmt or "onnx"
         dtype = dtype or _default_dtype(fmt, target)
         recipe = None if quant is None else load_recipe(quant)
-        info["plan"] = plan_summary(make_plan(ckpt.spec, fmt, dtype, target, recipe, calibrated=True))  # type: ignore[arg-type]
+        vision = ckpt.spec.vision is not None and not ckpt.vision_missing()
+        info["plan"] = plan_summary(make_plan(ckpt.spec, fmt, dtype, target, recipe, calibrated=True,  # type: ignore[arg-type]
+                                              vision=vision))
     if check:
         info["check"] = check_tensors(ckpt, progress=not as_json)
     if as_json:
@@ -117,16 +119,20 @@ def demo_checkpoint(out: Path, seed: int, force: bool) -> None:
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt lines or .jsonl 'text').")
 @click.option("--calib-samples", default=64, show_default=True, help="Calibration samples.")
 @click.option("--calib-seqlen", default=256, show_default=True, help="Tokens per calibration sample.")
+@click.option("--text-only", is_flag=True, help="Leave a multimodal checkpoint's vision tower out (smaller; no images).")
+@click.option("--max-images", default=8, show_default=True, type=click.IntRange(1), help="Images one prompt may carry.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: str, quant: str | None,
-            calib: Path | None, calib_samples: int, calib_seqlen: int, force: bool) -> None:
-    """Convert a Hugging Face Llama 4 checkpoint to ONNX or MLX."""
+            calib: Path | None, calib_samples: int, calib_seqlen: int, text_only: bool, max_images: int,
+            force: bool) -> None:
+    """Convert a Hugging Face Llama 4 checkpoint to ONNX or MLX (with its vision path, unless --text-only)."""
     from .convert import ExportOptions
     from .convert import convert as run_convert
 
     if dtype is None:
         dtype = _default_dtype(fmt, target)
-    options = ExportOptions(format=fmt, dtype=dtype, target=target)  # type: ignore[arg-type]
+    options = ExportOptions(format=fmt, dtype=dtype, target=target, text_only=text_only,  # type: ignore[arg-type]
+                            max_images=max_images)
     if quant is not None:
         from .quant.recipe import load_recipe
 
@@ -162,17 +168,25 @@ def _parse_ids(ids: str) -> list[int]:
 @click.option("--kv-dtype", type=click.Choice(["int8", "fp8"]), default=None,
               help="Quantize the KV cache as tokens arrive (fp8: MLX, or ONNX Runtime CUDA).")
 @click.option("--prefill-step", type=int, default=None, help="Prompt tokens per step (default min(2048, chunk size)).")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="An image for the prompt (repeat for more); placed at the prompt's <|image|> markers, else first.")
+@click.option("--no-chat-template", is_flag=True, help="Send --prompt as is, not through the export's chat template.")
 def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float, top_p: float,
-        seed: int, provider: str | None, dtype: str | None, kv_dtype: str | None, prefill_step: int | None) -> None:
+        seed: int, provider: str | None, dtype: str | None, kv_dtype: str | None, prefill_step: int | None,
+        images: tuple[Path, ...], no_chat_template: bool) -> None:
     """Generate from an ONNX or MLX export, streaming tokens to stdout."""
     from .runtimes import load_runtime
 
     if (prompt is None) == (ids is None):
         raise click.UsageError("pass exactly one of --prompt or --ids")
+    if images and prompt is None:
+        raise click.UsageError("--image needs --prompt (the image tokens are laid out in the prompt text)")
     rt = load_runtime(export, provider=provider, dtype=dtype, kv_dtype=kv_dtype, prefill_step=prefill_step)
     kw = dict(temperature=temperature, top_p=top_p, seed=seed)
     if prompt is not None:
-        for piece in rt.generate_text(prompt, max_new_tokens, **kw):
+        chat = None if no_chat_template or "<|image|>" in prompt else rt.chat_prompt(prompt, len(images))
+        text, kw["add_bos"] = (prompt, True) if chat is None else (chat, False)
+        for piece in rt.generate_text(text, max_new_tokens, images=list(images), **kw):
             click.echo(piece, nl=False)
         click.echo()
     else:
@@ -193,13 +207,16 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
 @click.option("--kv-dtype", type=click.Choice(["int8", "fp8"]), default=None,
               help="Run with a quantized KV cache; also report KL against the float cache.")
 @click.option("--prefill-step", type=int, default=None, help="Prompt tokens per step.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Also verify prompts with this image (repeat for more; each alone, then all together).")
 def verify(export: Path, reference: Path, prompts: Path | None, json_out: Path | None, junit: Path | None,
-           provider: str | None, greedy_tokens: int, kv_dtype: str | None, prefill_step: int | None) -> None:
+           provider: str | None, greedy_tokens: int, kv_dtype: str | None, prefill_step: int | None,
+           images: tuple[Path, ...]) -> None:
     """Compare an export's logits with transformers (float32); exit 1 outside the thresholds."""
     from .verify import verify as run_verify
 
     report = run_verify(export, reference, prompts=prompts, provider=provider, greedy_tokens=greedy_tokens,
-                        kv_dtype=kv_dtype, prefill_step=prefill_step)
+                        kv_dtype=kv_dtype, prefill_step=prefill_step, images=list(images))
     click.echo(report.table())
     if json_out:
         json_out.write_text(report.to_json())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .checkpoint import Checkpoint
-from .errors import UsageError
+from .errors import MappingError, UsageError
 from .outputs import atomic_output_dir, copy_files
 from .plan import ExportPlan, check_dtype, make_plan
 from .runtimes.base import EXPORT_INFO
@@ -39,13 +39,21 @@ class ExportOptions:
     target: str = "cpu"  # onnx: cpu | cuda; mlx: any
     quant: Any = None  # a quant.recipe.Recipe, or None for float
     calib: Any = None  # a quant.calibrate.CalibOptions, or None
+    text_only: bool = False  # leave a multimodal checkpoint's vision tower and projector out
+    max_images: int = 8  # images a prompt may carry (runtimes refuse more)
     max_shard_bytes: int = 2 * 1024**3
 
 
 def plan_export(ckpt: Checkpoint, options: ExportOptions) -> ExportPlan:
     """The export plan of ``options`` for ``ckpt``: raises before any weight is read if it cannot be done."""
+    vision = ckpt.spec.vision is not None and not options.text_only
+    missing = ckpt.vision_missing() if vision else []
+    if missing:
+        raise MappingError(f"{ckpt.path}: config.json has a vision_config but the checkpoint lacks {missing[0]}"
+                           + (f" and {len(missing) - 1} more vision tensors" if len(missing) > 1 else "")
+                           + "; convert with --text-only for a text export")
     return make_plan(ckpt.spec, options.format, options.dtype, options.target, options.quant,
-                     calibrated=options.calib is not None)
+                     calibrated=options.calib is not None, vision=vision)
 
 
 def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: Path):
@@ -57,6 +65,18 @@ def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: 
     c = options.calib
     ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
     return calibrate(ckpt, plan.recipe, ids, spill_next_to(c, tmp))
+
+
+def vision_info(ckpt: Checkpoint, options: ExportOptions) -> dict[str, Any]:
+    """l4export.json "vision": what the runtimes need to preprocess images and lay them out as tokens."""
+    vs = ckpt.spec.vision
+    pre = ckpt.path / "preprocessor_config.json"
+    try:
+        max_patches = int(json.loads(pre.read_text()).get("max_patches", 16)) if pre.is_file() else 16
+    except (ValueError, TypeError, AttributeError):
+        raise UsageError(f"{pre}: not a JSON object with an integer max_patches; fix or remove the file") from None
+    return {"tile_size": vs.image_size, "tokens_per_tile": vs.tokens_per_tile, "image_token_id": vs.image_token_id,
+            "max_patches": max_patches, "max_images": options.max_images}
 
 
 def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, force: bool = False) -> Path:
@@ -87,6 +107,7 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
             **({"quantization_adapted": plan.adapted} if plan.adapted else {}),
             "source": str(Path(checkpoint).resolve()),
             "source_layout": ckpt.spec.layout,
+            "vision": vision_info(ckpt, options) if plan.vision else None,
             "tokenizer_files": tokenizer,
             **extra,
         }

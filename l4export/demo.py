@@ -16,7 +16,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .names import assemble, canonical_shapes, source_layout
+from .names import assemble, canonical_shapes, source_layout, vision_shapes
 from .outputs import PendingTensor, atomic_output_dir, write_sharded
 from .spec import Llama4Spec, spec_from_config
 
@@ -77,17 +77,15 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def byte_tokenizer_json(vocab_size: int) -> dict:
-    """A tokenizers-format byte-level BPE with no merges: ids 0..255 are bytes, 256.. are specials."""
+def byte_tokenizer_json(vocab_size: int, specials: dict[str, int] | None = None) -> dict:
+    """A tokenizers-format byte-level BPE with no merges: ids 0..255 are bytes, 256.. are specials (``specials``:
+    more special tokens at given ids, e.g. Llama 4's image tokens; the other ids are reserved tokens)."""
     alphabet = bytes_to_unicode()
     vocab = {alphabet[b]: b for b in range(256)}
+    names = {256 + i: tok for i, tok in enumerate(SPECIALS)} | {i: tok for tok, i in (specials or {}).items()}
     added = []
-    for i, tok in enumerate(SPECIALS):
-        vocab[tok] = 256 + i
-        added.append({"id": 256 + i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-                      "normalized": False, "special": True})
-    for i in range(256 + len(SPECIALS), vocab_size):
-        tok = f"<|reserved_{i}|>"
+    for i in range(256, vocab_size):
+        tok = names.get(i, f"<|reserved_{i}|>")
         vocab[tok] = i
         added.append({"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
                       "normalized": False, "special": True})
@@ -117,12 +115,16 @@ def write_checkpoint(out: str | Path, config: dict, make: Callable[[str, tuple[i
                      tokenizer: bool = True) -> Path:
     """Write a checkpoint in HF's layout (``names.source_layout``: fused gate_up_proj, input-major experts) whose
     canonical tensors are ``make(name, shape)`` (float32), made when their bytes are due, one source tensor at a
-    time; plus the byte-level tokenizer. Written atomically. The demo and the benchmarks' synthetic models use it."""
+    time; plus the byte-level tokenizer. Written atomically. The demo and the benchmarks' synthetic models use it.
+    A config with a ``vision_config`` gets the vision tower and projector too (HF names)."""
     spec = spec_from_config(config)
     shapes = canonical_shapes(spec)
     dtype = np.dtype(dtype)
     pending = [PendingTensor(src, shape, dtype, lambda held=held, op=op: assemble(
         op, [make(n, shapes[n]) for n in held]).astype(dtype)) for src, (shape, held, op) in source_layout(spec, spec.layout).items()]
+    if spec.vision is not None:
+        pending += [PendingTensor(n, shape, dtype, lambda n=n, shape=shape: make(n, shape).astype(dtype))
+                    for n, shape in vision_shapes(spec.vision, spec.hidden_size).items()]
     total = sum(p.nbytes for p in pending)
     with atomic_output_dir(out, force=force) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -132,9 +134,9 @@ def write_checkpoint(out: str | Path, config: dict, make: Callable[[str, tuple[i
     return Path(out)
 
 
-def write_tokenizer(folder: Path, spec: Llama4Spec) -> None:
+def write_tokenizer(folder: Path, spec: Llama4Spec, specials: dict[str, int] | None = None) -> None:
     """The byte-level tokenizer files (tokenizer.json, tokenizer_config.json, generation_config.json)."""
-    (folder / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(spec.vocab_size)))
+    (folder / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(spec.vocab_size, specials)))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": SPECIALS[0], "eos_token": SPECIALS[5], "pad_token": SPECIALS[6],
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": spec.max_position_embeddings,

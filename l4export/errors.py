@@ -45,3 +45,7 @@ class CapabilityError(UsageError):
 
 class ParityError(L4ExportError):
     """An export disagrees with the reference beyond its thresholds."""
+
+
+class ImageError(L4ExportError):
+    """An image cannot be read, or does not fit the prompt or the export (exit 1: the input data is wrong)."""

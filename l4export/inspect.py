@@ -122,10 +122,20 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "files": len(ckpt.files),
         "bytes_on_disk": ckpt.bytes_on_disk,
         "ignored_tensors": len(ckpt.ignored),
+        "vision": _vision_summary(ckpt),
         "total_params": s.total_params,
         "active_params": s.active_params,
         "planned_bytes": planned_sizes(s),
     }
+
+
+def _vision_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
+    vs = ckpt.spec.vision
+    if vs is None:
+        return None
+    return {"layers": vs.num_layers, "hidden_size": vs.hidden_size, "heads": vs.num_heads, "tile": vs.image_size,
+            "patch": vs.patch_size, "tokens_per_tile": vs.tokens_per_tile,
+            "params": sum(int(np.prod(t.shape)) for t in ckpt.vision.values()), "missing_tensors": len(ckpt.vision_missing())}
 
 
 def count_non_finite(a: np.ndarray, block: int = 1 << 22) -> int:
@@ -137,11 +147,12 @@ def count_non_finite(a: np.ndarray, block: int = 1 << 22) -> int:
 def check(ckpt: Checkpoint, progress: bool = True) -> dict[str, Any]:
     """Read every tensor once (one at a time) and count non-finite values."""
     bad: dict[str, int] = {}
-    for t in tqdm(list(ckpt), desc="checking", unit="tensor", disable=not progress):
+    tensors = list(ckpt) + list(ckpt.vision.values())
+    for t in tqdm(tensors, desc="checking", unit="tensor", disable=not progress):
         n = count_non_finite(t.load())
         if n:
             bad[t.name] = n
-    return {"tensors_checked": len(ckpt.tensors), "non_finite": bad}
+    return {"tensors_checked": len(tensors), "non_finite": bad}
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -173,6 +184,11 @@ def format_table(info: dict[str, Any]) -> str:
          + (f" ({info['ignored_tensors']} vision/projector tensors set aside)" if info["ignored_tensors"] else "")),
         ("parameters (text)", f"{info['total_params']:,} total, {info['active_params']:,} active per token"),
     ]
+    v = info.get("vision")
+    if v:
+        rows.append(("vision", f"{v['layers']} layers, hidden {v['hidden_size']}, {v['heads']} heads, {v['tile']}-pixel "
+                     f"tiles of {v['patch']}-pixel patches -> {v['tokens_per_tile']} tokens per tile, {v['params']:,} "
+                     "parameters" + (f" ({v['missing_tensors']} tensors missing: --text-only)" if v["missing_tensors"] else "")))
     rows += [(f"export {k}", human(v) if isinstance(v, int) else v) for k, v in info["planned_bytes"].items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -7,8 +7,9 @@ with one change: routed experts are stacked ``[E, out, in]`` per projection, as 
     model.layers.{L}.feed_forward.experts.up_proj     [E, I, H]
     model.layers.{L}.feed_forward.experts.down_proj   [E, H, I]
 
-Every source tensor either maps through a row of ``RULES`` or is set aside by ``IGNORED`` (vision tower,
-projector); anything else is an error. The table maps both ways: ``match`` reads a source name into canonical
+Every source tensor either maps through a row of ``RULES``, is a vision tensor of ``vision_shapes`` (the vision
+tower and projector keep their HF names: they are canonical as they are), or is set aside by ``IGNORED`` (the vision
+tensors of a checkpoint whose config has no vision path); anything else is an error. The table maps both ways: ``match`` reads a source name into canonical
 tensors, ``source_layout`` writes canonical tensors under HF's names (the demo and benchmark checkpoints,
 the reference's weights, mlx-lm's names). Many-to-one layouts are rows, not branches:
   * HF's fused ``experts.gate_up_proj [E, H, 2I]`` (input-major; gate = [..., :I]) gives gate_proj and up_proj;
@@ -26,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import MappingError
-from .spec import Layout, Llama4Spec
+from .spec import Layout, Llama4Spec, VisionSpec
 
 # Source prefixes of the two layouts, mapped to the text-only prefix.
 PREFIXES: tuple[tuple[str, str], ...] = (
@@ -36,7 +37,9 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("lm_head.", "lm_head."),
 )
 
-# Recognised and set aside: the early-fusion vision tower and its projector (text export only).
+# The early-fusion vision tower and its projector: mapped by vision_shapes when the config has a vision path,
+# set aside otherwise (and by text-only exports).
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 IGNORED = re.compile(r"^(vision_model\.|multi_modal_projector\.)")
 
 # Siblings of an FP8 weight (compressed-tensors): consumed with the weight they belong to.
@@ -157,6 +160,46 @@ def canonical_shapes(spec: Llama4Spec) -> dict[str, tuple[int, ...]]:
     if not spec.tie_word_embeddings:
         out["lm_head.weight"] = (v, h)
     return out
+
+
+def vision_shapes(vs: VisionSpec, text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """Every vision tensor (HF names, which are canonical), in model order, with its shape. Scout: 554 tensors,
+    0.87 B parameters. The patch embedding is an unfold + linear: [hidden, C*p*p] with inputs in (C, ph, pw) order."""
+    h, i, p = vs.hidden_size, vs.intermediate_size, vs.patch_size
+    v = "vision_model"
+    out: dict[str, tuple[int, ...]] = {
+        f"{v}.patch_embedding.linear.weight": (h, vs.num_channels * p * p),
+        f"{v}.class_embedding": (h,),
+        f"{v}.positional_embedding_vlm": (vs.patches_per_side**2 + 1, h),
+        f"{v}.layernorm_pre.weight": (h,),
+        f"{v}.layernorm_pre.bias": (h,),
+    }
+    for n in range(vs.num_layers):
+        pre = f"{v}.model.layers.{n}"
+        for proj in "qkvo":
+            out[f"{pre}.self_attn.{proj}_proj.weight"] = (h, h)
+            out[f"{pre}.self_attn.{proj}_proj.bias"] = (h,)
+        out[f"{pre}.mlp.fc1.weight"], out[f"{pre}.mlp.fc1.bias"] = (i, h), (i,)
+        out[f"{pre}.mlp.fc2.weight"], out[f"{pre}.mlp.fc2.bias"] = (h, i), (h,)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{pre}.{norm}.weight"], out[f"{pre}.{norm}.bias"] = (h,), (h,)
+    out[f"{v}.layernorm_post.weight"], out[f"{v}.layernorm_post.bias"] = (h,), (h,)
+    out[f"{v}.vision_adapter.mlp.fc1.weight"] = (vs.projector_input_dim, i)
+    out[f"{v}.vision_adapter.mlp.fc2.weight"] = (vs.projector_output_dim, vs.projector_input_dim)
+    out["multi_modal_projector.linear_1.weight"] = (text_hidden, vs.vision_output_dim)
+    return out
+
+
+def is_vision(name: str) -> bool:
+    return name.startswith(VISION_PREFIXES)
+
+
+def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """A weight that multiplies activations (what a quantization rule may hit): every 2-D/3-D text tensor but the
+    norms; of the vision tensors, the projections (the positional embedding is 2-D but is added, not multiplied)."""
+    if len(shape) not in (2, 3) or name.endswith("norm.weight"):
+        return False
+    return not is_vision(name) or name.endswith(".weight")
 
 
 def source_shape(op: Op, canonical_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import CapabilityError, UsageError
-from .names import canonical_shapes
+from .names import canonical_shapes, is_vision, vision_shapes
 from .quant.recipe import Recipe, Rule, for_model
 from .quant.schemes import AnyScheme, Fp8, Int, MxFp8
 from .spec import Llama4Spec
@@ -44,7 +44,8 @@ from .spec import Llama4Spec
 log = logging.getLogger(__name__)
 Format = Literal["onnx", "mlx"]
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
-COMPONENTS = ("routed experts", "shared expert", "attention", "dense mlp", "router", "norms", "embeddings", "lm_head")
+COMPONENTS = ("routed experts", "shared expert", "attention", "dense mlp", "router", "norms", "embeddings", "lm_head",
+              "vision")
 EXPERTS = ("gate_proj", "up_proj", "down_proj")
 
 # Which (format, target) pairs run which compute dtypes. One row per pair; adding a target is a row.
@@ -57,6 +58,8 @@ SUPPORTED: dict[tuple[str, str], tuple[str, ...]] = {
 
 def component(name: str) -> str:
     """Which part of the model a canonical tensor belongs to (the labels of sizes and ``quant_report.json``)."""
+    if is_vision(name):
+        return "vision"
     if ".experts." in name:
         return "routed experts"
     if ".shared_expert." in name:
@@ -92,6 +95,11 @@ class ExportPlan:
     calibrated: bool
     tensors: dict[str, TensorPlan] = field(repr=False)
     adapted: dict[str, str] = field(default_factory=dict)  # preset tensors changed to fit: name -> "from -> to"
+
+    @property
+    def vision(self) -> bool:
+        """The export carries the vision tower and projector (a multimodal checkpoint without --text-only)."""
+        return any(is_vision(n) for n in self.tensors)
 
     def scheme(self, name: str) -> AnyScheme | None:
         t = self.tensors.get(name)
@@ -213,7 +221,7 @@ def _fp8_onnx_bytes(name: str, shape: tuple[int, ...], s: Fp8, target: str) -> i
 def _onnx_bytes(name: str, shape: tuple[int, ...], s: AnyScheme | None, dt: int, target: str, qmoe: bool) -> int:
     """``qmoe``: stored as QMoE weights (routed experts, or an MLP lowered as a one-expert QMoE)."""
     numel = int(np.prod(shape, dtype=np.int64))
-    if name.endswith(("router.weight", "norm.weight")):
+    if name.endswith(("router.weight", "norm.weight")) and not is_vision(name):
         return numel * 4
     if s is None:
         return numel * dt
@@ -241,14 +249,19 @@ def _mlx_bytes(shape: tuple[int, ...], s: AnyScheme | None, dt: int) -> int:
 
 # ---- the plan -----------------------------------------------------------------------------------------------
 def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", recipe: Recipe | None = None,
-              calibrated: bool = False) -> ExportPlan:
+              calibrated: bool = False, vision: bool = False) -> ExportPlan:
     """Check the request and plan every tensor. Raises (UsageError, CapabilityError, RecipeError) before any
-    weight is read; the returned plan is what every later stage reads."""
+    weight is read; the returned plan is what every later stage reads. ``vision``: plan the vision tower and
+    projector too (their HF names; vision ONNX tensors are stored in the compute dtype, norms and biases included)."""
     check_dtype(fmt, dtype, target)
     target = target if fmt == "onnx" else "any"
     if spec.top_k != 1:
         raise CapabilityError(f"num_experts_per_tok={spec.top_k}; l4export exports top-1 routing only (Scout, Maverick)")
+    if vision and spec.vision is None:
+        raise UsageError("this checkpoint's config.json has no vision_config; it exports text only")
     shapes = canonical_shapes(spec)
+    if vision:
+        shapes |= vision_shapes(spec.vision, spec.hidden_size)
     adapted: dict[str, str] = {}
     if recipe is not None:
         recipe, adapted = for_model(recipe, shapes, fmt, target)  # presets fit the model and the target

@@ -89,6 +89,56 @@ class Fp8Config:
 
 
 @dataclass(frozen=True)
+class VisionSpec:
+    """The early-fusion vision path (``vision_config`` + the top-level token ids), read from the checkpoint's own
+    config: transformers' Llama4VisionConfig class defaults (hidden 768, image 448, output 7680) are not Scout's."""
+
+    hidden_size: int  # 1408
+    num_layers: int  # 34
+    num_heads: int  # 16
+    intermediate_size: int  # 5632: the encoder MLP width and the adapter's input (the pixel-shuffled width)
+    image_size: int  # 336: one tile
+    patch_size: int  # 14
+    num_channels: int
+    pixel_shuffle_ratio: float  # 0.5
+    projector_input_dim: int  # 4096
+    projector_output_dim: int  # 4096
+    vision_output_dim: int  # 4096: the projector's input
+    rope_theta: float  # 10000
+    norm_eps: float  # 1e-5 (nn.LayerNorm)
+    image_token_id: int  # 200092 <|patch|>: the positions image features replace
+    boi_token_id: int | None  # 200080 <|image_start|>
+    eoi_token_id: int | None  # 200081 <|image_end|>
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image features per tile after the pixel shuffle: (336/14)^2 * 0.5^2 = 144."""
+        return int(round(self.patches_per_side**2 * self.pixel_shuffle_ratio**2))
+
+    def rope_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [P*P + 1, head_dim/2] float32 of the vision 2D RoPE, as ``Llama4VisionRotaryEmbedding`` computes
+        them (float32 throughout): pairs [0, D/4) turn with the patch's column + 1, pairs [D/4, D/2) with its row + 1,
+        and the class token (last row) not at all. They depend only on the tile size: constants of the model."""
+        side = self.patches_per_side
+        idx = np.arange(side * side)
+        freq_dim = self.head_dim // 2
+        exps = np.arange(0, freq_dim, 2)[: freq_dim // 2].astype(np.float32) / np.float32(freq_dim)
+        freq = np.float32(1.0) / np.power(np.float32(self.rope_theta), exps)
+        fx = (idx % side + 1).astype(np.float32)[:, None] * freq[None, :]
+        fy = (idx // side + 1).astype(np.float32)[:, None] * freq[None, :]
+        angles = np.concatenate([np.concatenate([fx, fy], axis=1), np.zeros((1, freq_dim), np.float32)])
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class Llama4Spec:
     layout: Layout
     vocab_size: int
@@ -118,6 +168,7 @@ class Llama4Spec:
     torch_dtype: str
     has_vision: bool
     fp8: Fp8Config | None = None
+    vision: VisionSpec | None = None  # None: a text-only checkpoint
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the raw file
 
     # ---- derived facts -------------------------------------------------------------------------
@@ -303,6 +354,38 @@ def _checked(cfg: dict[str, Any], get: Any, where: str) -> tuple[int, int, int]:
     return heads, kv, head_dim
 
 
+def _vision(config: dict[str, Any], where: str) -> VisionSpec | None:
+    """The vision path of a multimodal config, or None. Every structural key must be in the file."""
+    v = config.get("vision_config")
+    if not isinstance(v, dict):
+        return None
+    need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size",
+            "pixel_shuffle_ratio", "projector_input_dim", "projector_output_dim", "vision_output_dim")
+    missing = [k for k in need if v.get(k) is None]
+    if missing:
+        raise SpecError(f"{where}: vision_config lacks {', '.join(missing)}; l4export does not fill them from "
+                        "transformers' class defaults (they are not Scout's); add them or convert with --text-only")
+    theta = v.get("rope_theta") or (v.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    vs = VisionSpec(
+        hidden_size=int(v["hidden_size"]), num_layers=int(v["num_hidden_layers"]), num_heads=int(v["num_attention_heads"]),
+        intermediate_size=int(v["intermediate_size"]), image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),
+        num_channels=int(v.get("num_channels", 3)), pixel_shuffle_ratio=float(v["pixel_shuffle_ratio"]),
+        projector_input_dim=int(v["projector_input_dim"]), projector_output_dim=int(v["projector_output_dim"]),
+        vision_output_dim=int(v["vision_output_dim"]), rope_theta=float(theta), norm_eps=float(v.get("norm_eps", 1e-5)),
+        image_token_id=int(config.get("image_token_index", 200092)), boi_token_id=config.get("boi_token_index"),
+        eoi_token_id=config.get("eoi_token_index"))
+    side, r = vs.patches_per_side, vs.pixel_shuffle_ratio
+    if vs.image_size % vs.patch_size or (side * r) % 1 or vs.hidden_size % vs.num_heads:
+        raise SpecError(f"{where}: vision_config image_size {vs.image_size} / patch_size {vs.patch_size} / "
+                        f"pixel_shuffle_ratio {r} / heads {vs.num_heads} do not tile; this is not a Llama 4 vision tower")
+    if not 0 <= vs.image_token_id < int(config.get("text_config", config).get("vocab_size", vs.image_token_id + 1)):
+        raise SpecError(f"{where}: image_token_index {vs.image_token_id} is outside the vocabulary; fix config.json")
+    if vs.intermediate_size != int(round(vs.hidden_size / r**2)):
+        raise SpecError(f"{where}: vision_config intermediate_size {vs.intermediate_size} must be hidden_size / "
+                        f"pixel_shuffle_ratio^2 = {int(round(vs.hidden_size / r ** 2))} (the adapter reads the pixel-shuffled width)")
+    return vs
+
+
 def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llama4Spec:
     """Parse a config dict (either layout, either style) into a Llama4Spec."""
     cfg, layout = _layout(config, where)
@@ -330,6 +413,7 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llam
         bos_token_id=cfg.get("bos_token_id", TEXT_DEFAULTS["bos_token_id"]), eos_token_ids=eos_ids,
         pad_token_id=cfg.get("pad_token_id"), layers=_per_layer(cfg, n, where), torch_dtype=dtype,
         has_vision=isinstance(config.get("vision_config"), dict), fp8=_fp8(config, cfg, where), config=config,
+        vision=_vision(config, where) if layout == "multimodal" else None,
     )
 
 

@@ -12,7 +12,9 @@ KV cache are compared with one reference forward:
     greedy   leading greedy tokens equal to transformers' greedy generation
 
 Default prompts have 1, chunk-1, chunk+1 and 3*chunk tokens: they cross attention-chunk boundaries both in
-prefill and while decoding.
+prefill and while decoding. With ``--image`` (exports with the vision path), prompts with images are added: each
+image alone, and all of them in one prompt, laid out by the export's processor (l4export.image); the reference is
+then transformers' Llama4ForConditionalGeneration fed the same pixel_values, and the image features are compared too.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ class PromptResult:
     greedy_total: int
     failures: list[str] = field(default_factory=list)
     kv: dict[str, float] | None = None  # --kv-dtype: the quantized cache's logits against the float cache's
+    images: int = 0
+    image_features_rel: float | None = None  # max|Δ| / max|ref| of the export's image features (prompts with images)
 
     @property
     def passed(self) -> bool:
@@ -155,6 +159,9 @@ class Report:
                 ok = ("PASS" if r.passed else "FAIL") if mode == "full" else ""
                 lines.append(f"{r.name:<14}{r.tokens:>7} {mode:<6}{m['rel']:>11.3e}{m['mean_abs']:>11.3e}{m['cosine']:>11.7f}"
                              f"{m['kl']:>11.3e}{m['top1']:>7.3f}{greedy:>9}  {ok}")
+            if r.image_features_rel is not None:
+                lines.append(f"{'':<14}{'':>7} {'image':<6}{r.image_features_rel:>11.3e}  (image features of "
+                             f"{r.images} image(s) vs transformers)")
             if r.kv is not None:
                 lines.append(f"{'':<14}{'':>7} {'kv':<6}{r.kv['rel']:>11.3e}{r.kv['mean_abs']:>11.3e}{r.kv['cosine']:>11.7f}"
                              f"{r.kv['kl']:>11.3e}{r.kv['top1']:>7.3f}")
@@ -237,6 +244,29 @@ def read_prompts(path: Path, runtime: Any) -> list[tuple[str, list[int]]]:
     return prompts
 
 
+@dataclass
+class Prompt:
+    name: str
+    ids: list[int]
+    images: int = 0
+    pixel_values: np.ndarray | None = None  # every image's tiles, in prompt order (the reference's input)
+    features: np.ndarray | None = None  # the export's image features for the same tiles
+
+
+IMAGE_PROMPT = "Describe the image."
+
+
+def image_prompts(runtime: Any, images: list[Path], text: str = IMAGE_PROMPT) -> list[Prompt]:
+    """Each image alone, then (for several) all of them, before ``text`` (the export's processor lays them out)."""
+    sets = [[im] for im in images] + ([list(images)] if len(images) > 1 else [])
+    out = []
+    for n, group in enumerate(sets, 1):
+        ids, features = runtime.prompt_ids(text, group)
+        pixels = np.concatenate([p.pixel_values for p in runtime.process_images(group)])
+        out.append(Prompt(f"image{n}" if len(group) == 1 else "all-images", ids, len(group), pixels, features))
+    return out
+
+
 # ---- the check ------------------------------------------------------------------------------------------
 
 _SAME_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
@@ -264,47 +294,75 @@ def kv_threshold(thr: Threshold, kv_dtype: str) -> Threshold:
     return replace(thr, rel=None, greedy_all=False, kl=max(thr.kl or 0.0, KV_THRESHOLDS[kv_dtype]))
 
 
+class _Reference:
+    """transformers on the reference checkpoint: the text model, or with images the multimodal one (for every
+    prompt then, so that one model is loaded)."""
+
+    def __init__(self, path: Path, images: bool):
+        from .runtimes.reference import ReferenceRunner, VisionReference
+
+        self.vision = VisionReference(path) if images else None
+        self.text = None if images else ReferenceRunner(path)
+
+    def logits(self, p: Prompt) -> np.ndarray:
+        return self.vision.logits(p.ids, p.pixel_values) if self.vision else self.text.logits(p.ids)
+
+    def greedy(self, p: Prompt, n: int) -> list[int]:
+        return self.vision.greedy(p.ids, p.pixel_values, n) if self.vision else self.text.greedy(p.ids, n)
+
+
+def _check_prompt(p: Prompt, rt: Any, ref: _Reference, thr: Threshold, greedy_tokens: int) -> PromptResult:
+    """One prompt: full forward, token by token, greedy tokens (and image features) against the reference."""
+    log.info("verify: prompt %s (%d tokens, %d images)", p.name, len(p.ids), p.images)
+    r, feats = ref.logits(p), p.features
+    full = compare(r, rt.logits(p.ids, feats))
+    incr = compare(r, rt.logits_incremental(p.ids, features=feats))
+    want = ref.greedy(p, greedy_tokens) if greedy_tokens > 0 else []
+    got = list(rt.generate(p.ids, greedy_tokens, stop=[], features=feats)) if greedy_tokens > 0 else []
+    match = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+    res = PromptResult(p.name, len(p.ids), full, incr, match, len(want), images=p.images)
+    if p.pixel_values is not None:
+        rf = ref.vision.image_features(p.pixel_values)
+        res.image_features_rel = float(np.abs(rf - feats).max() / max(float(np.abs(rf).max()), 1e-30))
+        if thr.rel is not None and not res.image_features_rel <= thr.rel:
+            res.failures.append(f"image features: rel {res.image_features_rel:.3e} > {thr.rel:g}")
+    for mode, m in (("full", full), ("incremental", incr)):
+        if thr.rel is not None and not m["rel"] <= thr.rel:
+            res.failures.append(f"{mode}: rel {m['rel']:.3e} > {thr.rel:g}")
+        if thr.kl is not None and not m["kl"] <= thr.kl:
+            res.failures.append(f"{mode}: KL {m['kl']:.3e} > {thr.kl:g}")
+    if thr.greedy_all and match != len(want):
+        res.failures.append(f"greedy: {match}/{len(want)} tokens equal (first difference at token {match})")
+    return res
+
+
 def verify(export: str | Path, reference: str | Path, prompts: Path | None = None, provider: str | None = None,
-           greedy_tokens: int = 32, kv_dtype: str | None = None, prefill_step: int | None = None) -> Report:
+           greedy_tokens: int = 32, kv_dtype: str | None = None, prefill_step: int | None = None,
+           images: list[Path] | None = None) -> Report:
     """Compare an export with transformers on ``reference``; the returned Report says whether it passed.
 
-    ``kv_dtype``: run with a quantized KV cache and also report KL against the float cache (gate KV_THRESHOLDS)."""
+    ``kv_dtype``: run with a quantized KV cache and also report KL against the float cache (gate KV_THRESHOLDS).
+    ``images``: also prompts with these images (each alone, then all together)."""
     from .runtimes import load_runtime
-    from .runtimes.reference import ReferenceRunner
 
     export, reference = Path(export), Path(reference)
     if kv_dtype is not None and kv_dtype not in KV_THRESHOLDS:
         raise UsageError(f"--kv-dtype {kv_dtype!r} is not one of {', '.join(KV_THRESHOLDS)}")
     rt = load_runtime(export, provider=provider, kv_dtype=kv_dtype, prefill_step=prefill_step)
     float_cache = None if kv_dtype is None else load_runtime(export, provider=provider, prefill_step=prefill_step)
-    ref_spec = load_spec(reference)
-    check_same_model(rt.spec, ref_spec, export, reference)
+    check_same_model(rt.spec, load_spec(reference), export, reference)
     key, thr = threshold_for(rt.info)
     if kv_dtype is not None:
         key, thr = f"{key}+kv-{kv_dtype}", kv_threshold(thr, kv_dtype)
-    plist = read_prompts(prompts, rt) if prompts is not None else default_prompts(rt.spec)
-    ref = ReferenceRunner(reference)
+    plist = [Prompt(n, ids) for n, ids in (read_prompts(prompts, rt) if prompts is not None else default_prompts(rt.spec))]
+    plist += image_prompts(rt, list(images)) if images else []
+    ref = _Reference(reference, bool(images))
     report = Report(str(export), str(reference), str(rt.info.get("format")), str(rt.info.get("dtype")),
                     rt.info.get("quantization"), key, thr, kv_dtype=kv_dtype)
-    for name, ids in plist:
-        log.info("verify: prompt %s (%d tokens)", name, len(ids))
-        r = ref.logits(ids)
-        export_logits = rt.logits(ids)
-        full = compare(r, export_logits)
-        incr = compare(r, rt.logits_incremental(ids))
-        want = ref.greedy(ids, greedy_tokens) if greedy_tokens > 0 else []
-        got = list(rt.generate(ids, greedy_tokens, stop=[])) if greedy_tokens > 0 else []
-        match = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-        res = PromptResult(name, len(ids), full, incr, match, len(want))
-        for mode, m in (("full", full), ("incremental", incr)):
-            if thr.rel is not None and not m["rel"] <= thr.rel:
-                res.failures.append(f"{mode}: rel {m['rel']:.3e} > {thr.rel:g}")
-            if thr.kl is not None and not m["kl"] <= thr.kl:
-                res.failures.append(f"{mode}: KL {m['kl']:.3e} > {thr.kl:g}")
-        if thr.greedy_all and match != len(want):
-            res.failures.append(f"greedy: {match}/{len(want)} tokens equal (first difference at token {match})")
+    for p in plist:
+        res = _check_prompt(p, rt, ref, thr, greedy_tokens)
         if float_cache is not None:
-            res.kv = compare(float_cache.logits(ids), export_logits)
+            res.kv = compare(float_cache.logits(p.ids, p.features), rt.logits(p.ids, p.features))
             if not res.kv["kl"] <= KV_THRESHOLDS[kv_dtype]:
                 res.failures.append(f"kv {kv_dtype}: KL vs the float cache {res.kv['kl']:.3e} > {KV_THRESHOLDS[kv_dtype]:g}")
         report.results.append(res)

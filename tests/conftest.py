@@ -98,6 +98,14 @@ def qmaverick(checkpoint) -> Path:
     return checkpoint("qmaverick")
 
 
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """The built-in demo model (l4export demo-checkpoint), written once per session."""
+    from l4export.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo")
+
+
 @pytest.fixture(params=list(CASES))
 def any_checkpoint(request, checkpoint) -> Path:
     return checkpoint(request.param)

@@ -69,10 +69,38 @@ def test_expert_slices_equal_full_loads(any_checkpoint):
     assert _assert_slices_equal_full(ckpt) == 3 * sum(la.is_moe for la in ckpt.spec.layers)
 
 
-def test_multimodal_layout_sets_vision_aside(scout):
+def test_multimodal_layout_maps_vision_apart(scout, maverick):
+    """The vision tower and projector are rows of their own (HF names, shapes from vision_config), never text tensors."""
+    from l4export.names import vision_shapes
+
     ckpt = Checkpoint(scout)
-    assert ckpt.ignored and all(n.startswith(("vision_model.", "multi_modal_projector.")) for n in ckpt.ignored)
-    assert not any("vision" in n for n in ckpt.tensors)
+    shapes = vision_shapes(ckpt.spec.vision, ckpt.spec.hidden_size)
+    assert {n: t.shape for n, t in ckpt.vision.items()} == shapes and not ckpt.ignored and not ckpt.vision_missing()
+    assert not any("vision" in n or "projector" in n for n in ckpt.tensors)
+    assert Checkpoint(maverick).vision == {} and Checkpoint(maverick).spec.vision is None
+
+
+def test_unknown_or_misshapen_vision_tensor_is_an_error(tmp_path, scout):
+    from safetensors.torch import load_file, save_file
+
+    from l4export.errors import MappingError
+
+    for change, msg in (("extra", "not Llama 4 text tensors"), ("shape", "vision_config")):
+        src = shutil.copytree(scout, tmp_path / change)
+        f = next(p for p in sorted(src.glob("*.safetensors")) if any(k.startswith("vision_model.") for k in load_file(p)))
+        data = load_file(f)
+        if change == "extra":
+            data["vision_model.surprise.weight"] = data["vision_model.class_embedding"].clone()
+        else:
+            data["vision_model.class_embedding"] = data["vision_model.class_embedding"][:-1].clone()
+        save_file(data, f)
+        idx = src / "model.safetensors.index.json"
+        if idx.is_file() and change == "extra":
+            meta = json.loads(idx.read_text())
+            meta["weight_map"]["vision_model.surprise.weight"] = f.name
+            idx.write_text(json.dumps(meta))
+        with pytest.raises(MappingError, match=msg):
+            Checkpoint(src)
 
 
 def _fp8_checkpoint(src: Path, out: Path) -> Path:

@@ -107,8 +107,6 @@ def test_fp16_kl(model, exports, refs):
         tie = np.nonzero(_router_margins(refs[model], ids) < 1e-3)[0]
         n = int(tie[0]) if len(tie) else len(ids)
         gated, total = gated + n, total + len(ids)
-        if model == "scout":
-            assert n == len(ids)  # no near-tie: the whole prompt is gated
         for got in (rt.logits(ids), rt.logits_incremental(ids)):
             m = compare(ref[:n], got[:n]) if n else None
             if m is not None:

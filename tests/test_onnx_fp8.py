@@ -20,6 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
+from builders import patch_initializer  # noqa: E402
 from l4export.checkpoint import Checkpoint  # noqa: E402
 from l4export.cli import main  # noqa: E402
 from l4export.convert import ExportOptions, convert  # noqa: E402
@@ -292,16 +293,7 @@ def test_static_cpu_export_passes_verify_and_a_corrupted_scale_fails(static_cpu,
     # one routed-experts input scale 1000x too small: nearly every input saturates at +-448 s
     broken = tmp_path / "broken"
     shutil.copytree(static_cpu, broken)
-    m = onnx.load(str(broken / "model.onnx"), load_external_data=True)
-    for init in m.graph.initializer:
-        if init.name == "model.layers.1.feed_forward.experts.input_scale":
-            arr = onnx.numpy_helper.to_array(init)
-            init.CopyFrom(onnx.numpy_helper.from_array((arr * np.float32(1e-3)).astype(np.float32), init.name))
-            break
-    else:
-        raise AssertionError("no experts input scale initializer")
-    (broken / "model.onnx.data").unlink()
-    onnx.save(m, str(broken / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    patch_initializer(broken, "model.layers.1.feed_forward.experts.input_scale", lambda a: a * np.float32(1e-3))
     r = CliRunner().invoke(main, ["verify", str(broken), "--reference", str(scout), "--greedy-tokens", "2"])
     assert r.exit_code == 1 and "FAILED" in r.output, r.output
 

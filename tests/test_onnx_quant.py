@@ -173,15 +173,15 @@ def test_verify_fails_a_broken_quantized_export(qexports, scout, tmp_path):
     """Corrupt the int4 codes of one QMoE's fc2 (flip every nibble): verify must exit 1."""
     import shutil
 
+    from builders import patch_initializer
+
     broken = tmp_path / "broken"
     shutil.copytree(qexports["scout_int4"], broken)
-    m = onnx.load(str(broken / "model.onnx"), load_external_data=True)
-    for init in m.graph.initializer:
-        if init.name.endswith("experts.fc2.qweight"):
-            arr = onnx.numpy_helper.to_array(init)
-            init.CopyFrom(onnx.numpy_helper.from_array((arr ^ 0x88).astype(np.uint8), init.name))
-    (broken / "model.onnx.data").unlink()
-    onnx.save(m, str(broken / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    names = [i.name for i in onnx.load(str(broken / "model.onnx"), load_external_data=False).graph.initializer
+             if i.name.endswith("experts.fc2.qweight")]
+    for name in names:  # in place, so every graph over model.onnx.data sees it
+        patch_initializer(broken, name, lambda a: a ^ np.uint8(0x88))
+    assert names
     r = CliRunner().invoke(main, ["verify", str(broken), "--reference", str(scout), "--greedy-tokens", "2"])
     assert r.exit_code == 1, r.output
     assert "FAILED" in r.output

@@ -45,11 +45,12 @@ def test_plan_equals_export_tensor_bytes(model, fmt, dtype, quant, request, expo
     src = request.getfixturevalue(model)
     recipe = None if quant is None else load_recipe(quant)
     out = export(src, fmt, dtype, quant=quant)
-    plan = plan_bytes(load_spec(src), recipe, fmt, dtype)
+    plan = plan_bytes(load_spec(src), recipe, fmt, dtype, vision=load_spec(src).vision is not None)
     assert plan.total == export_tensor_bytes(out), (model, fmt, dtype, quant, plan.by_component)
     assert sum(plan.by_component.values()) == plan.total and set(plan.by_component) == set(COMPONENTS)
     if fmt == "onnx" and quant is not None:  # the exporter's own count agrees too
-        assert json.loads((out / "l4export.json").read_text())["onnx"]["quant"]["weight_bytes"] >= plan.total
+        info = json.loads((out / "l4export.json").read_text())["onnx"]
+        assert info["quant"]["weight_bytes"] + info.get("vision", {}).get("weight_bytes", 0) >= plan.total
 
 
 def test_asymmetric_int_and_mxfp8_plans_equal_exports(scout, tmp_path):
@@ -62,10 +63,10 @@ def test_asymmetric_int_and_mxfp8_plans_equal_exports(scout, tmp_path):
     spec = load_spec(scout)
     for fmt, dtype in (("onnx", "float32"), ("mlx", "float16")):
         out = convert(scout, tmp_path / f"asym-{fmt}", ExportOptions(format=fmt, dtype=dtype, quant=asym))
-        assert plan_bytes(spec, asym, fmt, dtype).total == export_tensor_bytes(out), fmt
+        assert plan_bytes(spec, asym, fmt, dtype, vision=spec.vision is not None).total == export_tensor_bytes(out), fmt
     mx = Recipe("mx", (Rule("*.feed_forward.experts.*", MxFp8()),))
     out = convert(scout, tmp_path / "mx", ExportOptions(format="mlx", dtype="bfloat16", quant=mx))
-    assert plan_bytes(spec, mx, "mlx", "bfloat16").total == export_tensor_bytes(out)
+    assert plan_bytes(spec, mx, "mlx", "bfloat16", vision=spec.vision is not None).total == export_tensor_bytes(out)
     with pytest.raises(CapabilityError):
         plan_bytes(spec, mx, "onnx", "float32")
 
@@ -81,14 +82,14 @@ def test_block_and_static_fp8_plans_equal_exports(scout, tmp_path):
                                     Rule("*.self_attn.*_proj.weight", Fp8(block_size=32))))
     for target, dtype in (("cpu", "float32"), ("cuda", "float16")):
         out = convert(scout, tmp_path / f"blk-{target}", ExportOptions(format="onnx", dtype=dtype, target=target, quant=block))
-        assert plan_bytes(spec, block, "onnx", dtype, target).total == export_tensor_bytes(out), target
+        assert plan_bytes(spec, block, "onnx", dtype, target, vision=spec.vision is not None).total == export_tensor_bytes(out), target
     static = Recipe("st", floats + (Rule("*.feed_forward.experts.*", Fp8("static")),
                                     Rule("*.self_attn.q_proj.weight", Fp8("static"))))
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"input_ids": list(range(4 + n, 36 + n))}) for n in range(4)))
     out = convert(scout, tmp_path / "static", ExportOptions(format="onnx", quant=static,
                                                             calib=CalibOptions(path=calib, samples=4, seqlen=32)))
-    assert plan_bytes(spec, static, "onnx", "float32").total == export_tensor_bytes(out)
+    assert plan_bytes(spec, static, "onnx", "float32", vision=spec.vision is not None).total == export_tensor_bytes(out)
 
 
 def test_float_plan_is_the_parameter_count(scout, maverick):

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 pytest.importorskip("onnxruntime")
 
 from l4export.cli import main  # noqa: E402
-from l4export.convert import ExportOptions, convert  # noqa: E402
 from l4export.errors import UsageError  # noqa: E402
 from l4export.verify import THRESHOLDS, compare, read_prompts, threshold_for  # noqa: E402
 
@@ -62,8 +61,13 @@ def test_prompts_file(tmp_path, scout_export):
     with pytest.raises(UsageError, match="outside the vocabulary"):
         read_prompts(p, rt)
     p.write_text("some text\n")
-    with pytest.raises(UsageError, match="tokenizer"):  # the tiny fixture ships no tokenizer.json
-        read_prompts(p, rt)
+    assert read_prompts(p, rt) == [("line1", rt.encode("some text"))]  # text: the export's tokenizer
+    (rt.path / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    try:
+        with pytest.raises(UsageError, match="tokenizer"):
+            read_prompts(p, type(rt)(rt.path))
+    finally:
+        (tmp_path / "tokenizer.json").rename(rt.path / "tokenizer.json")
 
 
 def test_verify_cli_passes_and_writes_reports(tmp_path, scout, scout_export):
@@ -93,3 +97,12 @@ def test_verify_cli_rejects_other_architecture(scout_export, maverick):
     assert r.exit_code == 2, r.output
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "is not the model exported" in errors[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("quant", ["int4", "fp8"])
+def test_verify_passes_on_the_demo_quantized_exports(quant, demo_checkpoint, export):
+    """The fast presets stay inside verify's own gates on the built-in demo model (int4: accuracy_level 4)."""
+    from l4export.verify import verify
+
+    report = verify(export(demo_checkpoint, "onnx", quant=quant), demo_checkpoint, greedy_tokens=8)
+    assert report.threshold_key == quant and report.passed, report.table()

@@ -3,7 +3,7 @@
 mlx-lm (``mlx_lm/models/llama4.py``) reads Llama 4 only in the multimodal layout, so both input layouts
 (``Llama4ForConditionalGeneration`` and the text-only ``Llama4ForCausalLM``) are written as::
 
-    config.json                      model_type "llama4" + text_config (vision dropped)
+    config.json                      model_type "llama4" + text_config (+ vision_config, image token ids)
     model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
         language_model.model.embed_tokens.weight                           [V, H]
         language_model.model.layers.{L}.self_attn.{q,k,v,o}_proj.weight    [out, in]
@@ -14,6 +14,8 @@ mlx-lm (``mlx_lm/models/llama4.py``) reads Llama 4 only in the multimodal layout
         language_model.model.layers.{L}.feed_forward.shared_expert.{gate,up,down}_proj.weight
         language_model.model.layers.{L}.feed_forward.{gate,up,down}_proj.weight  (dense layers)
         language_model.model.norm.weight, language_model.lm_head.weight
+        vision_model.*, multi_modal_projector.linear_1.weight   HF's names, as mlx-vlm's llama4 reads them
+                                                                 (left out with --text-only)
     tokenizer files (copied by convert.py), l4export.json
 
 With ``--quant``, each quantized module holds ``.weight`` (uint32 packed), ``.scales`` [and ``.biases``] instead
@@ -38,7 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from ..checkpoint import Checkpoint, LazyTensor
-from ..names import source_name
+from ..names import is_linear_weight, is_vision, source_name
 from ..outputs import PendingTensor, write_sharded
 from ..quant.pack import mlx_config_entry, to_mlx
 from ..plan import ExportPlan
@@ -56,7 +58,9 @@ NP_DTYPES: dict[str, np.dtype] = {
 
 def mlx_name(canonical: str) -> str:
     """Canonical tensor name -> the name mlx-lm's llama4 Model holds: HF's multimodal name, except that SwitchGLU's
-    stacked experts ([E, out, in], as canonical) are modules and gain ``.weight``."""
+    stacked experts ([E, out, in], as canonical) are modules and gain ``.weight``. Vision tensors keep HF's names."""
+    if is_vision(canonical):
+        return canonical
     name = source_name(canonical, "multimodal")
     if ".feed_forward.experts." in canonical:
         name += ".weight"
@@ -116,9 +120,22 @@ def mlx_text_config(spec: Llama4Spec, dtype: str) -> dict[str, Any]:
     return cfg
 
 
-def mlx_config(spec: Llama4Spec, dtype: str) -> dict[str, Any]:
-    """config.json of the export: mlx-lm's ``llama4`` (multimodal) layout, text only."""
+def mlx_config(spec: Llama4Spec, dtype: str, vision: bool = False) -> dict[str, Any]:
+    """config.json of the export: mlx-lm's ``llama4`` (multimodal) layout; with ``vision``, the source's
+    vision_config and image token ids too (mlx-vlm's llama4 reads them)."""
     text = mlx_text_config(spec, dtype)
+    extra: dict[str, Any] = {}
+    if vision:
+        vc = dict(spec.config["vision_config"])
+        vc.pop("dtype", None)
+        # keys mlx-vlm's VisionConfig requires that transformers-5 configs may lack (rope_theta is in rope_parameters)
+        for key, value in (("model_type", "llama4_vision_model"), ("rope_theta", spec.vision.rope_theta),
+                           ("norm_eps", spec.vision.norm_eps), ("num_channels", spec.vision.num_channels),
+                           ("initializer_range", 0.02), ("projector_dropout", 0.0), ("vision_feature_layer", -1),
+                           ("vision_feature_select_strategy", "default")):
+            vc.setdefault(key, value)
+        extra = {"vision_config": vc, "image_token_index": spec.vision.image_token_id,
+                 "boi_token_index": spec.vision.boi_token_id, "eoi_token_index": spec.vision.eoi_token_id}
     return {
         "architectures": ["Llama4ForConditionalGeneration"],
         "model_type": "llama4",  # NOT llama4_text: mlx-lm maps that to a dense model
@@ -128,6 +145,7 @@ def mlx_config(spec: Llama4Spec, dtype: str) -> dict[str, Any]:
         "bos_token_id": spec.bos_token_id,
         "eos_token_id": list(spec.eos_token_ids),
         "pad_token_id": spec.pad_token_id,
+        **extra,
     }
 
 
@@ -165,7 +183,7 @@ def quantization_config(shapes: dict[str, tuple[int, ...]], plan: dict[str, Any]
         counts[json.dumps(e, sort_keys=True)] = counts.get(json.dumps(e, sort_keys=True), 0) + 1
     cfg: dict[str, Any] = dict(json.loads(max(counts, key=counts.get)))
     for n, shape in shapes.items():
-        if n.endswith("norm.weight") or len(shape) not in (2, 3):
+        if not is_linear_weight(n, shape):
             continue
         cfg[mlx_module(n)] = entries.get(mlx_module(n), False)
     return cfg
@@ -212,8 +230,9 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
     spec = ckpt.spec
     dtype = NP_DTYPES[plan.dtype]
     _warn_mlx_lm_differences(spec)
-    shapes = {t.name: tuple(t.shape) for t in ckpt}
-    config = mlx_config(spec, plan.dtype)
+    tensors = list(ckpt) + (list(ckpt.vision.values()) if plan.vision else [])
+    shapes = {t.name: tuple(t.shape) for t in tensors}
+    config = mlx_config(spec, plan.dtype, plan.vision)
     quantized = plan.quantized
     calibrated: dict[str, QTensor] = {}
     extra: dict[str, Any] = {}
@@ -225,7 +244,10 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
             from ..quant.report import write_report
 
             calibrated = {n: qt for n, qt in calib.tensors.items() if n in quantized}
-            write_report(out, calib, shapes, plan.recipe.name, float_bytes=dtype.itemsize)
+            from ..quant.report import report_inputs
+
+            write_report(out, calib, shapes, plan.recipe.name, float_bytes=dtype.itemsize,
+                         uncalibrated=report_inputs(ckpt, plan)[1])
             extra["calibration"] = {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
         qcfg = quantization_config(shapes, quantized)
         config["quantization"] = qcfg
@@ -235,7 +257,7 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
                  ", ".join(sorted({s.name for s in quantized.values()})), "GPTQ-calibrated" if calibrated else "round to nearest")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     pending: list[PendingTensor] = []
-    for t in ckpt:
+    for t in tensors:
         if t.name in quantized:
             pending += _quantized_pending(t, quantized[t.name], dtype, calibrated.get(t.name))
         else:

@@ -56,6 +56,7 @@ from ..spec import LayerSpec, Llama4Spec
 from . import onnx_lower
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
 from .onnx_lower import Route
+from .onnx_variants import EMBEDDING_FILE, EMBEDS_FILE, KV_VARIANTS, write_embedding_model, write_embeds_decoder, write_kv_variant
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +274,10 @@ class DecoderBuilder:
         g, s = self.g, self.spec
         input_ids, attention_mask, position_ids, pasts, cache_start, keep = self.inputs()
         self.positions(input_ids, attention_mask, position_ids, cache_start)
-        with g.scope("model.embed_tokens"):
+        with g.scope("model.embed_tokens"):  # only the lookup in this scope: onnx_variants cuts it out by name
             name = "model.embed_tokens.weight"
-            h = g.cast(onnx_lower.embedding(self.lo, input_ids, name, self.plan.scheme(name)), FP32)  # [B, S, H] fp32
+            embeds = onnx_lower.embedding(self.lo, input_ids, name, self.plan.scheme(name))  # [B, S, H] compute dtype
+        h = g.cast(embeds, FP32)
         ff, presents = None, []
         for layer in s.layers:
             pre = f"model.layers.{layer.index}"
@@ -311,8 +313,27 @@ class DecoderBuilder:
         return g.op("Slice", h, g.op("Sub", seq, n), seq, g.i64(1))
 
 
-def genai_config(spec: Llama4Spec, dtype: str, target: str) -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json (model.type 'decoder': genai rejects 'llama4_text')."""
+def genai_config(spec: Llama4Spec, dtype: str, target: str, vision: bool = False) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json. Text: model.type 'decoder' (genai rejects 'llama4_text') over
+    model.onnx. With vision: the three-model layout (vision, embedding, decoder on inputs_embeds) under type 'gemma3',
+    the one genai pipeline that runs vision.onnx on pixel_values alone (genai has no Llama 4 type; docs/vision.md)."""
+    cfg = _genai_text_config(spec, target)
+    if not vision:
+        return cfg
+    provider = cfg["model"]["decoder"]["session_options"]
+    decoder = cfg["model"]["decoder"]
+    decoder["filename"] = EMBEDS_FILE
+    decoder["inputs"] = {"inputs_embeds": "inputs_embeds", **{k: v for k, v in decoder["inputs"].items() if k != "input_ids"}}
+    cfg["model"]["type"] = "gemma3"
+    cfg["model"]["embedding"] = {"filename": EMBEDDING_FILE, "session_options": dict(provider),
+                                 "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+                                 "outputs": {"inputs_embeds": "inputs_embeds"}}
+    cfg["model"]["vision"] = {"filename": "vision.onnx", "session_options": dict(provider),
+                              "inputs": {"pixel_values": "pixel_values"}, "outputs": {"image_features": "image_features"}}
+    return cfg
+
+
+def _genai_text_config(spec: Llama4Spec, target: str) -> dict[str, Any]:
     provider = [{"cuda": {}}] if target == "cuda" else []
     eos = list(spec.eos_token_ids) or [0]
     return {
@@ -356,63 +377,20 @@ def genai_config(spec: Llama4Spec, dtype: str, target: str) -> dict[str, Any]:
     }
 
 
-def save_model(model: ir.Model, out: Path, total_bytes: int) -> None:
-    """Write model.onnx + model.onnx.data, streaming each weight from the checkpoint (one at a time)."""
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="onnx weights", leave=False) as bar:
+def save_model(model: ir.Model, out: Path, total_bytes: int, file: str = MODEL_FILE, data: str = DATA_FILE) -> None:
+    """Write ``file`` + its ``data`` file, streaming each weight from the checkpoint (one at a time)."""
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{file} weights", leave=False) as bar:
 
         def progress(tensor: ir.TensorProtocol, info: Any) -> None:
             bar.update(tensor.nbytes)
 
-        ir.save(model, out / MODEL_FILE, external_data=DATA_FILE, callback=progress, max_workers=1)
-
-
-# Run-time KV cache quantization (GroupQueryAttention's quantized cache): one small graph file per KV dtype beside
-# model.onnx, over the same weights file. ORT CPU runs int8 (per-channel scales); FP8 is CUDA-only (SM89+).
-KV_VARIANTS = {"int8": ("PER_CHANNEL", 3), "fp8": ("PER_TENSOR", 17)}  # (quant type, TensorProto.INT8 / FLOAT8E4M3FN)
-
-
-def kv_variant_file(kv_dtype: str) -> str:
-    return f"model.kv-{kv_dtype}.onnx"
-
-
-def write_kv_variant(out: Path, spec: Llama4Spec, kv_dtype: str, dtype: str) -> str:
-    """``model.kv-<dtype>.onnx``: model.onnx with a quantized KV cache. The cache inputs/outputs become int8 (or e4m3),
-    each GroupQueryAttention quantizes what it appends with static scales that are inputs (``kv_scale.{i}.key`` /
-    ``.value``, [1, Hkv, 1, D] per channel for int8, [1] for FP8; default 1), and each layer's new keys and values
-    are outputs too (``new_key.{i}`` / ``new_value.{i}``), so that the runtime can choose and grow the scales as
-    tokens arrive (runtimes/onnx.py). The weights stay in model.onnx.data (external references are kept)."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    quant, elem = KV_VARIANTS[kv_dtype]
-    m = onnx.load(str(out / MODEL_FILE), load_external_data=False)
-    g = m.graph
-    for v in list(g.input) + list(g.output):
-        if v.name.startswith(("past_key_values.", "present.")):
-            v.type.tensor_type.elem_type = elem
-    shape = [1, spec.num_kv_heads, 1, spec.head_dim] if quant == "PER_CHANNEL" else [1]
-    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
-    for i, node in enumerate(gqa):
-        scales = [f"kv_scale.{i}.key", f"kv_scale.{i}.value"]
-        while len(node.input) < 12:
-            node.input.append("")
-        node.input.extend(scales)
-        node.attribute.extend([helper.make_attribute("k_quant_type", quant), helper.make_attribute("v_quant_type", quant),
-                               helper.make_attribute("kv_cache_bit_width", 8)])
-        for name in scales:  # optional inputs: an initializer holding the default
-            g.initializer.append(numpy_helper.from_array(np.ones(shape, np.float32), name))
-            g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
-        for src, name in ((node.input[1], f"new_key.{i}"), (node.input[2], f"new_value.{i}")):
-            g.node.append(helper.make_node("Identity", [src], [name], name=f"outputs/{name}"))
-            g.output.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(NP_DTYPES[dtype]), None))
-    name = kv_variant_file(kv_dtype)
-    onnx.save(m, str(out / name))
-    return name
+        ir.save(model, out / file, external_data=data, callback=progress, max_workers=1)
 
 
 def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None) -> dict[str, Any]:
-    """Write the decoder, its external data and genai_config.json into ``out``; return l4export.json extras.
-    ``calib``: convert's calibration result (quantized tensors and FP8 input scales), or None."""
+    """Write the decoder, its external data and genai_config.json into ``out`` (with the vision path: vision.onnx,
+    embedding.onnx and model.embeds.onnx too); return l4export.json extras. ``calib``: convert's calibration result
+    (quantized tensors and FP8 input scales), or None."""
     builder = DecoderBuilder(ckpt, plan, None if calib is None else calib.tensors, None if calib is None else calib.act_scales)
     model = builder.build()
     total = sum(int(v.const_value.nbytes) for v in builder.g.initializers if v.const_value is not None)
@@ -421,15 +399,23 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
     save_model(model, out, total)
     # The runtimes read the spec from the export's own config.json (the source's, verbatim).
     (out / "config.json").write_text(json.dumps(ckpt.spec.config, indent=2))
-    (out / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, plan.dtype, plan.target), indent=2))
     info: dict[str, Any] = {"model": MODEL_FILE, "data": DATA_FILE, "opset": builder.g.opset, "nodes": len(builder.g.nodes),
                             "moe_nodes": sum(n.op_type == "MoE" for n in builder.g.nodes),
                             "kv_variants": {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype) for kv in KV_VARIANTS}}
+    if plan.vision:
+        from .onnx_vision import export_vision
+
+        info["vision"] = export_vision(ckpt, out, plan, NP_DTYPES[plan.dtype])
+        info["embedding"] = write_embedding_model(out, ckpt.spec, plan.dtype)
+        info["embeds_decoder"] = write_embeds_decoder(out, ckpt.spec, plan.dtype)
+        info["embeds_kv_variants"] = {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype, EMBEDS_FILE) for kv in KV_VARIANTS}
+    (out / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, plan.dtype, plan.target, plan.vision), indent=2))
     if plan.recipe is not None:
         info["quant"] = {"recipe": plan.recipe.name, "calibrated": calib is not None, "nodes": dict(builder.lo.counts),
                          "weight_bytes": total, **builder.lo.meta}
         if calib is not None:
-            from ..quant.report import write_report
+            from ..quant.report import report_inputs, write_report
 
-            write_report(out, calib, {n: tuple(t.shape) for n, t in ckpt.tensors.items()}, plan.recipe.name)
+            shapes, extra = report_inputs(ckpt, plan)
+            write_report(out, calib, shapes, plan.recipe.name, uncalibrated=extra)
     return {"onnx": info}

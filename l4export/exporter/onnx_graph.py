@@ -133,7 +133,7 @@ class GraphBuilder:
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
 
     # ---- model -------------------------------------------------------------------------------------
-    def model(self, doc: str = "") -> ir.Model:
+    def model(self, doc: str = "", name: str = "llama4_text_decoder") -> ir.Model:
         graph = ir.Graph(self.inputs, self.outputs, nodes=self.nodes, initializers=self.initializers,
-                         opset_imports={"": self.opset, MS_DOMAIN: 1}, name="llama4_text_decoder", doc_string=doc)
+                         opset_imports={"": self.opset, MS_DOMAIN: 1}, name=name, doc_string=doc)
         return ir.Model(graph, ir_version=10, producer_name="l4export")

@@ -2,7 +2,9 @@
 
 Patterns match canonical tensor names (names.py): fnmatch globs, or a regular expression after ``re:``
 (``re.fullmatch``). A rule whose scheme is ``None`` keeps the tensor float; a tensor no rule matches
-stays float as well. Presets are data (``PRESETS``); TOML recipes are read strictly:
+stays float as well. The vision tower and projector (``vision_model.*``, ``multi_modal_projector.*``) are matched
+only by rules whose pattern starts with one of those two names: a text recipe's ``*.self_attn.*`` never quantizes
+the vision tower, which stays float unless a rule names it. Presets are data (``PRESETS``); TOML recipes are read strictly:
 
     name = "experts-int4-g64"
     [[rule]]
@@ -34,7 +36,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, packaged (the tomli
     import tomli as tomllib
 
 from ..errors import CapabilityError, RecipeError
-from ..names import canonical_shapes
+from ..names import VISION_PREFIXES, canonical_shapes, is_linear_weight, is_vision
 from ..spec import Llama4Spec
 from .schemes import AnyScheme, Fp8, Int, MxFp8
 
@@ -44,7 +46,14 @@ class Rule:
     pattern: str
     scheme: AnyScheme | None  # None: keep float
 
+    @property
+    def names_vision(self) -> bool:
+        """The pattern is about the vision tower or the projector (the only rules that reach them)."""
+        return self.pattern.removeprefix("re:").startswith(tuple(p.rstrip(".") for p in VISION_PREFIXES))
+
     def matches(self, name: str) -> bool:
+        if is_vision(name) and not self.names_vision:
+            return False
         if self.pattern.startswith("re:"):
             return re.fullmatch(self.pattern[3:], name) is not None
         return fnmatch.fnmatchcase(name, self.pattern)
@@ -73,7 +82,7 @@ class Recipe:
         plan = self.plan(shapes)
         for name, scheme in plan.items():
             shape = shapes[name]
-            if len(shape) not in (2, 3) or name.endswith(("norm.weight",)):
+            if not is_linear_weight(name, shape):
                 raise RecipeError(f"recipe {self.name}: {name} {list(shape)} is not a linear weight; add a float rule for it")
             g = scheme.group_for(shape[-1])
             if shape[-1] % g:
@@ -139,6 +148,8 @@ class Recipe:
 
 
 # ---- presets ------------------------------------------------------------------------------------------
+# No preset names the vision tower, so it stays float (a small share of the bytes, run once per image, and its error
+# reaches every image token); a recipe file can quantize it with rules of its own (docs/vision.md).
 _ROUTER_NORMS_EMBED = (
     Rule("*.feed_forward.router.weight", None),  # routing decisions stay exact (every toolkit keeps it float)
     Rule("*norm.weight", None),

@@ -22,15 +22,17 @@ from ..plan import component
 log = logging.getLogger(__name__)
 
 
-def size_by_component(shapes: Mapping[str, tuple[int, ...]], quantized: Mapping[str, QTensor],
+def size_by_component(shapes: Mapping[str, tuple[int, ...]], quantized: Mapping[str, QTensor | int],
                       float_bytes: int = 2) -> dict[str, dict[str, int]]:
-    """Bytes per component: as float (``float_bytes`` per value) and as exported (quantized where the recipe says)."""
+    """Bytes per component: as float (``float_bytes`` per value) and as exported (quantized where the recipe says;
+    ``quantized``: name -> QTensor or its bytes)."""
     out: dict[str, dict[str, int]] = {}
     for name, shape in shapes.items():
         n = int(np.prod(shape, dtype=np.int64))
         c = out.setdefault(component(name), {"float": 0, "quantized": 0})
         c["float"] += n * float_bytes
-        c["quantized"] += quantized[name].nbytes if name in quantized else n * float_bytes
+        q = quantized.get(name)
+        c["quantized"] += n * float_bytes if q is None else q if isinstance(q, int) else q.nbytes
     return out
 
 
@@ -38,15 +40,39 @@ def _finite(v: list[float]) -> list[float | None]:
     return [None if not math.isfinite(x) else round(float(x), 3) for x in v]
 
 
+def report_inputs(ckpt, plan) -> tuple[dict[str, tuple[int, ...]], dict[str, dict]]:
+    """The report's shapes (text, + vision when exported) and its entries for the quantized vision tensors
+    (round to nearest: calibration runs the text model only). ``ckpt``: a Checkpoint; ``plan``: its ExportPlan."""
+    vision = ckpt.vision if plan.vision else {}
+    shapes = {n: tuple(t.shape) for n, t in (ckpt.tensors | vision).items()}
+    return shapes, rtn_stats(vision, {n: s for n, s in plan.quantized.items() if n in vision})
+
+
+def rtn_stats(tensors: Mapping[str, object], schemes: Mapping[str, object]) -> dict[str, dict]:
+    """Report entries of tensors quantized to nearest outside calibration (the vision tower and projector): scheme,
+    shape and the weight SQNR in dB. ``tensors``: name -> LazyTensor; ``schemes``: name -> scheme."""
+    from .schemes import sqnr_db
+
+    out = {}
+    for name, scheme in schemes.items():
+        w = tensors[name].load(np.float32)
+        q = scheme.quantize(w)
+        out[name] = {"scheme": scheme.name, "shape": list(w.shape), "calibrated": False, "nbytes": int(q.nbytes),
+                     "weight_sqnr_rtn": round(float(sqnr_db(w, q.dequantize())), 3)}
+    return out
+
+
 def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, tuple[int, ...]],
-                 recipe_name: str, float_bytes: int = 2) -> Path:
-    """Write the JSON report and the plots into ``out_dir``; returns the JSON path."""
+                 recipe_name: str, float_bytes: int = 2, uncalibrated: Mapping[str, dict] | None = None) -> Path:
+    """Write the JSON report and the plots into ``out_dir``; returns the JSON path. ``uncalibrated``: entries of
+    quantized tensors calibration does not see (``rtn_stats``), reported beside the calibrated ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = size_by_component(shapes, result.tensors, float_bytes)
+    quantized = {n: qt.nbytes for n, qt in result.tensors.items()} | {n: e["nbytes"] for n, e in (uncalibrated or {}).items()}
+    sizes = size_by_component(shapes, quantized, float_bytes)
     report = {
         "recipe": recipe_name,
         "calibration": {"samples": result.samples, "tokens": result.tokens, "seconds": round(result.seconds, 3),
@@ -56,7 +82,7 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
             name: {"scheme": qt.scheme.name, "shape": list(qt.shape),
                    **{k: (_finite(v) if k != "tokens" else v) for k, v in result.stats.get(name, {}).items()}}
             for name, qt in result.tensors.items()
-        },
+        } | dict(uncalibrated or {}),
         "size_bytes": sizes,
         "plots": ["tokens_per_expert.png", "expert_sqnr.png", "size_by_component.png"],
     }

@@ -24,10 +24,12 @@ def bf16_bytes(spec: Llama4Spec) -> int:
     return 2 * spec.total_params
 
 
-def plan_bytes(spec: Llama4Spec, recipe: Recipe | None, fmt: Format, dtype: str, target: str = "cpu") -> ExportPlan:
+def plan_bytes(spec: Llama4Spec, recipe: Recipe | None, fmt: Format, dtype: str, target: str = "cpu",
+               vision: bool = False) -> ExportPlan:
     """The plan of ``l4export convert --format fmt --dtype dtype [--quant recipe]``: ``.total``, ``.by_component``,
-    ``.by_tensor`` are the weight bytes it will write. (Static FP8 is planned as calibrated.)"""
-    return make_plan(spec, fmt, dtype, target, recipe, calibrated=True)
+    ``.by_tensor`` are the weight bytes it will write (``vision``: with the vision tower and projector; the size goals
+    are about the text model, ``bf16_bytes``). (Static FP8 is planned as calibrated.)"""
+    return make_plan(spec, fmt, dtype, target, recipe, calibrated=True, vision=vision)
 
 
 # ---- measured: the same quantity from an export on disk ---------------------------------------------------
@@ -36,20 +38,23 @@ _ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 
 
 
 def export_tensor_bytes(path: str | Path) -> int:
-    """Sum of the weight tensors' bytes of an export folder: safetensors tensors (MLX) or ONNX initializers
-    without the graph's own constants. Headers, the graph and metadata are not counted."""
+    """Sum of the weight tensors' bytes of an export folder (the vision tower's included, when exported):
+    safetensors tensors (MLX) or the initializers of model.onnx and vision.onnx without the graphs' own constants.
+    Headers, the graphs and metadata are not counted."""
     path = Path(path)
-    onnx_file = path / "model.onnx"
-    if onnx_file.is_file():
+    if (path / "model.onnx").is_file():
         import onnx
 
-        graph = onnx.load(str(onnx_file), load_external_data=False).graph
-        inputs = {i.name for i in graph.input}  # optional inputs' defaults are not weights
         total = 0
-        for init in graph.initializer:
-            if _GRAPH_CONSTANT.fullmatch(init.name) or init.name in inputs:
+        for name in ("model.onnx", "vision.onnx"):
+            if not (path / name).is_file():
                 continue
-            total += int(np.prod(init.dims, dtype=np.int64)) * _ONNX_ITEMSIZE[init.data_type]
+            graph = onnx.load(str(path / name), load_external_data=False).graph
+            inputs = {i.name for i in graph.input}  # optional inputs' defaults are not weights
+            for init in graph.initializer:
+                if _GRAPH_CONSTANT.fullmatch(init.name) or init.name in inputs:
+                    continue
+                total += int(np.prod(init.dims, dtype=np.int64)) * _ONNX_ITEMSIZE[init.data_type]
         return total
     total = 0
     for f in sorted(path.glob("*.safetensors")):

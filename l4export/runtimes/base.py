@@ -18,11 +18,15 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import UsageError
-from ..spec import Llama4Spec, load_spec
+from ..errors import ImageError, UsageError
+from ..spec import Llama4Spec, VisionSpec, load_spec
+
+if TYPE_CHECKING:
+    from ..image import ImageTokenIds, ProcessedImage
 
 EXPORT_INFO = "l4export.json"  # written into every export: format, dtype, target, quantization, source
 
@@ -35,6 +39,7 @@ def read_export_info(path: Path) -> dict:
 
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill step (capped by attention_chunk_size)
+IMAGE_PLACEHOLDER = "<|image|>"  # one per image in a prompt (what Llama 4's chat template writes for an image)
 
 
 class Runtime(ABC):
@@ -60,9 +65,14 @@ class Runtime(ABC):
         """Drop the KV cache."""
 
     @abstractmethod
-    def _step(self, ids: list[int], n_logits: int) -> np.ndarray:
+    def _step(self, ids: list[int], n_logits: int, features: np.ndarray | None = None) -> np.ndarray:
         """Run ``ids`` (within one chunk) at positions ``self.pos`` ..; return the logits [n_logits, V] float32 of the
-        last ``n_logits`` of them (n_logits >= 1)."""
+        last ``n_logits`` of them (n_logits >= 1). ``features`` [P, H]: the image features of the P <|patch|> tokens
+        among ``ids``, in order (they replace those tokens' embeddings); None: plain token embeddings."""
+
+    def _encode_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Image tiles [N, 3, S, S] float32 -> image features [N * tokens_per_tile, hidden] float32."""
+        raise ImageError(f"{self.path}: the {self.format} runtime cannot run this export's vision model")
 
     # ---- shared API ----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -83,15 +93,19 @@ class Runtime(ABC):
             a = b
         return out
 
-    def forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+    def forward(self, ids: Sequence[int], last_only: bool = False, features: np.ndarray | None = None) -> np.ndarray:
         """Run ``ids`` after what the cache holds; return their logits [len(ids), V] (``last_only``: [1, V], the last
-        position's) as float32."""
+        position's) as float32. ``features``: image features for the <|patch|> tokens of ``ids``, one row each, in
+        order (``image_features``); None: every token is embedded as a token."""
         ids = self.check_ids(ids)
+        patch = self.check_features(ids, features)
         pieces = self.steps(len(ids))
-        out = []
+        out, used = [], 0
         for n, (a, b) in enumerate(pieces):
             want = 1 if last_only else b - a  # a step always computes at least its last position's logits
-            logits = self._step(ids[a:b], want)
+            rows = 0 if features is None else sum(i == patch for i in ids[a:b])
+            logits = self._step(ids[a:b], want, None if features is None else features[used : used + rows])
+            used += rows
             self.pos += b - a
             if not last_only or n == len(pieces) - 1:
                 out.append(logits)
@@ -108,29 +122,52 @@ class Runtime(ABC):
                              f"({self.spec.max_position_embeddings}); use a shorter prompt or fewer new tokens")
         return ids
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits [T, V] of one full forward over ``ids`` from an empty cache."""
+    def check_features(self, ids: list[int], features: np.ndarray | None) -> int | None:
+        """The <|patch|> id, after checking that ``features`` has one row per <|patch|> token of ``ids``."""
+        if features is None:
+            return None
+        vs = self.vision
+        if vs is None:
+            raise ImageError(f"{self.path}: this export has no vision model (a text-only checkpoint, or converted with "
+                             "--text-only); convert the multimodal checkpoint without --text-only to run images")
+        n = sum(i == vs.image_token_id for i in ids)
+        if n != len(features):
+            raise ImageError(f"the prompt has {n} <|patch|> image tokens but the images give {len(features)} image "
+                             "features; build the prompt with prompt_ids() (one <|image|> per image)")
+        return vs.image_token_id
+
+    def logits(self, ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
+        """Logits [T, V] of one full forward over ``ids`` from an empty cache (``features``: see ``forward``)."""
         self.reset()
         self.reserve(len(ids))
-        return self.forward(list(ids))
+        return self.forward(list(ids), features=features)
 
-    def logits_incremental(self, ids: Sequence[int], step: int = 1) -> np.ndarray:
+    def logits_incremental(self, ids: Sequence[int], step: int = 1, features: np.ndarray | None = None) -> np.ndarray:
         """Logits [T, V] feeding ``ids`` ``step`` tokens at a time through the KV cache."""
         self.reset()
         ids = list(ids)
         self.reserve(len(ids))
-        return np.concatenate([self.forward(ids[i : i + step]) for i in range(0, len(ids), step)], axis=0)
+        patch = self.check_features(ids, features)
+        out, used = [], 0
+        for i in range(0, len(ids), step):
+            piece = ids[i : i + step]
+            rows = 0 if features is None else sum(t == patch for t in piece)
+            out.append(self.forward(piece, features=None if features is None else features[used : used + rows]))
+            used += rows
+        return np.concatenate(out, axis=0)
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = 0, stop: Sequence[int] | None = None) -> Iterator[int]:
-        """Stream up to ``max_new_tokens`` token ids after the prompt ``ids`` (greedy when temperature is 0)."""
+                 seed: int | None = 0, stop: Sequence[int] | None = None,
+                 features: np.ndarray | None = None) -> Iterator[int]:
+        """Stream up to ``max_new_tokens`` token ids after the prompt ``ids`` (greedy when temperature is 0).
+        ``features``: the prompt's image features (``prompt_ids``); generated tokens are always plain tokens."""
         if not ids:
             raise UsageError("generate needs at least one prompt token")
         rng = np.random.default_rng(seed)
         stop_ids = set(self.spec.eos_token_ids if stop is None else stop)
         self.reset()
         self.reserve(len(ids) + max_new_tokens)
-        logits = self.forward(list(ids), last_only=True)[-1]
+        logits = self.forward(list(ids), last_only=True, features=features)[-1]
         for _ in range(max_new_tokens):
             tok = sample(logits, temperature, top_p, rng)
             yield tok
@@ -157,19 +194,125 @@ class Runtime(ABC):
         bos = self.spec.bos_token_id
         return ([bos] if add_bos and bos is not None else []) + ids
 
+    def chat_template(self) -> str | None:
+        """The export's chat template (chat_template.jinja, or tokenizer_config.json's), or None."""
+        f = self.path / "chat_template.jinja"
+        if f.is_file():
+            return f.read_text()
+        cfg = self.path / "tokenizer_config.json"
+        t = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+        return t if isinstance(t, str) else None
+
+    def chat_prompt(self, text: str, images: int = 0) -> str | None:
+        """One user turn (``images`` image items, then the text) through the chat template, ready for the
+        assistant's answer; None when the export has no template. Rendered as transformers renders it (jinja2,
+        trim_blocks, lstrip_blocks); the result starts with the BOS token's text."""
+        template = self.chat_template()
+        if template is None:
+            return None
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise UsageError("the export has a chat template, which needs jinja2: pip install jinja2") from None
+
+        def fail(msg: str):
+            raise UsageError(f"{self.path}: the chat template refused the prompt: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = fail
+        cfg = self.path / "tokenizer_config.json"
+        bos = json.loads(cfg.read_text()).get("bos_token", "") if cfg.is_file() else ""
+        content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+        return env.from_string(template).render(messages=[{"role": "user", "content": content}],
+                                                add_generation_prompt=True, bos_token=bos if isinstance(bos, str) else "")
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def generate_text(self, prompt: str, max_new_tokens: int = 64, **kw) -> Iterator[str]:
-        """Stream decoded text pieces for a prompt."""
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, images: Sequence[Any] = (), add_bos: bool = True,
+                      **kw) -> Iterator[str]:
+        """Stream decoded text pieces for a prompt (with ``images``: paths, PIL images or arrays, one ``<|image|>``
+        placeholder per image in the prompt, or none to put them before the text). ``add_bos`` False for a prompt
+        that already starts with the BOS token's text (a rendered chat template)."""
+        ids, features = self.prompt_ids(prompt, images, add_bos)
         out: list[int] = []
         shown = ""
-        for tok in self.generate(self.encode(prompt), max_new_tokens, **kw):
+        for tok in self.generate(ids, max_new_tokens, features=features, **kw):
             out.append(tok)
             text = self.decode(out)
             if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
                 yield text[len(shown):]
                 shown = text
+
+
+    # ---- images ------------------------------------------------------------------------------------
+    @property
+    def vision(self) -> VisionSpec | None:
+        """The vision path this export runs, or None (text only)."""
+        return self.spec.vision if self.info.get("vision") else None
+
+    @property
+    def max_images(self) -> int:
+        return int((self.info.get("vision") or {}).get("max_images", 0))
+
+    def process_images(self, images: Sequence[Any]) -> list[ProcessedImage]:
+        """Preprocess images as transformers' Llama 4 processor does (``l4export.image``)."""
+        from ..image import preprocess
+
+        vs = self.vision
+        if vs is None:
+            self.check_features([], np.zeros((0, 1)))  # the one-line "no vision model" error
+        if len(images) > self.max_images:
+            raise ImageError(f"{len(images)} images given; this export takes at most {self.max_images} per prompt "
+                             "(convert with --max-images N for more)")
+        patches = int(self.info["vision"].get("max_patches", 16))
+        return [preprocess(im, vs.image_size, patches, where=f"image {n + 1}") for n, im in enumerate(images)]
+
+    def image_features(self, processed: Sequence[ProcessedImage]) -> np.ndarray:
+        """Features [sum of tiles * tokens_per_tile, hidden] float32 of preprocessed images, in order."""
+        rows = [self._encode_tiles(p.pixel_values) for p in processed]
+        return np.concatenate(rows) if rows else np.zeros((0, self.spec.hidden_size), np.float32)
+
+    def image_token_ids(self) -> ImageTokenIds:
+        """Llama 4's image tokens, from the export's tokenizer (<|patch|> is the config's image_token_index)."""
+        from ..image import IMAGE_TOKENS, ImageTokenIds
+
+        ids = {t: self.tokenizer.token_to_id(t) for t in IMAGE_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ImageError(f"{self.path}: tokenizer.json lacks {', '.join(missing)}; images need Llama 4's tokenizer")
+        if ids["<|patch|>"] != self.vision.image_token_id:
+            raise ImageError(f"{self.path}: tokenizer.json puts <|patch|> at {ids['<|patch|>']} but config.json's "
+                             f"image_token_index is {self.vision.image_token_id}; fix one of them")
+        return ImageTokenIds(*(ids[t] for t in IMAGE_TOKENS))
+
+    def prompt_ids(self, prompt: str, images: Sequence[Any] = (), add_bos: bool = True
+                   ) -> tuple[list[int], np.ndarray | None]:
+        """Token ids of a text prompt with images, and the images' features (None without images).
+
+        Each ``<|image|>`` placeholder becomes its image's tokens (Llama4Processor's layout: tiles of <|patch|>
+        tokens with separators, the global tile last); a prompt with no placeholder gets the images first."""
+        from ..image import image_token_ids
+
+        if not images:
+            if IMAGE_PLACEHOLDER in prompt:
+                raise ImageError(f"the prompt has {prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                                 "but no image was given; pass --image FILE for each")
+            return self.encode(prompt, add_bos), None
+        processed = self.process_images(images)
+        if IMAGE_PLACEHOLDER not in prompt:
+            prompt = IMAGE_PLACEHOLDER * len(images) + prompt
+        pieces = prompt.split(IMAGE_PLACEHOLDER)
+        if len(pieces) - 1 != len(images):
+            raise ImageError(f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} "
+                             "images were given; use one per image, or none to put the images before the text")
+        tok, per_tile = self.image_token_ids(), self.vision.tokens_per_tile
+        ids = self.encode(pieces[0], add_bos)
+        for p, text in zip(processed, pieces[1:]):
+            ids += image_token_ids(p.grid, per_tile, tok) + self.encode(text, add_bos=False)
+        return ids, self.image_features(processed)
 
 
 def check_prefill_step(step: int | None, spec: Llama4Spec) -> int:

@@ -1,4 +1,5 @@
-"""The l4export MLX runtime: Llama 4 text, spec-exact, in one file (needs numpy, mlx; tokenizers for text).
+"""The l4export MLX runtime: Llama 4, spec-exact (needs numpy, mlx; tokenizers for text; Pillow for images).
+The vision encoder (exports with the vision path) is in mlx_vision.py.
 
 It mirrors transformers' ``modeling_llama4.py`` layer by layer and follows the config where mlx-lm hard-codes:
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CapabilityError, CheckpointError, UsageError
+from ..names import is_vision
 from ..spec import LayerSpec
 from .base import Runtime
 
@@ -144,6 +146,7 @@ class MlxRuntime(Runtime):
         self.w = self._load_weights()
         self.rope_freqs = mx.array(1.0 / spec.inv_freq())  # (D/2,) wavelengths / 2π, from transformers' inv_freq
         self.scale = spec.head_dim**-0.5
+        self.encoder = None  # the vision encoder (mlx_vision.py), built on the first image
         self._reset()
         log.info("MLX runtime: %s, computing in %s on %s", self.path, self.dtype_name, mx.default_device())
 
@@ -172,7 +175,8 @@ class MlxRuntime(Runtime):
         self.q: dict[str, tuple] = {}
         for key in [k for k in raw if k.endswith(".scales")]:
             module = key[: -len(".scales")]
-            entry = qcfg.get(PREFIX + module, {k: qcfg[k] for k in ("group_size", "bits", "mode") if k in qcfg})
+            path = module if is_vision(module) else PREFIX + module
+            entry = qcfg.get(path, {k: qcfg[k] for k in ("group_size", "bits", "mode") if k in qcfg})
             if not isinstance(entry, dict) or "group_size" not in entry or "bits" not in entry:
                 raise CheckpointError(f"{self.path}: {PREFIX}{module} is quantized but config.json's \"quantization\" "
                                       "gives no group_size/bits for it; re-run 'l4export convert --format mlx --quant ...'")
@@ -222,9 +226,19 @@ class MlxRuntime(Runtime):
         self.cache = [LayerCache(self.spec.attention_chunk_size if la.chunked else None, kv, self.kv_group)
                       for la in self.spec.layers]
 
-    def _step(self, ids: list[int], n_logits: int) -> np.ndarray:
+    def _encode_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self.encoder is None:
+            from .mlx_vision import VisionEncoder
+
+            self.encoder = VisionEncoder(self.vision, self.w, self._linear, self.dtype)
+        return self.encoder(pixel_values)
+
+    def _step(self, ids: list[int], n_logits: int, features: np.ndarray | None = None) -> np.ndarray:
         positions = np.arange(self.pos, self.pos + len(ids))
         x = self.w["model.embed_tokens.weight"][mx.array(ids)]  # (S, H)
+        if features is not None and len(features):  # image features replace the <|patch|> tokens, in order
+            rows = np.flatnonzero(np.asarray(ids) == self.vision.image_token_id)
+            x[mx.array(rows)] = mx.array(features).astype(x.dtype)
         for layer, cache in zip(self.spec.layers, self.cache):
             x = self._layer(x, layer, cache, positions)
         x = self._rms_norm(x[-n_logits:], self.w["model.norm.weight"])  # logits only where asked

@@ -12,7 +12,11 @@ and values; when they exceed a layer's range (always on the first step), that la
 its cached rows are requantized to them, and the step runs again. Scales only grow, so this is rare after the first
 step; the cache holds one byte per element (plus a few scales per layer).
 
-Needs numpy and onnxruntime only (tokenizers for text); no torch, transformers, onnx or onnx_ir.
+Exports with the vision path run three graphs: ``vision.onnx`` (image tiles -> image features, on demand),
+``embedding.onnx`` (token embeddings with the image features at the <|patch|> tokens) and ``model.embeds.onnx`` (the
+decoder on those embeddings); every step, text-only ones included, goes through the embedding graph.
+
+Needs numpy and onnxruntime only (tokenizers for text, Pillow for images); no torch, transformers, onnx or onnx_ir.
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ class OnnxRuntime(Runtime):
         if provider == "cpu" and self.info.get("dtype") == "bfloat16":
             raise CapabilityError(f"{self.path}: a bfloat16 export needs --provider cuda (ORT CPU has no bfloat16 MoE)")
         self.session = ort.InferenceSession(str(model), sess_options=session_options(threads), providers=[ep])
+        self._options, self._providers = session_options(threads), [ep]
+        self.embedding = None  # embedding.onnx, for exports with the vision path
+        self._vision = None  # vision.onnx, opened on the first image
+        if self.vision is not None:
+            self.embedding = self._open(self.info["onnx"]["embedding"])
         optional = {i.name for i in self.session.get_overridable_initializers()}
         if "cache_start" not in optional:
             raise UsageError(f"{self.path}: exported by an older l4export (no in-place KV cache); convert it again")
@@ -84,11 +93,18 @@ class OnnxRuntime(Runtime):
         self.cache: list[tuple] = []
         self._reset()
 
+    def _open(self, name: str):
+        path = self.path / name
+        if not path.is_file():
+            raise UsageError(f"{self.path}: no {name}; the export is incomplete, convert it again")
+        return self.ort.InferenceSession(str(path), sess_options=self._options, providers=self._providers)
+
     def _model_file(self, kv_dtype: str | None, provider: str) -> Path:
         info = self.info.get("onnx", {})
-        name = info.get("model", "model.onnx")
+        embeds = self.vision is not None  # the decoder on inputs_embeds (embedding.onnx places the image features)
+        name = info["embeds_decoder"] if embeds else info.get("model", "model.onnx")
         if kv_dtype is not None:
-            variants = info.get("kv_variants", {})
+            variants = info.get("embeds_kv_variants" if embeds else "kv_variants", {})
             if kv_dtype not in variants:
                 raise UsageError(f"--kv-dtype {kv_dtype!r}: this export has {', '.join(variants) or 'no'} quantized KV "
                                  "cache graphs; use one of them, or convert again with this l4export")
@@ -162,20 +178,33 @@ class OnnxRuntime(Runtime):
         return sum(2 * int(np.prod(kv[0].shape())) * item for kv in self.cache if kv is not None)
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def _step(self, ids: list[int], n_logits: int) -> np.ndarray:
+    def _encode_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self._vision is None:
+            self._vision = self._open(self.info["onnx"]["vision"]["model"])
+        x = pixel_values.astype(KV_DTYPES[self._vision.get_inputs()[0].type], copy=False)
+        return self._vision.run(None, {"pixel_values": x})[0].astype(np.float32, copy=False)
+
+    def _embeds(self, ids: list[int], features: np.ndarray | None) -> np.ndarray:
+        """inputs_embeds [1, S, H] of ``ids`` with ``features`` over their <|patch|> tokens (embedding.onnx)."""
+        dt = KV_DTYPES[self.embedding.get_inputs()[1].type]
+        feats = np.zeros((0, self.spec.hidden_size), dt) if features is None else features.astype(dt, copy=False)
+        return self.embedding.run(None, {"input_ids": np.asarray(ids, np.int64)[None], "image_features": feats})[0]
+
+    def _step(self, ids: list[int], n_logits: int, features: np.ndarray | None = None) -> np.ndarray:
         self._grow(self.pos + len(ids))
+        embeds = self._embeds(ids, features) if self.embedding is not None else None
         while True:
-            io = self._bind(ids, n_logits)
+            io = self._bind(ids, n_logits, embeds)
             self.session.run_with_iobinding(io)
             outs = io.get_outputs()
             if self.kv_quant is None or not self._rescale([o.numpy() for o in outs[1:]]):
                 return outs[0].numpy()[0].astype(np.float32, copy=False)
 
-    def _bind(self, ids: list[int], n_logits: int):
+    def _bind(self, ids: list[int], n_logits: int, embeds: np.ndarray | None = None):
         n, total = len(ids), self.pos + len(ids)
         io = self.session.io_binding()
         feeds = {
-            "input_ids": np.asarray(ids, dtype=np.int64).reshape(1, n),
+            **({"input_ids": np.asarray(ids, dtype=np.int64).reshape(1, n)} if embeds is None else {"inputs_embeds": embeds}),
             "attention_mask": np.ones((1, total), dtype=np.int64),
             "position_ids": np.arange(self.pos, total, dtype=np.int64).reshape(1, n),
         }

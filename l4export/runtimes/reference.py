@@ -95,3 +95,58 @@ class ReferenceRunner:
             out = self.model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens,
                                       eos_token_id=None, pad_token_id=0)
         return out[0, len(ids):].tolist()
+
+
+class VisionReference:
+    """transformers' ``Llama4ForConditionalGeneration`` (float32, eager) on a prompt with images.
+
+    Its own forward cannot be called in transformers 5.24 (it raises "'MoeCausalLMOutputWithPast' object has no
+    attribute 'image_outputs'", with or without pixel_values), so this composes that forward's steps: the vision
+    model's features, the projector, masked_scatter at the <|patch|> tokens, then the language model."""
+
+    def __init__(self, path: str | Path):
+        self.torch, transformers = _require()
+        torch = self.torch
+        self.model = transformers.Llama4ForConditionalGeneration.from_pretrained(
+            Path(path), dtype=torch.float32, attn_implementation="eager").eval()
+        self.image_token_id = self.model.config.image_token_id
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[N, 3, S, S] -> [N * tokens_per_tile, text hidden] float32 (vision model + projector)."""
+        torch = self.torch
+        with torch.no_grad():
+            h = self.model.vision_model(torch.from_numpy(np.ascontiguousarray(pixel_values, np.float32))).last_hidden_state
+            return self.model.multi_modal_projector(h.reshape(-1, h.shape[-1])).numpy()
+
+    def _embeds(self, ids: list[int], pixel_values: np.ndarray | None):
+        torch = self.torch
+        x = torch.tensor(np.asarray(ids, np.int64)[None])
+        embeds = self.model.get_input_embeddings()(x)
+        if pixel_values is not None:
+            feats = torch.from_numpy(self.image_features(pixel_values))
+            mask = (x == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+            if int(mask[..., 0].sum()) != feats.shape[0]:
+                raise UsageError(f"{int(mask[..., 0].sum())} <|patch|> tokens for {feats.shape[0]} image features")
+            embeds = embeds.masked_scatter(mask, feats)
+        return embeds
+
+    def logits(self, ids: list[int], pixel_values: np.ndarray | None = None) -> np.ndarray:
+        """Logits [T, V] float32 of one forward over ``ids`` with the images' tiles ``pixel_values`` (all images'
+        tiles in prompt order) or None."""
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model.language_model(inputs_embeds=self._embeds(list(ids), pixel_values), use_cache=False)
+            return out.logits[0].float().numpy()
+
+    def greedy(self, ids: list[int], pixel_values: np.ndarray | None, max_new_tokens: int) -> list[int]:
+        """Greedy tokens after the prompt, the prompt embedded once with its images (a cache for the rest)."""
+        torch = self.torch
+        lm = self.model.language_model
+        out: list[int] = []
+        with torch.no_grad():
+            res = lm(inputs_embeds=self._embeds(list(ids), pixel_values), use_cache=True)
+            for _ in range(max_new_tokens):
+                tok = int(res.logits[0, -1].argmax())
+                out.append(tok)
+                res = lm(input_ids=torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+        return out
