@@ -8,7 +8,7 @@ linearly with the layer count, so the per-layer figures carry over to Scout (34 
 
 Each engine runs in its own process (peak RSS from wait4), engines interleaved, medians of --runs:
 
-    python benchmarks/bench_vision.py [--layers 4] [--tiles 5] [--runs 3] [--threads 2]
+    python benchmarks/bench_vision.py [--layers 4] [--tiles 5] [--runs 3] [--repeats 3] [--mlx-repeats 1]
 """
 
 from __future__ import annotations
@@ -117,10 +117,15 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=5, help="tiles per encode (5 = a 2x2 image + its global tile)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="timed encodes per run")
+    ap.add_argument("--mlx-repeats", type=int, default=1,
+                    help="timed encodes per run for MLX (its Linux CPU backend runs a tile's GEMMs at ~3 GFLOP/s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "OUT"))
+    ap.add_argument("--report", type=Path, help="print and plot a saved results JSON again (no runs)")
     args = ap.parse_args()
+    if args.report:
+        return main_report_only(args.report)
     src = build_model(args.layers)
     models = {e: src if e.startswith("transformers") else export(src, e.split("-")[0], e.endswith("int8"))
               for e in args.engines.split(",")}
@@ -131,8 +136,9 @@ def main() -> None:
     for r in range(args.runs):
         for e in models:  # interleaved: every engine once per round
             out = WORK / f"vision-{e}.json"
+            repeats = args.mlx_repeats if e.startswith("mlx") else args.repeats
             m = measure([sys.executable, __file__, "--layers", str(args.layers), "--tiles", str(args.tiles),
-                         "--repeats", str(args.repeats), "--threads", str(args.threads), "--engines", e,
+                         "--repeats", str(repeats), "--threads", str(args.threads), "--engines", e,
                          "--worker", e, str(out)])
             m["seconds"] = json.loads(out.read_text())["seconds"]
             runs[e].append(m)
@@ -141,32 +147,69 @@ def main() -> None:
     report(runs, args)
 
 
+def summarize(runs: dict[str, list[dict]], tiles: int) -> dict[str, dict]:
+    """Medians per engine, speed ratios, and the feature error of each engine against its float reference."""
+    feats = {e: np.load(WORK / f"vision-{e}.npy") for e in runs}
+    med: dict[str, dict] = {}
+    for e, rs in runs.items():
+        med[e] = {"ms_per_tile": round(float(np.median([np.median(r["seconds"]) for r in rs])) / tiles * 1000, 1),
+                  "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in rs]))}
+        base = e.replace("int8", "fp32") if "int8" in e else "transformers-fp32"
+        if e != base and base in feats:
+            d = feats[e] - feats[base]
+            med[e].update(vs=base, features_rel_max=float(np.abs(d).max() / np.abs(feats[base]).max()),
+                          features_rel_mean=float(np.abs(d).mean() / np.abs(feats[base]).mean()))
+    for e, m in med.items():
+        if "transformers-fp32" in med:
+            m["speed_vs_transformers"] = round(med["transformers-fp32"]["ms_per_tile"] / m["ms_per_tile"], 3)
+        if e.endswith("int8") and e.replace("int8", "fp32") in med:
+            m["speed_vs_fp32"] = round(med[e.replace("int8", "fp32")]["ms_per_tile"] / m["ms_per_tile"], 3)
+            m["rss_vs_fp32"] = round(m["peak_rss_mb"] / med[e.replace("int8", "fp32")]["peak_rss_mb"], 3)
+    return med
+
+
 def report(runs: dict[str, list[dict]], args) -> None:
     gflop = flops_per_tile(args.layers) / 1e9
-    feats = {e: np.load(WORK / f"vision-{e}.npy") for e in runs}
-    rows, med = [], {}
-    for e, rs in runs.items():
-        per_tile = float(np.median([np.median(r["seconds"]) for r in rs])) / args.tiles
-        med[e] = {"ms_per_tile": round(per_tile * 1000, 1), "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in rs])),
-                  "gflops": round(gflop / per_tile, 1)}
-        base = feats[e.replace("int8", "fp32")] if "int8" in e else feats["transformers-fp32"] if "transformers-fp32" in feats else None
-        if base is not None and e != "transformers-fp32":
-            d = feats[e] - base
-            med[e]["features_rel_max"] = float(np.abs(d).max() / np.abs(base).max())
-            med[e]["features_rel_mean"] = float(np.abs(d).mean() / np.abs(base).mean())
-            med[e]["vs"] = e.replace("int8", "fp32") if "int8" in e else "transformers-fp32"
-        ref = med.get("transformers-fp32", {}).get("ms_per_tile")
-        rows.append({"engine": e, **med[e], "vs transformers": f"{ref / med[e]['ms_per_tile']:.2f}x" if ref else ""})
-    for e in list(med):
-        if e.endswith("int8") and e.replace("int8", "fp32") in med:
-            med[e]["speed_vs_fp32"] = round(med[e.replace("int8", "fp32")]["ms_per_tile"] / med[e]["ms_per_tile"], 2)
-    print(f"\nvision encoder, Scout widths, {args.layers} layers, {args.tiles} tiles per encode, "
-          f"{gflop:.1f} GFLOP per tile, {args.threads} threads, medians of {args.runs} runs x {args.repeats}\n")
-    print(table(rows, ["engine", "ms_per_tile", "gflops", "peak_rss_mb", "features_rel_max", "features_rel_mean",
-                       "vs", "vs transformers"]))
+    med = summarize(runs, args.tiles)
+    rows = [{"engine": e, "ms/tile": m["ms_per_tile"], "GFLOP/s": round(gflop / m["ms_per_tile"] * 1000, 1),
+             "peak RSS MB": round(m["peak_rss_mb"]), "features rel max (mean)":
+             f"{m['features_rel_max']:.2e} ({m['features_rel_mean']:.2e}) vs {m['vs']}" if "vs" in m else "",
+             "vs transformers": f"{m['speed_vs_transformers']:.2f}x" if "speed_vs_transformers" in m else "",
+             "int8 vs fp32 (speed, RSS)": f"{m['speed_vs_fp32']:.2f}x, {m['rss_vs_fp32']:.2f}x" if "speed_vs_fp32" in m else ""}
+            for e, m in med.items()]
+    print(f"\nvision encoder, Scout widths, {args.layers} layers, {args.tiles} tile(s) per encode, {gflop:.1f} GFLOP "
+          f"per tile, {args.threads} threads, medians of {args.runs} runs\n")
+    print(table(rows, list(rows[0])))
     path = save("vision", {"machine": machine(), "layers": args.layers, "tiles": args.tiles, "threads": args.threads,
                            "gflop_per_tile": gflop, "median": med, "runs": runs})
-    print(f"\nwrote {path}")
+    plot(med, path.with_suffix(".png"), args.layers)
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+
+
+def plot(med: dict[str, dict], png: Path, layers: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(med)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.barh(names, [med[e]["ms_per_tile"] / 1000 for e in names], color="tab:blue")
+    a.set_xscale("log")
+    a.set_xlabel(f"seconds per tile ({layers} of Scout's 34 layers; log scale)")
+    b.barh(names, [med[e]["peak_rss_mb"] for e in names], color="tab:orange")
+    b.set_xlabel("peak RSS (MB)")
+    fig.suptitle("Llama 4 vision encoder at Scout's widths, 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main_report_only(path: Path) -> None:
+    data = json.loads(path.read_text())
+    args = argparse.Namespace(layers=data["layers"], tiles=data["tiles"], threads=data["threads"],
+                              runs=len(next(iter(data["runs"].values()))))
+    report(data["runs"], args)
 
 
 if __name__ == "__main__":

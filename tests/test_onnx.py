@@ -135,11 +135,12 @@ def test_io_names_and_moe_nodes(exports, scout):
     past = g.input[3].type.tensor_type
     assert [d.dim_value or d.dim_param for d in past.shape.dim][1:2] == [spec.num_kv_heads]
     assert [d.dim_value for d in past.shape.dim][3] == spec.head_dim
-    # Routed experts are one fused MoE node per MoE layer, and every layer's shared expert or dense MLP is one
-    # one-expert MoE node; no expert weight feeds a dense MatMul/Gather.
+    # Routed experts are one fused MoE node per MoE layer; the float shared expert and dense MLPs are MatMuls (gate
+    # and up as one [H, 2I] weight); no routed-expert weight feeds a dense MatMul/Gather.
     moe = [n for n in g.node if n.op_type == "MoE"]
-    assert len([n for n in moe if ".experts." in n.input[2]]) == len(spec.moe_layers)
-    assert len(moe) == len(spec.moe_layers) + spec.num_layers
+    assert len(moe) == len(spec.moe_layers) and all(".experts." in n.input[2] for n in moe)
+    gate_up = [i.name for i in g.initializer if i.name.endswith("gate_up_proj.weight")]
+    assert len(gate_up) == spec.num_layers
     assert [n.op_type for n in g.node].count("GroupQueryAttention") == spec.num_layers
     assert all(n.domain == "com.microsoft" for n in moe)
     expert_weights = {i.name for i in g.initializer if ".experts." in i.name}

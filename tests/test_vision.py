@@ -295,3 +295,23 @@ def test_float16_export_with_images_passes_verify(tmp_path, export, scout):
     assert report.passed, report.table()
     feats = [r.image_features_rel for r in report.results if r.images]
     assert len(feats) == 3 and max(feats) < 1e-2
+
+
+def test_calibrated_report_covers_the_vision_tower(tmp_path, scout):
+    """With --calib, quant_report.json lists the quantized vision linears (rounded to nearest: calibration runs the
+    text model) with their weight SQNR, and its size table has a vision component."""
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"input_ids": rng.integers(4, 280, 24).tolist()}) for _ in range(4)))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(VISION_INT8 + '[[rule]]\nmatch = "*.feed_forward.experts.*"\nscheme = "int4"\ngroup_size = 32\n')
+    out = tmp_path / "calibrated"
+    r = CliRunner().invoke(main, ["convert", str(scout), "-o", str(out), "--quant", str(recipe), "--calib", str(calib),
+                                  "--calib-samples", "4", "--calib-seqlen", "24"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "quant_report.json").read_text())
+    vision = {n: e for n, e in report["tensors"].items() if n.startswith(("vision_model.", "multi_modal_projector."))}
+    assert len(vision) == 2 * 6 + 3 and all(e["calibrated"] is False and e["weight_sqnr_rtn"] > 30 for e in vision.values())
+    assert any(".experts." in n for n in report["tensors"])  # the calibrated text tensors are there too
+    sizes = report["size_bytes"]["vision"]
+    assert 0 < sizes["quantized"] < sizes["float"]

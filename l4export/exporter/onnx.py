@@ -10,7 +10,8 @@ Runtime's fused operators so that a decode step is a few kernels per layer, not 
     RotaryEmbedding (opset 23)         interleaved RoPE from this step's cos/sin (no max-length table)
     GroupQueryAttention                causal attention over the cache, in place when past and present share a buffer
     MoE / QMoE                         routed experts (top-1, input scaled by the router score) and the shared
-                                       expert or dense MLP as a one-expert MoE
+                                       expert or dense MLP as a one-expert QMoE when int4
+                                       (float: MatMuls, gate and up as one)
 
 Shapes: B batch, S new tokens, T total tokens (attention_mask's width), H hidden, D head_dim, Hq/Hkv heads,
 E experts, I expert width, V vocab, C attention_chunk_size.
@@ -209,12 +210,18 @@ class DecoderBuilder:
     # ---- feed-forward ------------------------------------------------------------------------------------
     def mlp(self, flat: ir.Value, probs1: ir.Value, pre: str) -> ir.Value:
         """Llama4TextMLP, down(silu(gate x) * up x), on flat [T, H]: the dense layers and the shared expert.
-        As a one-expert MoE/QMoE when the plan fuses it (one kernel; ``probs1`` [T, 1] routes every token to it)."""
+        As a one-expert QMoE when the plan fuses it (int4: one kernel; ``probs1`` [T, 1] routes every token to it),
+        else linears, gate and up as one [2I, H] linear when they share a scheme."""
         g, x = self.g, self.g.cast(flat, self.dt)
         names = tuple(f"{pre}.{p}_proj.weight" for p in ("gate", "up", "down"))
         if self.plan.mlp_fused(pre):
             return onnx_lower.experts(self.lo, x, Route(None, probs1), names, pre, self.plan.scheme(names[0]))
-        gate, up = self.linear(x, names[0]), self.linear(x, names[1])
+        if self.plan.gate_up_fused(pre):
+            width = self.ckpt[names[0]].shape[0]
+            gate, up = g.op("Split", self.linear(x, *names[:2], base=f"{pre}.gate_up_proj.weight"), g.i64(width, width),
+                            axis=-1, outputs=2)
+        else:
+            gate, up = self.linear(x, names[0]), self.linear(x, names[1])
         return self.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), names[2])
 
     def moe(self, x: ir.Value, layer: LayerSpec) -> ir.Value:
@@ -222,7 +229,7 @@ class DecoderBuilder:
 
             x [B,S,H] -> [T,H] -+-> router (fp32) -> logits [T,E] -> m = max logit [T,1] -> s = sigmoid(m)
                                 +-> x * s ------------------------------> (Q)MoE(k=1, weight 1.0) -----+
-                                +-> shared_expert(x) as a one-expert (Q)MoE routed by m ------------(+)-> [B,S,H]
+                                +-> shared_expert(x): a one-expert QMoE routed by m, or MatMuls ----(+)-> [B,S,H]
 
         Why: Llama 4's router score scales the expert INPUT (expert(x * s)), not its output, so it is applied
         before the fused op and the op's own routing weight is forced to 1.0 (k=1, normalized)."""
