@@ -107,6 +107,8 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
             raise CheckpointError(f"{path}: header is not valid JSON; the file is corrupt or not safetensors") from None
     base = 8 + n
     out: dict[str, SourceTensor] = {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt or not safetensors")
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -116,6 +118,10 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
             begin, end = (int(x) for x in info["data_offsets"])
         except KeyError as e:
             raise CheckpointError(f"{path}: tensor {name} has unsupported or missing {e} in its header") from None
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name} has a malformed shape or data_offsets in its header") from None
+        if min(shape, default=0) < 0 or not 0 <= begin <= end:
+            raise CheckpointError(f"{path}: tensor {name} has a negative dimension or offsets out of order")
         want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - begin != want:
             raise CheckpointError(f"{path}: tensor {name} {list(shape)} {info['dtype']} needs {want} bytes, header gives {end - begin}")
@@ -124,7 +130,21 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
                 f"{path}: truncated: tensor {name} ends at byte {base + end} but the file has {size}; re-download this shard"
             )
         out[name] = SourceTensor(path, name, dtype, shape, base + begin)
+    _check_layout(path, out, base, size)
     return out
+
+
+def _check_layout(path: Path, tensors: dict[str, SourceTensor], base: int, size: int) -> None:
+    """As the safetensors library checks: the tensors' byte ranges tile the data section, in order, with no overlap
+    and no gap (an overlap would read one tensor from another's bytes)."""
+    at = base
+    for t in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+        if t.offset != at:
+            what = "overlaps the previous tensor" if t.offset < at else f"starts {t.offset - at} bytes after the previous one ends"
+            raise CheckpointError(f"{path}: tensor {t.name} {what}; the header's data_offsets are corrupt, re-download this shard")
+        at += t.nbytes
+    if at != size:
+        raise CheckpointError(f"{path}: the tensors end at byte {at} but the file has {size}; the file is corrupt")
 
 
 @dataclass
@@ -156,8 +176,10 @@ class LazyTensor:
             raise UsageError(f"{self.name}: not a stacked expert tensor; load it whole (experts=None)")
         return _range(experts, self.shape[0], self.name)
 
-    def load(self, dtype: np.dtype | type | str | None = None, experts: slice | None = None) -> np.ndarray:
-        """Materialise the tensor (FP8 is dequantized with its weight_scale), optionally cast.
+    def load(self, dtype: np.dtype | type | str | None = None, experts: slice | None = None,
+             finite: bool = True) -> np.ndarray:
+        """Materialise the tensor (FP8 is dequantized with its weight_scale), optionally cast. ``finite``: refuse
+        NaN or Inf values with the tensor's name (a damaged checkpoint would otherwise export silently).
 
         ``experts=slice(a, b)`` (stacked expert tensors only) gives ``[b - a, out, in]``, equal to
         ``load()[a:b]``, reading only those experts' bytes: E is the outermost axis of every expert layout on disk
@@ -185,6 +207,8 @@ class LazyTensor:
                     elif how.op == "up_of_fused":
                         w = w[:, half:]
                     _transpose_into(dst, w)
+        if finite:
+            _check_finite(out, self)
         return out
 
     def load_fp8(self, experts: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -206,6 +230,18 @@ class LazyTensor:
             q[idx] = src.read()
             s[idx] = scale.read().astype(np.float32).reshape(s[idx].shape) if scale is not None else 1.0
         return q, s
+
+
+def _check_finite(a: np.ndarray, t: LazyTensor) -> None:
+    if a.dtype.kind not in "fV" and a.dtype != FLOAT8:
+        return
+    flat, block = a.reshape(-1), 1 << 22  # in blocks: no float32 copy of a whole bf16 expert stack
+    bad = sum(int(np.count_nonzero(~np.isfinite(flat[i : i + block].astype(np.float32, copy=False))))
+              for i in range(0, flat.size, block))
+    if bad:
+        where = t.parts[0][1].file if t.parts else "checkpoint"
+        raise CheckpointError(f"{where}: tensor {t.name} has {bad} non-finite values (NaN or Inf); the checkpoint is "
+                              "damaged: re-download it (l4export inspect CKPT --check lists every such tensor)")
 
 
 def _transpose_into(dst: np.ndarray, src: np.ndarray, block: int = 128) -> None:

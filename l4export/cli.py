@@ -6,8 +6,11 @@ no tracebacks for user errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import signal
 import sys
 from pathlib import Path
 
@@ -18,16 +21,33 @@ from .errors import L4ExportError
 log = logging.getLogger("l4export")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C is: the same cleanup (atomic outputs, calibration spill), one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):  # type: ignore[override]
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                    signal.signal(sig, _on_signal)
         try:
             return super().invoke(ctx)
         except L4ExportError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing was written", err=True)
+            ctx.exit(128 + signum)
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             click.echo(f"error: {where}{e.strerror or e}", err=True)
@@ -35,11 +55,12 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More logging: -v progress, -vv debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only.")
 @click.version_option(package_name="l4export")
-def main(verbose: int) -> None:
+def main(verbose: int, quiet: bool) -> None:
     """Export Llama 4 MoE checkpoints to ONNX and MLX, quantize them, run and verify them."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    level = logging.ERROR if quiet else logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -51,12 +72,18 @@ def main(verbose: int) -> None:
 @click.option("--quant", default=None, help="Dry run: plan this recipe (int4, fp8, fp8-block or RECIPE.toml).")
 @click.option("--dtype", default=None, help="Dry run: compute dtype (default as convert).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Dry run: ONNX provider.")
-@click.option("--context", type=int, default=None, help="Memory plan for N tokens of context (KV per layer type and dtype).")
+@click.option("--context", type=click.IntRange(1), default=None,
+              help="Memory plan for N tokens of context (KV per layer type and dtype).")
 def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant: str | None, dtype: str | None,
             target: str, context: int | None) -> None:
     """Describe a Llama 4 checkpoint: layers, experts, attention pattern, sizes, parameter counts.
 
-    With --format or --quant, also the dry run of that convert: its planned bytes per component."""
+    With --format or --quant, also the dry run of that convert: its planned bytes per component. On an export
+    folder: what it holds, and with --check its files against its sha256 manifest."""
+    from .runtimes.base import EXPORT_INFO
+
+    if (checkpoint / EXPORT_INFO).is_file():
+        return _inspect_export(checkpoint, as_json, check)
     from .checkpoint import Checkpoint
     from .inspect import check as check_tensors
     from .inspect import context_memory, format_context, format_plan, format_table, plan_summary, summarize
@@ -93,6 +120,40 @@ def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant
         raise click.exceptions.Exit(1)
 
 
+class _FiniteNonNegative(click.ParamType):
+    """A float >= 0 that is a number (click's FloatRange lets nan through: every comparison with it is false)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v) or v < 0:
+            self.fail(f"{value!r} must be a finite number >= 0", param, ctx)
+        return v
+
+
+FINITE_NON_NEGATIVE = _FiniteNonNegative()
+
+
+def _inspect_export(path: Path, as_json: bool, check: bool) -> None:
+    from .inspect import describe_export, format_export
+    from .manifest import check_manifest
+
+    info = describe_export(path)
+    if check:
+        info["check"] = check_manifest(path)
+    click.echo(json.dumps(info, indent=2) if as_json else format_export(info))
+    if check and not as_json:
+        bad = info["check"]
+        click.echo(f"check: {len(info['files']) - 1} files against manifest.sha256: "
+                   + ("all intact" if not bad else f"{len(bad)} problem(s): {', '.join(bad[:5])}"))
+    if check and info["check"]:
+        raise click.exceptions.Exit(1)
+
+
 def _default_dtype(fmt: str, target: str) -> str:
     return "float16" if (fmt == "onnx" and target == "cuda") else "float32"
 
@@ -117,8 +178,8 @@ def demo_checkpoint(out: Path, seed: int, force: bool) -> None:
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX execution provider.")
 @click.option("--quant", default=None, help="int4, fp8, fp8-block (CUDA), or a RECIPE.toml file.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt lines or .jsonl 'text').")
-@click.option("--calib-samples", default=64, show_default=True, help="Calibration samples.")
-@click.option("--calib-seqlen", default=256, show_default=True, help="Tokens per calibration sample.")
+@click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples.")
+@click.option("--calib-seqlen", default=256, show_default=True, type=click.IntRange(1), help="Tokens per calibration sample.")
 @click.option("--text-only", is_flag=True, help="Leave a multimodal checkpoint's vision tower out (smaller; no images).")
 @click.option("--max-images", default=8, show_default=True, type=click.IntRange(1), help="Images one prompt may carry.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -158,9 +219,10 @@ def _parse_ids(ids: str) -> list[int]:
 @click.argument("export", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Prompt text (needs tokenizer.json in the export).")
 @click.option("--ids", default=None, help="Prompt token ids, e.g. '1,15,27'.")
-@click.option("-n", "--max-new-tokens", default=32, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("-n", "--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=FINITE_NON_NEGATIVE, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this (0 < p <= 1).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None, help="ONNX Runtime provider.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
@@ -181,6 +243,13 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
         raise click.UsageError("pass exactly one of --prompt or --ids")
     if images and prompt is None:
         raise click.UsageError("--image needs --prompt (the image tokens are laid out in the prompt text)")
+    from .runtimes.base import read_export_info
+
+    fmt = read_export_info(export).get("format")
+    if dtype is not None and fmt != "mlx":
+        raise click.UsageError(f"--dtype chooses the MLX compute dtype; this is a {fmt} export (its dtype is fixed at convert)")
+    if provider is not None and fmt != "onnx":
+        raise click.UsageError(f"--provider chooses the ONNX Runtime provider; this is a {fmt} export")
     rt = load_runtime(export, provider=provider, dtype=dtype, kv_dtype=kv_dtype, prefill_step=prefill_step)
     kw = dict(temperature=temperature, top_p=top_p, seed=seed)
     if prompt is not None:
@@ -203,7 +272,8 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
 @click.option("--junit", type=click.Path(path_type=Path), default=None, help="Write a JUnit XML report (for CI).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
-@click.option("--greedy-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
+@click.option("--greedy-tokens", default=32, show_default=True, type=click.IntRange(0),
+              help="Greedy tokens compared per prompt (0: none).")
 @click.option("--kv-dtype", type=click.Choice(["int8", "fp8"]), default=None,
               help="Run with a quantized KV cache; also report KL against the float cache.")
 @click.option("--prefill-step", type=int, default=None, help="Prompt tokens per step.")
@@ -213,8 +283,12 @@ def verify(export: Path, reference: Path, prompts: Path | None, json_out: Path |
            provider: str | None, greedy_tokens: int, kv_dtype: str | None, prefill_step: int | None,
            images: tuple[Path, ...]) -> None:
     """Compare an export's logits with transformers (float32); exit 1 outside the thresholds."""
+    from .outputs import check_writable
     from .verify import verify as run_verify
 
+    for report_path in (json_out, junit):  # before the run, not after it
+        if report_path is not None:
+            check_writable(report_path)
     report = run_verify(export, reference, prompts=prompts, provider=provider, greedy_tokens=greedy_tokens,
                         kv_dtype=kv_dtype, prefill_step=prefill_step, images=list(images))
     click.echo(report.table())

@@ -15,6 +15,7 @@ Each format's writer lives in ``exporter/`` and has the signature::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .checkpoint import Checkpoint
-from .errors import MappingError, UsageError
+from .errors import CapabilityError, MappingError, UsageError
+from .manifest import write_manifest
 from .outputs import atomic_output_dir, copy_files
 from .plan import ExportPlan, check_dtype, make_plan
 from .runtimes.base import EXPORT_INFO
@@ -84,6 +86,9 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
     check_dtype(options.format, options.dtype, options.target)
     ckpt = Checkpoint(checkpoint)
     plan = plan_export(ckpt, options)  # a bad recipe fails here, before any weight is read or anything written
+    if options.calib is not None and importlib.util.find_spec("torch") is None:
+        raise CapabilityError("--calib runs the model in torch, which is not installed: pip install 'l4export[reference]'"
+                              " (with torch==2.13.0 first for the CPU build)")
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise UsageError(f"{out}: the output folder must not be the checkpoint folder")
@@ -112,5 +117,6 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
             **extra,
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+        write_manifest(tmp)  # last: the sha256 of every file (l4export inspect OUT --check)
     log.info("wrote %s", out)
     return out

@@ -47,5 +47,9 @@ class ParityError(L4ExportError):
     """An export disagrees with the reference beyond its thresholds."""
 
 
+class ExportError(L4ExportError):
+    """An export folder is damaged or incomplete (a file missing, truncated or not what l4export wrote)."""
+
+
 class ImageError(L4ExportError):
     """An image cannot be read, or does not fit the prompt or the export (exit 1: the input data is wrong)."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageError
+from .errors import ImageError, UsageError
 
 F32 = np.float32
 MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 x its warning threshold)
@@ -40,7 +40,10 @@ MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 x its warning t
 def load_image(image: Any, where: str = "image") -> np.ndarray:
     """RGB uint8 [H, W, 3] from a path, a PIL image or an array ([H, W], [H, W, 1|3|4] uint8), converted as
     transformers converts it. Raises ImageError (one line: what, where, how to fix)."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UsageError("images need Pillow: pip install 'l4export[vision]'") from None
 
     if isinstance(image, (str, Path)):
         image = _open(Path(image))

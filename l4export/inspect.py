@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,7 +150,7 @@ def check(ckpt: Checkpoint, progress: bool = True) -> dict[str, Any]:
     bad: dict[str, int] = {}
     tensors = list(ckpt) + list(ckpt.vision.values())
     for t in tqdm(tensors, desc="checking", unit="tensor", disable=not progress):
-        n = count_non_finite(t.load())
+        n = count_non_finite(t.load(finite=False))
         if n:
             bad[t.name] = n
     return {"tensors_checked": len(tensors), "non_finite": bad}
@@ -190,5 +191,29 @@ def format_table(info: dict[str, Any]) -> str:
                      f"tiles of {v['patch']}-pixel patches -> {v['tokens_per_tile']} tokens per tile, {v['params']:,} "
                      "parameters" + (f" ({v['missing_tensors']} tensors missing: --text-only)" if v["missing_tensors"] else "")))
     rows += [(f"export {k}", human(v) if isinstance(v, int) else v) for k, v in info["planned_bytes"].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ---- exports ------------------------------------------------------------------------------------------------
+def describe_export(path: Path) -> dict[str, Any]:
+    """What an export folder holds: format, dtype, target, quantization, vision, files and bytes (from l4export.json
+    and the folder; nothing is loaded)."""
+    from .runtimes.base import read_export_info
+
+    info = read_export_info(path)
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+    return {"path": str(path), "export": True, "format": info.get("format"), "dtype": info.get("dtype"),
+            "target": info.get("target"), "quantization": info.get("quantization"),
+            "quantization_adapted": info.get("quantization_adapted"), "vision": info.get("vision"),
+            "source": info.get("source"), "files": files, "bytes": sum(files.values())}
+
+
+def format_export(d: dict[str, Any]) -> str:
+    rows = [("export", d["path"]), ("format / dtype / target", f"{d['format']} / {d['dtype']} / {d['target']}"),
+            ("quantization", d["quantization"] or "none (float)"),
+            ("vision", "yes" if d["vision"] else "no (text only)"), ("source", d["source"]),
+            ("files / bytes", f"{len(d['files'])} / {human(d['bytes'])}")]
+    rows += [(f"  {name}", human(size)) for name, size in d["files"].items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

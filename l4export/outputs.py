@@ -43,20 +43,56 @@ class OutputError(L4ExportError):
     """The output could not be written (disk full, permissions)."""
 
 
+def check_writable(path: str | Path) -> Path:
+    """A file that can be written: its folder exists and is writable, and it is not a folder (checked before work)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; give a file name")
+    if not parent.is_dir():
+        raise UsageError(f"{parent}: the folder of {path.name} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{path}: not writable; choose another path")
+    return path
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Temporary siblings left by killed runs on the same output (their process is gone): removed."""
+    for stale in parent.glob(f".{name}.tmp-*"):
+        pid = stale.name[len(f".{name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            log.warning("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success it replaces ``out``, on any failure it is removed."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out}: already exists; pass --force to replace it or choose another -o")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder; remove it or choose another -o")
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to replace it or choose another -o")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise UsageError(f"{parent}: the parent folder of {out.name} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{parent}: not writable; choose another -o")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    _remove_stale(parent, out.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an export is a normal folder
     try:
         yield tmp
         if out.exists():

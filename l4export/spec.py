@@ -254,12 +254,17 @@ class Llama4Spec:
 
 def _rope(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     params = cfg.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise SpecError(f"{where}: rope_parameters must be an object, found {params!r}"[:300])
     if params:  # transformers 5 style
-        theta = float(params.get("rope_theta", cfg.get("rope_theta", TEXT_DEFAULTS["rope_theta"])))
+        check_fields(params, f"{where}: rope_parameters", (), (), ("rope_theta",))
+        theta = float(params.get("rope_theta") or cfg.get("rope_theta") or TEXT_DEFAULTS["rope_theta"])
         scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
     else:  # hub style
-        theta = float(cfg.get("rope_theta", TEXT_DEFAULTS["rope_theta"]))
+        theta = float(cfg.get("rope_theta") or TEXT_DEFAULTS["rope_theta"])
         scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise SpecError(f"{where}: rope_scaling must be an object or null, found {scaling!r}"[:300])
     if not scaling:
         return theta, None
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -278,23 +283,34 @@ def _rope(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
         raise SpecError(f"{where}: llama3 rope scaling lacks or mangles {e}; add factor, low/high_freq_factor") from None
 
 
+def _int_list(cfg: dict[str, Any], key: str, where: str, allowed: tuple[int, ...] | None = None) -> list[int] | None:
+    v = cfg.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v) or (
+            allowed is not None and any(x not in allowed for x in v)):
+        kind = f"of {' or '.join(map(str, allowed))}" if allowed else "of integers"
+        raise SpecError(f"{where}: {key} must be a list {kind}, found {v!r}"[:300])
+    return v
+
+
 def _per_layer(cfg: dict[str, Any], n: int, where: str) -> tuple[LayerSpec, ...]:
-    interval = int(cfg.get("no_rope_layer_interval", TEXT_DEFAULTS["no_rope_layer_interval"]))
-    no_rope = cfg.get("no_rope_layers")
+    interval = cfg.get("no_rope_layer_interval") or TEXT_DEFAULTS["no_rope_layer_interval"]
+    no_rope = _int_list(cfg, "no_rope_layers", where, (0, 1))
     if not no_rope:  # IMPORTANT: an empty list means "the default", as in transformers
         no_rope = [int((i + 1) % interval != 0) for i in range(n)]
     if len(no_rope) < n:
         raise SpecError(f"{where}: no_rope_layers has {len(no_rope)} entries for {n} layers")
-    moe = cfg.get("moe_layers")
+    moe = _int_list(cfg, "moe_layers", where)
     if moe is None:
-        step = int(cfg.get("interleave_moe_layer_step", 1))
-        if step < 1:
-            raise SpecError(f"{where}: interleave_moe_layer_step must be >= 1, found {step}")
+        step = cfg.get("interleave_moe_layer_step") or 1
         moe = list(range(step - 1, n, step))
-    moe_set = {int(i) for i in moe}
+    moe_set = set(moe)
     if any(i < 0 or i >= n for i in moe_set):
         raise SpecError(f"{where}: moe_layers names layers outside 0..{n - 1}: {sorted(moe_set)}")
     types = cfg.get("layer_types")
+    if types is not None and not isinstance(types, list):
+        types = [types]
     if types is None:
         types = ["chunked_attention" if r else "full_attention" for r in no_rope[:n]]
     if len(types) != n or any(t not in ("chunked_attention", "full_attention") for t in types):
@@ -365,6 +381,8 @@ def _vision(config: dict[str, Any], where: str) -> VisionSpec | None:
     if missing:
         raise SpecError(f"{where}: vision_config lacks {', '.join(missing)}; l4export does not fill them from "
                         "transformers' class defaults (they are not Scout's); add them or convert with --text-only")
+    ints = tuple(k for k in need if k != "pixel_shuffle_ratio") + ("num_channels",)
+    check_fields(v, f"{where}: vision_config", (), ints, ("pixel_shuffle_ratio", "norm_eps"))
     theta = v.get("rope_theta") or (v.get("rope_parameters") or {}).get("rope_theta") or 10000.0
     vs = VisionSpec(
         hidden_size=int(v["hidden_size"]), num_layers=int(v["num_hidden_layers"]), num_heads=int(v["num_attention_heads"]),
@@ -386,9 +404,36 @@ def _vision(config: dict[str, Any], where: str) -> VisionSpec | None:
     return vs
 
 
+# Keys every Llama 4 config states (the hub's and transformers 5's): never filled from defaults, since a default
+# (hidden 5120, ...) would turn a damaged config into a wrong export or a misleading shape error later.
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "num_local_experts")
+POSITIVE_INTS = REQUIRED + ("intermediate_size_mlp", "head_dim", "num_experts_per_tok", "max_position_embeddings",
+                            "attention_chunk_size", "interleave_moe_layer_step", "no_rope_layer_interval")
+POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "floor_scale")
+
+
+def check_fields(cfg: dict[str, Any], where: str, required: tuple[str, ...] = REQUIRED,
+                 ints: tuple[str, ...] = POSITIVE_INTS, floats: tuple[str, ...] = POSITIVE_FLOATS) -> None:
+    """Required keys present; integer keys integers >= 1 (not strings, floats or booleans); float keys numbers > 0.
+    One line naming the key, its value and the fix."""
+    for key in required:
+        if cfg.get(key) is None:
+            raise SpecError(f"{where}: {key} is missing; every Llama 4 config states it (l4export does not guess it)")
+    for key in ints:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SpecError(f"{where}: {key} is {v!r}; it must be an integer >= 1 (a JSON number, not a string)")
+    for key in floats:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise SpecError(f"{where}: {key} is {v!r}; it must be a number > 0")
+
+
 def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llama4Spec:
     """Parse a config dict (either layout, either style) into a Llama4Spec."""
     cfg, layout = _layout(config, where)
+    check_fields(cfg, where)
 
     def get(key: str) -> Any:  # the file's value, or transformers' default when absent or null
         value = cfg.get(key)
@@ -398,7 +443,14 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llam
     heads, kv, head_dim = _checked(cfg, get, where)
     theta, scaling = _rope(cfg, where)
     eos = cfg.get("eos_token_id", TEXT_DEFAULTS["eos_token_id"])
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_list):
+        raise SpecError(f"{where}: eos_token_id must be a token id or a list of them, found {eos!r}"[:300])
+    eos_ids = tuple(eos_list)
+    for key in ("bos_token_id", "pad_token_id"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise SpecError(f"{where}: {key} must be a token id (an integer >= 0) or null, found {v!r}"[:300])
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return Llama4Spec(
         layout=layout, vocab_size=int(get("vocab_size")), hidden_size=int(get("hidden_size")), num_layers=n,

@@ -226,7 +226,11 @@ def read_prompts(path: Path, runtime: Any) -> list[tuple[str, list[int]]]:
     if not Path(path).is_file():
         raise UsageError(f"{path}: --prompts file not found")
     prompts = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: --prompts is not UTF-8 text (one prompt per line: text, or comma-separated ids)") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if _IDS.match(line):

@@ -278,7 +278,7 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
         if not isinstance(r, dict):
             raise RecipeError(f"{at}: a rule must be a table with match and scheme")
         kind = r.get("scheme")
-        if kind not in _SCHEME_KEYS:
+        if not isinstance(kind, str) or kind not in _SCHEME_KEYS:
             raise RecipeError(f"{at}: scheme {kind!r} is not one of {', '.join(_SCHEME_KEYS)}")
         _reject_unknown(r, {"match", "scheme"} | _SCHEME_KEYS[kind], at, f" for scheme {kind}")
         pattern = r.get("match")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ImageError, UsageError
+from ..errors import ExportError, ImageError, UsageError
 from ..spec import Llama4Spec, VisionSpec, load_spec
 
 if TYPE_CHECKING:
@@ -35,7 +35,13 @@ def read_export_info(path: Path) -> dict:
     p = Path(path) / EXPORT_INFO
     if not p.is_file():
         raise UsageError(f"{path}: not an l4export export (no {EXPORT_INFO}); run 'l4export convert' first")
-    return json.loads(p.read_text())
+    try:
+        info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        raise ExportError(f"{p}: not the JSON object l4export writes; the export is damaged, convert it again")
+    return info
 
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill step (capped by attention_chunk_size)
@@ -54,6 +60,8 @@ class Runtime(ABC):
     def __init__(self, path: str | Path, prefill_step: int | None = None):
         self.path = Path(path)
         self.info = read_export_info(self.path)
+        if not (self.path / "config.json").is_file():
+            raise ExportError(f"{self.path}: no config.json; the export is incomplete, convert it again")
         self.spec: Llama4Spec = load_spec(self.path)
         self._tokenizer = None
         self.prefill_step = check_prefill_step(prefill_step, self.spec)
@@ -215,7 +223,8 @@ class Runtime(ABC):
         try:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
-            raise UsageError("the export has a chat template, which needs jinja2: pip install jinja2") from None
+            raise UsageError("the export has a chat template, which needs jinja2: pip install 'l4export[chat]' "
+                             "(or pass --no-chat-template)") from None
 
         def fail(msg: str):
             raise UsageError(f"{self.path}: the chat template refused the prompt: {msg}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CapabilityError, CheckpointError, UsageError
+from ..errors import CapabilityError, CheckpointError, ExportError, UsageError
 from ..names import is_vision
 from ..spec import LayerSpec
 from .base import Runtime
@@ -168,7 +168,12 @@ class MlxRuntime(Runtime):
             raise CheckpointError(f"{self.path}: no safetensors weights; re-run 'l4export convert --format mlx'")
         raw = {}
         for f in files:
-            for name, arr in mx.load(str(self.path / f)).items():
+            try:
+                arrays = mx.load(str(self.path / f))
+            except (OSError, RuntimeError, ValueError) as err:
+                raise ExportError(f"{self.path / f}: mlx cannot read it ({str(err).splitlines()[0][:200]}); the export "
+                                  "is damaged or incomplete, convert it again") from None
+            for name, arr in arrays.items():
                 raw[name[len(PREFIX):] if name.startswith(PREFIX) else name] = arr
         qcfg = self._quant_params()
         # Quantized modules (QuantizedLinear / QuantizedSwitchLinear): weight uint32 + scales [+ biases].

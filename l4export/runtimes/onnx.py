@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CapabilityError, UsageError
+from ..errors import CapabilityError, ExportError, UsageError
 from .base import Runtime
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class OnnxRuntime(Runtime):
             raise CapabilityError(f"{self.path}: ONNX Runtime here has no {ep}; install onnxruntime-gpu or use --provider cpu")
         if provider == "cpu" and self.info.get("dtype") == "bfloat16":
             raise CapabilityError(f"{self.path}: a bfloat16 export needs --provider cuda (ORT CPU has no bfloat16 MoE)")
-        self.session = ort.InferenceSession(str(model), sess_options=session_options(threads), providers=[ep])
         self._options, self._providers = session_options(threads), [ep]
+        self.session = self._open(model.name)
         self.embedding = None  # embedding.onnx, for exports with the vision path
         self._vision = None  # vision.onnx, opened on the first image
         if self.vision is not None:
@@ -94,10 +94,16 @@ class OnnxRuntime(Runtime):
         self._reset()
 
     def _open(self, name: str):
+        """An ONNX Runtime session over one of the export's graphs; a damaged file is one line (ExportError)."""
         path = self.path / name
         if not path.is_file():
-            raise UsageError(f"{self.path}: no {name}; the export is incomplete, convert it again")
-        return self.ort.InferenceSession(str(path), sess_options=self._options, providers=self._providers)
+            raise ExportError(f"{self.path}: no {name}; the export is incomplete, convert it again")
+        try:
+            return self.ort.InferenceSession(str(path), sess_options=self._options, providers=self._providers)
+        except Exception as err:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile/... types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"{path}: ONNX Runtime cannot load it ({first[:200]}); the export is damaged or "
+                              "incomplete, convert it again") from None
 
     def _model_file(self, kv_dtype: str | None, provider: str) -> Path:
         info = self.info.get("onnx", {})
@@ -114,7 +120,7 @@ class OnnxRuntime(Runtime):
             name = variants[kv_dtype]
         model = self.path / name
         if not model.is_file():
-            raise UsageError(f"{self.path}: no {model.name}; the export is incomplete, convert it again")
+            raise ExportError(f"{self.path}: no {model.name}; the export is incomplete, convert it again")
         return model
 
     # ---- cache --------------------------------------------------------------------------------------
