@@ -149,7 +149,8 @@ def check(ckpt: Checkpoint, progress: bool = True) -> dict[str, Any]:
     """Read every tensor once (one at a time) and count non-finite values."""
     bad: dict[str, int] = {}
     tensors = list(ckpt) + list(ckpt.vision.values())
-    for t in tqdm(tensors, desc="checking", unit="tensor", disable=not progress):
+    for t in tqdm(tensors, desc="checking", unit="tensor", mininterval=0,
+                  disable=not progress or not log.isEnabledFor(logging.INFO)):
         n = count_non_finite(t.load(finite=False))
         if n:
             bad[t.name] = n

@@ -106,3 +106,35 @@ def test_verify_passes_on_the_demo_quantized_exports(quant, demo_checkpoint, exp
 
     report = verify(export(demo_checkpoint, "onnx", quant=quant), demo_checkpoint, greedy_tokens=8)
     assert report.threshold_key == quant and report.passed, report.table()
+
+
+def test_router_near_tie_is_reported_not_failed_and_hides_no_fault(tmp_path, scout, export):
+    """Layer 0's router gets two identical rows (experts 0 and 1): wherever they are the top two, the choice between
+    them is a tie that summation order decides. verify reports the first such token (position, layer, margin) and
+    gates only the tokens before it; the same export with a 1% error in lm_head still fails."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from builders import patch_initializer
+    from l4export.verify import verify
+
+    src = shutil.copytree(scout, tmp_path / "tie")
+    name = "language_model.model.layers.0.feed_forward.router.weight"
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(f)
+        if name in tensors:
+            tensors[name][1] = tensors[name][0]
+            save_file(tensors, f, metadata={"format": "pt"})
+    out = export(src, "onnx")
+    report = verify(out, src, greedy_tokens=8)
+    assert report.passed, report.table()
+    ties = [r for r in report.results if r.tie is not None]
+    assert ties and all(r.tie["layer"] == 0 and r.tie["margin"] < 1e-4 for r in ties), report.table()
+    # tokens after the tie are set apart (prompt or greedy), the ones before it are still judged
+    assert all(r.judged < r.tokens or r.greedy_total < 8 for r in ties), report.table()
+    assert all(r.judged + r.greedy_total > 0 for r in ties), report.table()
+    assert "router near-tie at token" in report.table()
+    broken = shutil.copytree(out, tmp_path / "broken")
+    patch_initializer(broken, "lm_head.weight", lambda w: w * np.float32(1.01))
+    assert not verify(broken, src, greedy_tokens=8).passed

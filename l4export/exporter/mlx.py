@@ -247,7 +247,7 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
             from ..quant.report import report_inputs
 
             write_report(out, calib, shapes, plan.recipe.name, float_bytes=dtype.itemsize,
-                         uncalibrated=report_inputs(ckpt, plan)[1])
+                         uncalibrated=report_inputs(ckpt, plan)[1], adapted=plan.adapted)
             extra["calibration"] = {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
         qcfg = quantization_config(shapes, quantized)
         config["quantization"] = qcfg

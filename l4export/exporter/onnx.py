@@ -386,7 +386,9 @@ def _genai_text_config(spec: Llama4Spec, target: str) -> dict[str, Any]:
 
 def save_model(model: ir.Model, out: Path, total_bytes: int, file: str = MODEL_FILE, data: str = DATA_FILE) -> None:
     """Write ``file`` + its ``data`` file, streaming each weight from the checkpoint (one at a time)."""
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{file} weights", leave=False) as bar:
+    # a bar with -v only (quiet by default); it redraws on every tensor, so it moves on small models too
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{file} weights", mininterval=0,
+              disable=not log.isEnabledFor(logging.INFO)) as bar:
 
         def progress(tensor: ir.TensorProtocol, info: Any) -> None:
             bar.update(tensor.nbytes)
@@ -424,5 +426,5 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
             from ..quant.report import report_inputs, write_report
 
             shapes, extra = report_inputs(ckpt, plan)
-            write_report(out, calib, shapes, plan.recipe.name, uncalibrated=extra)
+            write_report(out, calib, shapes, plan.recipe.name, uncalibrated=extra, adapted=plan.adapted)
     return {"onnx": info}

@@ -63,7 +63,8 @@ def rtn_stats(tensors: Mapping[str, object], schemes: Mapping[str, object]) -> d
 
 
 def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, tuple[int, ...]],
-                 recipe_name: str, float_bytes: int = 2, uncalibrated: Mapping[str, dict] | None = None) -> Path:
+                 recipe_name: str, float_bytes: int = 2, uncalibrated: Mapping[str, dict] | None = None,
+                 adapted: Mapping[str, str] | None = None) -> Path:
     """Write the JSON report and the plots into ``out_dir``; returns the JSON path. ``uncalibrated``: entries of
     quantized tensors calibration does not see (``rtn_stats``), reported beside the calibrated ones."""
     import matplotlib
@@ -75,6 +76,7 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
     sizes = size_by_component(shapes, quantized, float_bytes)
     report = {
         "recipe": recipe_name,
+        "adapted": dict(adapted or {}),  # preset tensors changed to fit the model: name -> "from -> to"
         "calibration": {"samples": result.samples, "tokens": result.tokens, "seconds": round(result.seconds, 3),
                         "device": result.device},
         "tokens_per_expert": {str(k): v for k, v in result.token_counts.items()},

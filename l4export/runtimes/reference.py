@@ -88,6 +88,10 @@ class ReferenceRunner:
             x = torch.tensor(np.asarray(ids, dtype=np.int64)[None])
             return self.model(input_ids=x, use_cache=False).logits[0].float().numpy()
 
+    def margins(self, ids: list[int], pixel_values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Router margins per token (``router_margins``) of a forward over ``ids``."""
+        return router_margins(self.model, self.model.model.layers, lambda: self.logits(ids))
+
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         torch = self.torch
         with torch.no_grad():
@@ -138,6 +142,9 @@ class VisionReference:
             out = self.model.language_model(inputs_embeds=self._embeds(list(ids), pixel_values), use_cache=False)
             return out.logits[0].float().numpy()
 
+    def margins(self, ids: list[int], pixel_values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return router_margins(self.model, self.model.language_model.model.layers, lambda: self.logits(ids, pixel_values))
+
     def greedy(self, ids: list[int], pixel_values: np.ndarray | None, max_new_tokens: int) -> list[int]:
         """Greedy tokens after the prompt, the prompt embedded once with its images (a cache for the rest)."""
         torch = self.torch
@@ -150,3 +157,33 @@ class VisionReference:
                 out.append(tok)
                 res = lm(input_ids=torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
         return out
+
+
+def router_margins(model, layers, run) -> tuple[np.ndarray, np.ndarray]:
+    """Per token of one forward (``run()``), the smallest top-1 minus top-2 router logit over the MoE layers and the
+    layer where it is smallest: ([T] float, [T] int). A margin near 0 is a near-tie: any change in summation order
+    (another runtime, another dtype) may pick the other expert, and every later token sees that choice."""
+    torch, _ = _require()
+    found: list[tuple[int, np.ndarray]] = []
+
+    def hook_for(index: int):
+        def hook(mod, inp, out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            top = torch.topk(x @ mod.weight.float().T, 2, dim=-1).values
+            found.append((index, (top[:, 0] - top[:, 1]).numpy()))
+
+        return hook
+
+    hooks = [layer.feed_forward.router.register_forward_hook(hook_for(i))
+             for i, layer in enumerate(layers) if hasattr(layer.feed_forward, "router")]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    if not found:
+        return np.full(0, np.inf), np.zeros(0, np.int64)
+    stack = np.stack([m for _, m in found])  # [moe layers, T]
+    which = stack.argmin(axis=0)
+    return stack.min(axis=0), np.array([found[k][0] for k in which])
