@@ -405,3 +405,13 @@ def test_stale_temporary_folder_is_removed_by_the_next_run(demo, tmp_path):
     r = _invoke(["convert", demo, "-o", tmp_path / "out"])
     assert r.exit_code == 0 and not stale.exists() and (tmp_path / "out" / "manifest.sha256").is_file()
     assert oct(os.stat(tmp_path / "out").st_mode & 0o777) != oct(0o700)  # the user's umask, not mkdtemp's 0700
+
+
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("mlx", marks=pytest.mark.mlx)])
+def test_reruns_are_byte_identical_manifest_included(fmt, demo, tmp_path):
+    if fmt == "mlx":
+        pytest.importorskip("mlx.core")
+    for name in ("a", "b"):
+        assert _invoke(["convert", demo, "-o", tmp_path / name, "--format", fmt, "--quant", "int4"]).exit_code == 0
+    a, b = ((tmp_path / n / "manifest.sha256").read_text() for n in ("a", "b"))
+    assert a == b and len(a.splitlines()) >= 5
