@@ -233,9 +233,10 @@ def _parse_ids(ids: str) -> list[int]:
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="An image for the prompt (repeat for more); placed at the prompt's <|image|> markers, else first.")
 @click.option("--no-chat-template", is_flag=True, help="Send --prompt as is, not through the export's chat template.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-turn tokens (benchmarks).")
 def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float, top_p: float,
         seed: int, provider: str | None, dtype: str | None, kv_dtype: str | None, prefill_step: int | None,
-        images: tuple[Path, ...], no_chat_template: bool) -> None:
+        images: tuple[Path, ...], no_chat_template: bool, ignore_eos: bool) -> None:
     """Generate from an ONNX or MLX export, streaming tokens to stdout."""
     from .runtimes import load_runtime
 
@@ -252,10 +253,13 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
         raise click.UsageError(f"--provider chooses the ONNX Runtime provider; this is a {fmt} export")
     rt = load_runtime(export, provider=provider, dtype=dtype, kv_dtype=kv_dtype, prefill_step=prefill_step)
     kw = dict(temperature=temperature, top_p=top_p, seed=seed)
+    from .runtimes.chat import render, stop_ids, template, user_turn
+
+    kw["stop"] = [] if ignore_eos else sorted(stop_ids(rt))
     if prompt is not None:
-        chat = None if no_chat_template or "<|image|>" in prompt else rt.chat_prompt(prompt, len(images))
-        text, kw["add_bos"] = (prompt, True) if chat is None else (chat, False)
-        for piece in rt.generate_text(text, max_new_tokens, images=list(images), **kw):
+        own = not no_chat_template and "<|image|>" not in prompt and template(rt, fallback=False) is not None
+        text = render(rt, user_turn(prompt, len(images)), fallback=False) if own else prompt
+        for piece in rt.generate_text(text, max_new_tokens, images=list(images), add_bos=not own, **kw):
             click.echo(piece, nl=False)
         click.echo()
     else:
@@ -263,6 +267,58 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
             click.echo(tok, nl=False)
             click.echo(" ", nl=False)
         click.echo()
+
+
+@main.command()
+@click.argument("export", type=click.Path(path_type=Path))
+@click.option("-n", "--max-new-tokens", default=256, show_default=True, type=click.IntRange(1), help="Per answer.")
+@click.option("--temperature", default=0.0, show_default=True, type=FINITE_NON_NEGATIVE, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--system", default=None, help="A system message first.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None, help="ONNX Runtime provider.")
+@click.option("--kv-dtype", type=click.Choice(["int8", "fp8"]), default=None, help="Quantize the KV cache.")
+def chat(export: Path, max_new_tokens: int, temperature: float, top_p: float, seed: int, system: str | None,
+         provider: str | None, kv_dtype: str | None) -> None:
+    """Talk to an export in the terminal (the conversation is kept; /reset forgets it; Ctrl-D leaves)."""
+    from .runtimes import load_runtime
+
+    rt = load_runtime(export, provider=provider, kv_dtype=kv_dtype)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/reset":
+            messages = list(start)
+            click.echo("(conversation reset)")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        answer = []
+        for piece in rt.chat(messages, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+            answer.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+@main.command()
+@click.argument("export", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--name", default=None, help="The model name clients use (default: the export folder's name).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None, help="ONNX Runtime provider.")
+@click.option("--kv-dtype", type=click.Choice(["int8", "fp8"]), default=None, help="Quantize the KV cache.")
+def serve(export: Path, host: str, port: int, name: str | None, provider: str | None, kv_dtype: str | None) -> None:
+    """Serve an export over an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions)."""
+    from .serve import serve as run_server
+
+    run_server(str(export), host=host, port=port, name=name, provider=provider, kv_dtype=kv_dtype)
 
 
 @main.command()

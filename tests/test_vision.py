@@ -144,9 +144,11 @@ def test_chat_template_places_the_images(tmp_path, export, scout):
         "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m.role }}<|header_end|>\n\n"
         "{% for c in m.content %}{% if c.type == 'image' %}<|image|>{% else %}{{ c.text }}{% endif %}{% endfor %}"
         "<|eot|>{% endfor %}{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}")
+    from l4export.runtimes.chat import render, user_turn
+
     rt = load_runtime(out)
-    chat = rt.chat_prompt("What is it?", 1)
-    assert chat.startswith("<|header_start|>user") and chat.count("<|image|>") == 1
+    chat = render(rt, user_turn("What is it?", 1), fallback=False)
+    assert "<|header_start|>user" in chat and chat.count("<|image|>") == 1
     want = "".join(rt.generate_text(chat, 4, images=[ONE], add_bos=False))
     ONE.save(tmp_path / "one.png")
     r = CliRunner().invoke(main, ["run", str(out), "--prompt", "What is it?", "--image", str(tmp_path / "one.png"),

@@ -202,40 +202,13 @@ class Runtime(ABC):
         bos = self.spec.bos_token_id
         return ([bos] if add_bos and bos is not None else []) + ids
 
-    def chat_template(self) -> str | None:
-        """The export's chat template (chat_template.jinja, or tokenizer_config.json's), or None."""
-        f = self.path / "chat_template.jinja"
-        if f.is_file():
-            return f.read_text()
-        cfg = self.path / "tokenizer_config.json"
-        t = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
-        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-        return t if isinstance(t, str) else None
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, images: Sequence[Any] = (), **sampling
+             ) -> Iterator[str]:
+        """Stream the assistant's reply to a conversation (``[{"role": "user", "content": "Hi"}, ...]``) through the
+        export's chat template, stopping at its end-of-turn tokens (runtimes/chat.py)."""
+        from .chat import chat
 
-    def chat_prompt(self, text: str, images: int = 0) -> str | None:
-        """One user turn (``images`` image items, then the text) through the chat template, ready for the
-        assistant's answer; None when the export has no template. Rendered as transformers renders it (jinja2,
-        trim_blocks, lstrip_blocks); the result starts with the BOS token's text."""
-        template = self.chat_template()
-        if template is None:
-            return None
-        try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise UsageError("the export has a chat template, which needs jinja2: pip install 'l4export[chat]' "
-                             "(or pass --no-chat-template)") from None
-
-        def fail(msg: str):
-            raise UsageError(f"{self.path}: the chat template refused the prompt: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = fail
-        cfg = self.path / "tokenizer_config.json"
-        bos = json.loads(cfg.read_text()).get("bos_token", "") if cfg.is_file() else ""
-        content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
-        return env.from_string(template).render(messages=[{"role": "user", "content": content}],
-                                                add_generation_prompt=True, bos_token=bos if isinstance(bos, str) else "")
+        return chat(self, messages, images, max_new_tokens, **sampling)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -244,11 +217,15 @@ class Runtime(ABC):
                       **kw) -> Iterator[str]:
         """Stream decoded text pieces for a prompt (with ``images``: paths, PIL images or arrays, one ``<|image|>``
         placeholder per image in the prompt, or none to put them before the text). ``add_bos`` False for a prompt
-        that already starts with the BOS token's text (a rendered chat template)."""
+        that already starts with the BOS token's text (a rendered chat template). The stop token that ends the text is
+        not part of it."""
         ids, features = self.prompt_ids(prompt, images, add_bos)
+        stops = set(self.spec.eos_token_ids if kw.get("stop") is None else kw["stop"])
         out: list[int] = []
         shown = ""
         for tok in self.generate(ids, max_new_tokens, features=features, **kw):
+            if tok in stops:
+                return
             out.append(tok)
             text = self.decode(out)
             if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters

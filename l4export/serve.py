@@ -1,0 +1,299 @@
+"""``l4export serve``: an OpenAI-compatible HTTP server over one export (FastAPI + uvicorn, the ``serve`` extra).
+
+    GET  /v1/models              the one model served (its name: the export folder's, or --name)
+    POST /v1/chat/completions    messages -> the assistant's reply, through the export's chat template
+    POST /v1/completions         prompt -> its continuation
+    stream: true                 server-sent events, one chunk per decoded piece, then ``data: [DONE]``
+
+Requests take ``max_tokens`` (``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop`` (a string
+or up to 4) and ``n`` = 1; answers carry ``usage`` (prompt and completion tokens) and ``finish_reason`` ("stop" at
+an end-of-turn token or a stop string, "length" at max_tokens). Image parts (``image_url`` with a ``data:`` URL) go
+through the same preprocessing as ``rt.generate_text(images=...)``.
+
+One runtime, one KV cache: requests run one at a time (a lock; the others wait their turn), generation runs in a
+worker thread, and a client that disconnects mid-stream stops its generation at the next token and frees the model.
+Bad requests get a 400 with an OpenAI-style error object; the server keeps serving.
+"""
+
+
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import L4ExportError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Request:
+    """A validated completion request."""
+
+    prompt: str  # the text to continue (chat: rendered through the template)
+    images: list = field(default_factory=list)
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    add_bos: bool = True
+
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not lo <= v <= hi:
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"'{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}", key)
+    return v
+
+
+def _stop(body: dict) -> list[str]:
+    s = body.get("stop")
+    stops = [] if s is None else [s] if isinstance(s, str) else s
+    if not isinstance(stops, list) or len(stops) > 4 or any(not isinstance(x, str) or not x for x in stops):
+        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    return stops
+
+
+def _image(part: dict) -> Any:
+    url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise BadRequest("image parts must be 'image_url' with a data: URL (data:image/png;base64,...)", "messages")
+    try:
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
+        img.load()
+        return img
+    except Exception:
+        raise BadRequest("an image part's data: URL is not a readable base64 image", "messages") from None
+
+
+def _messages(body: dict) -> tuple[list[dict], list]:
+    """OpenAI messages -> template messages (text and image parts) and the images, in order."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("'messages' must be a non-empty list of {role, content}", "messages")
+    out, images = [], []
+    for n, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{n}] needs a 'role' string", "messages")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise BadRequest(f"messages[{n}].content must be a string or a list of parts", "messages")
+        parts = []
+        for p in content:
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind == "text" and isinstance(p.get("text"), str):
+                parts.append({"type": "text", "text": p["text"]})
+            elif kind == "image_url":
+                images.append(_image(p))
+                parts.append({"type": "image"})
+            else:
+                raise BadRequest(f"messages[{n}] has a part that is not text or image_url", "messages")
+        out.append({"role": m["role"], "content": parts})
+    return out, images
+
+
+class Server:
+    """The model, its lock and the request logic (no web framework here: create_app wraps it)."""
+
+    def __init__(self, rt: Any, name: str):
+        from .runtimes.chat import stop_ids
+
+        self.rt, self.name = rt, name
+        self.lock = threading.Lock()
+        self.stop_ids = sorted(stop_ids(rt))
+
+    def parse(self, body: Any, chat: bool) -> Request:
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.name:
+            raise BadRequest(f"model '{model}' is not served here; this server serves '{self.name}'", "model")
+        if body.get("n", 1) != 1:
+            raise BadRequest("only n = 1 is supported", "n")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        common = dict(max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 256, 1, 1 << 20, integer=True),
+                      temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 1e-9, 1),
+                      seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True), stop=_stop(body),
+                      stream=bool(body.get("stream", False)))
+        if chat:
+            from .runtimes.chat import render
+
+            messages, images = _messages(body)
+            try:
+                return Request(render(self.rt, messages), images, add_bos=False, **common)
+            except UsageError as err:
+                raise BadRequest(str(err), "messages") from None
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("'prompt' must be a non-empty string", "prompt")
+        return Request(prompt, **common)
+
+    def generate(self, req: Request, cancel: threading.Event) -> Iterator[tuple[str, dict]]:
+        """(text piece, info) as decoded; the last item's info has finish_reason and usage. Holds the lock."""
+        with self.lock:
+            rt = self.rt
+            ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
+            seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+            out: list[int] = []
+            shown, reason = "", "length"
+            for tok in rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
+                                   stop=self.stop_ids, features=features):
+                if cancel.is_set():
+                    return
+                if tok in self.stop_ids:
+                    reason = "stop"
+                    break
+                out.append(tok)
+                text = rt.decode(out)
+                cut = min((text.find(s) for s in req.stop if s in text), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                if not text.endswith("\ufffd") and len(text) > len(shown):
+                    yield text[len(shown):], {}
+                    shown = text
+                if reason == "stop":
+                    break
+            usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
+            yield "", {"finish_reason": reason, "usage": usage}
+
+
+def _error(message: str, param: str | None = None, status: int = 400):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                   "code": None}}, status_code=status)
+
+
+def _chunk(kind: str, rid: str, name: str, piece: str, info: dict) -> dict:
+    finish = info.get("finish_reason")
+    if kind == "chat":
+        choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": piece, "finish_reason": finish}
+        obj = "text_completion"
+    out = {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": [choice]}
+    if "usage" in info:
+        out["usage"] = info["usage"]
+    return out
+
+
+def _whole(kind: str, rid: str, name: str, text: str, info: dict) -> dict:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": info["finish_reason"]}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": info["finish_reason"]}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": [choice],
+            "usage": info["usage"]}
+
+
+async def _stream(server: Server, req: Request, kind: str, rid: str):
+    """Server-sent events from the worker thread; a disconnect (the task is cancelled) stops the generation."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in server.generate(req, cancel):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+        except L4ExportError as err:
+            loop.call_soon_threadsafe(queue.put_nowait, ("", {"error": str(err)}))
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while (item := await queue.get()) is not None:
+            piece, info = item
+            if "error" in info:
+                data = {"error": {"message": info["error"], "type": "invalid_request_error"}}
+            else:
+                data = _chunk(kind, rid, server.name, piece, info)
+            yield f"data: {json.dumps(data)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # a disconnect lands here: the worker stops at its next token and releases the model
+        await asyncio.shield(worker)
+
+
+def create_app(server: Server):
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI(title="l4export", docs_url=None, redoc_url=None)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "l4export"}]}
+
+    async def complete(http: HttpRequest, kind: str):
+        try:
+            body = json.loads(await http.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error("the request body is not JSON")
+        try:
+            req = server.parse(body, chat=kind == "chat")
+        except BadRequest as err:
+            return _error(str(err), err.param)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return StreamingResponse(_stream(server, req, kind, rid), media_type="text/event-stream")
+        try:
+            items = await run_in_threadpool(lambda: list(server.generate(req, threading.Event())))
+        except L4ExportError as err:
+            return _error(str(err))
+        return _whole(kind, rid, server.name, "".join(p for p, _ in items), items[-1][1])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        return await complete(http, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        return await complete(http, "text")
+
+    return app
+
+
+def serve(export: str, host: str = "127.0.0.1", port: int = 8080, name: str | None = None, **runtime_options) -> None:
+    """Load the export and serve it until interrupted."""
+    from pathlib import Path
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise UsageError("l4export serve needs the serve extra: pip install 'l4export[serve]'") from None
+    from .runtimes import load_runtime
+
+    rt = load_runtime(export, **runtime_options)
+    server = Server(rt, name or Path(export).resolve().name)
+    log.warning("serving %s as '%s' on http://%s:%d/v1", export, server.name, host, port)
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -1,0 +1,184 @@
+"""``l4export serve`` with the official ``openai`` client, against a real server started on a free local port, and
+``rt.chat`` / ``l4export chat`` beside it: same text for the same seed, streamed or not, concurrent clients that do
+not share a KV cache, a client that disconnects, bad requests that get a 400 and leave the server serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from l4export.cli import main
+from l4export.runtimes import load_runtime
+
+openai = pytest.importorskip("openai")
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(export, scout, tmp_path_factory):
+    """(base URL, model name, export) of a server running in its own process for the module."""
+    out = export(scout, "onnx")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "l4export.cli", "serve", str(out), "--port", str(port),
+                                 "--name", "tiny-scout"], stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+    yield url, "tiny-scout", out
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"{served[0]}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def rt(served):
+    return load_runtime(served[2])
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-scout"]
+
+
+def test_chat_completion_equals_rt_chat(client, rt):
+    want = "".join(rt.chat(MESSAGES, 12, temperature=0.8, seed=7))
+    r = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=12, temperature=0.8, seed=7)
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens == len(rt.prompt_ids(_render(rt), add_bos=False)[0])
+    stream = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=12, temperature=0.8,
+                                            seed=7, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+
+
+def _render(rt) -> str:
+    from l4export.runtimes.chat import render
+
+    return render(rt, MESSAGES)
+
+
+def test_completion_equals_generate_text(client, rt):
+    from l4export.runtimes.chat import stop_ids
+
+    want = "".join(rt.generate_text("def main(", 10, temperature=0.0, stop=sorted(stop_ids(rt))))
+    r = client.completions.create(model="tiny-scout", prompt="def main(", max_tokens=10, temperature=0)
+    assert r.choices[0].text == want
+
+
+def test_image_part_is_preprocessed_like_the_runtime(client, rt):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 130, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is it?"}]}]
+    r = client.chat.completions.create(model="tiny-scout", messages=msgs, max_tokens=6, temperature=0)
+    ours = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert r.choices[0].message.content == "".join(rt.chat(ours, 6, images=[img], temperature=0))
+
+
+def test_concurrent_streams_do_not_share_a_cache(client, rt):
+    prompts = [[{"role": "user", "content": f"Count to {n}."}] for n in (3, 9)]
+    want = ["".join(rt.chat(m, 16, temperature=0)) for m in prompts]
+    got: list[str | None] = [None, None]
+
+    def run(i: int) -> None:
+        s = client.chat.completions.create(model="tiny-scout", messages=prompts[i], max_tokens=16, temperature=0,
+                                           stream=True)
+        got[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert got == want
+
+
+def test_disconnect_mid_stream_frees_the_model(served, client):
+    url = served[0]
+    body = json.dumps({"model": "tiny-scout", "messages": MESSAGES, "max_tokens": 2000, "stream": True,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        first = resp.readline()  # one event, then hang up
+    assert first.startswith(b"data: ")
+    r = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content is not None  # the model was released, not held by the dead stream
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (json.dumps({"model": "tiny-scout"}).encode(), "messages"),
+    (json.dumps({"model": "tiny-scout", "messages": "hi"}).encode(), "messages"),
+    (json.dumps({"model": "tiny-scout", "messages": MESSAGES, "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"model": "tiny-scout", "messages": MESSAGES, "max_tokens": "8"}).encode(), "max_tokens"),
+    (json.dumps({"model": "tiny-scout", "messages": MESSAGES, "temperature": -1}).encode(), "temperature"),
+    (json.dumps({"model": "tiny-scout", "messages": MESSAGES, "top_p": 2}).encode(), "top_p"),
+    (json.dumps({"model": "gpt-9", "messages": MESSAGES}).encode(), "model"),
+    (json.dumps({"model": "tiny-scout", "messages": MESSAGES, "n": 2}).encode(), "n"),
+    (json.dumps({"model": "tiny-scout", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}).encode(),
+     "messages"),
+])
+def test_bad_requests_get_a_400_and_the_server_keeps_serving(served, client, body, param):
+    req = urllib.request.Request(f"{served[0]}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400
+    error = json.loads(err.value.read())["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    assert client.models.list().data[0].id == "tiny-scout"
+
+
+def test_chat_command_keeps_the_conversation(served, rt, tmp_path):
+    """l4export chat: two turns, then /reset and the first turn again gives the first answer again."""
+    r = CliRunner().invoke(main, ["chat", str(served[2]), "-n", "6"], input="Hello\nAgain\n/reset\nHello\n")
+    assert r.exit_code == 0, r.output
+    first = "".join(rt.chat([{"role": "user", "content": "Hello"}], 6))
+    lines = r.output.splitlines()
+    assert lines[0] == first and "(conversation reset)" in lines and lines[-1] == first
+
+
+def test_run_stops_at_end_of_turn_unless_told_not_to(rt):
+    from l4export.runtimes.chat import stop_ids
+
+    eot = rt.tokenizer.token_to_id("<|eot|>")
+    assert eot in stop_ids(rt) and set(rt.spec.eos_token_ids) <= stop_ids(rt)
+    r = CliRunner().invoke(main, ["run", str(rt.path), "--ids", "1,2,3", "-n", "3", "--ignore-eos"])
+    assert r.exit_code == 0 and len(r.output.split()) == 3
+
+
+def test_serve_without_a_real_export_is_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["serve", str(tmp_path)])
+    assert r.exit_code == 2 and "not an l4export export" in r.stderr
+    assert Path(tmp_path).exists()
