@@ -160,9 +160,9 @@ def _default_dtype(fmt: str, target: str) -> str:
 
 @main.command("demo-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=int, default=None, help="Random weights drawn from this seed instead of the trained ones.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def demo_checkpoint(out: Path, seed: int, force: bool) -> None:
+def demo_checkpoint(out: Path, seed: int | None, force: bool) -> None:
     """Write a tiny Scout-shaped Llama 4 checkpoint (no download, no torch)."""
     from .demo import write_demo_checkpoint
 

@@ -3,7 +3,11 @@
 Scout-shaped means: the multimodal layout (``language_model.`` keys, ``model_type: llama4`` + ``text_config``),
 the hub's config style (``rope_theta`` + llama3 ``rope_scaling`` with low == high, no per-layer lists),
 16 experts with top-1 routing on every layer, qk-norm, and a NoPE layer every 4th layer. A byte-level
-tokenizer.json is written beside it so that text goes in and out.
+tokenizer.json and Llama 4's chat template are written beside it so that text goes in and out.
+
+Its weights are trained: ``l4export/demo_weights.safetensors`` (3.9 MB, bf16), made by
+``scripts/train_demo.py`` on this Python's standard library sources and on chat turns built from its functions, so
+the quick start prints Python-like text. `--seed N` gives the same architecture with random weights drawn from N.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ def byte_tokenizer_json(vocab_size: int, specials: dict[str, int] | None = None)
 
 def write_checkpoint(out: str | Path, config: dict, make: Callable[[str, tuple[int, ...]], np.ndarray],
                      dtype: Any = ml_dtypes.bfloat16, max_shard_bytes: int | None = None, force: bool = False,
-                     tokenizer: bool = True) -> Path:
+                     tokenizer: bool = True, files: dict[str, str] | None = None) -> Path:
     """Write a checkpoint in HF's layout (``names.source_layout``: fused gate_up_proj, input-major experts) whose
     canonical tensors are ``make(name, shape)`` (float32), made when their bytes are due, one source tensor at a
     time; plus the byte-level tokenizer. Written atomically. The demo and the benchmarks' synthetic models use it.
@@ -131,6 +135,8 @@ def write_checkpoint(out: str | Path, config: dict, make: Callable[[str, tuple[i
         write_sharded(tmp, pending, max_shard_bytes=max_shard_bytes or total // 2 + 1)
         if tokenizer:
             write_tokenizer(tmp, spec)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)
 
 
@@ -145,8 +151,34 @@ def write_tokenizer(folder: Path, spec: Llama4Spec, specials: dict[str, int] | N
         "bos_token_id": BOS, "eos_token_id": [EOS, EOT], "pad_token_id": PAD}, indent=2))
 
 
-def write_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Write the tiny Scout-shaped checkpoint to ``out`` (config, 2 bf16 shards + index, tokenizer)."""
+WEIGHTS = Path(__file__).with_name("demo_weights.safetensors")
+
+
+def trained_weights() -> Callable[[str, tuple[int, ...]], np.ndarray]:
+    """The trained demo tensors (canonical names), read with l4export's own safetensors reader (numpy only)."""
+    from .checkpoint import read_header
+
+    tensors = read_header(WEIGHTS)
+
+    def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        t = tensors[name]
+        if t.shape != tuple(shape):
+            raise RuntimeError(f"internal: {WEIGHTS.name} holds {name} as {t.shape}, the demo config wants {shape}")
+        return t.read().astype(np.float32)
+
+    return make
+
+
+def write_demo_checkpoint(out: str | Path, seed: int | None = None, force: bool = False) -> Path:
+    """Write the tiny Scout-shaped checkpoint to ``out`` (config, 2 bf16 shards + index, tokenizer, chat template):
+    the trained weights, or random ones drawn from ``seed``."""
+    from .runtimes.chat import LLAMA4_FORMAT
+
+    make = trained_weights() if seed is None else _random_weights(seed)
+    return write_checkpoint(out, demo_config(), make, force=force, files={"chat_template.jinja": LLAMA4_FORMAT})
+
+
+def _random_weights(seed: int) -> Callable[[str, tuple[int, ...]], np.ndarray]:
     rng = np.random.default_rng(seed)
 
     def make(name: str, shape: tuple[int, ...]) -> np.ndarray:  # called in canonical order
@@ -156,4 +188,4 @@ def write_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -
         # experts and verify measures chaos, not quantization error (tests/conftest.py QUANT says the same)
         return (0.04 * rng.standard_normal(shape)).astype(np.float32)
 
-    return write_checkpoint(out, demo_config(), make, force=force)
+    return make

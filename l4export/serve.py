@@ -6,7 +6,7 @@
     stream: true                 server-sent events, one chunk per decoded piece, then ``data: [DONE]``
 
 Requests take ``max_tokens`` (``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop`` (a string
-or up to 4) and ``n`` = 1; answers carry ``usage`` (prompt and completion tokens) and ``finish_reason`` ("stop" at
+or up to 4), ``n`` = 1 and vLLM's ``ignore_eos``; answers carry ``usage`` (prompt and completion tokens) and ``finish_reason`` ("stop" at
 an end-of-turn token or a stop string, "length" at max_tokens). Image parts (``image_url`` with a ``data:`` URL) go
 through the same preprocessing as ``rt.generate_text(images=...)``.
 
@@ -53,6 +53,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     add_bos: bool = True
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
@@ -138,7 +139,7 @@ class Server:
         common = dict(max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 256, 1, 1 << 20, integer=True),
                       temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 1e-9, 1),
                       seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True), stop=_stop(body),
-                      stream=bool(body.get("stream", False)))
+                      stream=bool(body.get("stream", False)), ignore_eos=body.get("ignore_eos") is True)
         if chat:
             from .runtimes.chat import render
 
@@ -160,11 +161,12 @@ class Server:
             seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
             out: list[int] = []
             shown, reason = "", "length"
+            stops = [] if req.ignore_eos else self.stop_ids
             for tok in rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
-                                   stop=self.stop_ids, features=features):
+                                   stop=stops, features=features):
                 if cancel.is_set():
                     return
-                if tok in self.stop_ids:
+                if tok in stops:
                     reason = "stop"
                     break
                 out.append(tok)

@@ -57,3 +57,21 @@ def test_demo_tokenizer_round_trip(tmp_path):
     assert tok.decode(enc.ids, skip_special_tokens=True) == text
     assert enc.ids[1:] == list(text.encode("utf-8"))  # byte level: one id per byte
     assert np.all(np.asarray(enc.ids[1:]) < 256)
+
+
+def test_demo_writes_python_like_text(demo_checkpoint, export):
+    """The quick start's promise: the trained demo continues code with code (greedy, so deterministic), through
+    `run --prompt` (its chat template) and as a plain completion; not control bytes or replacement characters."""
+    from l4export.runtimes import load_runtime
+
+    out = export(demo_checkpoint, "onnx")
+    r = CliRunner().invoke(main, ["run", str(out), "--prompt", "def fibonacci(n):", "-n", "80"])
+    assert r.exit_code == 0, r.output
+    rt = load_runtime(out)
+    plain = "".join(rt.generate_text("class Parser:\n    def ", 80))
+    words = {"def", "return", "self", "if", "for", "in", "None", "not", "import", "else", "class"}
+    for text in (r.output, plain):
+        printable = sum(c.isprintable() or c in "\n\t" for c in text) / max(len(text), 1)
+        assert printable > 0.97 and "\ufffd" not in text, repr(text)
+        assert words & set(text.replace("(", " ").replace(":", " ").replace(",", " ").split()), repr(text)
+    assert len(words & set((r.output + " " + plain).replace("(", " ").replace(":", " ").replace(",", " ").split())) >= 3

@@ -46,7 +46,7 @@ def demo(tmp_path_factory) -> dict[str, Path]:
     from l4export.demo import write_demo_checkpoint
 
     root = tmp_path_factory.mktemp("demo_kv")
-    ckpt = write_demo_checkpoint(root / "demo")
+    ckpt = write_demo_checkpoint(root / "demo", seed=0)  # random weights: see conftest.random_demo
     out = {"ckpt": ckpt, "onnx": root / "onnx"}
     convert(ckpt, out["onnx"], ExportOptions(format="onnx"))
     try:

@@ -100,11 +100,11 @@ def test_verify_cli_rejects_other_architecture(scout_export, maverick):
 
 
 @pytest.mark.parametrize("quant", ["int4", "fp8"])
-def test_verify_passes_on_the_demo_quantized_exports(quant, demo_checkpoint, export):
-    """The fast presets stay inside verify's own gates on the built-in demo model (int4: accuracy_level 4)."""
+def test_verify_passes_on_the_demo_quantized_exports(quant, random_demo, export):
+    """The fast presets stay inside verify's own gates on the demo architecture (int4: accuracy_level 4)."""
     from l4export.verify import verify
 
-    report = verify(export(demo_checkpoint, "onnx", quant=quant), demo_checkpoint, greedy_tokens=8)
+    report = verify(export(random_demo, "onnx", quant=quant), random_demo, greedy_tokens=8)
     assert report.threshold_key == quant and report.passed, report.table()
 
 
