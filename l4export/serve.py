@@ -160,7 +160,8 @@ class Server:
             ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
             seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
             out: list[int] = []
-            shown, reason = "", "length"
+            base, tail, reason = 0, "", "length"  # out[base:] not shown yet; tail: the end of what was shown
+            keep = max((len(x) for x in req.stop), default=0)  # a stop string may span pieces
             stops = [] if req.ignore_eos else self.stop_ids
             for tok in rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
                                    stop=stops, features=features):
@@ -170,13 +171,18 @@ class Server:
                     reason = "stop"
                     break
                 out.append(tok)
-                text = rt.decode(out)
-                cut = min((text.find(s) for s in req.stop if s in text), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                if not text.endswith("\ufffd") and len(text) > len(shown):
-                    yield text[len(shown):], {}
-                    shown = text
+                piece = rt.decode(out[base:])  # only the new tokens: O(1) per token, not O(length)
+                if piece.endswith("\ufffd"):
+                    continue  # wait for whole UTF-8 characters
+                base = len(out)
+                if req.stop:
+                    window = tail + piece
+                    cut = min((window.find(x) for x in req.stop if x in window), default=-1)
+                    if cut >= 0:
+                        piece, reason = window[:cut][len(tail):] if cut >= len(tail) else "", "stop"
+                    tail = window[-keep:] if keep else ""
+                if piece:
+                    yield piece, {}
                 if reason == "stop":
                     break
             usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
@@ -232,8 +238,15 @@ async def _stream(server: Server, req: Request, kind: str, rid: str):
 
     worker = loop.run_in_executor(None, work)
     try:
-        while (item := await queue.get()) is not None:
+        held: list = []  # an item taken while coalescing that must go out on its own, next
+        while (item := held.pop() if held else await queue.get()) is not None:
             piece, info = item
+            while not info and not queue.empty():  # pieces made while the last event was sent: one event
+                nxt = queue.get_nowait()
+                if nxt is None or nxt[1]:  # the end, an error or the last item: on their own, in order
+                    held.append(nxt)
+                    break
+                piece += nxt[0]
             if "error" in info:
                 data = {"error": {"message": info["error"], "type": "invalid_request_error"}}
             else:
