@@ -211,6 +211,16 @@ class LazyTensor:
             _check_finite(out, self)
         return out
 
+    def load_rows(self, rows: slice, dtype: np.dtype | type | str | None = None) -> np.ndarray:
+        """Rows [a, b) of a dense 2-D tensor stored as one plain source tensor (not FP8): one positioned read of only
+        those rows, equal to ``load(dtype)[a:b]``. Anything else is loaded whole and sliced."""
+        if len(self.shape) != 2 or len(self.parts) != 1 or self.parts[0][0].op != "copy" or self.is_fp8:
+            return self.load(dtype)[rows]
+        out = self.parts[0][1].read(rows)
+        out = out if dtype is None or out.dtype == np.dtype(dtype) else out.astype(dtype)
+        _check_finite(out, self)
+        return out
+
     def load_fp8(self, experts: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
         """FP8 weights as stored (e4m3) with per-output-channel float32 scales ``[..., out, 1]``
         (``experts=slice(a, b)``: those experts only, as in ``load``)."""

@@ -182,10 +182,14 @@ def demo_checkpoint(out: Path, seed: int | None, force: bool) -> None:
 @click.option("--calib-seqlen", default=256, show_default=True, type=click.IntRange(1), help="Tokens per calibration sample.")
 @click.option("--text-only", is_flag=True, help="Leave a multimodal checkpoint's vision tower out (smaller; no images).")
 @click.option("--max-images", default=8, show_default=True, type=click.IntRange(1), help="Images one prompt may carry.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Quantize and calibrate on a Ray cluster: local, auto, or ray://HOST:PORT (the distributed extra).")
+@click.option("--tmp-dir", type=click.Path(path_type=Path), default=None,
+              help="Where calibration spills its codes (default: inside the output's temporary folder).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: str, quant: str | None,
             calib: Path | None, calib_samples: int, calib_seqlen: int, text_only: bool, max_images: int,
-            force: bool) -> None:
+            ray_address: str | None, tmp_dir: Path | None, force: bool) -> None:
     """Convert a Hugging Face Llama 4 checkpoint to ONNX or MLX (with its vision path, unless --text-only)."""
     from .convert import ExportOptions
     from .convert import convert as run_convert
@@ -193,7 +197,7 @@ def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: st
     if dtype is None:
         dtype = _default_dtype(fmt, target)
     options = ExportOptions(format=fmt, dtype=dtype, target=target, text_only=text_only,  # type: ignore[arg-type]
-                            max_images=max_images)
+                            max_images=max_images, ray=ray_address, tmp_dir=tmp_dir)
     if quant is not None:
         from .quant.recipe import load_recipe
 

@@ -18,9 +18,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import shutil
+from collections import ChainMap
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from .checkpoint import Checkpoint
 from .errors import CapabilityError, MappingError, UsageError
@@ -44,6 +50,8 @@ class ExportOptions:
     text_only: bool = False  # leave a multimodal checkpoint's vision tower and projector out
     max_images: int = 8  # images a prompt may carry (runtimes refuse more)
     max_shard_bytes: int = 2 * 1024**3
+    ray: str | None = None  # a Ray address (local, auto, ray://...): distribute the quantization (--ray)
+    tmp_dir: Path | None = None  # where calibration spills (default: inside the output's temporary folder)
 
 
 def plan_export(ckpt: Checkpoint, options: ExportOptions) -> ExportPlan:
@@ -58,15 +66,55 @@ def plan_export(ckpt: Checkpoint, options: ExportOptions) -> ExportPlan:
                      calibrated=options.calib is not None, vision=vision)
 
 
-def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: Path):
+def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: Path, workers):
     """GPTQ (or RTN statistics) for the plan's recipe; calibrated codes spill into the output's temporary folder
-    (the output's disk, not a possibly RAM-backed $TMPDIR) and go when the export is written."""
+    (the output's disk, not a possibly RAM-backed $TMPDIR) or --tmp-dir, and go when the export is written."""
+    from dataclasses import replace
+
     from .quant.calib_data import read_calibration
     from .quant.calibrate import calibrate, spill_next_to
 
     c = options.calib
+    if options.tmp_dir is not None and options.ray is None:
+        c = replace(c, spill_dir=options.tmp_dir)
     ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
-    return calibrate(ckpt, plan.recipe, ids, spill_next_to(c, tmp))
+    return calibrate(ckpt, plan.recipe, ids, spill_next_to(c, tmp), workers=workers)
+
+
+def spill_bytes(plan: ExportPlan) -> int:
+    """Disk the quantized codes take while they wait for the writer: one byte per weight plus float32 scales and
+    uint8 zero points per group (calibration, and round-to-nearest ahead of the writer with --ray)."""
+    total = 0
+    for name, t in plan.tensors.items():
+        if t.scheme is not None:
+            n = int(np.prod(t.shape, dtype=np.int64))
+            total += n + 5 * n // t.scheme.group_for(t.shape[-1])
+    return total
+
+
+def check_disk(out: Path, plan: ExportPlan, options: ExportOptions, ahead: bool) -> None:
+    """Refuse, before anything is written, an export whose output and spill do not fit the free disk."""
+    parent = out.resolve().parent
+    need = {parent: int(plan.total * 1.01) + (64 << 20)}  # weights, graph and tokenizer files
+    spill = spill_bytes(plan) if options.calib is not None or ahead else 0
+    where = options.tmp_dir if options.tmp_dir is not None and options.ray is None else parent
+    if spill:
+        key = parent if _same_disk(where, parent) else Path(where)
+        need[key] = need.get(key, 0) + spill
+    for folder, n in need.items():
+        free = shutil.disk_usage(folder).free if folder.exists() else None
+        if free is not None and free < n:
+            detail = f" (the output {plan.total / 1e9:.2f} GB" + (f", the quantization spill {spill / 1e9:.2f} GB)"
+                                                                  if spill else ")")
+            raise UsageError(f"{folder}: {free / 1e9:.2f} GB free but this export needs about {n / 1e9:.2f} GB"
+                             f"{detail}; free space, or choose another -o" + (" or --tmp-dir" if spill else ""))
+
+
+def _same_disk(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return True
 
 
 def vision_info(ckpt: Checkpoint, options: ExportOptions) -> dict[str, Any]:
@@ -81,6 +129,47 @@ def vision_info(ckpt: Checkpoint, options: ExportOptions) -> dict[str, Any]:
             "max_patches": max_patches, "max_images": options.max_images}
 
 
+def _ahead(plan: ExportPlan, options: ExportOptions) -> dict:
+    """With --ray: the round-to-nearest integer tensors to quantize on the cluster before the writer runs."""
+    from .quant.schemes import Int
+
+    if options.ray is None:
+        return {}
+    return {n: s for n, s in plan.quantized.items() if isinstance(s, Int)}
+
+
+def _check_tmp_dir(options: ExportOptions) -> None:
+    d = options.tmp_dir
+    if d is None:
+        return
+    if options.ray is not None:
+        raise UsageError("--tmp-dir with --ray: the spill must be on the filesystem every node shares; "
+                         "leave --tmp-dir out (it goes inside the output's temporary folder)")
+    if not Path(d).is_dir() or not os.access(d, os.W_OK):
+        raise UsageError(f"{d}: --tmp-dir is not a writable folder; create it or choose another")
+
+
+def _write(ckpt: Checkpoint, tmp: Path, plan: ExportPlan, options: ExportOptions, writer, stack: ExitStack) -> dict:
+    """Calibrate (if asked), quantize ahead (with --ray), then run the format's writer into ``tmp``."""
+    from .distributed import workers_for
+
+    workers = workers_for(options.ray, tmp)
+    stack.callback(workers.close)
+    calib = _calibrate(ckpt, plan, options, tmp, workers) if options.calib is not None else None
+    if calib is not None:
+        stack.callback(calib.close)  # the spilled codes are in the export now (or the export failed)
+    ready = None
+    ahead = _ahead(plan, options)
+    if ahead:
+        from .quant.ahead import quantize_ahead
+
+        store = quantize_ahead(ckpt, {n: s for n, s in ahead.items() if calib is None or n not in calib.tensors},
+                               workers, tmp)
+        stack.callback(store.close)
+        ready = store if calib is None else ChainMap(calib.tensors, store)  # type: ignore[arg-type]
+    return writer(ckpt, tmp, plan, options, calib, ready) or {}
+
+
 def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, force: bool = False) -> Path:
     """Convert a checkpoint folder to an export folder; returns the output path."""
     check_dtype(options.format, options.dtype, options.target)
@@ -92,17 +181,17 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise UsageError(f"{out}: the output folder must not be the checkpoint folder")
+    _check_tmp_dir(options)
+    if options.ray is not None and importlib.util.find_spec("ray") is None:
+        raise CapabilityError("--ray needs Ray, which is not installed: pip install 'l4export[distributed]'")
+    check_disk(out, plan, options, bool(_ahead(plan, options)))
     if options.format == "onnx":
         from .exporter.onnx import export_onnx as writer
     else:
         from .exporter.mlx import export_mlx as writer
     with atomic_output_dir(out, force=force) as tmp:
-        calib = _calibrate(ckpt, plan, options, tmp) if options.calib is not None else None
-        try:
-            extra = writer(ckpt, tmp, plan, options, calib) or {}
-        finally:
-            if calib is not None:
-                calib.close()  # the spilled codes are in the export now (or the export failed)
+        with ExitStack() as stack:  # workers, spilled codes: gone before the manifest is written
+            extra = _write(ckpt, tmp, plan, options, writer, stack)
         tokenizer = copy_files(ckpt.tokenizer_files(), tmp)
         info = {
             "format": options.format,

@@ -189,3 +189,46 @@ def _random_weights(seed: int) -> Callable[[str, tuple[int, ...]], np.ndarray]:
         return (0.04 * rng.standard_normal(shape)).astype(np.float32)
 
     return make
+
+
+# ---- synthetic checkpoints at any width (benchmarks, and the tests of what real widths refuse) -----------------
+def write_synthetic(out: str | Path, config: dict, fill: str = "random", seed: int = 0) -> Path:
+    """A checkpoint of ``config`` in HF's layout, one ``model.safetensors`` written straight from numpy, a tensor
+    at a time (nothing like a model in memory): ``fill="random"``: bfloat16 weights of random sign and mantissa
+    with magnitudes in [2^-7, 2^-6) (norms 1.0), made from random bits, fast enough for Scout widths;
+    ``fill="sparse"``: a sparse file of zeros (headers are real, no data written: for what must be refused before
+    any weight is read). Written atomically, with the byte-level tokenizer."""
+    spec = spec_from_config(config)
+    shapes = {src: shape for src, (shape, _, _) in source_layout(spec, spec.layout).items()}
+    if spec.vision is not None:
+        shapes.update(vision_shapes(spec.vision, spec.hidden_size))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "l4export": f"synthetic-{fill}"}}
+    offset = 0
+    for name, shape in shapes.items():
+        n = 2 * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    rng = np.random.default_rng(seed)
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        with open(tmp / "model.safetensors", "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            if fill == "sparse":
+                f.truncate(8 + len(head) + offset)
+            else:
+                for name, shape in shapes.items():
+                    _write_random(f, name, shape, rng)
+        write_tokenizer(tmp, spec)
+    return Path(out)
+
+
+def _write_random(f: Any, name: str, shape: tuple[int, ...], rng: np.random.Generator, block: int = 1 << 26) -> None:
+    n = int(np.prod(shape, dtype=np.int64))
+    if "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1] or name.endswith("norm.weight"):
+        f.write(np.full(n, 0x3F80, np.uint16).tobytes())  # bfloat16 1.0
+        return
+    for a in range(0, n, block):
+        bits = rng.integers(0, 1 << 16, min(block, n - a), dtype=np.uint16)
+        f.write(((bits & 0x807F) | 0x3C00).astype(np.uint16).tobytes())  # sign, mantissa random; exponent 2^-7

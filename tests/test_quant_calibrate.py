@@ -316,3 +316,24 @@ def test_missing_file_and_bad_options(tmp_path):
         read_calibration(None, 300)
     with pytest.raises(UsageError, match="at least 1"):
         CalibOptions(samples=0)
+
+
+def test_gptq_inverse_factor_does_not_depend_on_the_thread_count():
+    """A --ray worker runs one thread, a single process all cores: GPTQ's H⁻¹ factor (where MKL's Cholesky rounds
+    by thread count at this size) must be bit-identical, or real-width codes differ between the two."""
+    import torch
+
+    from l4export.quant.gptq import inverse_factor
+
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.standard_normal((4000, 3000)), dtype=torch.float64)
+    h = (x.T @ x)[None]
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out.append(inverse_factor(h).numpy())
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(out[0], out[1])

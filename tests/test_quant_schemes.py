@@ -209,3 +209,20 @@ def test_fp8_dequantizelinear_runs_on_onnxruntime():
     node = helper.make_node("DequantizeLinear", ["w", "s"], ["Y"], axis=0)
     y = _run(node, {}, {"w": p["weight"], "s": p["scale"]}, (16, 128), opset=19)
     np.testing.assert_array_equal(y, qt.dequantize())
+
+
+def test_slice_wise_rtn_equals_whole_tensor_rtn(qscout):
+    """quant/ahead.rtn reads experts and dense rows a slice at a time: the codes, scales and zero points are those
+    of quantizing the whole float32 tensor (each row and each expert is quantized on its own)."""
+    from l4export.checkpoint import Checkpoint
+    from l4export.quant.ahead import rtn
+    from l4export.quant.schemes import Int
+
+    ck = Checkpoint(qscout)
+    for name in ("lm_head.weight", "model.layers.0.feed_forward.experts.down_proj",
+                 "model.layers.1.self_attn.o_proj.weight"):
+        for scheme in (Int(4, 32, symmetric=False), Int(8, 64)):
+            whole = scheme.quantize(ck[name].load(np.float32))
+            sliced = rtn(ck[name], scheme, slice_bytes=3000)  # a few rows / one expert per slice
+            for a, b in ((whole.q, sliced.q), (whole.scale, sliced.scale), (whole.zero, sliced.zero)):
+                assert (a is None and b is None) or np.array_equal(a, b), name

@@ -42,6 +42,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, LazyTensor
 from ..names import is_linear_weight, is_vision, source_name
 from ..outputs import PendingTensor, write_sharded
+from ..quant.ahead import rtn
 from ..quant.pack import mlx_config_entry, to_mlx
 from ..plan import ExportPlan
 from ..quant.schemes import Fp8, Int, QTensor
@@ -195,7 +196,7 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: 
 
     def packed() -> dict[str, np.ndarray]:
         if not memo:
-            qt = calibrated if calibrated is not None else scheme.quantize(t.load(np.float32))
+            qt = calibrated if calibrated is not None else rtn(t, scheme)
             arrays = to_mlx(qt)
             for k in ("scales", "biases"):  # affine scales/biases in the model dtype (as mlx-lm writes them)
                 if k in arrays and arrays[k].dtype == np.float32:
@@ -224,9 +225,11 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: 
     return [PendingTensor(f"{module}.{k}", s, d, part(k, i == len(specs) - 1)) for i, (k, s, d) in enumerate(specs)]
 
 
-def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None) -> dict[str, Any]:
+def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None,
+               ready: Any = None) -> dict[str, Any]:
     """Write the MLX export of ``ckpt`` into ``out`` (already the temporary folder). Returns extra metadata.
-    ``calib``: convert's calibration result (GPTQ tensors), or None for round to nearest."""
+    ``calib``: convert's calibration result (GPTQ tensors), or None for round to nearest; ``ready``: quantized
+    tensors made ahead of the writer (--ray), the calibrated ones included."""
     spec = ckpt.spec
     dtype = NP_DTYPES[plan.dtype]
     _warn_mlx_lm_differences(spec)
@@ -241,20 +244,19 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
             log.info("recipe %s: MLX has no per-channel e4m3 FP8; FP8 rules are written as mxfp8 (e4m3, power-of-two "
                      "scale per 32 inputs), re-quantized from the float weights", plan.recipe.name)
         if calib is not None:
-            from ..quant.report import write_report
-
-            calibrated = {n: qt for n, qt in calib.tensors.items() if n in quantized}
-            from ..quant.report import report_inputs
+            from ..quant.report import report_inputs, write_report
 
             write_report(out, calib, shapes, plan.recipe.name, float_bytes=dtype.itemsize,
                          uncalibrated=report_inputs(ckpt, plan)[1], adapted=plan.adapted)
             extra["calibration"] = {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
+        made = ready if ready is not None else calib.tensors if calib is not None else {}
+        calibrated = {n: made[n] for n in made if n in quantized}
         qcfg = quantization_config(shapes, quantized)
         config["quantization"] = qcfg
         config["quantization_config"] = dict(qcfg)
         extra["quantized_tensors"] = len(quantized)
         log.info("MLX quantized export: %d tensors quantized (%s), %s", len(quantized),
-                 ", ".join(sorted({s.name for s in quantized.values()})), "GPTQ-calibrated" if calibrated else "round to nearest")
+                 ", ".join(sorted({s.name for s in quantized.values()})), "GPTQ-calibrated" if calib is not None else "round to nearest")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     pending: list[PendingTensor] = []
     for t in tensors:

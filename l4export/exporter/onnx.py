@@ -396,11 +396,13 @@ def save_model(model: ir.Model, out: Path, total_bytes: int, file: str = MODEL_F
         ir.save(model, out / file, external_data=data, callback=progress, max_workers=1)
 
 
-def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None) -> dict[str, Any]:
+def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None,
+                ready: Any = None) -> dict[str, Any]:
     """Write the decoder, its external data and genai_config.json into ``out`` (with the vision path: vision.onnx,
     embedding.onnx and model.embeds.onnx too); return l4export.json extras. ``calib``: convert's calibration result
     (quantized tensors and FP8 input scales), or None."""
-    builder = DecoderBuilder(ckpt, plan, None if calib is None else calib.tensors, None if calib is None else calib.act_scales)
+    quantized = ready if ready is not None else None if calib is None else calib.tensors  # made ahead of the writer
+    builder = DecoderBuilder(ckpt, plan, quantized, None if calib is None else calib.act_scales)
     model = builder.build()
     total = sum(int(v.const_value.nbytes) for v in builder.g.initializers if v.const_value is not None)
     log.info("onnx graph: %d nodes, %d initializers, %.1f MB of weights", len(builder.g.nodes),

@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from ..checkpoint import LazyTensor
 from ..quant import pack
+from ..quant.ahead import expert_runs, rtn
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
 
@@ -62,7 +63,7 @@ class QuantSource:
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        qt = self.scheme(name).quantize(self.tensor(name).load(np.float32))
+        qt = rtn(self.tensor(name), self.scheme(name))  # a slice at a time; = quantize(load(float32))
         self._cache[name] = qt
         while len(self._cache) > 2:
             self._cache.popitem(last=False)
@@ -242,9 +243,17 @@ def _experts_shape(lo: Lowering, name: str) -> tuple[int, int, int]:
     return shape if len(shape) == 3 else (1,) + shape  # an MLP weight is one expert
 
 
-def _load_experts(lo: Lowering, name: str, dtype: np.dtype) -> np.ndarray:
-    a = lo.tensor(name).load(dtype)
+def _load_experts(lo: Lowering, name: str, dtype: np.dtype, run: tuple[int, int] | None = None) -> np.ndarray:
+    t = lo.tensor(name)
+    if run is not None and t.is_experts:
+        return t.load(dtype, experts=slice(*run))
+    a = t.load(dtype)
     return a if a.ndim == 3 else a[None]
+
+
+def _expert_runs(lo: Lowering, name: str) -> list[tuple[int, int]]:
+    t = lo.tensor(name)
+    return expert_runs(t) if t.is_experts else [(0, 1)]
 
 
 def _q_experts(lo: Lowering, name: str) -> QTensor:
@@ -266,10 +275,11 @@ def float_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...
     e, i, h = _experts_shape(lo, gate)
     dt = lo.g.np_dtype
 
-    def fc1() -> np.ndarray:  # [E, 2I, H] rows g0, u0, g1, u1, ...; one source tensor in memory at a time
-        out = np.empty((e, 2 * i, h), dtype=dt)
-        out[:, 0::2] = _load_experts(lo, gate, dt)
-        out[:, 1::2] = _load_experts(lo, up, dt)
+    def fc1() -> np.ndarray:  # [E, 2I, H] rows g0, u0, g1, u1, ...; read a few experts at a time (Scout fp32:
+        out = np.empty((e, 2 * i, h), dtype=dt)  # 5.4 GB out, never the 2.7 GB gate or up beside it)
+        for a, b in _expert_runs(lo, gate):
+            out[a:b, 0::2] = _load_experts(lo, gate, dt, (a, b))
+            out[a:b, 1::2] = _load_experts(lo, up, dt, (a, b))
         return out
 
     w1 = lo.g.weight(f"{base}.fc1_interleaved", (e, 2 * i, h), dt, fc1)

@@ -47,13 +47,14 @@ from typing import Any, Callable
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..distributed import LocalWorkers
 from ..errors import UsageError
 from ..spec import LayerSpec
 from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
 from .gptq import gptq, output_sqnr
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, sqnr_db
-from .spill import SpilledTensors
+from .spill import Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ class _Run:
     dev: Any  # torch.device
     inv_freq: Any  # RoPE inverse frequencies [D/2], on dev
     result: CalibResult
+    workers: Any = field(default_factory=LocalWorkers)  # where the expert batches run (distributed.py)
 
     def observe(self, layer: int, name: str, e: int, x) -> None:
         if self.observer is not None:
@@ -233,28 +235,32 @@ class _Experts:
 
 
 def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: CalibOptions,
-              observer: Observer | None = None) -> CalibResult:
+              observer: Observer | None = None, workers: Any = None) -> CalibResult:
     """Quantize every tensor the recipe matches, calibrated on the token id arrays ``ids`` (``read_calibration``
     reads them from ``options.path``; this does not). ``recipe`` is one that ``plan.make_plan`` (convert) or
     ``Recipe.validate`` accepted for this checkpoint; it is not validated again here.
 
-    The calibrated tensors are spilled to disk as they are made (``result.tensors`` is a ``SpilledTensors``)."""
+    The calibrated tensors are spilled to disk as they are made (``result.tensors`` is a ``SpilledTensors``).
+    ``workers``: where the routed experts' GPTQ jobs run (``distributed.RayWorkers``; default this process; the
+    observer sees routed experts' inputs only in this process)."""
     import torch
 
     t0 = time.perf_counter()
     spec = ckpt.spec
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log.info("calibrating on %d samples, %d tokens, device %s", len(ids), sum(len(i) for i in ids), dev)
-    embed = torch.tensor(ckpt.tensors["model.embed_tokens.weight"].load(np.float32), device=dev)
-    X = [embed[torch.tensor(i, device=dev)] for i in ids]
+    embed = ckpt.tensors["model.embed_tokens.weight"].load()  # source dtype: no float32 copy of 202048 x 5120
+    X = [torch.tensor(embed[np.asarray(i)].astype(np.float32), device=dev) for i in ids]
     del embed
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
     result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=sum(len(i) for i in ids),
                          device=str(dev))
-    run = _Run(ckpt, recipe, options, observer, dev, inv_freq, result)
+    run = _Run(ckpt, recipe, options, observer, dev, inv_freq, result, workers or LocalWorkers())
     with torch.no_grad():
         for la in spec.layers:
+            t_layer = time.perf_counter()
             X = _calibrate_layer(la, X, run)
+            _eta_model(la.index, len(spec.layers), time.perf_counter() - t_layer, time.perf_counter() - t0)
     _global_tensors(X, run)
     result.tensors.reorder(ckpt.tensors)
     result.stats = {n: result.stats[n] for n in sorted(result.stats, key=list(ckpt.tensors).index)}
@@ -391,33 +397,130 @@ def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any,
                 yield j, e, rows, xs[rows]
 
 
-def _calibrate_experts(ex: _Experts, run: _Run) -> None:
-    """GPTQ the routed experts of one MoE layer in batches, and add their quantized outputs to ``ex.partial``.
+@dataclass
+class ExpertBatch:
+    """One job: GPTQ of routed experts [a, b) of one MoE layer, everything it needs carried along (it may run on
+    another machine). ``inputs1``: (expert, s·h2 rows) of pass 1 (float weights: the Hessians come from them);
+    ``inputs2``: (sample, token rows, expert, s·h2 rows) of pass 2 (the quantized experts' outputs go there)."""
 
-    Memory holds one batch's weights and Hessians; nothing here is [E, K, K] or the whole [E, out, in]."""
+    layer: int
+    lazy: dict[str, Any]  # gate/up/down LazyTensors [E, out, in]
+    plan: dict[str, AnyScheme]
+    a: int
+    b: int
+    inputs1: list
+    inputs2: list
+    priors: dict
+    alpha: float
+    options: CalibOptions
+    folder: str  # where the job writes its quantized parts (the output's temporary folder)
+
+
+@dataclass
+class BatchResult:
+    parts: dict[str, Part]  # planned tensor -> this batch's quantized experts, as files
+    stats: dict[str, dict[str, list[float]]]
+    amax: dict[str, np.ndarray]
+    outputs: list  # (sample, token rows, quantized experts' output rows [n, H])
+
+
+def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> BatchResult:
+    """Load the batch's float experts, accumulate their Hessians on pass 1's routed tokens, GPTQ them, write them,
+    and compute the quantized experts' outputs on pass 2's tokens. The same function runs locally and on Ray."""
+    import torch
+
+    dev = torch.device(job.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.no_grad():
+        w = {n: torch.tensor(t.load(np.float32, experts=slice(job.a, job.b)), device=dev) for n, t in job.lazy.items()}
+        accs = _expert_hessians(job, w, dev, observe)
+        res = BatchResult({}, {n: {} for n in job.plan}, {}, [])
+        for n in (_GATE, _UP, _DOWN):
+            if n not in job.plan:
+                continue
+            acc, prior = accs[_SHARES.get(n, n)], job.priors[_SHARES.get(n, n)].to(dev)
+            qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, job.alpha), job.plan[n], job.options, res.stats[n])
+            res.amax[n] = acc.amax
+            res.parts[n] = save_part(job.folder, qt)
+            w[n] = torch.tensor(qt.dequantize(), device=dev)
+            del qt
+        del accs
+        for j, rows, e, xe in job.inputs2:  # pass 2: the quantized experts on the quantized layer's tokens
+            xe = xe.to(dev)
+            me = expert_hidden(xe, w[_GATE][e - job.a], w[_UP][e - job.a])
+            res.outputs.append((j, rows, (me @ w[_DOWN][e - job.a].T).cpu()))
+    return res
+
+
+def _expert_hessians(job: ExpertBatch, w: dict, dev, observe: Observer | None) -> dict:
+    """Pass 1 over the batch: Σ x xᵀ of the float experts' real inputs for the planned tensors, keyed by input as in
+    ``_SHARES``; ``observe`` (if any) sees every input, planned or not."""
+    inter, hidden = job.lazy[_GATE].shape[1:]
+    accs = {}
+    if _GATE in job.plan or _UP in job.plan:
+        accs[_GATE] = _Acc(job.b - job.a, hidden, dev, job.a)
+    if _DOWN in job.plan:
+        accs[_DOWN] = _Acc(job.b - job.a, inter, dev, job.a)
+    for e, xe in job.inputs1:
+        xe = xe.to(dev)
+        if observe is not None:
+            observe(job.layer, _GATE, e, xe)
+        if _GATE in accs:
+            accs[_GATE].add(e, xe)
+        if _DOWN in accs or observe is not None:
+            me = expert_hidden(xe, w[_GATE][e - job.a], w[_UP][e - job.a])
+            if observe is not None:
+                observe(job.layer, _DOWN, e, me)
+            if _DOWN in accs:
+                accs[_DOWN].add(e, me)
+    return accs
+
+
+def _calibrate_experts(ex: _Experts, run: _Run) -> None:
+    """GPTQ the routed experts of one MoE layer in batches (jobs, on ``run.workers``), and add their quantized
+    outputs to ``ex.partial``. Each job holds one batch's weights and Hessians; nothing is [E, K, K] or the whole
+    [E, out, in]. Results are taken in batch order, so the spill and the sums are those of one process."""
     num_e, inter, hidden = ex.shape
     run.result.token_counts[ex.layer] = ex.counts.tolist()
     log.info("layer %d: tokens per expert %s", ex.layer, ex.counts.tolist())
     bsz = expert_batch_size(hidden, inter, run.options.expert_batch_bytes, num_e)
     batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
     log.info("layer %d: %d routed experts in %d batch(es) of up to %d", ex.layer, num_e, len(batches), bsz)
-    priors = _expert_priors(ex, batches, run.dev)
-    for a, b in batches:
-        w = ex.load((_GATE, _UP, _DOWN), a, b, run.dev)
-        accs = _expert_hessians(ex, a, b, w, run)  # pass 1: the float experts' real inputs
-        _quantize_experts(ex, w, accs, priors, run)
-        del accs
-        # pass 2: the quantized experts on the quantized layer's tokens
-        for j, e, rows, xe in _routed_rows(ex.routed2, a, b):
-            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
-            ex.partial[j][rows] = ex.partial[j][rows] + me @ w[_DOWN][e - a].T
-        del w
+    priors = {k: v.cpu() for k, v in _expert_priors(ex, batches, run.dev).items()}
+    alpha = run.options.prior_tokens if num_e > 1 else 0.0
+    lazy = {n: ex.lazy[n] for n in (_GATE, _UP, _DOWN)}
+    jobs = ((ExpertBatch(ex.layer, lazy, ex.plan, a, b, [(e, xe.cpu()) for _, e, _, xe in _routed_rows(ex.routed1, a, b)],
+                         [(j, rows.cpu(), e, xe.cpu()) for j, e, rows, xe in _routed_rows(ex.routed2, a, b)],
+                         priors, alpha, run.options, str(run.result.tensors.path)),) for a, b in batches)
+    local = isinstance(run.workers, LocalWorkers)
+    observe = (lambda layer, name, e, x: run.observe(layer, name, e, x)) if local and run.observer else None
+    t0 = time.perf_counter()
+    for i, res in enumerate(run.workers.map(run_expert_batch, ((*job, observe) for job in jobs))):
+        for n, part in res.parts.items():
+            run.result.tensors.append_part(f"model.layers.{ex.layer}.{n}", part)
+            for key, values in res.stats[n].items():
+                ex.stats[n].setdefault(key, []).extend(values)
+            ex.amax[n].append(res.amax[n])
+        for j, rows, y in res.outputs:
+            rows = rows.to(run.dev)
+            ex.partial[j][rows] = ex.partial[j][rows] + y.to(run.dev)
+        _eta(ex.layer, i + 1, len(batches), t0)
     for n, scheme in ex.plan.items():
         full = f"model.layers.{ex.layer}.{n}"
         run.result.stats[full] = {**ex.stats[n], "tokens": ex.counts.tolist()}
         if isinstance(scheme, Fp8) and scheme.activation == "static":
             run.result.act_scales[full] = _static_scales(np.concatenate(ex.amax[n]), ex.counts)
         _log_tensor(full, scheme, ex.stats[n], run.options.method)
+
+
+def _eta_model(layer: int, layers: int, took: float, spent: float) -> None:
+    log.info("calibrated layer %d/%d in %.0f s; %.0f s so far, ETA %.0f s", layer + 1, layers, took, spent,
+             spent / (layer + 1) * (layers - layer - 1))
+
+
+def _eta(layer: int, done: int, total: int, t0: float) -> None:
+    spent = time.perf_counter() - t0
+    log.info("layer %d: expert batch %d/%d, %.0f s, ETA %.0f s for the layer", layer, done, total, spent,
+             spent / done * (total - done))
 
 
 def _expert_priors(ex: _Experts, batches: list[tuple[int, int]], dev) -> dict:
@@ -463,49 +566,11 @@ def _prior_down(ex: _Experts, batches: list[tuple[int, int]], dev):
                   per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
 
 
-def _expert_hessians(ex: _Experts, a: int, b: int, w: dict, run: _Run) -> dict:
-    """Pass 1 over experts [a, b): Σ x xᵀ of the float experts' real inputs for the planned tensors, keyed by input
-    as in ``_SHARES``; the observer (if any) sees every input, planned or not."""
-    _, inter, hidden = ex.shape
-    accs = {}
-    if _GATE in ex.plan or _UP in ex.plan:
-        accs[_GATE] = _Acc(b - a, hidden, run.dev, a)
-    if _DOWN in ex.plan:
-        accs[_DOWN] = _Acc(b - a, inter, run.dev, a)
-    if not accs and run.observer is None:
-        return accs
-    for _, e, _, xe in _routed_rows(ex.routed1, a, b):
-        run.observe(ex.layer, _GATE, e, xe)
-        if _GATE in accs:
-            accs[_GATE].add(e, xe)
-        if _DOWN in accs or run.observer is not None:
-            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
-            run.observe(ex.layer, _DOWN, e, me)
-            if _DOWN in accs:
-                accs[_DOWN].add(e, me)
-    return accs
-
-
-def _quantize_experts(ex: _Experts, w: dict, accs: dict, priors: dict, run: _Run) -> None:
-    """GPTQ the batch's planned tensors on their blended Hessians (one at a time), spill them, record their stats
-    and input absmax in ``ex``, and replace their float weights in ``w`` by the dequantized ones (pass 2's)."""
-    import torch
-
-    alpha = run.options.prior_tokens if ex.shape[0] > 1 else 0.0
-    for n in (_GATE, _UP, _DOWN):
-        if n not in ex.plan:
-            continue
-        acc, prior = accs[_SHARES.get(n, n)], priors[_SHARES.get(n, n)]
-        qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, alpha), ex.plan[n], run.options, ex.stats[n])
-        ex.amax[n].append(acc.amax)
-        run.result.tensors.append(f"model.layers.{ex.layer}.{n}", qt)
-        w[n] = torch.tensor(qt.dequantize(), device=run.dev)
-        del qt
-
-
 # ---- lm_head and the embedding -----------------------------------------------------------------------------
 def _global_tensors(X: list, run: _Run) -> None:
-    """lm_head (calibrated on the final normed states) and the embedding (RTN: its 'input' is a lookup)."""
+    """lm_head (calibrated on the final normed states) and the embedding (RTN: its 'input' is a lookup), a block
+    of rows at a time: GPTQ treats rows independently (one H), so the codes are those of the whole matrix, and
+    Scout's [202048, 5120] never sits in memory as float32 or float64."""
     import torch
 
     ckpt = run.ckpt
@@ -513,19 +578,44 @@ def _global_tensors(X: list, run: _Run) -> None:
         scheme = run.recipe.scheme_for(name)
         if scheme is None or name not in ckpt.tensors:
             continue
-        w = ckpt.tensors[name].load(np.float32)[None]
-        rtn = scheme.quantize(w)
-        qt = rtn
+        t, hess = ckpt.tensors[name], None
         if name == "lm_head.weight" and run.options.method == "gptq":
-            acc = _Acc(1, w.shape[-1], run.dev)
+            acc = _Acc(1, t.shape[-1], run.dev)
             norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=run.dev)
             for x in X:
                 acc.add(-1, rms(x, norm, ckpt.spec.rms_norm_eps))
-            eye = torch.eye(w.shape[-1], dtype=torch.float64, device=run.dev)
-            qt = gptq(w, acc.blended(eye, 0.0), scheme, run.options.damp)
-        run.result.tensors.append(name, _unstack(qt))
-        run.result.stats[name] = {"weight_sqnr_rtn": sqnr_db(w, rtn.dequantize(), axis=(1, 2)).tolist(),
-                                  "weight_sqnr_calibrated": sqnr_db(w, qt.dequantize(), axis=(1, 2)).tolist()}
+            hess = acc.blended(torch.eye(t.shape[-1], dtype=torch.float64, device=run.dev), 0.0)
+        qt, sums = _rows_quantized(t, scheme, hess, run.options.damp)
+        run.result.tensors.append(name, qt)
+        run.result.stats[name] = {k: [_db(sums["sig"], sums[k])] for k in ("weight_sqnr_rtn", "weight_sqnr_calibrated")}
+
+
+def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, damp: float, rows: int = 8192) -> tuple[QTensor, dict]:
+    """RTN, or GPTQ on ``hess``, of a 2-D tensor in blocks of ``rows``; the sums behind its weight SQNRs."""
+    n = t.shape[0]
+    sums = {"sig": 0.0, "weight_sqnr_rtn": 0.0, "weight_sqnr_calibrated": 0.0}
+    out: QTensor | None = None
+    for a in range(0, n, rows):
+        w = t.load_rows(slice(a, min(a + rows, n)), np.float32)[None]
+        rtn = scheme.quantize(w)
+        qt = gptq(w, hess, scheme, damp) if hess is not None else rtn
+        w64 = w.astype(np.float64)
+        sums["sig"] += float((w64**2).sum())
+        sums["weight_sqnr_rtn"] += float(((w64 - rtn.dequantize()) ** 2).sum())
+        sums["weight_sqnr_calibrated"] += float(((w64 - qt.dequantize()) ** 2).sum())
+        qt = _unstack(qt)
+        if out is None:
+            full = lambda x: None if x is None else np.empty((n,) + x.shape[1:], x.dtype)  # noqa: E731
+            out = QTensor(qt.scheme, full(qt.q), full(qt.scale), full(qt.zero))
+        out.q[a : a + rows], out.scale[a : a + rows] = qt.q, qt.scale
+        if qt.zero is not None:
+            out.zero[a : a + rows] = qt.zero
+    assert out is not None
+    return out, sums
+
+
+def _db(sig: float, err: float) -> float:
+    return float("inf") if err <= 0 else float(10 * np.log10(sig / err))
 
 
 __all__ = ["CalibOptions", "CalibResult", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes"]

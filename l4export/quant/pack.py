@@ -111,9 +111,14 @@ def to_mlx(qt: QTensor) -> dict[str, np.ndarray]:
     s = qt.scheme
     if isinstance(s, Int):
         per_word = 32 // s.bits
-        q = qt.q.astype(np.uint32).reshape(*qt.shape[:-1], qt.shape[-1] // per_word, per_word)
         shifts = (np.arange(per_word, dtype=np.uint32) * s.bits).astype(np.uint32)
-        w = np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
+        rows = qt.q.reshape(-1, qt.shape[-1])
+        w = np.empty((rows.shape[0], qt.shape[-1] // per_word), np.uint32)
+        step = max(1, (1 << 24) // qt.shape[-1])  # a block of rows at a time: uint32 temporaries stay ~200 MB
+        for r in range(0, rows.shape[0], step):
+            q = rows[r : r + step].astype(np.uint32).reshape(-1, w.shape[1], per_word)
+            w[r : r + step] = np.bitwise_or.reduce(q << shifts, axis=-1)
+        w = w.reshape(*qt.shape[:-1], w.shape[1])
         scale = qt.scale.astype(np.float32)
         return {"weight": w, "scales": scale, "biases": (-qt.zero.astype(np.float32) * scale).astype(np.float32)}
     if isinstance(s, MxFp8):

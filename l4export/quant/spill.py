@@ -2,16 +2,61 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .schemes import QTensor
+
+
+_SUFFIXES = ("q", "scale", "zero")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A quantized tensor (or a run of its experts) that a job wrote as raw files: what the driver needs to map it."""
+
+    scheme: object
+    files: tuple[str | None, ...]  # q, scale, zero (None: no zero points)
+    layouts: tuple[tuple[np.dtype, tuple[int, ...]] | None, ...]
+
+    def load(self) -> QTensor:
+        a = [None if f is None else _read(f, *m) for f, m in zip(self.files, self.layouts)]  # type: ignore[misc]
+        return QTensor(self.scheme, a[0], a[1], a[2])  # type: ignore[arg-type]
+
+    def unlink(self) -> None:
+        for f in self.files:
+            if f is not None:
+                Path(f).unlink(missing_ok=True)
+
+
+def save_part(folder: str | Path, qt: QTensor) -> Part:
+    """Write ``qt`` as raw files in ``folder`` (a job's output; the driver appends it with ``append_part``)."""
+    stem = Path(folder) / f"part-{os.getpid()}-{secrets.token_hex(6)}"
+    files, layouts = [], []
+    for suffix, a in zip(_SUFFIXES, (qt.q, qt.scale, qt.zero)):
+        if a is None:
+            files.append(None)
+            layouts.append(None)
+            continue
+        path = f"{stem}.{suffix}"
+        with open(path, "wb") as f:
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+        files.append(path)
+        layouts.append((np.dtype(a.dtype), tuple(a.shape)))
+    return Part(qt.scheme, tuple(files), tuple(layouts))
+
+
+def _read(file: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    return np.fromfile(file, dtype=dtype).reshape(shape)
 
 
 class SpilledTensors(Mapping[str, QTensor]):
@@ -49,6 +94,11 @@ class SpilledTensors(Mapping[str, QTensor]):
             if a is not None:
                 with open(self.path / f"{meta[0]}.{suffix}", "ab") as f:
                     f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+
+    def append_part(self, name: str, part: Part) -> None:
+        """Append a job's ``Part`` as ``append`` would append its tensor, then remove the part's files."""
+        self.append(name, part.load())
+        part.unlink()
 
     def __getitem__(self, name: str) -> QTensor:
         index, scheme, *parts = self._meta[name]

@@ -1,0 +1,93 @@
+"""Round-to-nearest in slices, and ahead of the writer on a cluster.
+
+``rtn(t, scheme)`` equals ``scheme.quantize(t.load(np.float32))`` byte for byte (every scheme quantizes each row,
+and each expert, on its own), but reads a stacked expert tensor a few experts at a time and converts a dense one to
+float32 a block of rows at a time, so its float32 copy never holds a whole Scout/Maverick expert stack or lm_head.
+
+``quantize_ahead`` is what ``--ray`` distributes when the recipe is not calibrated: every round-to-nearest
+tensor of the plan is cut into jobs (a run of experts, or one dense tensor), quantized by the workers, written by
+them as files into the output's temporary folder and appended, in order, to a ``SpilledTensors`` store that the
+writer then reads as it reads calibrated tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, LazyTensor
+from .schemes import AnyScheme, Int, QTensor
+from .spill import Part, SpilledTensors, save_part
+
+log = logging.getLogger(__name__)
+
+SLICE_BYTES = 256 << 20  # float32 bytes quantized at once
+
+
+def expert_runs(t: LazyTensor, slice_bytes: int = SLICE_BYTES) -> list[tuple[int, int]]:
+    """[a, b) runs of experts of about ``slice_bytes`` of float32 each (at least one expert)."""
+    per = 4 * int(np.prod(t.shape[1:], dtype=np.int64))
+    step = max(1, slice_bytes // per)
+    return [(a, min(a + step, t.shape[0])) for a in range(0, t.shape[0], step)]
+
+
+def rtn(t: LazyTensor, scheme: AnyScheme, experts: tuple[int, int] | None = None,
+        slice_bytes: int = SLICE_BYTES) -> QTensor:
+    """Round-to-nearest of ``t`` (or of its experts [a, b)), a slice at a time (module docstring)."""
+    if t.is_experts:
+        runs = expert_runs(t, slice_bytes) if experts is None else [experts]
+        return _filled([(r, lambda r=r: t.load(np.float32, experts=slice(*r))) for r in runs], t.shape[0], scheme)
+    if not isinstance(scheme, Int) or len(t.shape) != 2:  # block FP8 scales span rows: whole
+        return scheme.quantize(t.load(np.float32))
+    step = max(1, slice_bytes // (4 * t.shape[1]))
+    runs = [(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
+    return _filled([(r, lambda r=r: t.load_rows(slice(*r), np.float32)) for r in runs], t.shape[0], scheme)
+
+
+def _filled(slices: list, lead: int, scheme: AnyScheme) -> QTensor:
+    """The QTensor of the leading-axis slices ``(a, b), load`` written into arrays made once (no concatenation: a
+    whole tensor's codes are in memory once, beside one slice's float32)."""
+    out: QTensor | None = None
+    for (a, b), load in slices:
+        qt = scheme.quantize(load())
+        if len(slices) == 1:
+            return qt
+        if out is None:
+            full = lambda x: None if x is None else np.empty((lead,) + x.shape[1:], x.dtype)  # noqa: E731
+            out = QTensor(qt.scheme, full(qt.q), full(qt.scale), full(qt.zero))
+        out.q[a:b], out.scale[a:b] = qt.q, qt.scale
+        if qt.zero is not None:
+            out.zero[a:b] = qt.zero
+    assert out is not None
+    return out
+
+
+def rtn_job(t: LazyTensor, scheme: AnyScheme, experts: tuple[int, int] | None, folder: str) -> Part:
+    """One job of ``quantize_ahead``: quantize, write the parts into ``folder``."""
+    return save_part(folder, rtn(t, scheme, experts))
+
+
+def _jobs(ckpt: Checkpoint, todo: Mapping[str, AnyScheme], folder: str) -> Iterator[tuple[str, tuple]]:
+    for name, scheme in todo.items():
+        t = ckpt[name]
+        for run in expert_runs(t) if t.is_experts else [None]:
+            yield name, (t, scheme, run, folder)
+
+
+def quantize_ahead(ckpt: Checkpoint, todo: Mapping[str, AnyScheme], workers: Any, parent: Path) -> SpilledTensors:
+    """Round-to-nearest of every tensor in ``todo`` (canonical name -> scheme) as jobs on ``workers``; returns the
+    store (under ``parent``, the output's temporary folder) the writer reads them from."""
+    store = SpilledTensors(parent)
+    jobs = list(_jobs(ckpt, todo, str(store.path)))
+    t0 = time.perf_counter()
+    for i, part in enumerate(workers.map(rtn_job, (job for _, job in jobs))):
+        store.append_part(jobs[i][0], part)
+        log.debug("quantized %s (%d/%d jobs)", jobs[i][0], i + 1, len(jobs))
+    log.info("%d tensors quantized in %d jobs on the %s in %.1f s", len(todo), len(jobs), workers.name,
+             time.perf_counter() - t0)
+    return store
