@@ -231,6 +231,7 @@ def main() -> None:
     ap.add_argument("--runs", default="scout-onnx-int4,scout-onnx-int4-ray,scout-mlx-int4,scout-onnx-fp32")
     ap.add_argument("--maverick-experts", type=int, default=32)
     ap.add_argument("--gptq", action="store_true", help="time GPTQ at real width")
+    ap.add_argument("--tag", default="", help="results/real-width[-TAG]-DATE.json")
     args = ap.parse_args()
     from l4export.demo import write_synthetic
 
@@ -263,7 +264,7 @@ def main() -> None:
                            "weights_sha"]))
     for line in res["extrapolation"]:
         print(line)
-    print(f"wrote {save('real-width', res)}")
+    print(f"wrote {save('real-width' + (f'-{args.tag}' if args.tag else ''), res)}")
 
 
 if __name__ == "__main__":

@@ -278,11 +278,11 @@ def test_failure_mid_write_leaves_nothing(tmp_path, scout, monkeypatch, exc, cod
     real = checkpoint.LazyTensor.load
     calls = {"n": 0}
 
-    def flaky(self, dtype=None):
+    def flaky(self, dtype=None, **kw):
         calls["n"] += 1
         if calls["n"] == 6:  # a few weights are already in model.onnx.data
             raise exc
-        return real(self, dtype)
+        return real(self, dtype, **kw)
 
     monkeypatch.setattr(checkpoint.LazyTensor, "load", flaky)
     parent = tmp_path / "outs"

@@ -337,3 +337,4 @@ def test_gptq_inverse_factor_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert np.array_equal(out[0], out[1])
+

@@ -132,9 +132,24 @@ def float_linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, s
     """W [out, in] stored transposed [in, out] (MatMul layout), under the checkpoint name for one weight."""
     out_f, in_f = _rows(lo, names)
     dt = lo.g.np_dtype
-    w = lo.g.weight(base, (in_f, out_f), dt, lambda: np.ascontiguousarray(
-        np.concatenate([lo.tensor(n).load(dt) for n in names]).T))
+    w = lo.g.weight(base, (in_f, out_f), dt, lambda: _transposed(lo, names, dt))
     return lo.g.op("MatMul", x, w)
+
+
+def _transposed(lo: Lowering, names: tuple[str, ...], dt: np.dtype, block_bytes: int = 64 << 20) -> np.ndarray:
+    """concat(W_i).T [in, sum(out_i)], filled a block of source rows at a time: Scout's lm_head is 4.1 GB in
+    float32, and a whole-matrix ``.T`` copy would hold it twice."""
+    out_f, in_f = _rows(lo, names)
+    out = np.empty((in_f, out_f), dt)
+    col = 0
+    for n in names:
+        t = lo.tensor(n)
+        step = max(1, block_bytes // (in_f * np.dtype(dt).itemsize))
+        for a in range(0, t.shape[0], step):
+            b = min(a + step, t.shape[0])
+            out[:, col + a : col + b] = t.load_rows(slice(a, b), dt).T
+        col += t.shape[0]
+    return out
 
 
 def int_linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: Int) -> ir.Value:
