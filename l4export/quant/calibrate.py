@@ -51,7 +51,7 @@ from ..distributed import LocalWorkers
 from ..errors import UsageError
 from ..spec import LayerSpec
 from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
-from .gptq import gptq, output_sqnr
+from .gptq import gptq, one_thread, output_sqnr
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, sqnr_db
 from .spill import Part, SpilledTensors, save_part
@@ -400,8 +400,7 @@ def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any,
 @dataclass
 class ExpertBatch:
     """One job: GPTQ of routed experts [a, b) of one MoE layer, everything it needs carried along (it may run on
-    another machine). ``inputs1``: (expert, s·h2 rows) of pass 1 (float weights: the Hessians come from them);
-    ``inputs2``: (sample, token rows, expert, s·h2 rows) of pass 2 (the quantized experts' outputs go there)."""
+    another machine). ``inputs1``: (expert, s·h2 rows) of pass 1 (float weights: the Hessians come from them)."""
 
     layer: int
     lazy: dict[str, Any]  # gate/up/down LazyTensors [E, out, in]
@@ -409,7 +408,6 @@ class ExpertBatch:
     a: int
     b: int
     inputs1: list
-    inputs2: list
     priors: dict
     alpha: float
     options: CalibOptions
@@ -421,19 +419,19 @@ class BatchResult:
     parts: dict[str, Part]  # planned tensor -> this batch's quantized experts, as files
     stats: dict[str, dict[str, list[float]]]
     amax: dict[str, np.ndarray]
-    outputs: list  # (sample, token rows, quantized experts' output rows [n, H])
 
 
 def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> BatchResult:
-    """Load the batch's float experts, accumulate their Hessians on pass 1's routed tokens, GPTQ them, write them,
-    and compute the quantized experts' outputs on pass 2's tokens. The same function runs locally and on Ray."""
+    """Load the batch's float experts, accumulate their Hessians on pass 1's routed tokens, GPTQ them and write
+    them. The same function runs locally and on Ray. (Pass 2, the quantized experts' outputs, is the driver's: its
+    silu would round by the worker's thread count, and the next layer calibrates on those outputs.)"""
     import torch
 
     dev = torch.device(job.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.no_grad():
         w = {n: torch.tensor(t.load(np.float32, experts=slice(job.a, job.b)), device=dev) for n, t in job.lazy.items()}
         accs = _expert_hessians(job, w, dev, observe)
-        res = BatchResult({}, {n: {} for n in job.plan}, {}, [])
+        res = BatchResult({}, {n: {} for n in job.plan}, {})
         for n in (_GATE, _UP, _DOWN):
             if n not in job.plan:
                 continue
@@ -441,13 +439,7 @@ def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> Batch
             qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, job.alpha), job.plan[n], job.options, res.stats[n])
             res.amax[n] = acc.amax
             res.parts[n] = save_part(job.folder, qt)
-            w[n] = torch.tensor(qt.dequantize(), device=dev)
             del qt
-        del accs
-        for j, rows, e, xe in job.inputs2:  # pass 2: the quantized experts on the quantized layer's tokens
-            xe = xe.to(dev)
-            me = expert_hidden(xe, w[_GATE][e - job.a], w[_UP][e - job.a])
-            res.outputs.append((j, rows, (me @ w[_DOWN][e - job.a].T).cpu()))
     return res
 
 
@@ -467,7 +459,8 @@ def _expert_hessians(job: ExpertBatch, w: dict, dev, observe: Observer | None) -
         if _GATE in accs:
             accs[_GATE].add(e, xe)
         if _DOWN in accs or observe is not None:
-            me = expert_hidden(xe, w[_GATE][e - job.a], w[_UP][e - job.a])
+            with one_thread():  # F.silu's last bits follow the thread count; a --ray worker has 1
+                me = expert_hidden(xe, w[_GATE][e - job.a], w[_UP][e - job.a])
             if observe is not None:
                 observe(job.layer, _DOWN, e, me)
             if _DOWN in accs:
@@ -489,20 +482,12 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
     alpha = run.options.prior_tokens if num_e > 1 else 0.0
     lazy = {n: ex.lazy[n] for n in (_GATE, _UP, _DOWN)}
     jobs = ((ExpertBatch(ex.layer, lazy, ex.plan, a, b, [(e, xe.cpu()) for _, e, _, xe in _routed_rows(ex.routed1, a, b)],
-                         [(j, rows.cpu(), e, xe.cpu()) for j, e, rows, xe in _routed_rows(ex.routed2, a, b)],
                          priors, alpha, run.options, str(run.result.tensors.path)),) for a, b in batches)
     local = isinstance(run.workers, LocalWorkers)
     observe = (lambda layer, name, e, x: run.observe(layer, name, e, x)) if local and run.observer else None
     t0 = time.perf_counter()
     for i, res in enumerate(run.workers.map(run_expert_batch, ((*job, observe) for job in jobs))):
-        for n, part in res.parts.items():
-            run.result.tensors.append_part(f"model.layers.{ex.layer}.{n}", part)
-            for key, values in res.stats[n].items():
-                ex.stats[n].setdefault(key, []).extend(values)
-            ex.amax[n].append(res.amax[n])
-        for j, rows, y in res.outputs:
-            rows = rows.to(run.dev)
-            ex.partial[j][rows] = ex.partial[j][rows] + y.to(run.dev)
+        _take_batch(ex, res, batches[i], run)
         _eta(ex.layer, i + 1, len(batches), t0)
     for n, scheme in ex.plan.items():
         full = f"model.layers.{ex.layer}.{n}"
@@ -510,6 +495,29 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
         if isinstance(scheme, Fp8) and scheme.activation == "static":
             run.result.act_scales[full] = _static_scales(np.concatenate(ex.amax[n]), ex.counts)
         _log_tensor(full, scheme, ex.stats[n], run.options.method)
+
+
+def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Run) -> None:
+    """Append a batch's quantized experts to the spill and its stats to ``ex``; then pass 2, here in the driver:
+    the batch's quantized (or float) experts on the quantized layer's tokens, added to ``ex.partial``."""
+    import torch
+
+    a, b = batch
+    w = {}
+    for n in (_GATE, _UP, _DOWN):
+        if n not in res.parts:
+            w[n] = torch.tensor(ex.lazy[n].load(np.float32, experts=slice(a, b)), device=run.dev)
+            continue
+        qt = res.parts[n].load()
+        run.result.tensors.append(f"model.layers.{ex.layer}.{n}", qt)
+        res.parts[n].unlink()
+        w[n] = torch.tensor(qt.dequantize(), device=run.dev)
+        for key, values in res.stats[n].items():
+            ex.stats[n].setdefault(key, []).extend(values)
+        ex.amax[n].append(res.amax[n])
+    for j, e, rows, xe in _routed_rows(ex.routed2, a, b):
+        me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+        ex.partial[j][rows] = ex.partial[j][rows] + me @ w[_DOWN][e - a].T
 
 
 def _eta_model(layer: int, layers: int, took: float, spent: float) -> None:

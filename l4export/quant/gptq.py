@@ -75,12 +75,12 @@ def inverse_factor(hessian, damp: float = 0.01):
     diag[diag <= 0] = 1.0
     mean = diag.mean(-1, keepdim=True)  # (B, 1)
     eye = torch.eye(H.shape[-1], dtype=torch.float64, device=H.device)
-    with _one_thread():
+    with one_thread():
         return _damped_inverse_factor(H, mean, eye, damp)
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """torch on one thread inside the block. The factorisation is what ties GPTQ's codes to a thread count (LAPACK's
     blocked Cholesky splits its work by thread; the GEMMs here do not), and a --ray worker runs 1 thread while a
     single process runs all cores: pinned to 1, both give the same bytes (costs ~10% of a real-width expert)."""
