@@ -86,6 +86,21 @@ def windows(data: bytes, n: int) -> np.ndarray:
 
 
 # ---- training -------------------------------------------------------------------------------------------
+def adamw_cosine(model, lr: float, steps: int, floor: float):
+    """AdamW (weight decay 0.05 on matrices but the embedding) with 5% linear warm-up, then a cosine down to
+    ``floor`` x lr (the demo's training script uses it too)."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    return opt, sched
+
+
 def _sparse_moe_forward(self, hidden_states):
     """Top-1 sparse equivalent of transformers' Llama4TextMoe.forward (training speed only; see module doc)."""
     import torch
@@ -122,13 +137,7 @@ def train(out: Path, data: bytes, steps: int, batch: int, lr: float, seed: int =
     n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     arr = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
     gen = torch.Generator().manual_seed(seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    opt, sched = adamw_cosine(model, lr, steps, floor=0.1)
     original = modeling_llama4.Llama4TextMoe.forward
     modeling_llama4.Llama4TextMoe.forward = _sparse_moe_forward
     t0, losses = time.perf_counter(), []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import sys
 import sysconfig
 import time
@@ -108,7 +107,7 @@ def train(steps: int, batch: int, lr: float, seed: int = 0):
     from transformers.models.llama4 import modeling_llama4
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_quant_quality import _sparse_moe_forward
+    from bench_quant_quality import _sparse_moe_forward, adamw_cosine
 
     torch.manual_seed(seed)
     files = sources()
@@ -116,13 +115,7 @@ def train(steps: int, batch: int, lr: float, seed: int = 0):
     chats = [encode_chat(h, b) for h, b in chat_samples(files)]
     rng = np.random.default_rng(seed)
     model = Llama4ForCausalLM(config()).float().train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    opt, sched = adamw_cosine(model, lr, steps, floor=0.05)
     modeling_llama4.Llama4TextMoe.forward = _sparse_moe_forward
     t0 = time.perf_counter()
     for step in range(steps):
