@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -112,6 +113,29 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+Arrays = np.ndarray | Iterable[np.ndarray]  # a tensor, or its consecutive slices along the leading axis
+
+
+def checked(name: str, shape: tuple[int, ...], dtype: np.dtype, data: Arrays) -> Iterator[np.ndarray]:
+    """A tensor's array, or its leading-axis slices as they are made (a writer never holds more than one), each
+    contiguous and checked against the planned shape and dtype."""
+    whole = isinstance(data, np.ndarray)
+    rows = 0
+    for arr in [data] if whole else data:
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype != np.dtype(dtype) or (arr.shape != tuple(shape) if whole else arr.shape[1:] != tuple(shape[1:])):
+            raise L4ExportError(f"internal: {name} loaded as {arr.shape} {arr.dtype}, planned {shape} {dtype}")
+        rows += arr.shape[0] if arr.ndim else 1
+        yield arr
+    if not whole and rows != shape[0]:
+        raise L4ExportError(f"internal: {name} loaded {rows} leading rows, planned {shape}")
+
+
+def write_array(f: BinaryIO, name: str, shape: tuple[int, ...], dtype: np.dtype, data: Arrays) -> None:
+    for arr in checked(name, shape, dtype, data):
+        f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+
+
 @dataclass(frozen=True)
 class PendingTensor:
     """A tensor to write: its name, shape and dtype now, its bytes from ``load()`` later."""
@@ -119,7 +143,7 @@ class PendingTensor:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    load: Callable[[], np.ndarray]
+    load: Callable[[], Arrays]
 
     @property
     def nbytes(self) -> int:
@@ -143,11 +167,7 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in items:
-            arr = np.ascontiguousarray(t.load())
-            if arr.shape != tuple(t.shape) or arr.dtype != np.dtype(t.dtype):
-                raise L4ExportError(f"internal: {t.name} loaded as {arr.shape} {arr.dtype}, planned {t.shape} {t.dtype}")
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-            del arr
+            write_array(f, t.name, t.shape, t.dtype, t.load())
             if on_tensor:
                 on_tensor(t.name)
     return 8 + len(raw) + offset

@@ -3,6 +3,8 @@ mlx mx.quantize / mx.dequantize."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -226,3 +228,50 @@ def test_slice_wise_rtn_equals_whole_tensor_rtn(qscout):
             sliced = rtn(ck[name], scheme, slice_bytes=3000)  # a few rows / one expert per slice
             for a, b in ((whole.q, sliced.q), (whole.scale, sliced.scale), (whole.zero, sliced.zero)):
                 assert (a is None and b is None) or np.array_equal(a, b), name
+
+
+ASYMMETRIC = """name = "asym"
+[[rule]]
+match = "*.router.weight"
+scheme = "float"
+[[rule]]
+match = "*norm.weight"
+scheme = "float"
+[[rule]]
+match = "*.feed_forward.*"
+scheme = "int4"
+group_size = 32
+symmetric = false
+[[rule]]
+match = "*"
+scheme = "int8"
+group_size = 64
+symmetric = false
+"""
+
+
+@pytest.mark.parametrize("fmt, quant", [("onnx", "int4"), ("onnx", "asym"), ("onnx", None), ("mlx", "int4"),
+                                        ("mlx", "asym")])
+def test_writers_stream_slices_with_the_same_bytes(qscout, tmp_path, monkeypatch, fmt, quant):
+    """Quantized (and float expert) weights are made and written a leading-axis slice at a time
+    (quant/stream.py): with 3 KB slices (a few rows or one expert each, so every big tensor is many slices, zero
+    points and the embedding included) the export's files are byte for byte those of one slice per tensor."""
+    import hashlib
+
+    from l4export.convert import ExportOptions, convert
+    from l4export.quant import ahead
+    from l4export.quant.recipe import load_recipe
+
+    if quant == "asym":
+        (tmp_path / "asym.toml").write_text(ASYMMETRIC)
+        quant = str(tmp_path / "asym.toml")
+    opts = lambda: ExportOptions(format=fmt, quant=None if quant is None else load_recipe(quant))  # noqa: E731
+
+    def digest(out: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+                if p.suffix in (".data", ".safetensors", ".onnx")}
+
+    whole = digest(convert(qscout, tmp_path / "whole", opts()))
+    monkeypatch.setattr(ahead, "SLICE_BYTES", 3000)
+    sliced = digest(convert(qscout, tmp_path / "sliced", opts()))
+    assert whole == sliced and any(k.endswith((".data", ".safetensors")) for k in whole)

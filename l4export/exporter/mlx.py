@@ -42,8 +42,9 @@ import numpy as np
 from ..checkpoint import Checkpoint, LazyTensor
 from ..names import is_linear_weight, is_vision, source_name
 from ..outputs import PendingTensor, write_sharded
-from ..quant.ahead import rtn
+from ..quant.ahead import lead_runs, rtn, sliceable
 from ..quant.pack import mlx_config_entry, to_mlx
+from ..quant.stream import Run, Streamed
 from ..plan import ExportPlan
 from ..quant.schemes import Fp8, Int, QTensor
 from ..spec import Llama4Spec
@@ -191,27 +192,21 @@ def quantization_config(shapes: dict[str, tuple[int, ...]], plan: dict[str, Any]
 
 
 def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: QTensor | None) -> list[PendingTensor]:
-    """``.weight`` (uint32), ``.scales`` [, ``.biases``] of one quantized module, quantized when first loaded."""
-    memo: dict[str, dict[str, np.ndarray]] = {}
+    """``.weight`` (uint32), ``.scales`` [, ``.biases``] of one quantized module, quantized a run of rows (experts)
+    at a time as ``.weight`` is written (quant/stream.py)."""
 
-    def packed() -> dict[str, np.ndarray]:
-        if not memo:
-            qt = calibrated if calibrated is not None else rtn(t, scheme)
-            arrays = to_mlx(qt)
-            for k in ("scales", "biases"):  # affine scales/biases in the model dtype (as mlx-lm writes them)
-                if k in arrays and arrays[k].dtype == np.float32:
-                    arrays[k] = arrays[k].astype(dtype)
-            memo.update(arrays)
-        return memo
+    def make(run: Run) -> dict[str, np.ndarray]:
+        arrays = to_mlx(calibrated.lead(*run) if calibrated is not None else rtn(t, scheme, run))
+        for k in ("scales", "biases"):  # affine scales/biases in the model dtype (as mlx-lm writes them)
+            if k in arrays and arrays[k].dtype == np.float32:
+                arrays[k] = arrays[k].astype(dtype)
+        return arrays
 
-    def part(key: str, final: bool):
-        def load() -> np.ndarray:
-            arr = packed()[key]
-            if final:
-                memo.clear()
-            return arr
+    runs = lead_runs(t) if sliceable(t, scheme) else [(0, t.shape[0])]
+    layout = Streamed(runs, make, "weight")
 
-        return load
+    def part(key: str):
+        return layout.chunks if key == "weight" else lambda: layout.part(key)
 
     module, shape = mlx_module(t.name), tuple(t.shape)
     g = scheme.group_for(shape[-1])
@@ -222,7 +217,7 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: 
     else:  # MxFp8
         specs = [("weight", lead + (shape[-1] // 4,), np.dtype(np.uint32)),
                  ("scales", lead + (shape[-1] // g,), np.dtype(np.uint8))]
-    return [PendingTensor(f"{module}.{k}", s, d, part(k, i == len(specs) - 1)) for i, (k, s, d) in enumerate(specs)]
+    return [PendingTensor(f"{module}.{k}", s, d, part(k)) for k, s, d in specs]
 
 
 def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None,

@@ -21,8 +21,27 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from ..outputs import Arrays, checked, write_array
+
 MS_DOMAIN = "com.microsoft"
 FP32 = ir.DataType.FLOAT
+
+
+class _Weight(ir.LazyTensor):
+    """An initializer read when it is due: ``tofile`` (what ir.save calls for external data) writes ``load()``'s
+    array, or its leading-axis slices one at a time as they come (checked against the planned shape and dtype);
+    anything that needs the whole array (an in-memory model) gets it joined."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], Arrays]):
+        self._load, self._planned = load, (name, tuple(shape), np.dtype(dtype))
+        super().__init__(self._whole, dtype=ir.DataType.from_numpy(np.dtype(dtype)), shape=ir.Shape(shape), name=name)
+
+    def _whole(self) -> ir.Tensor:
+        parts = list(checked(*self._planned, self._load()))
+        return ir.Tensor(parts[0] if len(parts) == 1 else np.concatenate(parts), name=self._planned[0])
+
+    def tofile(self, file) -> None:
+        write_array(file, *self._planned, self._load())
 
 
 class GraphBuilder:
@@ -107,18 +126,12 @@ class GraphBuilder:
         y.type = ir.TensorType(dtype)
         return y
 
-    def weight(self, name: str, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], np.ndarray]) -> ir.Value:
-        """A lazy initializer: ``load`` runs when ir.save writes its bytes, and the array is dropped after."""
+    def weight(self, name: str, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], Arrays]) -> ir.Value:
+        """A lazy initializer: ``load`` runs when ir.save writes its bytes, and the array is dropped after. ``load``
+        may return the tensor's leading-axis slices instead (an iterator): they are written one at a time."""
         irdtype = ir.DataType.from_numpy(np.dtype(dtype))
-
-        def func() -> ir.TensorProtocol:
-            arr = load()
-            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise RuntimeError(f"internal: {name} loaded as {arr.shape} {arr.dtype}, planned {shape} {dtype}")
-            return ir.Tensor(np.ascontiguousarray(arr), name=name)
-
         v = ir.Value(name=name, type=ir.TensorType(irdtype), shape=ir.Shape(shape),
-                     const_value=ir.LazyTensor(func, dtype=irdtype, shape=ir.Shape(shape), name=name))
+                     const_value=_Weight(name, shape, dtype, load))
         self.initializers.append(v)
         return v
 

@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from ..checkpoint import LazyTensor
 from ..quant import pack
-from ..quant.ahead import expert_runs, rtn
+from ..quant.ahead import lead_runs, rtn, sliceable
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
+from ..quant.stream import Run, Streamed
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,23 @@ class QuantSource:
             self._cache.popitem(last=False)
         return qt
 
-    def packed(self, key: str, make: Callable[[], dict]) -> dict:
+    def lead(self, name: str, run: Run) -> QTensor:
+        """Rows (experts of a stack) [a, b) of ``name`` quantized: calibration's, else round to nearest of them."""
+        if name in self.calibrated:
+            return self.calibrated[name].lead(*run)
+        return rtn(self.tensor(name), self.scheme(name), run)
+
+    def runs(self, name: str) -> list[Run]:
+        """The leading-axis runs ``lead`` is asked for: one slice of float32 each, or the whole tensor when its
+        scheme does not quantize rows on their own."""
+        t = self.tensor(name)
+        return lead_runs(t) if sliceable(t, self.scheme(name)) else [(0, t.shape[0])]
+
+    def streamed(self, key: str, runs: list[Run], make: Callable[[Run], dict], first: str) -> Streamed:
+        """The packed layout ``key``, made a run at a time as its first part is written (quant/stream.py)."""
+        return self.packed(key, lambda: Streamed(runs, make, first))
+
+    def packed(self, key: str, make: Callable[[], Any]) -> Any:
         """One packed layout at a time (its initializers are written in a row)."""
         if self._packed is None or self._packed[0] != key:
             self._packed = None  # drop the previous one before packing the next
@@ -156,12 +174,16 @@ def int_linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, sch
     out_f, in_f = _rows(lo, names)
     base, sdt, blk, bits = _base(base), lo.g.np_dtype, scheme.group_size, scheme.bits
     nb = in_f // blk
-    packed = lambda: lo.quant.packed(base, lambda: pack.to_matmulnbits(_quantized(lo, names), sdt))  # noqa: E731
-    b = lo.weight(f"{base}.qweight", (out_f, nb, blk * bits // 8), np.uint8, lambda: packed()["B"])
-    s = lo.weight(f"{base}.scales", (out_f, nb), sdt, lambda: packed()["scales"])
+    if len(names) == 1:  # a run of rows at a time (lm_head: 1 GB of int8 codes at Scout width)
+        runs, make = lo.quant.runs(names[0]), lambda r: pack.to_matmulnbits(lo.quant.lead(names[0], r), sdt)
+    else:  # q, k, v as one: small
+        runs, make = [(0, out_f)], lambda r: pack.to_matmulnbits(_quantized(lo, names), sdt)
+    layout = lambda: lo.quant.streamed(base, runs, make, "B")  # noqa: E731
+    b = lo.weight(f"{base}.qweight", (out_f, nb, blk * bits // 8), np.uint8, lambda: layout().chunks())
+    s = lo.weight(f"{base}.scales", (out_f, nb), sdt, lambda: layout().part("scales"))
     zp = None
     if not scheme.symmetric:
-        zp = lo.weight(f"{base}.qzeros", (out_f, (nb * bits + 7) // 8), np.uint8, lambda: packed()["zero_points"])
+        zp = lo.weight(f"{base}.qzeros", (out_f, (nb * bits + 7) // 8), np.uint8, lambda: layout().part("zero_points"))
     lo.counts["MatMulNBits"] += 1
     return lo.g.op("MatMulNBits", x, b, s, zp, domain=MS_DOMAIN, K=in_f, N=out_f, bits=bits, block_size=blk,
                    accuracy_level=scheme.accuracy_level)
@@ -266,15 +288,16 @@ def _load_experts(lo: Lowering, name: str, dtype: np.dtype, run: tuple[int, int]
     return a if a.ndim == 3 else a[None]
 
 
-def _expert_runs(lo: Lowering, name: str) -> list[tuple[int, int]]:
+def _expert_runs(lo: Lowering, name: str) -> list[Run]:
     t = lo.tensor(name)
-    return expert_runs(t) if t.is_experts else [(0, 1)]
+    return lead_runs(t) if t.is_experts else [(0, 1)]
 
 
-def _q_experts(lo: Lowering, name: str) -> QTensor:
+def _q_experts(lo: Lowering, name: str, run: Run) -> QTensor:
+    """Experts [a, b) of ``name`` quantized, [b - a, out, in]; a one-expert MLP ([out, in]) is the run (0, 1)."""
+    if lo.tensor(name).is_experts:
+        return lo.quant.lead(name, run)
     qt = lo.quant.qtensor(name)
-    if qt.q.ndim == 3:
-        return qt
     return QTensor(qt.scheme, qt.q[None], qt.scale[None], None if qt.zero is None else qt.zero[None])
 
 
@@ -290,15 +313,13 @@ def float_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...
     e, i, h = _experts_shape(lo, gate)
     dt = lo.g.np_dtype
 
-    def fc1() -> np.ndarray:  # [E, 2I, H] rows g0, u0, g1, u1, ...; read a few experts at a time (Scout fp32:
-        out = np.empty((e, 2 * i, h), dtype=dt)  # 5.4 GB out, never the 2.7 GB gate or up beside it)
-        for a, b in _expert_runs(lo, gate):
-            out[a:b, 0::2] = _load_experts(lo, gate, dt, (a, b))
-            out[a:b, 1::2] = _load_experts(lo, up, dt, (a, b))
-        return out
+    def fc1() -> Iterator[np.ndarray]:  # [E, 2I, H] rows g0, u0, g1, u1, ...; written a few experts at a time
+        for run in _expert_runs(lo, gate):  # (Scout fp32: 5.4 GB whole)
+            yield pack.interleave_rows(_load_experts(lo, gate, dt, run), _load_experts(lo, up, dt, run))
 
     w1 = lo.g.weight(f"{base}.fc1_interleaved", (e, 2 * i, h), dt, fc1)
-    w2 = lo.g.weight(f"{base}.down_proj", (e, h, i), dt, lambda: _load_experts(lo, down, dt))
+    w2 = lo.g.weight(f"{base}.down_proj", (e, h, i), dt,
+                     lambda: (_load_experts(lo, down, dt, run) for run in _expert_runs(lo, down)))
     return moe(lo.g, x, route.probs, w1, w2)
 
 
@@ -306,22 +327,28 @@ def int_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...],
     gate_n, up_n, down_n = names
     e, i, h = _experts_shape(lo, gate_n)
     bits, blk = scheme.bits, scheme.group_size
-    q = lambda n: _q_experts(lo, n)  # noqa: E731
     if bits == 8 and scheme.accuracy_level == 0:
         log.warning("%s: block-wise int8 QMoE computes with int8 activations on ORT CPU (~5e-2 error)", base)
     # QMoE takes scales of their own type (T2): float16 even in a float32 graph (exact, 2 bytes per group)
     sdt = np.float16 if lo.g.np_dtype == np.float32 else lo.g.np_dtype
-    fc1 = lo.weight(f"{base}.fc1.qweight", (e, 2 * i, h * bits // 8), np.uint8, lambda: pack.qmoe_weights(q(gate_n), q(up_n)))
-    fc1_s = lo.weight(f"{base}.fc1.scales", (e, 2 * i, h // blk), sdt, lambda: pack.qmoe_scales(q(gate_n), q(up_n), dtype=sdt))
-    fc1_z = fc2_z = None
-    if not scheme.symmetric:
-        fc1_z = lo.weight(f"{base}.fc1.qzeros", (e, 2 * i, (h // blk * bits + 7) // 8), np.uint8,
-                          lambda: pack.qmoe_zero_points(q(gate_n), q(up_n)))
-    fc2 = lo.weight(f"{base}.fc2.qweight", (e, h, i * bits // 8), np.uint8, lambda: pack.qmoe_weights(q(down_n)))
-    fc2_s = lo.weight(f"{base}.fc2.scales", (e, h, i // blk), sdt, lambda: pack.qmoe_scales(q(down_n), dtype=sdt))
-    if not scheme.symmetric:
-        fc2_z = lo.weight(f"{base}.fc2.qzeros", (e, h, (i // blk * bits + 7) // 8), np.uint8,
-                          lambda: pack.qmoe_zero_points(q(down_n)))
+
+    def fc(key: str, names: tuple[str, ...], n: int, k: int) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+        """QMoE weights, scales [, zero points] of fc1 (gate, up: rows interleaved) or fc2 (down), [E, n, k] before
+        packing, made a few experts at a time."""
+        def make(run: Run) -> dict:
+            qts = [_q_experts(lo, name, run) for name in names]
+            return {"w": pack.qmoe_weights(*qts), "s": pack.qmoe_scales(*qts, dtype=sdt),
+                    "z": None if scheme.symmetric else pack.qmoe_zero_points(*qts)}
+
+        layout = lambda: lo.quant.streamed(f"{base}.{key}", _expert_runs(lo, names[0]), make, "w")  # noqa: E731
+        w = lo.weight(f"{base}.{key}.qweight", (e, n, k * bits // 8), np.uint8, lambda: layout().chunks())
+        s = lo.weight(f"{base}.{key}.scales", (e, n, k // blk), sdt, lambda: layout().part("s"))
+        z = None if scheme.symmetric else lo.weight(f"{base}.{key}.qzeros", (e, n, (k // blk * bits + 7) // 8),
+                                                     np.uint8, lambda: layout().part("z"))
+        return w, s, z
+
+    fc1, fc1_s, fc1_z = fc("fc1", (gate_n, up_n), 2 * i, h)
+    fc2, fc2_s, fc2_z = fc("fc2", (down_n,), h, i)
     attrs = {"weights_prepacked": 0} if lo.target == "cuda" else {"accuracy_level": scheme.accuracy_level}
     lo.counts["QMoE"] += 1
     return lo.g.op("QMoE", x, route.probs, fc1, fc1_s, None, fc2, fc2_s, None, None, None, None, fc1_z, fc2_z,
@@ -401,12 +428,17 @@ def embedding(lo: Lowering, ids: ir.Value, name: str, scheme: Int | None) -> ir.
         return g.op("Gather", w, ids, axis=0)
     v, hid = t.shape
     base, blk, bits = _base(name), scheme.group_size, scheme.bits
-    packed = lambda: lo.quant.packed(base, lambda: pack.to_matmulnbits(lo.quant.qtensor(name), dt))  # noqa: E731
-    data = lo.weight(f"{base}.qweight", (v, hid * bits // 8), np.uint8, lambda: packed()["B"].reshape(v, -1))
-    sc = lo.weight(f"{base}.scales", (v, hid // blk), dt, lambda: packed()["scales"])
+
+    def make(run: Run) -> dict:
+        parts = pack.to_matmulnbits(lo.quant.lead(name, run), dt)
+        return {**parts, "B": parts["B"].reshape(run[1] - run[0], -1)}
+
+    layout = lambda: lo.quant.streamed(base, lo.quant.runs(name), make, "B")  # noqa: E731
+    data = lo.weight(f"{base}.qweight", (v, hid * bits // 8), np.uint8, lambda: layout().chunks())
+    sc = lo.weight(f"{base}.scales", (v, hid // blk), dt, lambda: layout().part("scales"))
     zp = None
     if not scheme.symmetric:
-        zp = lo.weight(f"{base}.qzeros", (v, (hid // blk * bits + 7) // 8), np.uint8, lambda: packed()["zero_points"])
+        zp = lo.weight(f"{base}.qzeros", (v, (hid // blk * bits + 7) // 8), np.uint8, lambda: layout().part("zero_points"))
     lo.counts["GatherBlockQuantized"] += 1
     return g.op("GatherBlockQuantized", data, ids, sc, zp, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
                 block_size=blk, bits=bits)

@@ -29,24 +29,32 @@ log = logging.getLogger(__name__)
 SLICE_BYTES = 256 << 20  # float32 bytes quantized at once
 
 
-def expert_runs(t: LazyTensor, slice_bytes: int = SLICE_BYTES) -> list[tuple[int, int]]:
-    """[a, b) runs of experts of about ``slice_bytes`` of float32 each (at least one expert)."""
+def lead_runs(t: LazyTensor, slice_bytes: int | None = None) -> list[tuple[int, int]]:
+    """[a, b) runs along the leading axis (experts of a stacked tensor, else rows) of about ``slice_bytes`` (default
+    SLICE_BYTES) of float32 each (at least one expert or row)."""
     per = 4 * int(np.prod(t.shape[1:], dtype=np.int64))
-    step = max(1, slice_bytes // per)
+    step = max(1, (slice_bytes or SLICE_BYTES) // per)
     return [(a, min(a + step, t.shape[0])) for a in range(0, t.shape[0], step)]
 
 
-def rtn(t: LazyTensor, scheme: AnyScheme, experts: tuple[int, int] | None = None,
-        slice_bytes: int = SLICE_BYTES) -> QTensor:
-    """Round-to-nearest of ``t`` (or of its experts [a, b)), a slice at a time (module docstring)."""
-    if t.is_experts:
-        runs = expert_runs(t, slice_bytes) if experts is None else [experts]
-        return _filled([(r, lambda r=r: t.load(np.float32, experts=slice(*r))) for r in runs], t.shape[0], scheme)
-    if not isinstance(scheme, Int) or len(t.shape) != 2:  # block FP8 scales span rows: whole
+def sliceable(t: LazyTensor, scheme: AnyScheme) -> bool:
+    """Whether ``scheme`` quantizes ``t`` a leading-axis slice at a time: each expert of a stack is quantized on its
+    own, and an Int scheme quantizes each row of a matrix on its own (block FP8's scales span rows)."""
+    return t.is_experts or (isinstance(scheme, Int) and len(t.shape) == 2)
+
+
+def rtn(t: LazyTensor, scheme: AnyScheme, lead: tuple[int, int] | None = None,
+        slice_bytes: int | None = None) -> QTensor:
+    """Round-to-nearest of ``t`` (or of its leading-axis slice [a, b): experts or rows), a slice at a time (module
+    docstring)."""
+    if not sliceable(t, scheme):
         return scheme.quantize(t.load(np.float32))
-    step = max(1, slice_bytes // (4 * t.shape[1]))
-    runs = [(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
-    return _filled([(r, lambda r=r: t.load_rows(slice(*r), np.float32)) for r in runs], t.shape[0], scheme)
+    if t.is_experts:
+        load = lambda r: t.load(np.float32, experts=slice(*r))  # noqa: E731
+    else:
+        load = lambda r: t.load_rows(slice(*r), np.float32)  # noqa: E731
+    runs = lead_runs(t, slice_bytes) if lead is None else [lead]
+    return _filled([(r, lambda r=r: load(r)) for r in runs], t.shape[0], scheme)
 
 
 def _filled(slices: list, lead: int, scheme: AnyScheme) -> QTensor:
@@ -75,7 +83,7 @@ def rtn_job(t: LazyTensor, scheme: AnyScheme, experts: tuple[int, int] | None, f
 def _jobs(ckpt: Checkpoint, todo: Mapping[str, AnyScheme], folder: str) -> Iterator[tuple[str, tuple]]:
     for name, scheme in todo.items():
         t = ckpt[name]
-        for run in expert_runs(t) if t.is_experts else [None]:
+        for run in lead_runs(t) if t.is_experts else [None]:
             yield name, (t, scheme, run, folder)
 
 

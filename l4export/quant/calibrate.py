@@ -249,9 +249,7 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     spec = ckpt.spec
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log.info("calibrating on %d samples, %d tokens, device %s", len(ids), sum(len(i) for i in ids), dev)
-    embed = ckpt.tensors["model.embed_tokens.weight"].load()  # source dtype: no float32 copy of 202048 x 5120
-    X = [torch.tensor(embed[np.asarray(i)].astype(np.float32), device=dev) for i in ids]
-    del embed
+    X = [torch.tensor(x, device=dev) for x in _embedded(ckpt.tensors["model.embed_tokens.weight"], ids)]
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
     result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=sum(len(i) for i in ids),
                          device=str(dev))
@@ -268,6 +266,18 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     log.info("calibration done in %.1f s; %.1f MB of calibrated tensors spilled to %s", result.seconds,
              result.tensors.bytes_on_disk / 1e6, result.tensors.path)
     return result
+
+
+def _embedded(t: Any, ids: list[np.ndarray], rows: int = 8192) -> list[np.ndarray]:
+    """The embedding rows of each sample's ids, float32 [T_i, H], read a block of rows at a time (Scout's table is
+    2 GB in bf16)."""
+    flat = np.concatenate([np.asarray(i, np.int64) for i in ids])
+    out = np.empty((len(flat), t.shape[1]), np.float32)
+    for a in range(0, t.shape[0], rows):
+        hit = (flat >= a) & (flat < a + rows)
+        if hit.any():
+            out[hit] = t.load_rows(slice(a, a + rows), np.float32)[flat[hit] - a]
+    return np.split(out, np.cumsum([len(i) for i in ids])[:-1])
 
 
 def _quantize(w: np.ndarray, hb, scheme: AnyScheme, options: CalibOptions, stats: dict[str, list[float]]) -> QTensor:

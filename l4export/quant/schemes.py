@@ -47,6 +47,10 @@ class QTensor:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.q.shape)
 
+    def lead(self, a: int, b: int) -> QTensor:
+        """Rows (experts of a stack) [a, b): views, nothing copied."""
+        return QTensor(self.scheme, self.q[a:b], self.scale[a:b], None if self.zero is None else self.zero[a:b])
+
     def dequantize(self) -> np.ndarray:
         return self.scheme.dequantize(self)
 
