@@ -211,10 +211,16 @@ class LazyTensor:
             _check_finite(out, self)
         return out
 
+    @property
+    def rows_readable(self) -> bool:
+        """Whether ``load_rows`` reads only the rows asked for: a dense 2-D tensor stored as one plain source
+        tensor (not FP8)."""
+        return len(self.shape) == 2 and len(self.parts) == 1 and self.parts[0][0].op == "copy" and not self.is_fp8
+
     def load_rows(self, rows: slice, dtype: np.dtype | type | str | None = None) -> np.ndarray:
-        """Rows [a, b) of a dense 2-D tensor stored as one plain source tensor (not FP8): one positioned read of only
-        those rows, equal to ``load(dtype)[a:b]``. Anything else is loaded whole and sliced."""
-        if len(self.shape) != 2 or len(self.parts) != 1 or self.parts[0][0].op != "copy" or self.is_fp8:
+        """Rows [a, b) of the tensor, equal to ``load(dtype)[a:b]``: one positioned read of only those rows when
+        ``rows_readable``; anything else is loaded whole and sliced."""
+        if not self.rows_readable:
             return self.load(dtype)[rows]
         out = self.parts[0][1].read(rows)
         out = out if dtype is None or out.dtype == np.dtype(dtype) else out.astype(dtype)

@@ -113,16 +113,30 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
-Arrays = np.ndarray | Iterable[np.ndarray]  # a tensor, or its consecutive slices along the leading axis
+@dataclass(frozen=True)
+class Columns:
+    """A matrix given as column blocks ``(first column, block [rows, n])`` in order: a transposed weight made from
+    blocks of its source rows. A file gets them by positioned writes, one block at a time."""
+
+    blocks: Iterable[tuple[int, np.ndarray]]
+
+
+Arrays = np.ndarray | Iterable[np.ndarray] | Columns  # a tensor, its leading-axis slices, or its column blocks
 
 
 def checked(name: str, shape: tuple[int, ...], dtype: np.dtype, data: Arrays) -> Iterator[np.ndarray]:
     """A tensor's array, or its leading-axis slices as they are made (a writer never holds more than one), each
-    contiguous and checked against the planned shape and dtype."""
+    contiguous and checked against the planned shape and dtype (column blocks: joined)."""
+    if isinstance(data, Columns):
+        whole = np.empty(shape, dtype)
+        for c, block in _column_blocks(name, shape, dtype, data):
+            whole[:, c : c + block.shape[1]] = block
+        yield whole
+        return
     whole = isinstance(data, np.ndarray)
     rows = 0
     for arr in [data] if whole else data:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # (not ascontiguousarray: it makes a scalar 1-D)
         if arr.dtype != np.dtype(dtype) or (arr.shape != tuple(shape) if whole else arr.shape[1:] != tuple(shape[1:])):
             raise L4ExportError(f"internal: {name} loaded as {arr.shape} {arr.dtype}, planned {shape} {dtype}")
         rows += arr.shape[0] if arr.ndim else 1
@@ -131,7 +145,28 @@ def checked(name: str, shape: tuple[int, ...], dtype: np.dtype, data: Arrays) ->
         raise L4ExportError(f"internal: {name} loaded {rows} leading rows, planned {shape}")
 
 
+def _column_blocks(name: str, shape: tuple[int, ...], dtype: np.dtype, data: Columns) -> Iterator[tuple[int, np.ndarray]]:
+    done = 0
+    for c, block in data.blocks:
+        block = np.asarray(block, order="C")
+        if c != done or block.dtype != np.dtype(dtype) or block.ndim != 2 or block.shape[0] != shape[0]:
+            raise L4ExportError(f"internal: {name} column block at {c} is {block.shape} {block.dtype}, planned {shape}")
+        done += block.shape[1]
+        yield c, block
+    if done != shape[1]:
+        raise L4ExportError(f"internal: {name} got {done} columns, planned {shape}")
+
+
 def write_array(f: BinaryIO, name: str, shape: tuple[int, ...], dtype: np.dtype, data: Arrays) -> None:
+    """Write a tensor's bytes at the file's position; column blocks by positioned writes into a real file."""
+    if isinstance(data, Columns) and hasattr(f, "fileno"):
+        f.flush()
+        base, cols, item = f.tell(), shape[1], np.dtype(dtype).itemsize
+        for c, block in _column_blocks(name, shape, dtype, data):
+            for r in range(shape[0]):  # row r of the matrix: columns c .. c + n of it
+                os.pwrite(f.fileno(), memoryview(block[r].view(np.uint8)), base + (r * cols + c) * item)
+        f.seek(base + shape[0] * cols * item)
+        return
     for arr in checked(name, shape, dtype, data):
         f.write(memoryview(arr.reshape(-1).view(np.uint8)))
 

@@ -296,11 +296,11 @@ def test_interrupt_mid_write_leaves_nothing(scout, tmp_path, monkeypatch):
     real_load = LazyTensor.load
     calls = {"n": 0}
 
-    def interrupted(self, dtype=None):
+    def interrupted(self, dtype=None, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_load(self, dtype)
+        return real_load(self, dtype, **kw)
 
     monkeypatch.setattr(LazyTensor, "load", interrupted)
     out = tmp_path / "out"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, LazyTensor
 from ..names import is_linear_weight, is_vision, source_name
 from ..outputs import PendingTensor, write_sharded
-from ..quant.ahead import lead_runs, rtn, sliceable
+from ..quant.ahead import lead_runs, lead_slices, rtn, sliceable
 from ..quant.pack import mlx_config_entry, to_mlx
 from ..quant.stream import Run, Streamed
 from ..plan import ExportPlan
@@ -163,9 +164,9 @@ def _warn_mlx_lm_differences(spec: Llama4Spec) -> None:
 
 
 def _pending(t: LazyTensor, dtype: np.dtype) -> PendingTensor:
-    def load() -> np.ndarray:
-        arr = t.load()  # source dtype (FP8 arrives dequantized as float32)
-        return arr if arr.dtype == dtype else arr.astype(dtype)
+    def load() -> Iterator[np.ndarray]:
+        for arr in lead_slices(t, None):  # source dtype (FP8 arrives dequantized as float32), a slice at a time
+            yield arr if arr.dtype == dtype else arr.astype(dtype)
 
     return PendingTensor(mlx_name(t.name), tuple(t.shape), dtype, load)
 

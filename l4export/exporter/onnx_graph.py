@@ -43,6 +43,9 @@ class _Weight(ir.LazyTensor):
     def tofile(self, file) -> None:
         write_array(file, *self._planned, self._load())
 
+    def __repr__(self) -> str:
+        return f"{self._repr_base()}(name={self.name!r})"
+
 
 class GraphBuilder:
     """Nodes, initializers and I/O of one graph whose floating-point compute dtype is ``dtype``."""

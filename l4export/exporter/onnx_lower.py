@@ -36,8 +36,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ..checkpoint import LazyTensor
+from ..outputs import Columns
 from ..quant import pack
-from ..quant.ahead import lead_runs, rtn, sliceable
+from ..quant.ahead import lead_runs, lead_slices, rtn, sliceable
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
 from ..quant.stream import Run, Streamed
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
@@ -154,20 +155,17 @@ def float_linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, s
     return lo.g.op("MatMul", x, w)
 
 
-def _transposed(lo: Lowering, names: tuple[str, ...], dt: np.dtype, block_bytes: int = 64 << 20) -> np.ndarray:
-    """concat(W_i).T [in, sum(out_i)], filled a block of source rows at a time: Scout's lm_head is 4.1 GB in
-    float32, and a whole-matrix ``.T`` copy would hold it twice."""
-    out_f, in_f = _rows(lo, names)
-    out = np.empty((in_f, out_f), dt)
-    col = 0
-    for n in names:
-        t = lo.tensor(n)
-        step = max(1, block_bytes // (in_f * np.dtype(dt).itemsize))
-        for a in range(0, t.shape[0], step):
-            b = min(a + step, t.shape[0])
-            out[:, col + a : col + b] = t.load_rows(slice(a, b), dt).T
-        col += t.shape[0]
-    return out
+def _transposed(lo: Lowering, names: tuple[str, ...], dt: np.dtype) -> Columns:
+    """concat(W_i).T [in, sum(out_i)] as column blocks, made from blocks of source rows as they are written (Scout's
+    lm_head is 4.1 GB in float32; its transpose is never whole in memory)."""
+    def blocks() -> Iterator[tuple[int, np.ndarray]]:
+        col = 0
+        for n in names:
+            for rows in lead_slices(lo.tensor(n), dt):
+                yield col, rows.T
+                col += rows.shape[0]
+
+    return Columns(blocks())
 
 
 def int_linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: Int) -> ir.Value:
@@ -424,7 +422,7 @@ def embedding(lo: Lowering, ids: ir.Value, name: str, scheme: Int | None) -> ir.
     GatherBlockQuantized for an int table (codes packed along H, symmetric codes read with the default zero point)."""
     g, t, dt = lo.g, lo.tensor(name), lo.g.np_dtype
     if scheme is None:
-        w = g.weight(name, tuple(t.shape), dt, lambda: t.load(dt))
+        w = g.weight(name, tuple(t.shape), dt, lambda: lead_slices(t, dt))
         return g.op("Gather", w, ids, axis=0)
     v, hid = t.shape
     base, blk, bits = _base(name), scheme.group_size, scheme.bits

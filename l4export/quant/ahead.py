@@ -40,7 +40,17 @@ def lead_runs(t: LazyTensor, slice_bytes: int | None = None) -> list[tuple[int, 
 def sliceable(t: LazyTensor, scheme: AnyScheme) -> bool:
     """Whether ``scheme`` quantizes ``t`` a leading-axis slice at a time: each expert of a stack is quantized on its
     own, and an Int scheme quantizes each row of a matrix on its own (block FP8's scales span rows)."""
-    return t.is_experts or (isinstance(scheme, Int) and len(t.shape) == 2)
+    return t.is_experts or (isinstance(scheme, Int) and t.rows_readable)
+
+
+def lead_slices(t: LazyTensor, dtype: np.dtype | type) -> Iterator[np.ndarray]:
+    """``t.load(dtype)`` as leading-axis slices (experts, or rows) of about SLICE_BYTES of float32 each; whole when
+    its rows cannot be read on their own."""
+    if not (t.is_experts or t.rows_readable):
+        yield t.load(dtype)
+        return
+    for a, b in lead_runs(t):
+        yield t.load(dtype, experts=slice(a, b)) if t.is_experts else t.load_rows(slice(a, b), dtype)
 
 
 def rtn(t: LazyTensor, scheme: AnyScheme, lead: tuple[int, int] | None = None,

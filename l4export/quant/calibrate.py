@@ -442,14 +442,16 @@ def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> Batch
         w = {n: torch.tensor(t.load(np.float32, experts=slice(job.a, job.b)), device=dev) for n, t in job.lazy.items()}
         accs = _expert_hessians(job, w, dev, observe)
         res = BatchResult({}, {n: {} for n in job.plan}, {})
-        for n in (_GATE, _UP, _DOWN):
-            if n not in job.plan:
-                continue
-            acc, prior = accs[_SHARES.get(n, n)], job.priors[_SHARES.get(n, n)].to(dev)
-            qt = _quantize(w[n].cpu().numpy(), acc.blended(prior, job.alpha), job.plan[n], job.options, res.stats[n])
+        todo = [n for n in (_GATE, _UP, _DOWN) if n in job.plan]
+        for i, n in enumerate(todo):
+            key = _SHARES.get(n, n)
+            acc, prior = accs[key], job.priors[key].to(dev)
+            qt = _quantize(w.pop(n).cpu().numpy(), acc.blended(prior, job.alpha), job.plan[n], job.options, res.stats[n])
             res.amax[n] = acc.amax
             res.parts[n] = save_part(job.folder, qt)
-            del qt
+            del qt, prior
+            if all(_SHARES.get(m, m) != key for m in todo[i + 1:]):
+                del accs[key], acc  # Hessians no later tensor reads: [B, K, K] float64 each
     return res
 
 
