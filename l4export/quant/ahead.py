@@ -49,8 +49,13 @@ def lead_slices(t: LazyTensor, dtype: np.dtype | type) -> Iterator[np.ndarray]:
     if not (t.is_experts or t.rows_readable):
         yield t.load(dtype)
         return
-    for a, b in lead_runs(t):
-        yield t.load(dtype, experts=slice(a, b)) if t.is_experts else t.load_rows(slice(a, b), dtype)
+    for run in lead_runs(t):
+        yield load_lead(t, run, dtype)
+
+
+def load_lead(t: LazyTensor, run: tuple[int, int], dtype: np.dtype | type | None) -> np.ndarray:
+    """Experts (a stack) or rows (a matrix) [a, b) of ``t``, reading only those."""
+    return t.load(dtype, experts=slice(*run)) if t.is_experts else t.load_rows(slice(*run), dtype)
 
 
 def rtn(t: LazyTensor, scheme: AnyScheme, lead: tuple[int, int] | None = None,
@@ -59,12 +64,8 @@ def rtn(t: LazyTensor, scheme: AnyScheme, lead: tuple[int, int] | None = None,
     docstring)."""
     if not sliceable(t, scheme):
         return scheme.quantize(t.load(np.float32))
-    if t.is_experts:
-        load = lambda r: t.load(np.float32, experts=slice(*r))  # noqa: E731
-    else:
-        load = lambda r: t.load_rows(slice(*r), np.float32)  # noqa: E731
     runs = lead_runs(t, slice_bytes) if lead is None else [lead]
-    return _filled([(r, lambda r=r: load(r)) for r in runs], t.shape[0], scheme)
+    return _filled([(r, lambda r=r: load_lead(t, r, np.float32)) for r in runs], t.shape[0], scheme)
 
 
 def _filled(slices: list, lead: int, scheme: AnyScheme) -> QTensor:
