@@ -101,6 +101,20 @@ def adamw_cosine(model, lr: float, steps: int, floor: float):
     return opt, sched
 
 
+def train_step(model, opt, sched, ids) -> float:
+    """One language-modelling step on ``ids`` [B, S] (loss, gradient clipped at 1.0, optimizer and schedule);
+    returns the loss."""
+    import torch
+
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def _sparse_moe_forward(self, hidden_states):
     """Top-1 sparse equivalent of transformers' Llama4TextMoe.forward (training speed only; see module doc)."""
     import torch
@@ -145,15 +159,9 @@ def train(out: Path, data: bytes, steps: int, batch: int, lr: float, seed: int =
         for step in range(steps):
             starts = torch.randint(0, len(arr) - SEQ, (batch,), generator=gen)
             ids = torch.stack([torch.cat([torch.tensor([BOS]), arr[s:s + SEQ]]) for s in starts.tolist()])
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(train_step(model, opt, sched, ids))
             if step % 25 == 0 or step == steps - 1:
-                log.info("step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - t0)
+                log.info("step %d/%d loss %.3f (%.0f s)", step, steps, losses[-1], time.perf_counter() - t0)
     finally:
         modeling_llama4.Llama4TextMoe.forward = original
     seconds = time.perf_counter() - t0

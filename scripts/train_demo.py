@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from l4export.demo import BOS, DEMO_TEXT_CONFIG, EOT, demo_config  # noqa: E402
+from l4export.demo import BOS, EOT, demo_config  # noqa: E402
 
 SEQ = 256
 OUT = ROOT / "l4export" / "demo_weights.safetensors"
@@ -107,7 +107,7 @@ def train(steps: int, batch: int, lr: float, seed: int = 0):
     from transformers.models.llama4 import modeling_llama4
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_quant_quality import _sparse_moe_forward, adamw_cosine
+    from bench_quant_quality import _sparse_moe_forward, adamw_cosine, train_step
 
     torch.manual_seed(seed)
     files = sources()
@@ -120,14 +120,9 @@ def train(steps: int, batch: int, lr: float, seed: int = 0):
     t0 = time.perf_counter()
     for step in range(steps):
         ids = torch.from_numpy(batch_of(rng, data, chats, batch))
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, sched, ids)
         if step % 100 == 0 or step == steps - 1:
-            print(f"step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"step {step}/{steps} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return model, {"steps": steps, "batch": batch, "seq": SEQ, "lr": lr, "seed": seed, "chat_samples": len(chats),
                    "train_seconds": round(time.perf_counter() - t0, 1), "final_loss": round(loss.item(), 4)}
 
