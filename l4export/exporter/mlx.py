@@ -43,7 +43,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, LazyTensor
 from ..names import is_linear_weight, is_vision, source_name
 from ..outputs import PendingTensor, write_sharded
-from ..quant.ahead import lead_runs, lead_slices, rtn, sliceable
+from ..quant.ahead import lead_slices, quant_runs, rtn
 from ..quant.pack import mlx_config_entry, to_mlx
 from ..quant.stream import Run, Streamed
 from ..plan import ExportPlan
@@ -203,8 +203,7 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: 
                 arrays[k] = arrays[k].astype(dtype)
         return arrays
 
-    runs = lead_runs(t) if sliceable(t, scheme) else [(0, t.shape[0])]
-    layout = Streamed(runs, make, "weight")
+    layout = Streamed(quant_runs(t, scheme), make, "weight")
 
     def part(key: str):
         return layout.chunks if key == "weight" else lambda: layout.part(key)

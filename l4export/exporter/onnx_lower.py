@@ -38,7 +38,7 @@ import onnx_ir as ir
 from ..checkpoint import LazyTensor
 from ..outputs import Columns
 from ..quant import pack
-from ..quant.ahead import lead_runs, lead_slices, rtn, sliceable
+from ..quant.ahead import lead_runs, lead_slices, quant_runs, rtn
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
 from ..quant.stream import Run, Streamed
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
@@ -81,8 +81,7 @@ class QuantSource:
     def runs(self, name: str) -> list[Run]:
         """The leading-axis runs ``lead`` is asked for: one slice of float32 each, or the whole tensor when its
         scheme does not quantize rows on their own."""
-        t = self.tensor(name)
-        return lead_runs(t) if sliceable(t, self.scheme(name)) else [(0, t.shape[0])]
+        return quant_runs(self.tensor(name), self.scheme(name))
 
     def streamed(self, key: str, runs: list[Run], make: Callable[[Run], dict], first: str) -> Streamed:
         """The packed layout ``key``, made a run at a time as its first part is written (quant/stream.py)."""

@@ -43,6 +43,12 @@ def sliceable(t: LazyTensor, scheme: AnyScheme) -> bool:
     return t.is_experts or (isinstance(scheme, Int) and t.rows_readable)
 
 
+def quant_runs(t: LazyTensor, scheme: AnyScheme) -> list[tuple[int, int]]:
+    """The leading-axis runs ``rtn(t, scheme, run)`` is asked for by a streaming writer: one slice of float32
+    each, or the whole tensor when the scheme does not quantize its rows on their own."""
+    return lead_runs(t) if sliceable(t, scheme) else [(0, t.shape[0])]
+
+
 def lead_slices(t: LazyTensor, dtype: np.dtype | type) -> Iterator[np.ndarray]:
     """``t.load(dtype)`` as leading-axis slices (experts, or rows) of about SLICE_BYTES of float32 each; whole when
     its rows cannot be read on their own."""
