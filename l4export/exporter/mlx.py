@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,11 @@ import numpy as np
 from ..checkpoint import Checkpoint, LazyTensor
 from ..names import is_linear_weight, is_vision, source_name
 from ..outputs import PendingTensor, write_sharded
+from ..plan import ExportPlan
 from ..quant.ahead import lead_slices, quant_runs, rtn
 from ..quant.pack import mlx_config_entry, to_mlx
-from ..quant.stream import Run, Streamed
-from ..plan import ExportPlan
 from ..quant.schemes import Fp8, Int, QTensor
+from ..quant.stream import Run, Streamed
 from ..spec import Llama4Spec
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,14 @@ def quantization_config(shapes: dict[str, tuple[int, ...]], plan: dict[str, Any]
     return cfg
 
 
-def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: QTensor | None) -> list[PendingTensor]:
+def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype,
+                       calibrated: Callable[[], QTensor] | None) -> list[PendingTensor]:
     """``.weight`` (uint32), ``.scales`` [, ``.biases``] of one quantized module, quantized a run of rows (experts)
-    at a time as ``.weight`` is written (quant/stream.py)."""
+    at a time as ``.weight`` is written (quant/stream.py). ``calibrated``: the made tensor, looked up per run (a
+    spilled store maps it afresh, so a run's pages leave the resident set with it)."""
 
     def make(run: Run) -> dict[str, np.ndarray]:
-        arrays = to_mlx(calibrated.lead(*run) if calibrated is not None else rtn(t, scheme, run))
+        arrays = to_mlx(calibrated().lead(*run) if calibrated is not None else rtn(t, scheme, run))
         for k in ("scales", "biases"):  # affine scales/biases in the model dtype (as mlx-lm writes them)
             if k in arrays and arrays[k].dtype == np.float32:
                 arrays[k] = arrays[k].astype(dtype)
@@ -232,7 +234,7 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
     shapes = {t.name: tuple(t.shape) for t in tensors}
     config = mlx_config(spec, plan.dtype, plan.vision)
     quantized = plan.quantized
-    calibrated: dict[str, QTensor] = {}
+    made: Mapping[str, QTensor] = {}
     extra: dict[str, Any] = {}
     if plan.recipe is not None:
         if any(isinstance(r.scheme, Fp8) for r in options.quant.rules):
@@ -245,7 +247,6 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
                          uncalibrated=report_inputs(ckpt, plan)[1], adapted=plan.adapted)
             extra["calibration"] = {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
         made = ready if ready is not None else calib.tensors if calib is not None else {}
-        calibrated = {n: made[n] for n in made if n in quantized}
         qcfg = quantization_config(shapes, quantized)
         config["quantization"] = qcfg
         config["quantization_config"] = dict(qcfg)
@@ -256,7 +257,8 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
     pending: list[PendingTensor] = []
     for t in tensors:
         if t.name in quantized:
-            pending += _quantized_pending(t, quantized[t.name], dtype, calibrated.get(t.name))
+            lookup = (lambda n=t.name: made[n]) if t.name in made else None
+            pending += _quantized_pending(t, quantized[t.name], dtype, lookup)
         else:
             pending.append(_pending(t, dtype))
     done = 0

@@ -54,7 +54,9 @@ class QuantSource:
     def __init__(self, tensor: Callable[[str], LazyTensor], scheme: Callable[[str], AnyScheme | None],
                  calibrated: Mapping[str, QTensor] | None = None, act_scales: Mapping[str, np.ndarray] | None = None):
         self.tensor, self.scheme = tensor, scheme
-        self.calibrated = dict(calibrated or {})
+        # looked up on every use, never kept: a spilled store maps a tensor's files afresh each time, so the pages a
+        # slice touched leave the resident set with it (a dict of mapped tensors would grow to the whole store)
+        self.calibrated: Mapping[str, QTensor] = calibrated if calibrated is not None else {}
         # name -> [E] (routed experts) or [1] (dense) input scales, amax/448
         self.act_scales = {n: np.asarray(v, np.float32).reshape(-1) for n, v in (act_scales or {}).items()}
         self._cache: OrderedDict[str, QTensor] = OrderedDict()
