@@ -176,11 +176,12 @@ def convert_run(name: str, ckpts: dict[str, Path]) -> dict:
 # ---- GPTQ at real width ------------------------------------------------------------------------------------
 def gptq_times() -> dict:
     """Seconds of GPTQ (int4 g64, as the int4 preset's experts) per projection of one real-width expert, and per
-    2048 rows of lm_head (int8 g128, K 5120), on random weights and a Hessian of 4096 random tokens."""
+    2048 rows of lm_head (int8 g128, K 5120), on random weights and a Hessian of 4096 random tokens, in the working
+    dtype calibration uses at that width (float32 beyond K 4096)."""
     import numpy as np
     import torch
 
-    from l4export.quant.gptq import gptq
+    from l4export.quant.gptq import gptq, working_dtype
     from l4export.quant.schemes import Int
 
     rng = np.random.default_rng(0)
@@ -189,7 +190,7 @@ def gptq_times() -> dict:
                                  "down [5120, 8192]": (5120, 8192, Int(4, 64, True, 4)),
                                  "lm_head rows [2048, 5120]": (2048, 5120, Int(8, 128, True, 4))}.items():
         w = (rng.standard_normal((1, n, k), dtype=np.float32) * 0.01)
-        x = torch.tensor(rng.standard_normal((4096, k), dtype=np.float32), dtype=torch.float64)
+        x = torch.tensor(rng.standard_normal((4096, k), dtype=np.float32), dtype=working_dtype(k))  # as calibrate
         h = (x.T @ x)[None]
         t = time.perf_counter()
         gptq(w, h, scheme)

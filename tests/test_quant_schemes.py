@@ -125,6 +125,32 @@ def test_mxfp8_matches_mx_quantize_bit_exactly():
     assert mlx_config_entry(qt)["mode"] == "mxfp8"
 
 
+@pytest.mark.parametrize("scheme", [Int(4, 32, True), Int(4, 64, False), Int(8, 32, True), Fp8(), Fp8(block_size=16),
+                                    MxFp8()], ids=lambda s: s.name)
+def test_row_steps_give_the_codes_of_one_step(scheme, monkeypatch):
+    """quantize, with_scales and dequantize a few output rows at a time (real widths: ROWS) give the arrays of one
+    pass over every row, 3-D and 2-D; a row step never splits a block of rows that shares a scale (the step, 3
+    here, is not a multiple of Fp8's 16-row tiles, and the rows in a tile are not equal)."""
+    from l4export.quant import schemes
+
+    w3 = (RNG.standard_normal((2, 48, 64)) * np.exp(RNG.standard_normal((2, 48, 1)))).astype(np.float32)
+    for w in (w3, w3[0]):
+        whole = scheme.quantize(w)
+        again = scheme.with_scales(w * 0.9, whole.scale, whole.zero)
+        whole_d, again_d = whole.dequantize(), again.dequantize()
+        monkeypatch.setattr(schemes, "ROWS", 3)
+        stepped = scheme.quantize(w)
+        for a, b in zip((whole.q, whole.scale, whole.zero), (stepped.q, stepped.scale, stepped.zero)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(a.view(np.uint8) if a.dtype == FP8 else a, b.view(np.uint8) if b.dtype == FP8 else b)
+        stepped_again = scheme.with_scales(w * 0.9, whole.scale, whole.zero)
+        np.testing.assert_array_equal(again.q.view(np.uint8), stepped_again.q.view(np.uint8))
+        np.testing.assert_array_equal(whole_d, stepped.dequantize())
+        np.testing.assert_array_equal(again_d, stepped_again.dequantize())
+        monkeypatch.setattr(schemes, "ROWS", 1024)
+
+
 def test_fp8_has_no_mlx_layout():
     with pytest.raises(TypeError, match="mxfp8"):
         to_mlx(Fp8().quantize(W))

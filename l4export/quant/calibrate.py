@@ -51,9 +51,9 @@ from ..distributed import LocalWorkers
 from ..errors import UsageError
 from ..spec import LayerSpec
 from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
-from .gptq import gptq, one_thread, output_sqnr
+from .gptq import F64_MAX_K, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
-from .schemes import AnyScheme, Fp8, QTensor, sqnr_db
+from .schemes import AnyScheme, Fp8, QTensor
 from .spill import Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,15 @@ def spill_next_to(options: "CalibOptions", out: Path) -> "CalibOptions":
 
 
 def expert_bytes(hidden: int, inter: int) -> int:
-    """Estimated peak bytes one routed expert adds to an expert batch.
+    """Estimated peak bytes one routed expert adds to an expert batch (``run_expert_batch``).
 
-    Float32 gate/up/down (3·I·H·4) and their dequantized copies for pass 2 (3·I·H·4); float64 Hessians,
-    gate/up [H, H] and down [I, I]; GPTQ's work on the larger one (the blended copy, its clone, L, L⁻¹ and the
-    factor of H⁻¹: 5·K², K = max(H, I)) and its float64 weight (N·K). Maverick (H 5120, I 8192): ~4.8 GB."""
+    The Hessians, gate/up [H, H] and down [I, I] in GPTQ's working dtype (``working_dtype``), held through the batch;
+    at the larger of: pass 1 (float32 gate and up, 2·I·H·4) and GPTQ of one projection (the H⁻¹ factor of its input,
+    K², and its float32 weight with the encoding's temporaries, 4·I·H·4). Scout/Maverick (H 5120, I 8192, float32
+    beyond K 4096): ~1.5 GB."""
+    size = lambda k: k * k * (8 if k <= F64_MAX_K else 4)  # noqa: E731
     k = max(hidden, inter)
-    return 24 * inter * hidden + 8 * (hidden * hidden + inter * inter) + 8 * (5 * k * k + inter * hidden)
+    return size(hidden) + size(inter) + max(8 * inter * hidden, size(k) + 16 * inter * hidden)
 
 
 def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: int) -> int:
@@ -122,46 +124,65 @@ def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: i
 
 
 # ---- Hessians and the layer prior ---------------------------------------------------------------------------
+Prior = Any  # a [K, K] tensor, or a float c standing for c·I (never made: at I = 8192 one is 0.27-0.54 GB)
+
+
 class _Acc:
-    """Σ x xᵀ and token counts for one linear: experts ``offset .. offset + b - 1`` of a batch, or one (b = 1)."""
+    """Σ x xᵀ and token counts for one linear: experts ``offset .. offset + b - 1`` of a batch, or one (b = 1), in
+    GPTQ's working dtype for this input width."""
 
     def __init__(self, b: int, k: int, device, offset: int = 0):
         import torch
 
-        self.h = torch.zeros(b, k, k, dtype=torch.float64, device=device)
+        self.h = torch.zeros(b, k, k, dtype=working_dtype(k), device=device)
         self.n = np.zeros(b, np.int64)
         self.amax = np.zeros(b, np.float32)
         self.offset = offset
+        self.done = False
 
     def add(self, e: int, x) -> None:
-        import torch
-
         j = max(e, 0) - self.offset
-        xd = x.to(torch.float64)
-        self.h[j] += xd.T @ xd
+        xd = x.to(self.h.dtype)
+        self.h[j].addmm_(xd.T, xd)  # in place: no [K, K] temporary
         self.n[j] += x.shape[0]
         self.amax[j] = max(self.amax[j], float(x.abs().max()) if x.numel() else 0.0)
 
-    def blended(self, prior, alpha: float):
-        """Per-entry normalised Hessians (H_e + α·H̄) / (n_e + α) with the layer prior H̄ (module docstring)."""
+    def blended(self, prior: Prior, alpha: float):
+        """Per-entry normalised Hessians (H_e + α·H̄) / (n_e + α) with the layer prior H̄ (module docstring), made
+        in place of the sums (which nothing reads after) on the first call; later calls return the same tensor."""
         import torch
 
-        n = torch.tensor(self.n, dtype=torch.float64, device=self.h.device)
-        if alpha == 0 and self.n.sum() == 0:
-            return prior.expand_as(self.h).clone()
-        return (self.h + alpha * prior) / (n + alpha).clamp_min(1e-12)[:, None, None]
+        h = self.h
+        if self.done:
+            return h
+        self.done = True
+        if alpha == 0 and self.n.sum() == 0:  # nothing seen: the prior itself
+            h.zero_()
+            if isinstance(prior, float):
+                h.diagonal(dim1=-2, dim2=-1).fill_(prior)
+            else:
+                h.copy_(prior.to(h.device, h.dtype).expand_as(h))
+            return h
+        n = torch.tensor(self.n, dtype=h.dtype, device=h.device)
+        if alpha and isinstance(prior, float):  # c·I
+            h.diagonal(dim1=-2, dim2=-1).add_(alpha * prior)
+        elif alpha:
+            h.add_(prior.to(h.device, h.dtype), alpha=alpha)
+        return h.div_((n + alpha).clamp_min(1e-12)[:, None, None])
 
 
-def _prior(k: int, total: int, dev, shared=None, per_token_diag: float | None = None):
-    """The layer prior H̄ [K, K]: ``shared`` (Σ x xᵀ over all routed tokens) / total for a shared input space, or
-    ``per_token_diag``·I; I when the layer routed nothing or the prior would be degenerate."""
+
+def _prior(total: int, shared=None, per_token_diag: float | None = None) -> Prior:
+    """The layer prior H̄: ``shared`` (Σ x xᵀ over all routed tokens) / total for a shared input space (divided in
+    place), or ``per_token_diag``·I; I (1.0) when the layer routed nothing or the prior would be degenerate."""
     import torch
 
-    eye = torch.eye(k, dtype=torch.float64, device=dev)
     if total == 0:
-        return eye
-    prior = shared / total if shared is not None else float(per_token_diag) * eye
-    return eye if float(torch.diagonal(prior).sum()) <= 0 else prior
+        return 1.0
+    if shared is None:
+        return float(per_token_diag) if per_token_diag is not None and per_token_diag > 0 else 1.0
+    prior = shared.div_(total)
+    return 1.0 if float(torch.diagonal(prior).sum()) <= 0 else prior
 
 
 # ---- the driver -------------------------------------------------------------------------------------------
@@ -231,7 +252,7 @@ class _Experts:
         """Float32 experts [a, b) of each stacked tensor in ``names``, as torch tensors [b - a, out, in]."""
         import torch
 
-        return {n: torch.tensor(self.lazy[n].load(np.float32, experts=slice(a, b)), device=dev) for n in names}
+        return {n: _torch(self.lazy[n].load(np.float32, experts=slice(a, b)), dev) for n in names}
 
 
 def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: CalibOptions,
@@ -280,18 +301,48 @@ def _embedded(t: Any, ids: list[np.ndarray], rows: int = 8192) -> list[np.ndarra
     return np.split(out, np.cumsum([len(i) for i in ids])[:-1])
 
 
-def _quantize(w: np.ndarray, hb, scheme: AnyScheme, options: CalibOptions, stats: dict[str, list[float]]) -> QTensor:
-    """RTN and (GPTQ or RTN) of w [B, N, K] on the blended Hessians hb [B, K, K]; extends ``stats`` per entry."""
-    rtn = scheme.quantize(w)
-    qt = gptq(w, hb, scheme, options.damp) if options.method == "gptq" else rtn
+def _quantize(w: np.ndarray, hb, scheme: AnyScheme, options: CalibOptions, stats: dict[str, list[float]],
+              reload: Callable[[], np.ndarray] | None = None) -> QTensor:
+    """RTN and (GPTQ or RTN) of w [B, N, K] on the blended Hessians hb [B, K, K]; extends ``stats`` per entry.
+    ``reload``: w again, from the checkpoint; then GPTQ works in w itself (one [N, K] less at the peak)."""
     h_np = hb.cpu().numpy()
-    wr, wc = rtn.dequantize(), qt.dequantize()
-    for key, value in (("weight_sqnr_rtn", sqnr_db(w, wr, axis=(1, 2))),
-                       ("weight_sqnr_calibrated", sqnr_db(w, wc, axis=(1, 2))),
-                       ("output_sqnr_rtn", output_sqnr(w, wr, h_np)),
-                       ("output_sqnr_calibrated", output_sqnr(w, wc, h_np))):
-        stats.setdefault(key, []).extend(np.asarray(value).tolist())
+    rtn = scheme.quantize(w)
+    _add_stats(stats, "rtn", w, rtn, h_np)
+    if options.method != "gptq":
+        _add_stats(stats, "calibrated", w, rtn, h_np)
+        return rtn
+    del rtn
+    qt = gptq(w, hb, scheme, options.damp, overwrite=reload is not None)
+    if reload is not None:
+        w = reload()
+    _add_stats(stats, "calibrated", w, qt, h_np)
     return qt
+
+
+def _add_stats(stats: dict[str, list[float]], kind: str, w: np.ndarray, qt: QTensor, h_np: np.ndarray,
+               block: int = 512) -> None:
+    """Weight SQNR (every row, ``block`` rows dequantized at a time: at real width a whole float64 copy of w and of
+    its error would be 1.3 GB) and output SQNR (``output_sqnr``'s sampled rows) per batch entry of ``qt``."""
+    sig, err = np.zeros(w.shape[0]), np.zeros(w.shape[0])
+    for a in range(0, w.shape[1], block):
+        ref = w[:, a : a + block].astype(np.float64)
+        sig += (ref**2).sum(axis=(1, 2))
+        err += ((ref - qt.rows(slice(a, a + block)).dequantize()) ** 2).sum(axis=(1, 2))
+    with np.errstate(divide="ignore"):
+        weight = 10.0 * np.log10(np.where(err > 0, sig / np.where(err > 0, err, 1.0), np.inf))
+    picked = sampled_rows(w.shape[1])
+    for key, value in ((f"weight_sqnr_{kind}", weight),
+                       (f"output_sqnr_{kind}", output_sqnr(w[:, picked], qt.rows(picked).dequantize(), h_np))):
+        stats.setdefault(key, []).extend(np.asarray(value).tolist())
+
+
+def _torch(a: np.ndarray, dev):
+    """``a`` as a torch tensor on ``dev``: the same memory on the CPU when numpy owns it (no second copy)."""
+    import torch
+
+    if dev.type == "cpu" and a.flags.writeable and a.flags.c_contiguous:
+        return torch.from_numpy(a)
+    return torch.tensor(a, device=dev)
 
 
 def _log_tensor(full: str, scheme: AnyScheme, stats: dict[str, list[float]], method: str) -> None:
@@ -324,7 +375,7 @@ def _calibrate_layer(la: LayerSpec, X: list, run: _Run) -> list:
     lazy = run.ckpt.layer(la.index)
     plan = _layer_plan(run.recipe, la.index, list(lazy))
     experts = {n for n, t in lazy.items() if t.is_experts}  # stacked [E, out, in]: loaded per batch, never whole
-    W = {n: torch.tensor(t.load(np.float32), device=run.dev) for n, t in lazy.items() if n not in experts}
+    W = {n: _torch(t.load(np.float32), run.dev) for n, t in lazy.items() if n not in experts}
     dense_plan = {n: s for n, s in plan.items() if n not in experts}
     accs, routed1 = _float_pass(la, X, W, dense_plan, run)
     Wq = _quantize_dense(la.index, W, dense_plan, accs, run)
@@ -378,14 +429,13 @@ def _quantize_dense(layer: int, W: dict, dense_plan: dict[str, AnyScheme], accs:
         acc = accs[_SHARES.get(n, n)]
         w = W[n].cpu().numpy()[None]  # [1, N, K]
         stats: dict[str, list[float]] = {}
-        qt = _quantize(w, acc.blended(torch.eye(w.shape[-1], dtype=torch.float64, device=run.dev), 0.0), scheme,
-                       run.options, stats)
+        qt = _quantize(w, acc.blended(1.0, 0.0), scheme, run.options, stats)
         run.result.stats[full] = {**stats, "tokens": acc.n.tolist()}
         qt = _unstack(qt)
         if isinstance(scheme, Fp8) and scheme.activation == "static":
             run.result.act_scales[full] = _static_scales(acc.amax, acc.n)
         run.result.tensors.append(full, qt)
-        Wq[n] = torch.tensor(qt.dequantize(), device=run.dev)
+        Wq[n] = _torch(qt.dequantize(), run.dev)
         _log_tensor(full, scheme, stats, run.options.method)
     return Wq
 
@@ -438,20 +488,21 @@ def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> Batch
     import torch
 
     dev = torch.device(job.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    load = lambda n: job.lazy[n].load(np.float32, experts=slice(job.a, job.b))  # noqa: E731  float32 [B, out, in]
     with torch.no_grad():
-        w = {n: torch.tensor(t.load(np.float32, experts=slice(job.a, job.b)), device=dev) for n, t in job.lazy.items()}
-        accs = _expert_hessians(job, w, dev, observe)
+        accs = _expert_hessians(job, {n: _torch(load(n), dev) for n in (_GATE, _UP)}, dev, observe)
         res = BatchResult({}, {n: {} for n in job.plan}, {})
         todo = [n for n in (_GATE, _UP, _DOWN) if n in job.plan]
-        for i, n in enumerate(todo):
+        for i, n in enumerate(todo):  # one projection's float weights at a time, read again for its statistics
             key = _SHARES.get(n, n)
-            acc, prior = accs[key], job.priors[key].to(dev)
-            qt = _quantize(w.pop(n).cpu().numpy(), acc.blended(prior, job.alpha), job.plan[n], job.options, res.stats[n])
+            acc = accs[key]
+            hb = acc.blended(job.priors[key], job.alpha)
+            qt = _quantize(load(n), hb, job.plan[n], job.options, res.stats[n], reload=lambda n=n: load(n))
             res.amax[n] = acc.amax
             res.parts[n] = save_part(job.folder, qt)
-            del qt, prior
+            del qt, hb
             if all(_SHARES.get(m, m) != key for m in todo[i + 1:]):
-                del accs[key], acc  # Hessians no later tensor reads: [B, K, K] float64 each
+                del accs[key], acc  # Hessians no later tensor reads: [B, K, K] each
     return res
 
 
@@ -490,7 +541,7 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
     bsz = expert_batch_size(hidden, inter, run.options.expert_batch_bytes, num_e)
     batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
     log.info("layer %d: %d routed experts in %d batch(es) of up to %d", ex.layer, num_e, len(batches), bsz)
-    priors = {k: v.cpu() for k, v in _expert_priors(ex, batches, run.dev).items()}
+    priors = {k: v if isinstance(v, float) else v.cpu() for k, v in _expert_priors(ex, batches, run.dev).items()}
     alpha = run.options.prior_tokens if num_e > 1 else 0.0
     lazy = {n: ex.lazy[n] for n in (_GATE, _UP, _DOWN)}
     jobs = ((ExpertBatch(ex.layer, lazy, ex.plan, a, b, [(e, xe.cpu()) for _, e, _, xe in _routed_rows(ex.routed1, a, b)],
@@ -518,12 +569,12 @@ def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Ru
     w = {}
     for n in (_GATE, _UP, _DOWN):
         if n not in res.parts:
-            w[n] = torch.tensor(ex.lazy[n].load(np.float32, experts=slice(a, b)), device=run.dev)
+            w[n] = _torch(ex.lazy[n].load(np.float32, experts=slice(a, b)), run.dev)
             continue
         qt = res.parts[n].load()
         run.result.tensors.append(f"model.layers.{ex.layer}.{n}", qt)
         res.parts[n].unlink()
-        w[n] = torch.tensor(qt.dequantize(), device=run.dev)
+        w[n] = _torch(qt.dequantize(), run.dev)
         for key, values in res.stats[n].items():
             ex.stats[n].setdefault(key, []).extend(values)
         ex.amax[n].append(res.amax[n])
@@ -560,11 +611,11 @@ def _prior_gate_up(ex: _Experts, dev):
     import torch
 
     hidden = ex.shape[2]
-    shared = torch.zeros(hidden, hidden, dtype=torch.float64, device=dev)
+    shared = torch.zeros(hidden, hidden, dtype=working_dtype(hidden), device=dev)
     for h2, _, s in ex.routed1:
-        xd = (h2 * s[:, None]).to(torch.float64)
-        shared += xd.T @ xd
-    return _prior(hidden, int(ex.counts.sum()), dev, shared=shared)
+        xd = (h2 * s[:, None]).to(shared.dtype)
+        shared.addmm_(xd.T, xd)
+    return _prior(int(ex.counts.sum()), shared=shared)
 
 
 def _prior_down(ex: _Experts, batches: list[tuple[int, int]], dev):
@@ -582,8 +633,7 @@ def _prior_down(ex: _Experts, batches: list[tuple[int, int]], dev):
         del w
     live = ex.counts > 0
     per_tok = torch.tensor(trace[live] / ex.counts[live] / inter, dtype=torch.float64) if live.any() else None
-    return _prior(inter, int(ex.counts.sum()), dev,
-                  per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
+    return _prior(int(ex.counts.sum()), per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
 
 
 # ---- lm_head and the embedding -----------------------------------------------------------------------------
@@ -604,7 +654,7 @@ def _global_tensors(X: list, run: _Run) -> None:
             norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=run.dev)
             for x in X:
                 acc.add(-1, rms(x, norm, ckpt.spec.rms_norm_eps))
-            hess = acc.blended(torch.eye(t.shape[-1], dtype=torch.float64, device=run.dev), 0.0)
+            hess = acc.blended(1.0, 0.0)
         qt, sums = _rows_quantized(t, scheme, hess, run.options.damp)
         run.result.tensors.append(name, qt)
         run.result.stats[name] = {k: [_db(sums["sig"], sums[k])] for k in ("weight_sqnr_rtn", "weight_sqnr_calibrated")}

@@ -4,36 +4,50 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 
 from .schemes import AnyScheme, QTensor
 
 
-def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: int = 128) -> QTensor:
-    """GPTQ (Frantar et al. 2022) over a leading batch (expert) axis: w [B, N, K], hessian [B, K, K] (torch).
+F64_MAX_K = 4096  # GPTQ works in float64 up to this input width, in float32 beyond (working_dtype)
+
+
+def working_dtype(k: int):
+    """GPTQ's precision for input width ``k``: float64 where a [K, K] costs little (K <= 4096: <= 134 MB), float32
+    beyond (Llama 4's real widths, K 5120-16384), the precision of the reference implementation and of every peer
+    (llm-compressor, AutoGPTQ, GPTQModel): it halves the Hessians, the H⁻¹ factor and the weight copy, the memory
+    that bounds calibration at real width. float64 on the small widths keeps the codes of the column-by-column
+    form exactly; float32 moves a few codes at the margin (an output SQNR within 0.1 dB at Scout width)."""
+    import torch
+
+    return torch.float64 if k <= F64_MAX_K else torch.float32
+
+
+def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: int = 128,
+         overwrite: bool = False) -> QTensor:
+    """GPTQ (Frantar et al. 2022) over a leading batch (expert) axis: w [B, N, K], hessian [B, K, K] (torch), in the
+    Hessian's dtype (``working_dtype``). ``overwrite``: w (float32, the Hessian's dtype) is the working copy and is
+    destroyed (one [N, K] less in memory).
 
     The lazy-batch form of the paper: columns are quantized ``block`` at a time, the error feedback inside a block is
     applied column by column and to the rest of the matrix once per block (one GEMM), so the work is a few large
     matmuls instead of K rank-1 updates over the whole weight: 23x faster at N 2048, K 5120 (166.6 s -> 7.3 s on
-    2 cores) with the same codes. Everything stays float64: float32 feedback (the reference implementation's) is
-    2x faster in the GEMM but moves codes at the margin, and on the tiny test models such a move can flip an FP8
-    activation rounding or a router near-tie; float64 keeps the codes of the column-by-column form.
-    Group scales are fitted on the already-updated weights at each group's first column (every group starts a
-    block or lies inside one). Columns whose Hessian diagonal is 0 get a unit diagonal (plain rounding); no column
-    is ever zeroed."""
+    2 cores) with the same codes. Group scales are fitted on the already-updated weights at each group's first
+    column (every group starts a block or lies inside one). Columns whose Hessian diagonal is 0 get a unit diagonal
+    (plain rounding); no column is ever zeroed. The snapped values go into the working copy's columns as they are
+    made (a block's columns are never read again once the block is done), so the result is not another [N, K]."""
     import torch
 
-    dev = hessian.device
-    W = torch.tensor(w, dtype=torch.float64, device=dev)
+    dev, dt = hessian.device, hessian.dtype
+    mine = overwrite and dev.type == "cpu" and w.dtype == np.dtype(str(dt).removeprefix("torch.")) and w.flags.c_contiguous
+    W = torch.from_numpy(w) if mine else torch.tensor(w, dtype=dt, device=dev)
     b, n, k = W.shape
     Hinv = inverse_factor(hessian, damp)
     g = scheme.group_for(k)
     step = _block_size(g, block)
     scales = np.empty((b, n, k // g), np.float32)
     zeros = None
-    Q = np.empty((b, n, k), np.float32)
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
         W1, Hb = W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
@@ -47,13 +61,15 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: i
                 if z is not None:
                     zeros = zeros if zeros is not None else np.empty((b, n, k // g), np.uint8)
                     zeros[:, :, i // g] = z[:, :, 0, 0]
-            q = scheme.snap(W1[:, :, j].cpu().numpy().astype(np.float32)[:, :, None, None], s, z)[:, :, 0, 0]
-            Q[:, :, i] = q
-            err = (W1[:, :, j] - torch.from_numpy(q).to(dev, torch.float64)) / Hb[:, j, j][:, None]
+            q = torch.from_numpy(scheme.snap(W1[:, :, j].cpu().numpy().astype(np.float32)[:, :, None, None], s, z)[:, :, 0, 0])
+            q = q.to(dev, dt)
+            err = (W1[:, :, j] - q) / Hb[:, j, j][:, None]
             W1[:, :, j:] -= err[:, :, None] * Hb[:, None, j, j:]
             Err[:, :, j] = err
-        W[:, :, i2:] -= torch.bmm(Err, Hinv[:, i1:i2, i2:])  # the block's feedback to every later column at once
-    return scheme.with_scales(Q, scales, zeros)
+            W[:, :, i] = q  # exact: a float32 value in the working dtype
+        W[:, :, i2:].baddbmm_(Err, Hinv[:, i1:i2, i2:], alpha=-1)  # the block's feedback to every later column at once, in place
+    del Hinv
+    return scheme.with_scales(W.cpu().numpy().astype(np.float32, copy=False), scales, zeros)
 
 
 def _block_size(g: int, block: int) -> int:
@@ -65,17 +81,18 @@ def _block_size(g: int, block: int) -> int:
 
 
 def inverse_factor(hessian, damp: float = 0.01):
-    """The upper Cholesky factor of the damped H⁻¹ that GPTQ feeds errors through, [B, K, K] float64; dead
-    columns (diagonal <= 0) get a unit diagonal. On one torch thread: MKL's Cholesky rounds differently with 2
-    threads than with 1, and a --ray worker (1 thread) must agree with a single process (all cores)."""
+    """The upper Cholesky factor of the damped H⁻¹ that GPTQ feeds errors through, [B, K, K] in the Hessian's dtype;
+    dead columns (diagonal <= 0) get a unit diagonal. ``hessian`` is left as it is. Per batch entry, so an entry's
+    result does not depend on which batch it is in, and on one torch thread: MKL's Cholesky rounds differently with
+    2 threads than with 1, and a --ray worker (1 thread) must agree with a single process (all cores)."""
     import torch
 
-    H = hessian.to(torch.float64).clone()
-    diag = torch.diagonal(H, dim1=-2, dim2=-1)
-    diag[diag <= 0] = 1.0
-    mean = diag.mean(-1, keepdim=True)  # (B, 1)
+    out = torch.empty_like(hessian, memory_format=torch.contiguous_format)
+    info = torch.empty((), dtype=torch.int32)
     with one_thread():
-        return _damped_inverse_factor(H, mean, damp)
+        for i in range(hessian.shape[0]):
+            _factor_into(hessian[i], out[i], damp, info)
+    return out
 
 
 @contextmanager
@@ -93,43 +110,35 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _damped_inverse_factor(H, mean, damp: float):
-    """Upper Cholesky factor of H⁻¹ per batch entry, H [B, K, K] dampened by λ·mean-diag. λ starts at ``damp`` and
-    is raised tenfold (up to 5 times) for the entries whose H + λ·I is not positive definite; an entry that never
-    factors gets I (plain rounding). Per entry, so an entry's result does not depend on which batch it is in.
-    At most two [B, K, K] temporaries beside H (at Scout width one K x K is 0.54 GB: down_proj's K is 8192)."""
+def _factor_into(h, buf, damp: float, info) -> None:
+    """``buf`` [K, K] <- the upper Cholesky factor of (H + λ·mean-diag·I)⁻¹, in place: no [K, K] besides ``buf``
+    (at Scout width one is 0.27 GB in float32). λ starts at ``damp`` and is raised tenfold (up to 5 times) while the
+    damped H is not positive definite; if it never factors, I (plain rounding).
+
+    Why the transposed view: LAPACK works on column-major matrices; ``buf.mT`` is one, so torch factors it where it
+    lies instead of through a copy. H is symmetric, so the view holds H too; its lower Cholesky factor L' of H⁻¹
+    is, seen through ``buf``, the upper factor U = L'ᵀ with UᵀU = H⁻¹ that GPTQ needs."""
     import torch
 
-    b, k = H.shape[0], H.shape[-1]
-    todo = torch.arange(b, device=H.device)
-    done: list[tuple[Any, Any]] = []  # (entries, their factors)
+    diag = h.diagonal()
+    dead = diag <= 0
+    mean = torch.where(dead, torch.ones_like(diag), diag).mean()
+    f = buf.mT
     lam = damp
     for _ in range(6):
-        L = H.clone() if len(todo) == b else H[todo]
-        L.diagonal(dim1=-2, dim2=-1).add_(lam * mean[todo])  # H + λ·mean·I, no identity matrix made
-        L, info = torch.linalg.cholesky_ex(L)
-        ok = info == 0
-        if bool(ok.any()):
-            full = torch.cholesky_inverse(L if bool(ok.all()) else L[ok])
-            del L
-            inv, info2 = torch.linalg.cholesky_ex(full, upper=True)
-            del full
-            good = (info2 == 0) & torch.isfinite(inv).flatten(1).all(-1)
-            ok[ok.clone()] = good
-            done.append((todo[ok], inv if bool(good.all()) else inv[good]))
-            del inv
-        else:
-            del L
-        todo = todo[~ok]
-        if len(todo) == 0:
-            break
+        buf.copy_(h)
+        d = buf.diagonal()
+        d[dead] = 1.0
+        d.add_(lam * mean)  # H + λ·mean·I, no identity matrix made
+        torch.linalg.cholesky_ex(f, upper=True, out=(f, info))
+        if int(info) == 0:
+            torch.cholesky_inverse(f, upper=True, out=f)
+            torch.linalg.cholesky_ex(f, out=(f, info))
+            if int(info) == 0 and bool(torch.isfinite(buf.sum())):  # (isfinite(buf) would make [K, K] temporaries)
+                return
         lam *= 10
-    if len(done) == 1 and len(todo) == 0:
-        return done[0][1]  # the common case: every entry factored at the same λ, no copy
-    Hinv = torch.eye(k, dtype=torch.float64, device=H.device).expand(b, -1, -1).clone()  # left over: plain rounding
-    for entries, inv in done:
-        Hinv[entries] = inv
-    return Hinv
+    buf.zero_()
+    buf.diagonal().fill_(1.0)
 
 
 def output_sqnr(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray, max_rows: int = 512) -> np.ndarray:
@@ -138,10 +147,16 @@ def output_sqnr(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray, max_rows: in
     Both traces are sums over output rows, so they are taken over at most ``max_rows`` evenly spaced rows (every row
     of a matrix that small): at real width the exact form is a [8192, 5120] x [5120, 5120] product per trace,
     longer than the GPTQ it reports on. Matrix products (BLAS), not a three-operand einsum (a plain C loop)."""
-    rows = np.unique(np.linspace(0, w.shape[1] - 1, min(w.shape[1], max_rows)).astype(np.int64))
-    w = np.asarray(w[:, rows], np.float64)
-    d = w - np.asarray(wq[:, rows], np.float64)
+    rows = sampled_rows(w.shape[1], max_rows)
+    dt = np.float64 if hessian.dtype == np.float64 else np.float32  # never a float64 copy of a float32 [K, K]
+    w = np.asarray(w[:, rows], dt)
+    d = w - np.asarray(wq[:, rows], dt)
     sig = np.einsum("bnk,bnk->b", w @ hessian, w)
     err = np.einsum("bnk,bnk->b", d @ hessian, d)
     with np.errstate(divide="ignore"):
         return 10 * np.log10(np.where(err > 0, sig / np.where(err > 0, err, 1), np.inf))
+
+
+def sampled_rows(n: int, max_rows: int = 512) -> np.ndarray:
+    """At most ``max_rows`` evenly spaced row indices of ``n`` (all of them when n is that small)."""
+    return np.unique(np.linspace(0, n - 1, min(n, max_rows)).astype(np.int64))

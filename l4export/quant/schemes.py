@@ -32,6 +32,8 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 FP8_MAX = 448.0
 FP8_BLOCKS = (0, 16, 32, 64, 128)  # 0: per output channel; else square b x b tiles
 ACCURACY_LEVELS = (0, 4)  # ONNX Runtime accuracy_level of integer kernels: 0 float, 4 int8 activations
+ROWS = 1024  # output rows fitted, encoded or decoded at a time: each step makes float32 temporaries the size of
+# its input several times over, a few hundred MB apiece for one real-width [8192, 5120] projection
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,19 @@ class QTensor:
         """Rows (experts of a stack) [a, b): views, nothing copied."""
         return QTensor(self.scheme, self.q[a:b], self.scale[a:b], None if self.zero is None else self.zero[a:b])
 
+    def rows(self, r: slice | np.ndarray) -> QTensor:
+        """Output rows ``r`` (axis -2) of every leading entry: scales and zero points are per row as well."""
+        pick = lambda a: None if a is None else a[..., r, :]  # noqa: E731
+        return QTensor(self.scheme, pick(self.q), pick(self.scale), pick(self.zero))
+
     def dequantize(self) -> np.ndarray:
-        return self.scheme.dequantize(self)
+        """float32 weights, ``ROWS`` output rows at a time into one array (same values as all at once)."""
+        if self.q.ndim < 2 or self.q.shape[-2] <= ROWS:
+            return self.scheme.dequantize(self)
+        out = np.empty(self.q.shape, np.float32)
+        for a in range(0, out.shape[-2], ROWS):
+            out[..., a : a + ROWS, :] = self.scheme.dequantize(self.rows(slice(a, a + ROWS)))
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -92,21 +105,53 @@ def _check_group(name: str, in_dim: int, g: int) -> None:
 class _Base:
     """quantize/dequantize in terms of fit/encode (shared by every scheme)."""
 
+    row_tile = 1  # output rows that share a scale (Fp8 blocks): a row step never splits them
+
     def quantize(self, w: np.ndarray) -> QTensor:
         w = np.asarray(w, dtype=np.float32)
         g = self.group_for(w.shape[-1])
         _check_group(self.name, w.shape[-1], g)
-        wg = grouped(w, g)
-        scale, zero = self.fit(wg)
-        q = self.encode(wg, scale, zero).reshape(w.shape)
-        return QTensor(self, q, scale[..., 0], None if zero is None else zero[..., 0])
+
+        def part(r: slice) -> QTensor:
+            wg = grouped(w[..., r, :], g)
+            scale, zero = self.fit(wg)
+            q = self.encode(wg, scale, zero).reshape(wg.shape[:-2] + (-1,))
+            return QTensor(self, q, scale[..., 0], None if zero is None else zero[..., 0])
+
+        return self._by_rows(w, part)
 
     def with_scales(self, w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> QTensor:
         """Encode ``w`` on given grids (``scale``/``zero`` [..., out, G]), e.g. after GPTQ."""
-        wg = grouped(np.asarray(w, dtype=np.float32), self.group_for(w.shape[-1]))
-        z = None if zero is None else zero[..., None]
-        q = self.encode(wg, scale[..., None], z).reshape(w.shape)
-        return QTensor(self, q, scale, zero)
+        g = self.group_for(w.shape[-1])
+
+        def part(r: slice) -> QTensor:
+            wg = grouped(np.asarray(w[..., r, :], dtype=np.float32), g)
+            z = None if zero is None else zero[..., r, :]
+            q = self.encode(wg, scale[..., r, :, None], None if z is None else z[..., None])
+            return QTensor(self, q.reshape(wg.shape[:-2] + (-1,)), scale[..., r, :], z)
+
+        return self._by_rows(w, part)
+
+    def _by_rows(self, w: np.ndarray, part) -> QTensor:
+        """``part(rows)`` over every output row at once, or (more than ``ROWS`` rows) a step of rows at a time
+        into arrays made once: the same codes and scales, a step's temporaries instead of the tensor's."""
+        if w.ndim < 2:
+            return part(slice(None))
+        n = w.shape[-2]
+        step = -(-ROWS // self.row_tile) * self.row_tile
+        if n <= step:
+            return part(slice(None))
+        out: QTensor | None = None
+        for a in range(0, n, step):
+            qt = part(slice(a, a + step))
+            if out is None:
+                full = lambda x: None if x is None else np.empty(x.shape[:-2] + (n,) + x.shape[-1:], x.dtype)  # noqa: E731
+                out = QTensor(self, full(qt.q), full(qt.scale), full(qt.zero))
+            for dst, src in zip((out.q, out.scale, out.zero), (qt.q, qt.scale, qt.zero)):
+                if src is not None:
+                    dst[..., a : a + step, :] = src
+        assert out is not None
+        return out
 
     def rtn(self, w: np.ndarray) -> np.ndarray:
         """Round-to-nearest fake quantization (float32, same shape)."""
@@ -223,6 +268,10 @@ class Fp8(_Base):
 
     def group_for(self, in_dim: int) -> int:
         return self.block_size or in_dim
+
+    @property
+    def row_tile(self) -> int:  # type: ignore[override]
+        return self.block_size or 1
 
     def fit(self, wg: np.ndarray) -> tuple[np.ndarray, None]:
         amax = np.abs(wg).max(axis=-1, keepdims=True)  # [..., out, G, 1]
