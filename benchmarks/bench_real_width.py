@@ -74,12 +74,12 @@ def maverick_config(experts: int = 128) -> dict:
 
 
 # ---- measuring one run ---------------------------------------------------------------------------------------
-def _tree_rss(pid: int) -> int:
+def _tree_rss(pid: int, children: bool = True) -> int:
     import psutil
 
     try:
         p = psutil.Process(pid)
-        procs = [p, *p.children(recursive=True)]
+        procs = [p, *p.children(recursive=True)] if children else [p]
     except psutil.Error:
         return 0
     total = 0
@@ -94,7 +94,7 @@ def _tree_rss(pid: int) -> int:
 def run(cmd: list[str], disk: Path, env: dict | None = None) -> dict:
     """wall, peak RSS (largest process; sum of the tree, sampled), peak extra disk used under ``disk``'s device."""
     used0 = shutil.disk_usage(disk).used
-    peak = {"sum": 0, "disk": 0}
+    peak = {"sum": 0, "disk": 0, "driver": 0}
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     done = threading.Event()
@@ -102,6 +102,7 @@ def run(cmd: list[str], disk: Path, env: dict | None = None) -> dict:
     def sample() -> None:
         while not done.wait(0.2):
             peak["sum"] = max(peak["sum"], _tree_rss(proc.pid))
+            peak["driver"] = max(peak["driver"], _tree_rss(proc.pid, children=False))
             peak["disk"] = max(peak["disk"], shutil.disk_usage(disk).used - used0)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -114,7 +115,7 @@ def run(cmd: list[str], disk: Path, env: dict | None = None) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
     return {"wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 2),
-            "peak_rss_sum_gb": round(peak["sum"] / GB, 2), "peak_extra_disk_gb": round(peak["disk"] / GB, 2),
+            "peak_rss_sum_gb": round(peak["sum"] / GB, 2), "peak_rss_driver_gb": round(peak["driver"] / GB, 2), "peak_extra_disk_gb": round(peak["disk"] / GB, 2),
             "log": [line for line in out.splitlines() if "INFO" in line][-12:]}
 
 
@@ -261,7 +262,7 @@ def main() -> None:
     rows = [{"run": n, **{k: v for k, v in r.items() if k not in ("log", "args", "checkpoint")}}
             for n, r in res["runs"].items()]
     if rows:
-        print(table(rows, ["run", "wall_s", "peak_rss_gb", "peak_rss_sum_gb", "peak_extra_disk_gb", "output_gb",
+        print(table(rows, ["run", "wall_s", "peak_rss_gb", "peak_rss_driver_gb", "peak_rss_sum_gb", "peak_extra_disk_gb", "output_gb",
                            "weights_sha"]))
     for line in res["extrapolation"]:
         print(line)

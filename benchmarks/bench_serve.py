@@ -12,7 +12,6 @@ Both run to max_tokens (ignore_eos). Runs interleaved, medians; the goal is serv
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import sys

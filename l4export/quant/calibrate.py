@@ -250,7 +250,6 @@ class _Experts:
 
     def load(self, names: Iterable[str], a: int, b: int, dev) -> dict:
         """Float32 experts [a, b) of each stacked tensor in ``names``, as torch tensors [b - a, out, in]."""
-        import torch
 
         return {n: _torch(self.lazy[n].load(np.float32, experts=slice(a, b)), dev) for n in names}
 
@@ -301,20 +300,22 @@ def _embedded(t: Any, ids: list[np.ndarray], rows: int = 8192) -> list[np.ndarra
     return np.split(out, np.cumsum([len(i) for i in ids])[:-1])
 
 
-def _quantize(w: np.ndarray, hb, scheme: AnyScheme, options: CalibOptions, stats: dict[str, list[float]],
-              reload: Callable[[], np.ndarray] | None = None) -> QTensor:
-    """RTN and (GPTQ or RTN) of w [B, N, K] on the blended Hessians hb [B, K, K]; extends ``stats`` per entry.
-    ``reload``: w again, from the checkpoint; then GPTQ works in w itself (one [N, K] less at the peak)."""
+def _quantize(load: Callable[[], np.ndarray], hb, scheme: AnyScheme, options: CalibOptions,
+              stats: dict[str, list[float]], fresh: bool = False) -> QTensor:
+    """RTN and (GPTQ or RTN) of w = load() [B, N, K] on the blended Hessians hb [B, K, K]; extends ``stats`` per
+    entry. ``fresh``: load() reads w anew each time (from the checkpoint); GPTQ then works in w itself, and the
+    statistics read it again (one [N, K] less at the peak)."""
     h_np = hb.cpu().numpy()
+    w = load()
     rtn = scheme.quantize(w)
     _add_stats(stats, "rtn", w, rtn, h_np)
     if options.method != "gptq":
         _add_stats(stats, "calibrated", w, rtn, h_np)
         return rtn
     del rtn
-    qt = gptq(w, hb, scheme, options.damp, overwrite=reload is not None)
-    if reload is not None:
-        w = reload()
+    qt = gptq(w, hb, scheme, options.damp, overwrite=fresh)
+    if fresh:
+        w = load()
     _add_stats(stats, "calibrated", w, qt, h_np)
     return qt
 
@@ -370,7 +371,6 @@ def _calibrate_layer(la: LayerSpec, X: list, run: _Run) -> list:
     Non-expert linears are calibrated on the float pass (pass 1), then the quantized non-expert part of the layer
     runs (pass 2) up to the router. Routed experts follow in batches: each batch's Hessians come from the
     pass-1 tokens routed to it, and its quantized output is added to the pass-2 tokens routed to it."""
-    import torch
 
     lazy = run.ckpt.layer(la.index)
     plan = _layer_plan(run.recipe, la.index, list(lazy))
@@ -421,7 +421,6 @@ def _float_pass(la: LayerSpec, X: list, W: dict, dense_plan: dict[str, AnyScheme
 def _quantize_dense(layer: int, W: dict, dense_plan: dict[str, AnyScheme], accs: dict, run: _Run) -> dict:
     """GPTQ each non-expert linear of ``dense_plan`` on its input's Hessian; returns the layer's weights with those
     replaced by their dequantized tensors (pass 2's weights)."""
-    import torch
 
     Wq = dict(W)
     for n, scheme in dense_plan.items():
@@ -429,7 +428,7 @@ def _quantize_dense(layer: int, W: dict, dense_plan: dict[str, AnyScheme], accs:
         acc = accs[_SHARES.get(n, n)]
         w = W[n].cpu().numpy()[None]  # [1, N, K]
         stats: dict[str, list[float]] = {}
-        qt = _quantize(w, acc.blended(1.0, 0.0), scheme, run.options, stats)
+        qt = _quantize(lambda w=w: w, acc.blended(1.0, 0.0), scheme, run.options, stats)
         run.result.stats[full] = {**stats, "tokens": acc.n.tolist()}
         qt = _unstack(qt)
         if isinstance(scheme, Fp8) and scheme.activation == "static":
@@ -497,7 +496,7 @@ def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> Batch
             key = _SHARES.get(n, n)
             acc = accs[key]
             hb = acc.blended(job.priors[key], job.alpha)
-            qt = _quantize(load(n), hb, job.plan[n], job.options, res.stats[n], reload=lambda n=n: load(n))
+            qt = _quantize(lambda n=n: load(n), hb, job.plan[n], job.options, res.stats[n], fresh=True)
             res.amax[n] = acc.amax
             res.parts[n] = save_part(job.folder, qt)
             del qt, hb
@@ -563,7 +562,6 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
 def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Run) -> None:
     """Append a batch's quantized experts to the spill and its stats to ``ex``; then pass 2, here in the driver:
     the batch's quantized (or float) experts on the quantized layer's tokens, added to ``ex.partial``."""
-    import torch
 
     a, b = batch
     w = {}
