@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import build_model, engine_model  # noqa: E402
+from bench_decode import MODEL, bandwidth_gbs, build_model, engine_model, l4_bytes_per_token  # noqa: E402
 from common import machine, measure, save, table  # noqa: E402
 
 ENGINES = ("onnx-int4", "onnx-int4-kv8", "mlx-int4", "mlx-lm-on-l4-int4")
@@ -81,6 +81,7 @@ def main() -> None:
                     help="Comma-separated; ENGINE:N runs that engine up to N tokens only (e.g. onnx-int4-kv8:32768).")
     ap.add_argument("--budget", type=float, default=900.0, help="Largest predicted prefill time (s) an engine is run.")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="results/long-context[-TAG]-DATE.json")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
@@ -89,6 +90,7 @@ def main() -> None:
         print(json.dumps(run(args.worker, Path(args.model), args.length)))
         return
     build_model()
+    name = "long-context" + (f"-{args.tag}" if args.tag else "")
     lengths = [int(n) for n in args.lengths.split(",")]
     env = {"OMP_NUM_THREADS": str(args.threads)}
     results: dict[str, list[dict]] = {}
@@ -106,27 +108,57 @@ def main() -> None:
             r = json.loads(m["output_tail"].strip().splitlines()[-1])
             r["process_peak_rss_mb"] = m["peak_rss_mb"]
             results[engine].append(r)
-            save("long-context", {"partial": True, "results": results})  # a long run keeps what it measured
+            save(name, {"partial": True, "results": results})  # a long run keeps what it measured
             print(f"{engine} {n}: ttft {r['ttft_s']:.1f} s ({r['prefill_tok_s']:.0f} tok/s), decode "
                   f"{r['decode_tok_s']:.1f} tok/s, peak RSS {r['process_peak_rss_mb']:.0f} MB, KV {r['kv_bytes'] / 1e6:.1f} MB")
-    report(results, args)
+    report(results, args, name)
 
 
-def report(results: dict, args) -> None:
+def kv_read_bytes(length: int, itemsize: int) -> int:
+    """KV bytes one decode step reads after ``length`` tokens: every global layer all length + 1 keys and values,
+    every chunked layer those of its current chunk ((length % C) + 1)."""
+    from l4export.spec import load_spec
+
+    s = load_spec(MODEL)
+    keys = sum((length % s.attention_chunk_size) + 1 if la.chunked and s.attention_chunk_size else length + 1
+               for la in s.layers)
+    return 2 * keys * s.num_kv_heads * s.head_dim * itemsize
+
+
+def add_bandwidth(results: dict, bw: float) -> None:
+    """Bytes a decode step reads (active weights + KV, ONNX engines) and the share of the bandwidth ceiling that
+    decode reaches; ``ceiling_tok_s`` is the decode speed at 100% of it."""
+    for e, rs in results.items():
+        if not e.startswith("onnx"):
+            continue
+        weights = l4_bytes_per_token(engine_model(e.removesuffix("-kv8")))
+        for r in rs:
+            if "ttft_s" in r:
+                b = weights + kv_read_bytes(r["length"], 1 if e.endswith("kv8") else 4)
+                r.update(bytes_per_token=b, ceiling_tok_s=bw * 1e9 / b, bandwidth_share=r["decode_tok_s"] * b / (bw * 1e9))
+
+
+def report(results: dict, args, name: str) -> None:
+    bw = bandwidth_gbs(args.threads)
+    add_bandwidth(results, bw)
     rows = []
     for e, rs in results.items():
         for r in rs:
             rows.append({"engine": e, "prompt": r["length"], "TTFT s": f"{r['ttft_s']:.1f}" if "ttft_s" in r else "",
+                         "MB/token": f"{r['bytes_per_token'] / 1e6:.0f}" if "bytes_per_token" in r else "",
+                         "% bandwidth": f"{100 * r['bandwidth_share']:.0f}" if "bandwidth_share" in r else "",
                          "prefill tok/s": f"{r['prefill_tok_s']:.0f}" if "ttft_s" in r else r.get("skipped", ""),
                          "decode tok/s": f"{r['decode_tok_s']:.1f}" if "ttft_s" in r else "",
                          "peak RSS MB": f"{r['process_peak_rss_mb']:.0f}" if "ttft_s" in r else "",
                          "KV MB": f"{r['kv_bytes'] / 1e6:.1f}" if "ttft_s" in r else ""})
     print()
-    print(table(rows, ["engine", "prompt", "TTFT s", "prefill tok/s", "decode tok/s", "peak RSS MB", "KV MB"]))
+    print(table(rows, ["engine", "prompt", "TTFT s", "prefill tok/s", "decode tok/s", "MB/token", "% bandwidth",
+                       "peak RSS MB", "KV MB"]))
+    print(f"bandwidth ceiling (2-thread copy): {bw:.1f} GB/s")
     goals = long_goals(results)
     for k, v in goals.items():
         print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
-    path = save("long-context", {"machine": machine(), "threads": args.threads, "decode_steps": NEW,
+    path = save(name, {"machine": machine(), "threads": args.threads, "decode_steps": NEW, "bandwidth_gbs": bw,
                                  "results": results, "goals": goals})
     plot(results, path.with_suffix(".png"))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
@@ -146,6 +178,12 @@ def long_goals(results: dict) -> dict:
             q = at[32768]["decode_tok_s"] / at[1024]["decode_tok_s"]
             g["decode with 32k of context >= 0.5x decode with 1k (ONNX int4)"] = {
                 "value": f"{at[32768]['decode_tok_s']:.1f} / {at[1024]['decode_tok_s']:.1f} = {q:.2f}x", "met": q >= 0.5}
+            if "bytes_per_token" in at[32768]:  # what the bandwidth allows: both at 100% of the ceiling
+                c = at[1024]["bytes_per_token"] / at[32768]["bytes_per_token"]
+                g["decode with 32k of context >= 0.5x decode with 1k (ONNX int4)"]["value"] += (
+                    f"; at the bandwidth ceiling at most {c:.2f}x ({at[1024]['bytes_per_token'] / 1e6:.0f} vs "
+                    f"{at[32768]['bytes_per_token'] / 1e6:.0f} MB read per token; shares of the ceiling "
+                    f"{100 * at[1024]['bandwidth_share']:.0f}% and {100 * at[32768]['bandwidth_share']:.0f}%)")
     if 131072 in at:
         r = at[131072]
         g["128k prompt, ONNX int4: completes in bounded memory"] = {
