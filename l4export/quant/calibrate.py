@@ -114,7 +114,7 @@ def expert_bytes(hidden: int, inter: int) -> int:
     The Hessians, gate/up [H, H] and down [I, I] in GPTQ's working dtype (``working_dtype``), held through the batch;
     at the larger of: pass 1 (float32 gate and up, 2·I·H·4) and GPTQ of one projection (the H⁻¹ factor of its input,
     K², and its float32 weight with the encoding's temporaries, 4·I·H·4). Scout/Maverick (H 5120, I 8192, float32
-    beyond K 4096): ~1.5 GB."""
+    beyond K 4096): ~1.5 GB (an estimate for batch sizing; measured per process: docs/scale.md)."""
     size = lambda k: k * k * (8 if k <= F64_MAX_K else 4)  # noqa: E731
     k = max(hidden, inter)
     return size(hidden) + size(inter) + max(8 * inter * hidden, size(k) + 16 * inter * hidden)
