@@ -55,7 +55,7 @@ from ..spec import LayerSpec
 from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
 from .gptq import F64_MAX_K, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
-from .schemes import AnyScheme, Fp8, QTensor
+from .schemes import AnyScheme, Fp8, QTensor, db
 from .spill import Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ def _add_stats(stats: dict[str, list[float]], kind: str, w: np.ndarray, qt: QTen
                block: int = 512) -> None:
     """Weight SQNR (every row, ``_square_sums``) and output SQNR (``output_sqnr``'s sampled rows) per batch entry."""
     picked = sampled_rows(w.shape[1])
-    for key, value in ((f"weight_sqnr_{kind}", _db(*_square_sums(w, qt, block))),
+    for key, value in ((f"weight_sqnr_{kind}", db(*_square_sums(w, qt, block))),
                        (f"output_sqnr_{kind}", output_sqnr(w[:, picked], qt.rows(picked).dequantize(), h_np))):
         stats.setdefault(key, []).extend(np.asarray(value).tolist())
 
@@ -682,7 +682,7 @@ def _global_tensors(X: list, run: _Run) -> None:
             hess = acc.blended(1.0, 0.0)
         qt, sums = _rows_quantized(t, scheme, hess, run.options.damp)
         run.result.tensors.append(name, qt)
-        run.result.stats[name] = {k: [float(_db(sums["sig"], sums[k]))] for k in ("weight_sqnr_rtn", "weight_sqnr_calibrated")}
+        run.result.stats[name] = {k: [float(db(sums["sig"], sums[k]))] for k in ("weight_sqnr_rtn", "weight_sqnr_calibrated")}
 
 
 def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, damp: float, rows: int = 8192) -> tuple[QTensor, dict]:
@@ -708,11 +708,6 @@ def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, damp: float, rows: int
     assert out is not None
     return out, sums
 
-
-def _db(sig, err):
-    """10·log10(sig / err), +inf where err is 0 (scalars or arrays)."""
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(np.where(err > 0, sig / np.where(err > 0, err, 1.0), np.inf))
 
 
 __all__ = ["CalibOptions", "CalibResult", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes"]

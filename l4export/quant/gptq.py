@@ -9,7 +9,6 @@ import numpy as np
 
 from .schemes import AnyScheme, QTensor
 
-
 F64_MAX_K = 4096  # GPTQ works in float64 up to this input width, in float32 beyond (working_dtype)
 
 

@@ -344,6 +344,10 @@ def sqnr_db(ref: np.ndarray, approx: np.ndarray, axis: tuple[int, ...] | None = 
     """10·log10(‖ref‖² / ‖ref − approx‖²); +inf when exact, finite otherwise."""
     ref = np.asarray(ref, dtype=np.float64)
     err = ((ref - np.asarray(approx, dtype=np.float64)) ** 2).sum(axis=axis)
-    sig = (ref**2).sum(axis=axis)
+    return db((ref**2).sum(axis=axis), err)
+
+
+def db(sig, err):
+    """10·log10(sig / err), +inf where err is 0 (scalars or arrays)."""
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(np.where(err > 0, sig / np.where(err > 0, err, 1.0), np.inf))
