@@ -338,3 +338,31 @@ def test_gptq_inverse_factor_does_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     assert np.array_equal(out[0], out[1])
 
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gptq_inverse_factor_is_the_damped_inverse_cholesky(dtype):
+    """inverse_factor, made in place through the column-major view of one buffer, is the upper U with
+    UᵀU = (H + λ·mean-diag·I)⁻¹ (a dead column given a unit diagonal) in H's dtype, and leaves H as it was; an
+    indefinite H is damped further until it factors (finite, upper, positive diagonal)."""
+    import torch
+
+    from l4export.quant.gptq import inverse_factor
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 64))
+    h = x.T @ x
+    h[5, :] = h[:, 5] = 0.0  # a dead input column
+    H = torch.tensor(h, dtype=getattr(torch, dtype))[None]
+    before = H.clone()
+    U = inverse_factor(H, 0.01)[0]
+    assert torch.equal(H, before) and U.dtype == H.dtype
+    assert torch.equal(U, torch.triu(U))
+    hd = h.copy()
+    hd[5, 5] = 1.0
+    ref = np.linalg.inv(hd + 0.01 * np.diag(hd).mean() * np.eye(64))
+    tol = 1e-9 if dtype == "float64" else 1e-4
+    np.testing.assert_allclose((U.T @ U).double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
+    m = rng.standard_normal((32, 32))
+    V = inverse_factor(torch.tensor(m + m.T, dtype=getattr(torch, dtype))[None])[0]
+    assert torch.isfinite(V).all() and torch.equal(V, torch.triu(V)) and bool((torch.diagonal(V) > 0).all())
