@@ -40,7 +40,8 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: i
     import torch
 
     dev, dt = hessian.device, hessian.dtype
-    mine = overwrite and dev.type == "cpu" and w.dtype == np.dtype(str(dt).removeprefix("torch.")) and w.flags.c_contiguous
+    mine = (overwrite and dev.type == "cpu" and w.dtype == np.dtype(str(dt).removeprefix("torch."))
+            and w.flags.c_contiguous and w.flags.writeable)
     W = torch.from_numpy(w) if mine else torch.tensor(w, dtype=dt, device=dev)
     b, n, k = W.shape
     Hinv = inverse_factor(hessian, damp)
