@@ -366,3 +366,23 @@ def test_gptq_inverse_factor_is_the_damped_inverse_cholesky(dtype):
     m = rng.standard_normal((32, 32))
     V = inverse_factor(torch.tensor(m + m.T, dtype=getattr(torch, dtype))[None])[0]
     assert torch.isfinite(V).all() and torch.equal(V, torch.triu(V)) and bool((torch.diagonal(V) > 0).all())
+
+
+def test_gptq_in_the_callers_array_gives_the_same_codes():
+    """GPTQ in float32 (real widths) working in the caller's weights (``overwrite``, calibration's path) gives the
+    codes of GPTQ on a copy; float64 (small widths) never touches the caller's float32 array."""
+    import torch
+
+    from l4export.quant.gptq import gptq
+    from l4export.quant.schemes import Int
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((2, 48, 256)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((600, 256))
+    for dt in (torch.float32, torch.float64):
+        h = torch.tensor(x.T @ x, dtype=dt)[None].repeat(2, 1, 1)
+        mine = w.copy()
+        a, b = gptq(w.copy(), h, Int(4, 32, True), 0.01), gptq(mine, h, Int(4, 32, True), 0.01, overwrite=True)
+        np.testing.assert_array_equal(a.q, b.q)
+        np.testing.assert_array_equal(a.scale, b.scale)
+        assert np.array_equal(mine, w) == (dt == torch.float64)  # float32: consumed (it held the snapped values)
