@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import Checkpoint, LazyTensor
-from .schemes import AnyScheme, Int, QTensor
+from .schemes import AnyScheme, Int, QTensor, assembled
 from .spill import Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
@@ -70,26 +70,10 @@ def rtn(t: LazyTensor, scheme: AnyScheme, lead: tuple[int, int] | None = None,
     docstring)."""
     if not sliceable(t, scheme):
         return scheme.quantize(t.load(np.float32))
-    runs = lead_runs(t, slice_bytes) if lead is None else [lead]
-    return _filled([(r, lambda r=r: load_lead(t, r, np.float32)) for r in runs], t.shape[0], scheme)
-
-
-def _filled(slices: list, lead: int, scheme: AnyScheme) -> QTensor:
-    """The QTensor of the leading-axis slices ``(a, b), load`` written into arrays made once (no concatenation: a
-    whole tensor's codes are in memory once, beside one slice's float32)."""
-    out: QTensor | None = None
-    for (a, b), load in slices:
-        qt = scheme.quantize(load())
-        if len(slices) == 1:
-            return qt
-        if out is None:
-            full = lambda x: None if x is None else np.empty((lead,) + x.shape[1:], x.dtype)  # noqa: E731
-            out = QTensor(qt.scheme, full(qt.q), full(qt.scale), full(qt.zero))
-        out.q[a:b], out.scale[a:b] = qt.q, qt.scale
-        if qt.zero is not None:
-            out.zero[a:b] = qt.zero
-    assert out is not None
-    return out
+    if lead is not None:
+        return scheme.quantize(load_lead(t, lead, np.float32))
+    parts = ((slice(a, b), scheme.quantize(load_lead(t, (a, b), np.float32))) for a, b in lead_runs(t, slice_bytes))
+    return assembled(parts, t.shape[0], 0)  # one slice's float32 beside the codes at a time
 
 
 def rtn_job(t: LazyTensor, scheme: AnyScheme, experts: tuple[int, int] | None, folder: str) -> Part:

@@ -55,7 +55,7 @@ from ..spec import LayerSpec
 from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
 from .gptq import F64_MAX_K, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
-from .schemes import AnyScheme, Fp8, QTensor, db
+from .schemes import AnyScheme, Fp8, QTensor, assembled, db
 from .spill import Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
@@ -689,24 +689,19 @@ def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, damp: float, rows: int
     """RTN, or GPTQ on ``hess``, of a 2-D tensor in blocks of ``rows``; the sums behind its weight SQNRs."""
     n = t.shape[0]
     sums = {"sig": 0.0, "weight_sqnr_rtn": 0.0, "weight_sqnr_calibrated": 0.0}
-    out: QTensor | None = None
-    for a in range(0, n, rows):
-        w = t.load_rows(slice(a, min(a + rows, n)), np.float32)[None]
-        rtn = scheme.quantize(w)
-        qt = gptq(w, hess, scheme, damp) if hess is not None else rtn
-        for key, part in (("weight_sqnr_rtn", rtn), ("weight_sqnr_calibrated", qt)):
-            sig, err = _square_sums(w, part)
-            sums[key] += float(err[0])
-        sums["sig"] += float(sig[0])
-        qt = _unstack(qt)
-        if out is None:
-            full = lambda x: None if x is None else np.empty((n,) + x.shape[1:], x.dtype)  # noqa: E731
-            out = QTensor(qt.scheme, full(qt.q), full(qt.scale), full(qt.zero))
-        out.q[a : a + rows], out.scale[a : a + rows] = qt.q, qt.scale
-        if qt.zero is not None:
-            out.zero[a : a + rows] = qt.zero
-    assert out is not None
-    return out, sums
+
+    def parts() -> Iterator[tuple[slice, QTensor]]:
+        for a in range(0, n, rows):
+            w = t.load_rows(slice(a, min(a + rows, n)), np.float32)[None]
+            rtn = scheme.quantize(w)
+            qt = gptq(w, hess, scheme, damp) if hess is not None else rtn
+            for key, part in (("weight_sqnr_rtn", rtn), ("weight_sqnr_calibrated", qt)):
+                sig, err = _square_sums(w, part)
+                sums[key] += float(err[0])
+            sums["sig"] += float(sig[0])
+            yield slice(a, a + rows), _unstack(qt)
+
+    return assembled(parts(), n, 0), sums
 
 
 

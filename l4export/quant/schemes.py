@@ -20,6 +20,7 @@ Code conventions (what the packers in ``pack.py`` expect):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, Union
 
@@ -92,6 +93,25 @@ class Scheme(Protocol):
     def dequantize(self, qt: QTensor) -> np.ndarray: ...
 
 
+def assembled(parts: Iterable[tuple[slice, QTensor]], n: int, axis: int) -> QTensor:
+    """One QTensor of ``n`` along ``axis`` (0: experts or rows of a matrix; -2: output rows) from ``(rows, part)``
+    pairs, written into arrays made once (no concatenation: the whole codes are in memory once, beside one part).
+    A single part that covers all is returned as it is."""
+    out: QTensor | None = None
+    for r, qt in parts:
+        if out is None and r.start in (0, None) and (r.stop is None or r.stop >= n):
+            return qt
+        at = (r,) if axis == 0 else (..., r, slice(None))
+        if out is None:
+            full = lambda x: None if x is None else np.empty(x.shape[:axis % x.ndim] + (n,) + x.shape[axis % x.ndim + 1:], x.dtype)  # noqa: E731
+            out = QTensor(qt.scheme, full(qt.q), full(qt.scale), full(qt.zero))
+        for dst, src in zip((out.q, out.scale, out.zero), (qt.q, qt.scale, qt.zero)):
+            if src is not None:
+                dst[at] = src
+    assert out is not None
+    return out
+
+
 def grouped(w: np.ndarray, g: int) -> np.ndarray:
     """[..., out, in] -> [..., out, in/g, g] (a view)."""
     return w.reshape(*w.shape[:-1], w.shape[-1] // g, g)
@@ -141,17 +161,7 @@ class _Base:
         step = -(-ROWS // self.row_tile) * self.row_tile
         if n <= step:
             return part(slice(None))
-        out: QTensor | None = None
-        for a in range(0, n, step):
-            qt = part(slice(a, a + step))
-            if out is None:
-                full = lambda x: None if x is None else np.empty(x.shape[:-2] + (n,) + x.shape[-1:], x.dtype)  # noqa: E731
-                out = QTensor(self, full(qt.q), full(qt.scale), full(qt.zero))
-            for dst, src in zip((out.q, out.scale, out.zero), (qt.q, qt.scale, qt.zero)):
-                if src is not None:
-                    dst[..., a : a + step, :] = src
-        assert out is not None
-        return out
+        return assembled(((slice(a, a + step), part(slice(a, a + step))) for a in range(0, n, step)), n, -2)
 
     def rtn(self, w: np.ndarray) -> np.ndarray:
         """Round-to-nearest fake quantization (float32, same shape)."""
