@@ -57,8 +57,9 @@ class SourceTensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def read(self, index: int | slice | None = None) -> np.ndarray:
-        """The whole tensor, slice ``index`` of its first axis, or a contiguous range of it (``slice(a, b)``).
+    def read(self, index: int | slice | None = None, rows: slice | None = None) -> np.ndarray:
+        """The whole tensor, slice ``index`` of its first axis, or a contiguous range of it (``slice(a, b)``);
+        ``rows``: only that range of the first axis of slice ``index`` (an int).
 
         A range is one positioned read of only its bytes: the first axis is the outermost in the file."""
         shape, offset = self.shape, self.offset
@@ -68,6 +69,12 @@ class SourceTensor:
             shape, offset = (b - a,) + shape[1:], offset + a * row
         elif index is not None:
             shape, offset = shape[1:], offset + index * row
+        if rows is not None:
+            if not isinstance(index, int) or not shape:
+                raise ValueError(f"{self.name}: rows= needs one integer index of a tensor of 2 or more axes")
+            a, b = _range(rows, shape[0], self.name)
+            offset += a * int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            shape = (b - a,) + shape[1:]
         out = np.empty(shape, dtype=self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         with open(self.file, "rb", buffering=0) as f:
@@ -197,16 +204,16 @@ class LazyTensor:
                     out[how.expert - a] = _dequant(src.read(), scale)
             else:
                 half = self.shape[1]
-                for e in range(a, b):  # one expert slice at a time
-                    w = _dequant(src.read(e), scale, e)
-                    dst = out[e - a]
-                    if w.dtype == out_dtype:  # pure data movement: transpose raw bits (bf16 copies are slow)
-                        w, dst = _bits(w), _bits(dst)
-                    if how.op == "gate_of_fused":
-                        w = w[:, :half]
-                    elif how.op == "up_of_fused":
-                        w = w[:, half:]
-                    _transpose_into(dst, w)
+                for e in range(a, b):
+                    for r, w in _stored_rows(src, scale, e):  # [rows of in, out (x2 fused)], a few MB at a time
+                        dst = out[e - a, :, r : r + w.shape[0]]
+                        if w.dtype == out_dtype:  # pure data movement: transpose raw bits (bf16 copies are slow)
+                            w, dst = _bits(w), _bits(dst)
+                        if how.op == "gate_of_fused":
+                            w = w[:, :half]
+                        elif how.op == "up_of_fused":
+                            w = w[:, half:]
+                        _transpose_into(dst, w)
         if finite:
             _check_finite(out, self)
         return out
@@ -258,6 +265,20 @@ def _check_finite(a: np.ndarray, t: LazyTensor) -> None:
         where = t.parts[0][1].file if t.parts else "checkpoint"
         raise CheckpointError(f"{where}: tensor {t.name} has {bad} non-finite values (NaN or Inf); the checkpoint is "
                               "damaged: re-download it (l4export inspect CKPT --check lists every such tensor)")
+
+
+def _stored_rows(src: SourceTensor, scale: SourceTensor | None, e: int,
+                 nbytes: int = 32 << 20) -> Iterator[tuple[int, np.ndarray]]:
+    """Expert ``e`` of a transposed expert layout ([E, in, out], out possibly fused gate|up) as (first row, rows)
+    blocks of about ``nbytes``: reading a real-width expert whole would hold a second copy of it (fused gate_up:
+    168 MB of bf16 for the 84 MB half that is wanted) beside the float32 result. FP8 (its scales) is read whole."""
+    n = src.shape[1]
+    if src.dtype == FLOAT8:
+        yield 0, _dequant(src.read(e), scale, e)
+        return
+    step = max(1, nbytes // max(1, int(np.prod(src.shape[2:], dtype=np.int64)) * src.dtype.itemsize))
+    for r in range(0, n, step):
+        yield r, src.read(e, rows=slice(r, min(r + step, n)))
 
 
 def _transpose_into(dst: np.ndarray, src: np.ndarray, block: int = 128) -> None:
