@@ -218,6 +218,57 @@ def test_expert_batches_equal_one_batch(maverick):
     assert whole[2] == batched[2]
 
 
+def _float32_copy(src: Path, dst: Path) -> Path:
+    """The checkpoint folder ``src`` with every 16-bit float tensor rewritten as float32 (exact), other files as are."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from l4export.checkpoint import read_header
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    for f in src.glob("*.safetensors"):
+        arrays = {n: t.read() for n, t in read_header(f).items()}
+        save_file({n: a.astype(np.float32) if a.dtype.itemsize == 2 and a.dtype.kind in "fV" else a
+                   for n, a in arrays.items()}, str(dst / f.name), metadata={"format": "pt"})
+    return dst
+
+
+def test_expert_hidden_in_row_blocks_from_bf16():
+    """expert_hidden makes gate/up float32 a block of rows at a time: any block size gives silu(G x) ⊙ (U x), and
+    bf16 weights give exactly what their float32 copies give."""
+    from l4export.torch_llama4 import expert_hidden
+
+    g = torch.randn(10, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    u = torch.randn(10, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    want = torch.nn.functional.silu(x @ g.float().T) * (x @ u.float().T)
+    for rows in (3, 10, 4096):
+        got = expert_hidden(x, g, u, rows)
+        assert got.dtype == torch.float32 and got.shape == (5, 10)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(got, expert_hidden(x, g.float(), u.float(), rows))
+
+
+def test_bf16_weights_calibrate_as_their_float32_copy(tmp_path, scout):
+    """The forward passes keep a layer's bf16 weights as stored and make each float32 as it is read: the codes,
+    scales and statistics are those of the same checkpoint stored in float32, bit for bit."""
+    f32 = _float32_copy(scout, tmp_path / "f32")
+    assert Checkpoint(scout).tensors["model.layers.0.self_attn.q_proj.weight"].dtype.name == "bfloat16"
+    assert Checkpoint(f32).tensors["model.layers.0.self_attn.q_proj.weight"].dtype == np.float32
+    recipe = Recipe("all", (Rule("*.feed_forward.router.weight", None), Rule("*norm.weight", None),
+                            Rule("*.feed_forward.*", Int(4, 32)), Rule("*.self_attn.*_proj.weight", Int(8, 32))))
+    a = _snapshot(calibrate(Checkpoint(scout), recipe, IDS[:3], CalibOptions()))
+    b = _snapshot(calibrate(Checkpoint(f32), recipe, IDS[:3], CalibOptions()))
+    assert set(a[0]) == set(b[0]) and any("self_attn" in n for n in a[0]) and any("shared" in n for n in a[0])
+    for name, parts in a[0].items():
+        for x, y in zip(parts, b[0][name]):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y, err_msg=name)
+    assert a[2] == b[2]
+
+
 def test_calibrated_tensors_are_memory_mapped_from_disk(maverick_int4):
     """result.tensors holds no codes in RAM: every array is an np.memmap over a file in its own folder."""
     from l4export.quant.spill import SpilledTensors
@@ -347,7 +398,7 @@ def test_gptq_inverse_factor_is_the_damped_inverse_cholesky(dtype):
     indefinite H is damped further until it factors (finite, upper, positive diagonal)."""
     import torch
 
-    from l4export.quant.gptq import inverse_factor
+    from l4export.quant.gptq import factor_in_place, inverse_factor
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 64))
@@ -366,6 +417,23 @@ def test_gptq_inverse_factor_is_the_damped_inverse_cholesky(dtype):
     m = rng.standard_normal((32, 32))
     V = inverse_factor(torch.tensor(m + m.T, dtype=getattr(torch, dtype))[None])[0]
     assert torch.isfinite(V).all() and torch.equal(V, torch.triu(V)) and bool((torch.diagonal(V) > 0).all())
+    # indefinite with a positive diagonal, its lowest eigenvalue -0.05·mean-diag: λ 0.01 fails, 0.1 factors
+    ev, q = np.linalg.eigh(x.T @ x)
+    ev[0] = -0.05 * np.trace(x.T @ x) / 64
+    a = (q * ev) @ q.T
+    M = torch.tensor(a, dtype=getattr(torch, dtype))[None]
+    V = inverse_factor(M, 0.01)[0]
+    ref = np.linalg.inv(a + 0.1 * np.diag(a).mean() * np.eye(64))
+    np.testing.assert_allclose((V.T @ V).double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
+    # made in H's own memory (GPTQ's way): the same factor, retries read H back from its file, H back on exit
+    for h0, want in ((before, U), (M, V)):
+        work = h0.clone()
+        with factor_in_place(work, 0.01) as got:
+            assert got.data_ptr() == work.data_ptr() and torch.equal(got[0], want)
+        assert torch.equal(work, h0)
+    with pytest.raises(KeyError), factor_in_place(work, 0.01):
+        raise KeyError("GPTQ failed midway")
+    assert torch.equal(work, M)
 
 
 def test_gptq_in_the_callers_array_gives_the_same_codes():

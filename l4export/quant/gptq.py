@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +28,7 @@ def working_dtype(k: int):
 
 
 def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: int = 128,
-         overwrite: bool = False) -> QTensor:
+         overwrite: bool = False, scratch: str | Path | None = None) -> QTensor:
     """GPTQ (Frantar et al. 2022) over a leading batch (expert) axis: w [B, N, K], hessian [B, K, K] (torch), in the
     Hessian's dtype (``working_dtype``). ``overwrite``: w (float32, the Hessian's dtype) is the working copy and is
     destroyed (one [N, K] less in memory).
@@ -36,7 +39,9 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: i
     2 cores) with the same codes. Group scales are fitted on the already-updated weights at each group's first
     column (every group starts a block or lies inside one). Columns whose Hessian diagonal is 0 get a unit diagonal
     (plain rounding); no column is ever zeroed. The snapped values go into the working copy's columns as they are
-    made (a block's columns are never read again once the block is done), so the result is not another [N, K]."""
+    made (a block's columns are never read again once the block is done), so the result is not another [N, K].
+    The H⁻¹ factor is made in the Hessian's own memory while H waits in a file in ``scratch`` (``factor_in_place``);
+    ``hessian`` holds H again on return."""
     import torch
 
     dev, dt = hessian.device, hessian.dtype
@@ -44,10 +49,21 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: i
             and w.flags.c_contiguous and w.flags.writeable)
     W = torch.from_numpy(w) if mine else torch.tensor(w, dtype=dt, device=dev)
     b, n, k = W.shape
-    Hinv = inverse_factor(hessian, damp)
     g = scheme.group_for(k)
     step = _block_size(g, block)
     scales = np.empty((b, n, k // g), np.float32)
+    with factor_in_place(hessian, damp, scratch) as Hinv:
+        zeros = _columns(W, Hinv, scheme, g, step, scales)
+    return scheme.with_scales(W.cpu().numpy().astype(np.float32, copy=False), scales, zeros)
+
+
+def _columns(W, Hinv, scheme: AnyScheme, g: int, step: int, scales: np.ndarray) -> np.ndarray | None:
+    """GPTQ's column loop in place of W [B, N, K]: snapped values into W, group scales into ``scales``; returns
+    the zero points (None for a symmetric scheme)."""
+    import torch
+
+    b, n, k = W.shape
+    dev, dt = W.device, W.dtype
     zeros = None
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
@@ -69,8 +85,7 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: i
             Err[:, :, j] = err
             W[:, :, i] = q  # exact: a float32 value in the working dtype
         W[:, :, i2:].baddbmm_(Err, Hinv[:, i1:i2, i2:], alpha=-1)  # the block's feedback to every later column at once, in place
-    del Hinv
-    return scheme.with_scales(W.cpu().numpy().astype(np.float32, copy=False), scales, zeros)
+    return zeros
 
 
 def _block_size(g: int, block: int) -> int:
@@ -92,8 +107,45 @@ def inverse_factor(hessian, damp: float = 0.01):
     info = torch.empty((), dtype=torch.int32)
     with one_thread():
         for i in range(hessian.shape[0]):
-            _factor_into(hessian[i], out[i], damp, info)
+            _factor_into(out[i], lambda i=i: out[i].copy_(hessian[i]), damp, info)
     return out
+
+
+@contextmanager
+def factor_in_place(hessian, damp: float = 0.01, scratch: str | Path | None = None) -> Iterator[Any]:
+    """``inverse_factor`` made in ``hessian``'s own memory, with H parked in an unnamed temporary file in
+    ``scratch`` (None: $TMPDIR) meanwhile and read back on exit: GPTQ then holds one [B, K, K], not two (a
+    real-width down projection's is 0.27 GB in float32). Retries with more damping read H back from the file.
+    A tensor that is not a contiguous CPU one (a GPU's) gets a factor of its own instead."""
+    import torch
+
+    if hessian.device.type != "cpu" or not hessian.is_contiguous():
+        yield inverse_factor(hessian, damp)
+        return
+    raw = hessian.numpy().reshape(hessian.shape[0], -1).view(np.uint8)  # [B, K·K·itemsize], the same memory
+    info = torch.empty((), dtype=torch.int32)
+    with tempfile.TemporaryFile(dir=scratch) as f:
+        f.write(raw.data)
+        back = lambda i: _read_at(f, i * raw.shape[1], raw[i])  # noqa: E731
+        try:
+            with one_thread():
+                for i in range(hessian.shape[0]):
+                    _factor_into(hessian[i], lambda i=i: back(i), damp, info)
+            yield hessian
+        finally:
+            for i in range(hessian.shape[0]):
+                back(i)
+
+
+def _read_at(f, offset: int, out: np.ndarray) -> None:
+    """out's bytes <- the file's from ``offset``."""
+    f.seek(offset)
+    view, done = memoryview(out).cast("B"), 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise OSError(f"{f.name}: parked Hessian ended early")
+        done += n
 
 
 @contextmanager
@@ -111,23 +163,26 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _factor_into(h, buf, damp: float, info) -> None:
+def _factor_into(buf, fill: Callable[[], Any], damp: float, info) -> None:
     """``buf`` [K, K] <- the upper Cholesky factor of (H + λ·mean-diag·I)⁻¹, in place: no [K, K] besides ``buf``
-    (at Scout width one is 0.27 GB in float32). λ starts at ``damp`` and is raised tenfold (up to 5 times) while the
-    damped H is not positive definite; if it never factors, I (plain rounding).
+    (at Scout width one is 0.27 GB in float32); ``fill()`` puts H into ``buf`` (again before each retry). λ starts
+    at ``damp`` and is raised tenfold (up to 5 times) while the damped H is not positive definite; if it never
+    factors, I (plain rounding).
 
     Why the transposed view: LAPACK works on column-major matrices; ``buf.mT`` is one, so torch factors it where it
     lies instead of through a copy. H is symmetric, so the view holds H too; its lower Cholesky factor L' of H⁻¹
     is, seen through ``buf``, the upper factor U = L'ᵀ with UᵀU = H⁻¹ that GPTQ needs."""
     import torch
 
-    diag = h.diagonal()
+    fill()
+    diag = buf.diagonal()
     dead = diag <= 0
     mean = torch.where(dead, torch.ones_like(diag), diag).mean()
     f = buf.mT
     lam = damp
-    for _ in range(6):
-        buf.copy_(h)
+    for attempt in range(6):
+        if attempt:
+            fill()
         d = buf.diagonal()
         d[dead] = 1.0
         d.add_(lam * mean)  # H + λ·mean·I, no identity matrix made
