@@ -141,6 +141,7 @@ def checked(name: str, shape: tuple[int, ...], dtype: np.dtype, data: Arrays) ->
             raise L4ExportError(f"internal: {name} loaded as {arr.shape} {arr.dtype}, planned {shape} {dtype}")
         rows += arr.shape[0] if arr.ndim else 1
         yield arr
+        del arr  # not held while the next slice is read
     if not whole and rows != shape[0]:
         raise L4ExportError(f"internal: {name} loaded {rows} leading rows, planned {shape}")
 
@@ -153,6 +154,7 @@ def _column_blocks(name: str, shape: tuple[int, ...], dtype: np.dtype, data: Col
             raise L4ExportError(f"internal: {name} column block at {c} is {block.shape} {block.dtype}, planned {shape}")
         done += block.shape[1]
         yield c, block
+        del block
     if done != shape[1]:
         raise L4ExportError(f"internal: {name} got {done} columns, planned {shape}")
 
@@ -165,10 +167,12 @@ def write_array(f: BinaryIO, name: str, shape: tuple[int, ...], dtype: np.dtype,
         for c, block in _column_blocks(name, shape, dtype, data):
             for r in range(shape[0]):  # row r of the matrix: columns c .. c + n of it
                 os.pwrite(f.fileno(), memoryview(block[r].view(np.uint8)), base + (r * cols + c) * item)
+            del block
         f.seek(base + shape[0] * cols * item)
         return
     for arr in checked(name, shape, dtype, data):
         f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        del arr  # (the next slice is read before the loop would rebind it)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import onnx_ir as ir
 from ..checkpoint import LazyTensor
 from ..outputs import Columns
 from ..quant import pack
-from ..quant.ahead import lead_runs, lead_slices, quant_runs, rtn
+from ..quant.ahead import SLICE_BYTES, lead_runs, lead_slices, quant_runs, rtn
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
 from ..quant.stream import Run, Streamed
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
@@ -158,13 +158,15 @@ def float_linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, s
 
 def _transposed(lo: Lowering, names: tuple[str, ...], dt: np.dtype) -> Columns:
     """concat(W_i).T [in, sum(out_i)] as column blocks, made from blocks of source rows as they are written (Scout's
-    lm_head is 4.1 GB in float32; its transpose is never whole in memory)."""
+    lm_head is 4.1 GB in float32; its transpose is never whole in memory). A quarter of a slice at a time: the
+    writer makes each block row-major, a copy of it."""
     def blocks() -> Iterator[tuple[int, np.ndarray]]:
         col = 0
         for n in names:
-            for rows in lead_slices(lo.tensor(n), dt):
+            for rows in lead_slices(lo.tensor(n), dt, SLICE_BYTES // 4):
                 yield col, rows.T
                 col += rows.shape[0]
+                del rows
 
     return Columns(blocks())
 

@@ -49,13 +49,13 @@ def quant_runs(t: LazyTensor, scheme: AnyScheme) -> list[tuple[int, int]]:
     return lead_runs(t) if sliceable(t, scheme) else [(0, t.shape[0])]
 
 
-def lead_slices(t: LazyTensor, dtype: np.dtype | type) -> Iterator[np.ndarray]:
-    """``t.load(dtype)`` as leading-axis slices (experts, or rows) of about SLICE_BYTES of float32 each; whole when
-    its rows cannot be read on their own."""
+def lead_slices(t: LazyTensor, dtype: np.dtype | type, slice_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """``t.load(dtype)`` as leading-axis slices (experts, or rows) of about ``slice_bytes`` (SLICE_BYTES) of float32
+    each; whole when its rows cannot be read on their own."""
     if not (t.is_experts or t.rows_readable):
         yield t.load(dtype)
         return
-    for run in lead_runs(t):
+    for run in lead_runs(t, slice_bytes):
         yield load_lead(t, run, dtype)
 
 
