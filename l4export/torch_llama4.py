@@ -88,11 +88,17 @@ def mlp(h2, W: dict, p: str, cap: Callable):
     return m @ W[p + "down_proj.weight"].T
 
 
-def expert_hidden(xe, gate, up):
-    """One routed expert's intermediate silu(G xe) ⊙ (U xe): xe [n, H], gate/up [I, H] -> [n, I]."""
+def expert_hidden(xe, gate, up, rows: int = 2048):
+    """One routed expert's intermediate silu(G xe) ⊙ (U xe): xe [n, H], gate/up [I, H] -> [n, I], float32.
+
+    gate/up may be held in a 16-bit float (calibration keeps a real-width expert as stored: 84 MB each in bf16,
+    168 MB in float32): they are made float32 ``rows`` of I at a time."""
     import torch.nn.functional as F
 
-    return F.silu(xe @ gate.T) * (xe @ up.T)
+    out = xe.new_empty((xe.shape[0], gate.shape[0]))
+    for a in range(0, gate.shape[0], rows):
+        out[:, a : a + rows] = F.silu(xe @ gate[a : a + rows].float().T) * (xe @ up[a : a + rows].float().T)
+    return out
 
 
 def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture: Callable | None = None):
