@@ -111,13 +111,12 @@ def spill_next_to(options: "CalibOptions", out: Path) -> "CalibOptions":
 def expert_bytes(hidden: int, inter: int) -> int:
     """Estimated peak bytes one routed expert adds to an expert batch (``run_expert_batch``).
 
-    The Hessians, gate/up [H, H] and down [I, I] in GPTQ's working dtype (``working_dtype``), held through the batch;
-    at the larger of: pass 1 (float32 gate and up, 2·I·H·4) and GPTQ of one projection (the H⁻¹ factor of its input,
-    K², and its float32 weight with the encoding's temporaries, 4·I·H·4). Scout/Maverick (H 5120, I 8192, float32
-    beyond K 4096): ~1.5 GB (an estimate for batch sizing; measured per process: docs/scale.md)."""
+    The Hessians, gate/up [H, H] and down [I, I] in GPTQ's working dtype (``working_dtype``), held through the batch
+    (GPTQ makes its H⁻¹ factor in their memory), and the larger of pass 1 (gate and up as stored, at most float32:
+    2·I·H·4) and GPTQ of one projection (its float32 weight with the statistics' reread, 2·I·H·4). Scout/Maverick
+    (H 5120, I 8192, float32 beyond K 4096): ~0.7 GB (an estimate for batch sizing; measured: docs/scale.md)."""
     size = lambda k: k * k * (8 if k <= F64_MAX_K else 4)  # noqa: E731
-    k = max(hidden, inter)
-    return size(hidden) + size(inter) + max(8 * inter * hidden, size(k) + 16 * inter * hidden)
+    return size(hidden) + size(inter) + 8 * inter * hidden
 
 
 def expert_batch_size(hidden: int, inter: int, budget_bytes: int, num_experts: int) -> int:
@@ -323,7 +322,7 @@ def _quantize(load: Callable[[], np.ndarray], hb, scheme: AnyScheme, options: Ca
     return qt
 
 
-def _square_sums(w: np.ndarray, qt: QTensor, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def _square_sums(w: np.ndarray, qt: QTensor, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Σ w² and Σ (w − dequantized)² per leading entry of w [B, N, K], ``block`` rows at a time (a float64 copy of a
     real-width w and of its error would be 0.7 GB)."""
     sig, err = np.zeros(w.shape[0]), np.zeros(w.shape[0])
@@ -335,7 +334,7 @@ def _square_sums(w: np.ndarray, qt: QTensor, block: int = 512) -> tuple[np.ndarr
 
 
 def _add_stats(stats: dict[str, list[float]], kind: str, w: np.ndarray, qt: QTensor, h_np: np.ndarray,
-               block: int = 512) -> None:
+               block: int = 128) -> None:
     """Weight SQNR (every row, ``_square_sums``) and output SQNR (``output_sqnr``'s sampled rows) per batch entry."""
     picked = sampled_rows(w.shape[1])
     for key, value in ((f"weight_sqnr_{kind}", db(*_square_sums(w, qt, block))),

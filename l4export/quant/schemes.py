@@ -33,7 +33,7 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 FP8_MAX = 448.0
 FP8_BLOCKS = (0, 16, 32, 64, 128)  # 0: per output channel; else square b x b tiles
 ACCURACY_LEVELS = (0, 4)  # ONNX Runtime accuracy_level of integer kernels: 0 float, 4 int8 activations
-ROWS = 1024  # output rows fitted, encoded or decoded at a time: each step makes float32 temporaries the size of
+ROWS = 256  # output rows fitted, encoded or decoded at a time: each step makes float32 temporaries the size of
 # its input several times over, a few hundred MB apiece for one real-width [8192, 5120] projection
 
 
