@@ -101,6 +101,15 @@ def expert_hidden(xe, gate, up, rows: int = 2048):
     return out
 
 
+def times_t(x, w, rows: int = 2048):
+    """x @ w.T for x [n, in], w [out, in] in any float dtype (or anything sliced into float rows), made float32
+    ``rows`` output rows at a time -> [n, out] float32."""
+    out = x.new_empty((x.shape[0], w.shape[0]))
+    for a in range(0, w.shape[0], rows):
+        out[:, a : a + rows] = x @ w[a : a + rows].float().T
+    return out
+
+
 def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture: Callable | None = None):
     """One decoder layer on one sample x [T, H] with all of its weights in ``W`` (experts stacked [E, out, in]).
     ``capture(name_in_layer, expert, inputs)`` sees the input of every linear (expert=-1 for non-expert linears).
@@ -126,4 +135,4 @@ def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture
     return x + out + routed
 
 
-__all__ = ["attention_block", "attention_core", "expert_hidden", "layer_forward", "mlp", "rms", "route"]
+__all__ = ["attention_block", "attention_core", "expert_hidden", "layer_forward", "mlp", "rms", "route", "times_t"]

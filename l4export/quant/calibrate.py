@@ -52,7 +52,7 @@ from ..checkpoint import Checkpoint
 from ..distributed import LocalWorkers
 from ..errors import UsageError
 from ..spec import LayerSpec
-from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route
+from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route, times_t
 from .gptq import F64_MAX_K, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, assembled, db
@@ -625,20 +625,33 @@ def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Ru
     w = {}
     for n in (_GATE, _UP, _DOWN):
         if n not in res.parts:
-            w[n] = _torch(ex.lazy[n].load(np.float32, experts=slice(a, b)), run.dev)
+            w[n] = _stored(ex.lazy[n], run.dev, slice(a, b))
             continue
         qt = res.parts[n].load()
         run.result.tensors.append(f"model.layers.{ex.layer}.{n}", qt)
         res.parts[n].unlink()
-        w[n] = _torch(qt.dequantize(), run.dev)
+        w[n] = [_Dequantized(qt, i, run.dev) for i in range(b - a)]
         for key, values in res.stats[n].items():
             ex.stats[n].setdefault(key, []).extend(values)
         ex.amax[n].append(res.amax[n])
     for j, e, rows, xe in _routed_rows(ex.routed2, a, b):
         me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
-        ex.partial[j][rows] = ex.partial[j][rows] + me @ w[_DOWN][e - a].T
+        ex.partial[j][rows] = ex.partial[j][rows] + times_t(me, w[_DOWN][e - a])
     del w
     _give_back()
+
+
+class _Dequantized:
+    """Expert ``i`` of a quantized stack [B, out, in] as pass 2 reads it: float32 output rows made as they are
+    sliced (``w[a:b]``), so a real-width expert is held as its codes (42 MB in int4/int8), not 168 MB of float32."""
+
+    def __init__(self, qt: QTensor, i: int, dev):
+        pick = lambda x: None if x is None else x[i]  # noqa: E731
+        self.qt, self.dev = QTensor(qt.scheme, qt.q[i], pick(qt.scale), pick(qt.zero)), dev
+        self.shape = tuple(qt.q.shape[1:])
+
+    def __getitem__(self, rows: slice):
+        return _torch(self.qt.rows(rows).dequantize(), self.dev)
 
 
 def _eta_model(layer: int, layers: int, took: float, spent: float) -> None:
