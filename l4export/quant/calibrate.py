@@ -513,9 +513,10 @@ def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any,
 
 @dataclass(frozen=True)
 class _PriorFile:
-    """A layer prior [K, K] as a raw file in the output's temporary folder, which every --ray node shares: what a
-    Ray job carries instead of the tensor. (Ray copies a large task argument into its object store once per job,
-    and the driver's pages of those copies stay in its resident set: 0.1 GB per job at Scout width.)"""
+    """A layer prior [K, K] as a raw file in the spill folder (the output's temporary folder, which every --ray
+    node shares), read by each expert batch while it blends its Hessians: no process holds it between batches
+    (0.1 GB at Scout width), and a Ray job carries the path, not the tensor (Ray copies a large task argument into
+    its object store once per job, and the driver's pages of those copies stay in its resident set)."""
 
     path: str
     dtype: str
@@ -523,7 +524,7 @@ class _PriorFile:
 
     @staticmethod
     def save(t, folder: str, stem: str) -> "_PriorFile":
-        a = t.numpy()
+        a = t.cpu().numpy()
         path = str(Path(folder) / f"{stem}.bin")
         a.tofile(path)
         return _PriorFile(path, a.dtype.str, tuple(a.shape))
@@ -622,13 +623,11 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
     bsz = expert_batch_size(hidden, inter, run.options.expert_batch_bytes, num_e)
     batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
     log.info("layer %d: %d routed experts in %d batch(es) of up to %d", ex.layer, num_e, len(batches), bsz)
-    priors = {k: v if isinstance(v, float) else v.cpu() for k, v in _expert_priors(ex, batches, run.dev).items()}
+    folder = str(run.result.tensors.path)
+    priors = {k: v if isinstance(v, float) else _PriorFile.save(v, folder, f"prior-{ex.layer}-{k}")
+              for k, v in _expert_priors(ex, batches, run.dev).items()}
     _give_back()
     local = isinstance(run.workers, LocalWorkers)
-    folder = str(run.result.tensors.path)
-    if not local:
-        priors = {k: v if isinstance(v, float) else _PriorFile.save(v, folder, f"prior-{ex.layer}-{k}")
-                  for k, v in priors.items()}
     alpha = run.options.prior_tokens if num_e > 1 else 0.0
     lazy = {n: ex.lazy[n] for n in (_GATE, _UP, _DOWN)}
     jobs = ((ExpertBatch(ex.layer, lazy, ex.plan, a, b, [(e, xe.cpu()) for _, e, _, xe in _routed_rows(ex.routed1, a, b)],
