@@ -145,6 +145,9 @@ RUNS = {  # name -> (checkpoint, convert arguments)
                                        "--calib-samples", "8", "--calib-seqlen", "128"]),
     "scout2e-onnx-calib-ray": ("scout2e", ["--format", "onnx", "--quant", "EXPERTS_RECIPE", "--calib", "CALIB",
                                            "--calib-samples", "8", "--calib-seqlen", "128", "--ray", "local"]),
+    "scout2e-mlx-bf16": ("scout2e", ["--format", "mlx", "--dtype", "bfloat16"]),
+    "scout2e-mlx-calib": ("scout2e", ["--format", "mlx", "--quant", "EXPERTS_RECIPE", "--calib", "CALIB",
+                                      "--calib-samples", "8", "--calib-seqlen", "128"]),
     "maverick-onnx-int4": ("maverick", ["--format", "onnx", "--quant", "int4"]),
     "maverick-onnx-int4-ray": ("maverick", ["--format", "onnx", "--quant", "int4", "--ray", "local"]),
 }
