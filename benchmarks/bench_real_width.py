@@ -146,7 +146,7 @@ RUNS = {  # name -> (checkpoint, convert arguments)
     "scout2e-onnx-calib-ray": ("scout2e", ["--format", "onnx", "--quant", "EXPERTS_RECIPE", "--calib", "CALIB",
                                            "--calib-samples", "8", "--calib-seqlen", "128", "--ray", "local"]),
     "scout2e-mlx-bf16": ("scout2e", ["--format", "mlx", "--dtype", "bfloat16"]),
-    "scout2e-mlx-calib": ("scout2e", ["--format", "mlx", "--quant", "EXPERTS_RECIPE", "--calib", "CALIB",
+    "scout2e-mlx-calib": ("scout2e", ["--format", "mlx", "--quant", "EXPERTS_RECIPE_MLX", "--calib", "CALIB",
                                       "--calib-samples", "8", "--calib-seqlen", "128"]),
     "maverick-onnx-int4": ("maverick", ["--format", "onnx", "--quant", "int4"]),
     "maverick-onnx-int4-ray": ("maverick", ["--format", "onnx", "--quant", "int4", "--ray", "local"]),
@@ -165,8 +165,9 @@ def calib_file() -> Path:
 
 def convert_run(name: str, ckpts: dict[str, Path]) -> dict:
     src, args = RUNS[name]
-    recipe = Path(__file__).with_name("real_width_experts.toml")
-    args = [str(recipe) if a == "EXPERTS_RECIPE" else str(calib_file()) if a == "CALIB" else a for a in args]
+    recipes = {"EXPERTS_RECIPE": "real_width_experts.toml", "EXPERTS_RECIPE_MLX": "real_width_experts_mlx.toml"}
+    args = [str(Path(__file__).with_name(recipes[a])) if a in recipes else str(calib_file()) if a == "CALIB" else a
+            for a in args]
     out = WORK / f"rw-out-{name}"
     shutil.rmtree(out, ignore_errors=True)
     r = run([sys.executable, "-m", "l4export.cli", "-v", "convert", str(ckpts[src]), "-o", str(out), *args], WORK)
