@@ -60,6 +60,7 @@ from .spill import Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
 
+ACTIVATION_COPIES = 4  # [tokens, hidden] float32 held per layer at most: input, pass 1 and pass 2 normed states, output
 # observer(canonical_name, expert or -1, inputs [n, in]): sees every captured input (tests, debugging)
 Observer = Callable[[str, int, Any], None]
 
@@ -267,10 +268,13 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     t0 = time.perf_counter()
     spec = ckpt.spec
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    log.info("calibrating on %d samples, %d tokens, device %s", len(ids), sum(len(i) for i in ids), dev)
+    tokens = sum(len(i) for i in ids)
+    log.info("calibrating on %d samples, %d tokens, device %s; the layer activations take ~%.2f GB (%d tokens x "
+             "hidden %d x 4 bytes, 4 times over)", len(ids), tokens, dev, ACTIVATION_COPIES * tokens * spec.hidden_size
+             * 4 / 1e9, tokens, spec.hidden_size)
     X = [torch.tensor(x, device=dev) for x in _embedded(ckpt.tensors["model.embed_tokens.weight"], ids)]
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
-    result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=sum(len(i) for i in ids),
+    result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=tokens,
                          device=str(dev))
     run = _Run(ckpt, recipe, options, observer, dev, inv_freq, result, workers or LocalWorkers())
     with torch.no_grad():
