@@ -269,9 +269,9 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     spec = ckpt.spec
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = sum(len(i) for i in ids)
-    log.info("calibrating on %d samples, %d tokens, device %s; the layer activations take ~%.2f GB (%d tokens x "
-             "hidden %d x 4 bytes, 4 times over)", len(ids), tokens, dev, ACTIVATION_COPIES * tokens * spec.hidden_size
-             * 4 / 1e9, tokens, spec.hidden_size)
+    held = (ACTIVATION_COPIES, tokens, spec.hidden_size)
+    log.info("calibrating on %d samples, %d tokens, device %s; the layer activations take up to %.2f GB (%d x %d "
+             "tokens x hidden %d x 4 bytes)", len(ids), tokens, dev, np.prod(held) * 4 / 1e9, *held)
     X = [torch.tensor(x, device=dev) for x in _embedded(ckpt.tensors["model.embed_tokens.weight"], ids)]
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
     result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=tokens,
