@@ -582,7 +582,6 @@ def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> Batch
             acc = accs[key]
             prior = job.priors[key]
             hb = acc.blended(prior.load(dev) if isinstance(prior, _PriorFile) else prior, job.alpha)
-            del prior
             qt = _quantize(lambda n=n: load(n), hb, job.plan[n], job.options, res.stats[n], fresh=True)
             res.amax[n] = acc.amax
             res.parts[n] = save_part(job.folder, qt)
