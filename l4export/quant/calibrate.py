@@ -56,7 +56,7 @@ from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route, time
 from .gptq import F64_MAX_K, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, assembled, db
-from .spill import Part, SpilledTensors, save_part
+from .spill import ArrayFile, Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
 
@@ -515,30 +515,6 @@ def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any,
                 yield j, e, rows, xs[rows]
 
 
-@dataclass(frozen=True)
-class _PriorFile:
-    """A layer prior [K, K] as a raw file in the spill folder (the output's temporary folder, which every --ray
-    node shares), read by each expert batch while it blends its Hessians: no process holds it between batches
-    (0.1 GB at Scout width), and a Ray job carries the path, not the tensor (Ray copies a large task argument into
-    its object store once per job, and the driver's pages of those copies stay in its resident set)."""
-
-    path: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @staticmethod
-    def save(t, folder: str, stem: str) -> "_PriorFile":
-        a = t.cpu().numpy()
-        path = str(Path(folder) / f"{stem}.bin")
-        a.tofile(path)
-        return _PriorFile(path, a.dtype.str, tuple(a.shape))
-
-    def load(self, dev):
-        import torch
-
-        return torch.from_numpy(np.fromfile(self.path, np.dtype(self.dtype)).reshape(self.shape)).to(dev)
-
-
 @dataclass
 class ExpertBatch:
     """One job: GPTQ of routed experts [a, b) of one MoE layer, everything it needs carried along (it may run on
@@ -550,7 +526,7 @@ class ExpertBatch:
     a: int
     b: int
     inputs1: list
-    priors: dict
+    priors: dict  # input key -> the layer prior: an ArrayFile of the [K, K], or a float c for c·I
     alpha: float
     options: CalibOptions
     folder: str  # where the job writes its quantized parts (the output's temporary folder)
@@ -581,7 +557,7 @@ def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> Batch
             key = _SHARES.get(n, n)
             acc = accs[key]
             prior = job.priors[key]
-            hb = acc.blended(prior.load(dev) if isinstance(prior, _PriorFile) else prior, job.alpha)
+            hb = acc.blended(_torch(prior.load(), dev) if isinstance(prior, ArrayFile) else prior, job.alpha)
             qt = _quantize(lambda n=n: load(n), hb, job.plan[n], job.options, res.stats[n], fresh=True)
             res.amax[n] = acc.amax
             res.parts[n] = save_part(job.folder, qt)
@@ -627,7 +603,11 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
     batches = [(a, min(a + bsz, num_e)) for a in range(0, num_e, bsz)]
     log.info("layer %d: %d routed experts in %d batch(es) of up to %d", ex.layer, num_e, len(batches), bsz)
     folder = str(run.result.tensors.path)
-    priors = {k: v if isinstance(v, float) else _PriorFile.save(v, folder, f"prior-{ex.layer}-{k}")
+    # each prior [K, K] as a file of the spill folder, which every --ray node shares: a batch reads it while it blends
+    # its Hessians, so no process holds it between batches (0.1 GB at Scout width), and a Ray job carries the path,
+    # not the tensor (Ray copies a large task argument into its object store once per job, and the driver's pages
+    # of those copies stay in its resident set)
+    priors = {k: v if isinstance(v, float) else ArrayFile.save(v.cpu().numpy(), Path(folder) / f"prior-{ex.layer}-{k}")
               for k, v in _expert_priors(ex, batches, run.dev).items()}
     _give_back()
     local = isinstance(run.workers, LocalWorkers)
@@ -641,8 +621,8 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
         _take_batch(ex, res, batches[i], run)
         _eta(ex.layer, i + 1, len(batches), t0)
     for v in priors.values():
-        if isinstance(v, _PriorFile):
-            Path(v.path).unlink()
+        if isinstance(v, ArrayFile):
+            v.unlink()
     for n, scheme in ex.plan.items():
         full = f"model.layers.{ex.layer}.{n}"
         run.result.stats[full] = {**ex.stats[n], "tokens": ex.counts.tolist()}

@@ -21,42 +21,48 @@ _SUFFIXES = ("q", "scale", "zero")
 
 
 @dataclass(frozen=True)
+class ArrayFile:
+    """One array as a raw file (a job's output, or an input every job of a layer reads): its path and layout."""
+
+    path: str
+    dtype: np.dtype  # (the dtype itself: ml_dtypes' float8/bfloat16 have no string form that numpy reads back)
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def save(a: np.ndarray, path: str | Path) -> "ArrayFile":
+        with open(path, "wb") as f:
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+        return ArrayFile(str(path), np.dtype(a.dtype), tuple(a.shape))
+
+    def load(self) -> np.ndarray:
+        return np.fromfile(self.path, dtype=self.dtype).reshape(self.shape)
+
+    def unlink(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
 class Part:
     """A quantized tensor (or a run of its experts) that a job wrote as raw files: what the driver needs to map it."""
 
     scheme: object
-    files: tuple[str | None, ...]  # q, scale, zero (None: no zero points)
-    layouts: tuple[tuple[np.dtype, tuple[int, ...]] | None, ...]
+    arrays: tuple[ArrayFile | None, ...]  # q, scale, zero (None: no zero points)
 
     def load(self) -> QTensor:
-        a = [None if f is None else _read(f, *m) for f, m in zip(self.files, self.layouts)]  # type: ignore[misc]
+        a = [None if f is None else f.load() for f in self.arrays]
         return QTensor(self.scheme, a[0], a[1], a[2])  # type: ignore[arg-type]
 
     def unlink(self) -> None:
-        for f in self.files:
+        for f in self.arrays:
             if f is not None:
-                Path(f).unlink(missing_ok=True)
+                f.unlink()
 
 
 def save_part(folder: str | Path, qt: QTensor) -> Part:
     """Write ``qt`` as raw files in ``folder`` (a job's output; the driver appends it with ``append_part``)."""
     stem = Path(folder) / f"part-{os.getpid()}-{secrets.token_hex(6)}"
-    files, layouts = [], []
-    for suffix, a in zip(_SUFFIXES, (qt.q, qt.scale, qt.zero)):
-        if a is None:
-            files.append(None)
-            layouts.append(None)
-            continue
-        path = f"{stem}.{suffix}"
-        with open(path, "wb") as f:
-            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-        files.append(path)
-        layouts.append((np.dtype(a.dtype), tuple(a.shape)))
-    return Part(qt.scheme, tuple(files), tuple(layouts))
-
-
-def _read(file: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    return np.fromfile(file, dtype=dtype).reshape(shape)
+    return Part(qt.scheme, tuple(None if a is None else ArrayFile.save(a, f"{stem}.{suffix}")
+                                 for suffix, a in zip(_SUFFIXES, (qt.q, qt.scale, qt.zero))))
 
 
 class SpilledTensors(Mapping[str, QTensor]):
