@@ -60,7 +60,7 @@ from .spill import ArrayFile, Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
 
-ACTIVATION_COPIES = 4  # [tokens, hidden] float32 held per layer at most: input, pass 1 and pass 2 normed states, output
+ACTIVATION_COPIES = 3  # [tokens, hidden] float32 held per layer at most: pass 1 and 2 normed states, input/output
 # observer(canonical_name, expert or -1, inputs [n, in]): sees every captured input (tests, debugging)
 Observer = Callable[[str, int, Any], None]
 
@@ -444,9 +444,9 @@ def _calibrate_layer(la: LayerSpec, X: list, run: _Run) -> list:
     spec = run.ckpt.spec
     if not la.is_moe:
         return [x + mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
-                (attention_block(x, Wq, la, spec, run.inv_freq, _nop) for x in X)]
+                (attention_block(x, Wq, la, spec, run.inv_freq, _nop) for x in _consumed(X))]
     partial, routed2 = [], []  # per sample: x + attention + shared expert [T, H]; (h2, expert, score) of pass 2
-    for x in X:
+    for x in _consumed(X):
         x, h2 = attention_block(x, Wq, la, spec, run.inv_freq, _nop)
         partial.append(x + mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
         routed2.append((h2, *route(h2, Wq)))
@@ -454,6 +454,14 @@ def _calibrate_layer(la: LayerSpec, X: list, run: _Run) -> list:
     _calibrate_experts(_Experts(la.index, lazy, {n: s for n, s in plan.items() if n in experts}, routed1, routed2,
                                 partial), run)
     return partial
+
+
+def _consumed(xs: list) -> Iterator[Any]:
+    """The items of ``xs``, each dropped from the list as it is handed out: pass 2 turns a layer's input into its
+    output a sample at a time, so the two are never both whole in memory."""
+    for i in range(len(xs)):
+        x, xs[i] = xs[i], None
+        yield x
 
 
 def _float_pass(la: LayerSpec, X: list, W: _Float32, dense_plan: dict[str, AnyScheme], run: _Run) -> tuple[dict, list]:
