@@ -148,25 +148,28 @@ RUNS = {  # name -> (checkpoint, convert arguments)
     "scout2e-mlx-bf16": ("scout2e", ["--format", "mlx", "--dtype", "bfloat16"]),
     "scout2e-mlx-calib": ("scout2e", ["--format", "mlx", "--quant", "EXPERTS_RECIPE_MLX", "--calib", "CALIB",
                                       "--calib-samples", "8", "--calib-seqlen", "128"]),
+    "scout2e-onnx-calib-16k": ("scout2e", ["--format", "onnx", "--quant", "EXPERTS_RECIPE", "--calib", "CALIB_16K",
+                                           "--calib-samples", "64", "--calib-seqlen", "256"]),
     "maverick-onnx-int4": ("maverick", ["--format", "onnx", "--quant", "int4"]),
     "maverick-onnx-int4-ray": ("maverick", ["--format", "onnx", "--quant", "int4", "--ray", "local"]),
 }
 
 
-def calib_file() -> Path:
-    """8 samples of 128 random token ids (the synthetic checkpoints have no real tokenizer)."""
+def calib_file(samples: int = 8, length: int = 128) -> Path:
+    """``samples`` samples of ``length`` random token ids (the synthetic checkpoints have no real tokenizer)."""
     import numpy as np
 
-    p = WORK / "rw-calib.jsonl"
+    p = WORK / ("rw-calib.jsonl" if (samples, length) == (8, 128) else f"rw-calib-{samples}x{length}.jsonl")
     rng = np.random.default_rng(0)
-    p.write_text("\n".join(json.dumps({"input_ids": rng.integers(0, 200000, 128).tolist()}) for _ in range(8)))
+    p.write_text("\n".join(json.dumps({"input_ids": rng.integers(0, 200000, length).tolist()}) for _ in range(samples)))
     return p
 
 
 def convert_run(name: str, ckpts: dict[str, Path]) -> dict:
     src, args = RUNS[name]
     recipes = {"EXPERTS_RECIPE": "real_width_experts.toml", "EXPERTS_RECIPE_MLX": "real_width_experts_mlx.toml"}
-    args = [str(Path(__file__).with_name(recipes[a])) if a in recipes else str(calib_file()) if a == "CALIB" else a
+    calib = {"CALIB": lambda: calib_file(), "CALIB_16K": lambda: calib_file(64, 256)}
+    args = [str(Path(__file__).with_name(recipes[a])) if a in recipes else str(calib[a]()) if a in calib else a
             for a in args]
     out = WORK / f"rw-out-{name}"
     shutil.rmtree(out, ignore_errors=True)

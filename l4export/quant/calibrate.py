@@ -60,7 +60,10 @@ from .spill import ArrayFile, Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
 
-ACTIVATION_COPIES = 3  # [tokens, hidden] float32 held per layer at most: pass 1 and 2 normed states, input/output
+# [tokens, hidden] float32 that calibration holds: the layer's pass 1 and pass 2 normed states and its input/output,
+# and in an expert batch the routed inputs and their [n, I] intermediate features (measured at Scout width: 16k
+# tokens peak 1.6 GB above 1k tokens, ~5 x hidden x 4 bytes per token; results/real-width-calib-16k-2026-11-30.json)
+ACTIVATION_COPIES = 5
 # observer(canonical_name, expert or -1, inputs [n, in]): sees every captured input (tests, debugging)
 Observer = Callable[[str, int, Any], None]
 
@@ -270,7 +273,7 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = sum(len(i) for i in ids)
     held = (ACTIVATION_COPIES, tokens, spec.hidden_size)
-    log.info("calibrating on %d samples, %d tokens, device %s; the layer activations take up to %.2f GB (%d x %d "
+    log.info("calibrating on %d samples, %d tokens, device %s; its activations take about %.2f GB (%d x %d "
              "tokens x hidden %d x 4 bytes)", len(ids), tokens, dev, np.prod(held) * 4 / 1e9, *held)
     X = [torch.tensor(x, device=dev) for x in _embedded(ckpt.tensors["model.embed_tokens.weight"], ids)]
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
