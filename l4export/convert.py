@@ -92,11 +92,22 @@ def spill_bytes(plan: ExportPlan) -> int:
     return total
 
 
+def calib_scratch_bytes(plan: ExportPlan, calib: Any) -> int:
+    """Disk calibration uses beside the codes: its activations (at most samples x seqlen tokens, ``ACTIVATION_FILES``
+    [tokens, hidden] float32 files) and one parked Hessian of the widest input (``gptq.factor_in_place``)."""
+    from .quant.activations import ACTIVATION_FILES
+
+    spec = plan.spec
+    widest = max(spec.hidden_size, spec.intermediate_size, spec.intermediate_size_mlp)
+    return ACTIVATION_FILES * calib.samples * calib.seqlen * spec.hidden_size * 4 + widest * widest * 4
+
+
 def check_disk(out: Path, plan: ExportPlan, options: ExportOptions, ahead: bool) -> None:
     """Refuse, before anything is written, an export whose output and spill do not fit the free disk."""
     parent = out.resolve().parent
     need = {parent: int(plan.total * 1.01) + (64 << 20)}  # weights, graph and tokenizer files
     spill = spill_bytes(plan) if options.calib is not None or ahead else 0
+    spill += calib_scratch_bytes(plan, options.calib) if options.calib is not None else 0
     where = options.tmp_dir if options.tmp_dir is not None and options.ray is None else parent
     if spill:
         key = parent if _same_disk(where, parent) else Path(where)

@@ -234,6 +234,24 @@ def _float32_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_activation_samples_round_trip(tmp_path):
+    """Calibration's activations on disk: each sample reads back as written (an empty one too), rows written at flat
+    token positions land in their samples, a wrong shape is refused, and the file has no name to leave behind."""
+    from l4export.quant.activations import Samples
+
+    s = Samples([3, 0, 5], 4, tmp_path, torch.device("cpu"))
+    want = [torch.randn(n, 4, generator=torch.Generator().manual_seed(n)) for n in (3, 0, 5)]
+    for j, t in enumerate(want):
+        s[j] = t
+    assert [torch.equal(a, b) for a, b in zip(s, want)] == [True] * 3 and s.nbytes == 8 * 4 * 4
+    s.write_rows(np.array([1, 6]), np.full((2, 4), 7.0))  # sample 0 row 1, sample 2 row 3
+    assert bool((s[0][1] == 7).all()) and bool((s[2][3] == 7).all()) and torch.equal(s[2][:3], want[2][:3])
+    with pytest.raises(ValueError, match="expected"):
+        s[1] = torch.zeros(1, 4)
+    assert list(tmp_path.iterdir()) == []
+    s.close()
+
+
 def test_expert_hidden_in_row_blocks_from_bf16():
     """expert_hidden makes gate/up float32 a block of rows at a time: any block size gives silu(G x) ⊙ (U x), and
     bf16 weights give exactly what their float32 copies give."""

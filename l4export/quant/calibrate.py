@@ -56,14 +56,11 @@ from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route, time
 from .gptq import F64_MAX_K, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, assembled, db
+from .activations import ACTIVATION_FILES, Routed, Samples
 from .spill import ArrayFile, Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
 
-# [tokens, hidden] float32 that calibration holds: the layer's pass 1 and pass 2 normed states and its input/output,
-# and in an expert batch the routed inputs and their [n, I] intermediate features (measured at Scout width: 16k
-# tokens peak 1.6 GB above 1k tokens, ~5 x hidden x 4 bytes per token; results/real-width-calib-16k-2026-11-30.json)
-ACTIVATION_COPIES = 5
 # observer(canonical_name, expert or -1, inputs [n, in]): sees every captured input (tests, debugging)
 Observer = Callable[[str, int, Any], None]
 
@@ -232,9 +229,9 @@ class _Experts:
     layer: int
     lazy: Mapping[str, Any]  # the layer's LazyTensors; stacked experts [E, out, in] are loaded a batch at a time
     plan: dict[str, AnyScheme]  # the routed expert tensors to quantize
-    routed1: list
-    routed2: list
-    partial: list
+    routed1: Routed
+    routed2: Routed
+    partial: Samples  # the layer's X, holding pass 2's outputs
     counts: np.ndarray = field(init=False)  # tokens routed to each expert (pass 1)
     stats: dict[str, dict[str, list[float]]] = field(init=False)  # per tensor, extended batch by batch
     amax: dict[str, list[np.ndarray]] = field(init=False)  # per tensor, each batch's input absmax per expert
@@ -272,10 +269,10 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     spec = ckpt.spec
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = sum(len(i) for i in ids)
-    held = (ACTIVATION_COPIES, tokens, spec.hidden_size)
-    log.info("calibrating on %d samples, %d tokens, device %s; its activations take about %.2f GB (%d x %d "
-             "tokens x hidden %d x 4 bytes)", len(ids), tokens, dev, np.prod(held) * 4 / 1e9, *held)
-    X = [torch.tensor(x, device=dev) for x in _embedded(ckpt.tensors["model.embed_tokens.weight"], ids)]
+    X = Samples([len(i) for i in ids], spec.hidden_size, options.spill_dir, dev)
+    log.info("calibrating on %d samples, %d tokens, device %s; activations on disk: up to %.2f GB", len(ids), tokens,
+             dev, ACTIVATION_FILES * X.nbytes / 1e9)
+    _embed_into(X, ckpt.tensors["model.embed_tokens.weight"], ids)
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
     result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=tokens,
                          device=str(dev))
@@ -286,6 +283,7 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
             X = _calibrate_layer(la, X, run)
             _eta_model(la.index, len(spec.layers), time.perf_counter() - t_layer, time.perf_counter() - t0)
     _global_tensors(X, run)
+    X.close()
     result.tensors.reorder(ckpt.tensors)
     result.stats = {n: result.stats[n] for n in sorted(result.stats, key=list(ckpt.tensors).index)}
     result.seconds = time.perf_counter() - t0
@@ -294,16 +292,16 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     return result
 
 
-def _embedded(t: Any, ids: list[np.ndarray], rows: int = 8192) -> list[np.ndarray]:
-    """The embedding rows of each sample's ids, float32 [T_i, H], read a block of rows at a time (Scout's table is
-    2 GB in bf16)."""
+def _embed_into(X: Samples, t: Any, ids: list[np.ndarray], rows: int = 8192, tokens: int = 4096) -> None:
+    """X <- the embedding rows of each sample's ids, float32 [T_i, H]: the table a block of rows at a time (Scout's
+    is 2 GB in bf16), written ``tokens`` at a time."""
     flat = np.concatenate([np.asarray(i, np.int64) for i in ids])
-    out = np.empty((len(flat), t.shape[1]), np.float32)
     for a in range(0, t.shape[0], rows):
-        hit = (flat >= a) & (flat < a + rows)
-        if hit.any():
-            out[hit] = t.load_rows(slice(a, a + rows), np.float32)[flat[hit] - a]
-    return np.split(out, np.cumsum([len(i) for i in ids])[:-1])
+        at = np.flatnonzero((flat >= a) & (flat < a + rows))
+        if len(at):
+            block = t.load_rows(slice(a, a + rows), np.float32)
+            for c in range(0, len(at), tokens):
+                X.write_rows(at[c : c + tokens], block[flat[at[c : c + tokens]] - a])
 
 
 def _quantize(load: Callable[[], np.ndarray], hb, scheme: AnyScheme, options: CalibOptions,
@@ -426,7 +424,7 @@ def _unstack(qt: QTensor) -> QTensor:
 
 
 # ---- one decoder layer: the non-expert linears --------------------------------------------------------------
-def _calibrate_layer(la: LayerSpec, X: list, run: _Run) -> list:
+def _calibrate_layer(la: LayerSpec, X: Samples, run: _Run) -> Samples:
     """Calibrate one decoder layer; returns its output on the calibration data with quantized weights.
 
     Non-expert linears are calibrated on the float pass (pass 1), then the quantized non-expert part of the layer
@@ -445,29 +443,28 @@ def _calibrate_layer(la: LayerSpec, X: list, run: _Run) -> list:
 
     # pass 2, quantized weights (the next layer calibrates on what it will see)
     spec = run.ckpt.spec
+    # each sample's output replaces its input in X as it is made (for an MoE layer: x + attention + shared expert,
+    # to which the routed experts' outputs are added batch by batch)
     if not la.is_moe:
-        return [x + mlp(h2, Wq, "feed_forward.", _nop) for x, h2 in
-                (attention_block(x, Wq, la, spec, run.inv_freq, _nop) for x in _consumed(X))]
-    partial, routed2 = [], []  # per sample: x + attention + shared expert [T, H]; (h2, expert, score) of pass 2
-    for x in _consumed(X):
+        for j, x in enumerate(X):
+            x, h2 = attention_block(x, Wq, la, spec, run.inv_freq, _nop)
+            X[j] = x + mlp(h2, Wq, "feed_forward.", _nop)
+        return X
+    routed2 = Routed(X.lengths, spec.hidden_size, run.options.spill_dir, run.dev)  # (h2, expert, score) of pass 2
+    for j, x in enumerate(X):
         x, h2 = attention_block(x, Wq, la, spec, run.inv_freq, _nop)
-        partial.append(x + mlp(h2, Wq, "feed_forward.shared_expert.", _nop))
-        routed2.append((h2, *route(h2, Wq)))
-    del Wq, X
+        X[j] = x + mlp(h2, Wq, "feed_forward.shared_expert.", _nop)
+        routed2.append(h2, *route(h2, Wq))
+    del Wq
     _calibrate_experts(_Experts(la.index, lazy, {n: s for n, s in plan.items() if n in experts}, routed1, routed2,
-                                partial), run)
-    return partial
+                                X), run)
+    routed1.close()
+    routed2.close()
+    return X
 
 
-def _consumed(xs: list) -> Iterator[Any]:
-    """The items of ``xs``, each dropped from the list as it is handed out: pass 2 turns a layer's input into its
-    output a sample at a time, so the two are never both whole in memory."""
-    for i in range(len(xs)):
-        x, xs[i] = xs[i], None
-        yield x
-
-
-def _float_pass(la: LayerSpec, X: list, W: _Float32, dense_plan: dict[str, AnyScheme], run: _Run) -> tuple[dict, list]:
+def _float_pass(la: LayerSpec, X: Samples, W: _Float32, dense_plan: dict[str, AnyScheme],
+                run: _Run) -> tuple[dict, Routed]:
     """Pass 1, float weights: the Hessians of the non-expert linears in ``dense_plan`` (one ``_Acc`` per distinct
     input, ``_SHARES``); for an MoE layer also h2 and the top-1 routing per sample (the routed experts' inputs)."""
     accs = {n: _Acc(1, W.raw[n].shape[-1], run.dev) for n in {_SHARES.get(n, n) for n in dense_plan}}
@@ -477,14 +474,14 @@ def _float_pass(la: LayerSpec, X: list, W: _Float32, dense_plan: dict[str, AnySc
         if name in accs:
             accs[name].add(e, x)
 
-    routed1 = []  # per sample: (h2 [T, H], expert [T], score [T])
+    routed1 = Routed(X.lengths, run.ckpt.spec.hidden_size, run.options.spill_dir, run.dev)
     for x in X:
         _, h2 = attention_block(x, W, la, run.ckpt.spec, run.inv_freq, capture)
         if not la.is_moe:
             mlp(h2, W, "feed_forward.", capture)
             continue
         mlp(h2, W, "feed_forward.shared_expert.", capture)
-        routed1.append((h2, *route(h2, W)))
+        routed1.append(h2, *route(h2, W))
     return accs, routed1
 
 
@@ -514,16 +511,19 @@ def _nop(*_: Any) -> None:
 
 
 # ---- one MoE layer: the routed experts, in batches ----------------------------------------------------------
-def _routed_rows(routing: list, a: int, b: int) -> Iterator[tuple[int, int, Any, Any]]:
-    """(sample, expert, token rows, s·h2 of those rows) for every expert in [a, b) with tokens, sample by sample."""
+def _routed_rows(routing: Routed, a: int, b: int) -> Iterator[tuple[int, int, Any, Any]]:
+    """(sample, expert, token rows, s·h2 of those rows) for every expert in [a, b) with tokens, sample by sample (h2
+    read only for the samples that route to one of them)."""
     import torch
 
-    for j, (h2, idx, s) in enumerate(routing):
-        xs = h2 * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
-        for e in torch.unique(idx).tolist():
-            if a <= e < b:
-                rows = (idx == e).nonzero(as_tuple=True)[0]
-                yield j, e, rows, xs[rows]
+    for j, (idx, s) in enumerate(zip(routing.expert, routing.score)):
+        hit = [e for e in torch.unique(idx).tolist() if a <= e < b]
+        if not hit:
+            continue
+        xs = routing.h2[j] * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
+        for e in hit:
+            rows = (idx == e).nonzero(as_tuple=True)[0]
+            yield j, e, rows, xs[rows]
 
 
 @dataclass
@@ -661,7 +661,9 @@ def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Ru
         ex.amax[n].append(res.amax[n])
     for j, e, rows, xe in _routed_rows(ex.routed2, a, b):
         me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
-        ex.partial[j][rows] = ex.partial[j][rows] + times_t(me, w[_DOWN][e - a])
+        p = ex.partial[j]
+        p[rows] = p[rows] + times_t(me, w[_DOWN][e - a])
+        ex.partial[j] = p
     del w
     _give_back()
 
@@ -733,7 +735,7 @@ def _prior_down(ex: _Experts, batches: list[tuple[int, int]], dev):
 
 
 # ---- lm_head and the embedding -----------------------------------------------------------------------------
-def _global_tensors(X: list, run: _Run) -> None:
+def _global_tensors(X: Samples, run: _Run) -> None:
     """lm_head (calibrated on the final normed states) and the embedding (RTN: its 'input' is a lookup), a block
     of rows at a time: GPTQ treats rows independently (one H), so the codes are those of the whole matrix, and
     Scout's [202048, 5120] never sits in memory as float32 or float64."""
