@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-ACTIVATION_FILES = 4  # [tokens, hidden] float32 on disk at most: the layer's input/output, both passes' h2, routed inputs
+ACTIVATION_FILES = 3  # [tokens, hidden] float32 on disk at most: the layer's input/output, both passes' h2
 
 
 class Samples:
@@ -106,36 +105,4 @@ class Routed:
         self.h2.close()
 
 
-@dataclass(frozen=True)
-class RoutedInputs:
-    """An expert batch's routed inputs, (expert, s·h2 rows of one sample) pairs, as one raw float32 file in the spill
-    folder (which every --ray node shares): the job reads a pair at a time, so neither it nor the driver holds the
-    batch's tokens (on 16k calibration tokens and 2 experts, 0.17 GB per expert at Scout width)."""
-
-    path: str
-    hidden: int
-    parts: tuple[tuple[int, int, int], ...]  # (expert, first row, rows)
-
-    @staticmethod
-    def write(path: str | Path, pairs: Iterable[tuple[int, Any]], hidden: int) -> "RoutedInputs":
-        parts, row = [], 0
-        with open(path, "wb") as f:
-            for e, xe in pairs:
-                a = np.ascontiguousarray(xe.detach().cpu().numpy(), np.float32)
-                f.write(memoryview(a.reshape(-1).view(np.uint8)))
-                parts.append((int(e), row, a.shape[0]))
-                row += a.shape[0]
-        return RoutedInputs(str(path), int(hidden), tuple(parts))
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        import torch
-
-        for e, row, n in self.parts:
-            a = np.fromfile(self.path, np.float32, count=n * self.hidden, offset=row * self.hidden * 4)
-            yield e, torch.from_numpy(a.reshape(n, self.hidden))
-
-    def unlink(self) -> None:
-        Path(self.path).unlink(missing_ok=True)
-
-
-__all__ = ["ACTIVATION_FILES", "Routed", "RoutedInputs", "Samples"]
+__all__ = ["ACTIVATION_FILES", "Routed", "Samples"]

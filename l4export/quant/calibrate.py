@@ -56,7 +56,7 @@ from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route, time
 from .gptq import F64_MAX_K, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, assembled, db
-from .activations import ACTIVATION_FILES, Routed, RoutedInputs, Samples
+from .activations import ACTIVATION_FILES, Routed, Samples
 from .spill import ArrayFile, Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
@@ -529,15 +529,14 @@ def _routed_rows(routing: Routed, a: int, b: int) -> Iterator[tuple[int, int, An
 @dataclass
 class ExpertBatch:
     """One job: GPTQ of routed experts [a, b) of one MoE layer, everything it needs carried along (it may run on
-    another machine). ``inputs1``: (expert, s·h2 rows) pairs of pass 1 (float weights: the Hessians come from them),
-    in a file of the shared folder."""
+    another machine). ``inputs1``: (expert, s·h2 rows) of pass 1 (float weights: the Hessians come from them)."""
 
     layer: int
     lazy: dict[str, Any]  # gate/up/down LazyTensors [E, out, in]
     plan: dict[str, AnyScheme]
     a: int
     b: int
-    inputs1: RoutedInputs
+    inputs1: list
     priors: dict  # input key -> the layer prior: an ArrayFile of the [K, K], or a float c for c·I
     alpha: float
     options: CalibOptions
@@ -625,15 +624,11 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
     local = isinstance(run.workers, LocalWorkers)
     alpha = run.options.prior_tokens if num_e > 1 else 0.0
     lazy = {n: ex.lazy[n] for n in (_GATE, _UP, _DOWN)}
-    inputs = [RoutedInputs.write(Path(folder) / f"inputs-{ex.layer}-{a}",
-                                 ((e, xe) for _, e, _, xe in _routed_rows(ex.routed1, a, b)), hidden)
-              for a, b in batches]  # each batch's routed tokens, written as the jobs are made
-    jobs = ((ExpertBatch(ex.layer, lazy, ex.plan, a, b, inputs[i], priors, alpha, run.options, folder),)
-            for i, (a, b) in enumerate(batches))
+    jobs = ((ExpertBatch(ex.layer, lazy, ex.plan, a, b, [(e, xe.cpu()) for _, e, _, xe in _routed_rows(ex.routed1, a, b)],
+                         priors, alpha, run.options, folder),) for a, b in batches)
     observe = (lambda layer, name, e, x: run.observe(layer, name, e, x)) if local and run.observer else None
     t0 = time.perf_counter()
     for i, res in enumerate(run.workers.map(run_expert_batch, ((*job, observe) for job in jobs))):
-        inputs[i].unlink()
         _take_batch(ex, res, batches[i], run)
         _eta(ex.layer, i + 1, len(batches), t0)
     for v in priors.values():
