@@ -53,10 +53,10 @@ from ..distributed import LocalWorkers
 from ..errors import UsageError
 from ..spec import LayerSpec
 from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route, times_t
-from .gptq import F64_MAX_K, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
+from .activations import ACTIVATION_FILES, Routed, Samples
+from .gptq import F64_MAX_K, factor_in_place, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, assembled, db
-from .activations import ACTIVATION_FILES, Routed, Samples
 from .spill import ArrayFile, Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
@@ -464,7 +464,7 @@ def _calibrate_layer(la: LayerSpec, X: Samples, run: _Run) -> Samples:
 
 
 def _float_pass(la: LayerSpec, X: Samples, W: _Float32, dense_plan: dict[str, AnyScheme],
-                run: _Run) -> tuple[dict, Routed]:
+                run: _Run) -> tuple[dict, Routed | None]:
     """Pass 1, float weights: the Hessians of the non-expert linears in ``dense_plan`` (one ``_Acc`` per distinct
     input, ``_SHARES``); for an MoE layer also h2 and the top-1 routing per sample (the routed experts' inputs)."""
     accs = {n: _Acc(1, W.raw[n].shape[-1], run.dev) for n in {_SHARES.get(n, n) for n in dense_plan}}
@@ -474,7 +474,7 @@ def _float_pass(la: LayerSpec, X: Samples, W: _Float32, dense_plan: dict[str, An
         if name in accs:
             accs[name].add(e, x)
 
-    routed1 = Routed(X.lengths, run.ckpt.spec.hidden_size, run.options.spill_dir, run.dev)
+    routed1 = Routed(X.lengths, run.ckpt.spec.hidden_size, run.options.spill_dir, run.dev) if la.is_moe else None
     for x in X:
         _, h2 = attention_block(x, W, la, run.ckpt.spec, run.inv_freq, capture)
         if not la.is_moe:
@@ -764,18 +764,21 @@ def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions,
     n = t.shape[0]
     sums = {"sig": 0.0, "weight_sqnr_rtn": 0.0, "weight_sqnr_calibrated": 0.0}
 
-    def parts() -> Iterator[tuple[slice, QTensor]]:
+    def parts(factor: Any) -> Iterator[tuple[slice, QTensor]]:
         for a in range(0, n, rows):
             w = t.load_rows(slice(a, min(a + rows, n)), np.float32)[None]
             rtn = scheme.quantize(w)
-            qt = gptq(w, hess, scheme, options.damp, scratch=options.spill_dir) if hess is not None else rtn
+            qt = gptq(w, None, scheme, factor=factor) if factor is not None else rtn
             for key, part in (("weight_sqnr_rtn", rtn), ("weight_sqnr_calibrated", qt)):
                 sig, err = _square_sums(w, part)
                 sums[key] += float(err[0])
             sums["sig"] += float(sig[0])
             yield slice(a, a + rows), _unstack(qt)
 
-    return assembled(parts(), n, 0), sums
+    if hess is None:
+        return assembled(parts(None), n, 0), sums
+    with factor_in_place(hess, options.damp, options.spill_dir) as factor:  # one factor for every row block
+        return assembled(parts(factor), n, 0), sums
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ def working_dtype(k: int):
 
 
 def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: int = 128,
-         overwrite: bool = False, scratch: str | Path | None = None) -> QTensor:
+         overwrite: bool = False, scratch: str | Path | None = None, factor: Any = None) -> QTensor:
     """GPTQ (Frantar et al. 2022) over a leading batch (expert) axis: w [B, N, K], hessian [B, K, K] (torch), in the
     Hessian's dtype (``working_dtype``). ``overwrite``: w (float32, the Hessian's dtype) is the working copy and is
     destroyed (one [N, K] less in memory).
@@ -41,10 +41,12 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: i
     (plain rounding); no column is ever zeroed. The snapped values go into the working copy's columns as they are
     made (a block's columns are never read again once the block is done), so the result is not another [N, K].
     The H⁻¹ factor is made in the Hessian's own memory while H waits in a file in ``scratch`` (``factor_in_place``);
-    ``hessian`` holds H again on return."""
+    ``hessian`` holds H again on return. ``factor``: that factor, made by the caller (row blocks of one matrix share
+    it); ``hessian`` is then not read."""
     import torch
 
-    dev, dt = hessian.device, hessian.dtype
+    ref = factor if factor is not None else hessian
+    dev, dt = ref.device, ref.dtype
     mine = (overwrite and dev.type == "cpu" and w.dtype == np.dtype(str(dt).removeprefix("torch."))
             and w.flags.c_contiguous and w.flags.writeable)
     W = torch.from_numpy(w) if mine else torch.tensor(w, dtype=dt, device=dev)
@@ -52,7 +54,7 @@ def gptq(w: np.ndarray, hessian, scheme: AnyScheme, damp: float = 0.01, block: i
     g = scheme.group_for(k)
     step = _block_size(g, block)
     scales = np.empty((b, n, k // g), np.float32)
-    with factor_in_place(hessian, damp, scratch) as Hinv:
+    with nullcontext(factor) if factor is not None else factor_in_place(hessian, damp, scratch) as Hinv:
         zeros = _columns(W, Hinv, scheme, g, step, scales)
     return scheme.with_scales(W.cpu().numpy().astype(np.float32, copy=False), scales, zeros)
 
