@@ -37,8 +37,6 @@ the on-disk store (``spill.py``); the calibration file is read by ``calib_data.r
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -51,8 +49,9 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..distributed import LocalWorkers
 from ..errors import UsageError
+from ..heap import ACTIVATIONS, WEIGHTS, give_back, mapped_from
 from ..spec import LayerSpec
-from ..torch_llama4 import attention_block, expert_hidden, mlp, rms, route, times_t
+from ..torch_llama4 import RowBuffer, attention_block, expert_hidden, mlp, rms, route, times_t
 from .activations import ACTIVATION_FILES, Routed, Samples
 from .gptq import F64_MAX_K, factor_in_place, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
@@ -262,7 +261,8 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
 
     The calibrated tensors are spilled to disk as they are made (``result.tensors`` is a ``SpilledTensors``).
     ``workers``: where the routed experts' GPTQ jobs run (``distributed.RayWorkers``; default this process; the
-    observer sees routed experts' inputs only in this process)."""
+    observer sees routed experts' inputs only in this process). Sets glibc's mmap threshold per phase
+    (``heap.mapped_from``)."""
     import torch
 
     t0 = time.perf_counter()
@@ -277,12 +277,12 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=tokens,
                          device=str(dev))
     run = _Run(ckpt, recipe, options, observer, dev, inv_freq, result, workers or LocalWorkers())
-    with torch.no_grad():
+    with torch.no_grad(), mapped_from(ACTIVATIONS):  # per-sample temporaries would fragment the heap (heap.py)
         for la in spec.layers:
             t_layer = time.perf_counter()
             X = _calibrate_layer(la, X, run)
             _eta_model(la.index, len(spec.layers), time.perf_counter() - t_layer, time.perf_counter() - t0)
-    _global_tensors(X, run)
+        _global_tensors(X, run)
     X.close()
     result.tensors.reorder(ckpt.tensors)
     result.stats = {n: result.stats[n] for n in sorted(result.stats, key=list(ckpt.tensors).index)}
@@ -304,6 +304,7 @@ def _embed_into(X: Samples, t: Any, ids: list[np.ndarray], rows: int = 8192, tok
                 X.write_rows(at[c : c + tokens], block[flat[at[c : c + tokens]] - a])
 
 
+@mapped_from(WEIGHTS)  # row steps of the same few sizes, reused: from the heap (heap.py)
 def _quantize(load: Callable[[], np.ndarray], hb, scheme: AnyScheme, options: CalibOptions,
               stats: dict[str, list[float]], fresh: bool = False) -> QTensor:
     """RTN and (GPTQ or RTN) of w = load() [B, N, K] on the blended Hessians hb [B, K, K]; extends ``stats`` per
@@ -320,10 +321,11 @@ def _quantize(load: Callable[[], np.ndarray], hb, scheme: AnyScheme, options: Ca
     qt = gptq(w, hb, scheme, options.damp, overwrite=fresh, scratch=options.spill_dir)
     if fresh:
         del w  # (``w = load()`` would hold the spent copy until the new one is read)
+        give_back()  # (GPTQ's freed row steps, before the float weight is read again)
         w = load()
     _add_stats(stats, "calibrated", w, qt, h_np)
     del w
-    _give_back()
+    give_back()
     return qt
 
 
@@ -347,34 +349,21 @@ def _add_stats(stats: dict[str, list[float]], kind: str, w: np.ndarray, qt: QTen
         stats.setdefault(key, []).extend(np.asarray(value).tolist())
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (AttributeError, OSError):
-        return None
-
-
-def _give_back() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps freed blocks below its adaptive mmap threshold (up to
-    32 MB: a row step's temporaries) in its arenas; between phases they were 0.1-0.2 GB of the resident set at
-    Scout width (peak 1.63 -> 1.43 GB)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 class _Float32(Mapping):
     """A layer's non-expert weights as the forward passes read them: float32 on each read, kept as stored when that is
     a 16-bit float (bf16/fp16 -> float32 is exact, so the passes compute what they would on float32 copies). At
     Scout width that holds 0.38 GB instead of 0.76 (the shared expert's three projections are 0.5 GB in float32)
-    and one float32 matrix at a time; the cost is the conversion on each read."""
+    and one float32 matrix at a time, made in one reused buffer (``RowBuffer``: a fresh 168 MB copy per read was
+    0.76 GB of page faults per sample and pass). So a read is valid until the next one: every reader
+    (``torch_llama4``) multiplies by it at once."""
 
     def __init__(self, raw: dict):
         self.raw = raw  # name -> torch tensor: bf16, fp16 or float32
+        self._buf = RowBuffer()
 
     def __getitem__(self, name: str):
-        return self.raw[name].float()  # (a float32 tensor is returned as it is)
+        t = self.raw[name]
+        return self._buf.rows(t, 0, t.shape[0])  # (a float32 tensor is returned as it is)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.raw)
@@ -439,7 +428,7 @@ def _calibrate_layer(la: LayerSpec, X: Samples, run: _Run) -> Samples:
     accs, routed1 = _float_pass(la, X, W, dense_plan, run)
     Wq = _quantize_dense(la.index, W, dense_plan, accs, run)
     del W, accs
-    _give_back()
+    give_back()
 
     # pass 2, quantized weights (the next layer calibrates on what it will see)
     spec = run.ckpt.spec
@@ -536,7 +525,7 @@ class ExpertBatch:
     plan: dict[str, AnyScheme]
     a: int
     b: int
-    inputs1: list
+    inputs1: list  # emptied by run_expert_batch once its Hessians are made
     priors: dict  # input key -> the layer prior: an ArrayFile of the [K, K], or a float c for c·I
     alpha: float
     options: CalibOptions
@@ -559,9 +548,11 @@ def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> Batch
     dev = torch.device(job.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load = lambda n: job.lazy[n].load(np.float32, experts=slice(job.a, job.b))  # noqa: E731  float32 [B, out, in]
     with torch.no_grad():
-        accs = _expert_hessians(job, {n: _stored(job.lazy[n], dev, slice(job.a, job.b)) for n in (_GATE, _UP)},
-                                dev, observe)
-        _give_back()
+        with mapped_from(ACTIVATIONS):  # (also in a --ray worker's process)
+            accs = _expert_hessians(job, {n: _stored(job.lazy[n], dev, slice(job.a, job.b)) for n in (_GATE, _UP)},
+                                    dev, observe)
+        job.inputs1.clear()  # consumed: the batch's routed tokens (0.18 GB per expert at 16k tokens) not held in GPTQ
+        give_back()
         res = BatchResult({}, {n: {} for n in job.plan}, {})
         todo = [n for n in (_GATE, _UP, _DOWN) if n in job.plan]
         for i, n in enumerate(todo):  # one projection's float weights at a time, read again for its statistics
@@ -582,7 +573,7 @@ def _expert_hessians(job: ExpertBatch, w: dict, dev, observe: Observer | None) -
     """Pass 1 over the batch: Σ x xᵀ of the float experts' real inputs for the planned tensors, keyed by input as in
     ``_SHARES``; ``observe`` (if any) sees every input, planned or not."""
     inter, hidden = job.lazy[_GATE].shape[1:]
-    accs = {}
+    accs, buf = {}, RowBuffer()
     if _GATE in job.plan or _UP in job.plan:
         accs[_GATE] = _Acc(job.b - job.a, hidden, dev, job.a)
     if _DOWN in job.plan:
@@ -595,7 +586,7 @@ def _expert_hessians(job: ExpertBatch, w: dict, dev, observe: Observer | None) -
             accs[_GATE].add(e, xe)
         if _DOWN in accs or observe is not None:
             with one_thread():  # F.silu's last bits follow the thread count; a --ray worker has 1
-                me = expert_hidden(xe, w[_GATE][e - job.a], w[_UP][e - job.a])
+                me = expert_hidden(xe, w[_GATE][e - job.a], w[_UP][e - job.a], buf=buf)
             if observe is not None:
                 observe(job.layer, _DOWN, e, me)
             if _DOWN in accs:
@@ -620,7 +611,7 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
     # of those copies stay in its resident set)
     priors = {k: v if isinstance(v, float) else ArrayFile.save(v.cpu().numpy(), Path(folder) / f"prior-{ex.layer}-{k}")
               for k, v in _expert_priors(ex, batches, run.dev).items()}
-    _give_back()
+    give_back()
     local = isinstance(run.workers, LocalWorkers)
     alpha = run.options.prior_tokens if num_e > 1 else 0.0
     lazy = {n: ex.lazy[n] for n in (_GATE, _UP, _DOWN)}
@@ -642,6 +633,7 @@ def _calibrate_experts(ex: _Experts, run: _Run) -> None:
         _log_tensor(full, scheme, ex.stats[n], run.options.method)
 
 
+@mapped_from(WEIGHTS)  # a codes' row step dequantized per routed sample: the same few sizes, reused
 def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Run) -> None:
     """Append a batch's quantized experts to the spill and its stats to ``ex``; then pass 2, here in the driver:
     the batch's quantized (or float) experts on the quantized layer's tokens, added to ``ex.partial``."""
@@ -659,13 +651,14 @@ def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Ru
         for key, values in res.stats[n].items():
             ex.stats[n].setdefault(key, []).extend(values)
         ex.amax[n].append(res.amax[n])
+    buf = RowBuffer()
     for j, e, rows, xe in _routed_rows(ex.routed2, a, b):
-        me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a])
+        me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a], buf=buf)
         p = ex.partial[j]
-        p[rows] = p[rows] + times_t(me, w[_DOWN][e - a])
+        p[rows] = p[rows] + times_t(me, w[_DOWN][e - a], buf=buf)
         ex.partial[j] = p
     del w
-    _give_back()
+    give_back()
 
 
 class _Dequantized:
@@ -725,10 +718,11 @@ def _prior_down(ex: _Experts, batches: list[tuple[int, int]], dev):
     num_e, inter, _ = ex.shape
     trace = np.zeros(num_e, np.float64)
     for a, b in batches:
-        w = ex.load((_GATE, _UP), a, b, dev)  # [B, I, H] each
+        w, buf = ex.load((_GATE, _UP), a, b, dev), RowBuffer()  # [B, I, H] each
         for _, e, _, xe in _routed_rows(ex.routed1, a, b):
-            trace[e] += float(expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a]).to(torch.float64).pow(2).sum())
-        del w
+            me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a], buf=buf)
+            trace[e] += float(me.to(torch.float64).pow(2).sum())
+        del w, buf
     live = ex.counts > 0
     per_tok = torch.tensor(trace[live] / ex.counts[live] / inter, dtype=torch.float64) if live.any() else None
     return _prior(int(ex.counts.sum()), per_token_diag=float(per_tok.mean()) if per_tok is not None else 0.0)
@@ -758,6 +752,7 @@ def _global_tensors(X: Samples, run: _Run) -> None:
         run.result.stats[name] = {k: [float(db(sums["sig"], sums[k]))] for k in ("weight_sqnr_rtn", "weight_sqnr_calibrated")}
 
 
+@mapped_from(WEIGHTS)
 def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions,
                     rows: int = 8192) -> tuple[QTensor, dict]:
     """RTN, or GPTQ on ``hess``, of a 2-D tensor in blocks of ``rows``; the sums behind its weight SQNRs."""
