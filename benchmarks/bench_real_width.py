@@ -152,6 +152,8 @@ RUNS = {  # name -> (checkpoint, convert arguments)
                                            "--calib-samples", "64", "--calib-seqlen", "256"]),
     "maverick-onnx-int4": ("maverick", ["--format", "onnx", "--quant", "int4"]),
     "maverick-onnx-int4-ray": ("maverick", ["--format", "onnx", "--quant", "int4", "--ray", "local"]),
+    "maverick-onnx-calib": ("maverick", ["--format", "onnx", "--quant", "DENSE_RECIPE", "--calib", "CALIB",
+                                         "--calib-samples", "8", "--calib-seqlen", "128"]),
 }
 
 
@@ -167,7 +169,8 @@ def calib_file(samples: int = 8, length: int = 128) -> Path:
 
 def convert_run(name: str, ckpts: dict[str, Path]) -> dict:
     src, args = RUNS[name]
-    recipes = {"EXPERTS_RECIPE": "real_width_experts.toml", "EXPERTS_RECIPE_MLX": "real_width_experts_mlx.toml"}
+    recipes = {"EXPERTS_RECIPE": "real_width_experts.toml", "EXPERTS_RECIPE_MLX": "real_width_experts_mlx.toml",
+               "DENSE_RECIPE": "real_width_dense.toml"}
     calib = {"CALIB": lambda: calib_file(), "CALIB_16K": lambda: calib_file(64, 256)}
     args = [str(Path(__file__).with_name(recipes[a])) if a in recipes else str(calib[a]()) if a in calib else a
             for a in args]
