@@ -476,22 +476,28 @@ def _float_pass(la: LayerSpec, X: Samples, W: _Float32, dense_plan: dict[str, An
 
 def _quantize_dense(layer: int, W: _Float32, dense_plan: dict[str, AnyScheme], accs: dict, run: _Run) -> _Float32:
     """GPTQ each non-expert linear of ``dense_plan`` on its input's Hessian; returns the layer's weights with those
-    replaced by their dequantized tensors (pass 2's weights)."""
+    replaced by their quantized codes, dequantized on each read (pass 2's weights). Each Hessian goes from ``accs``
+    once no later tensor reads it."""
 
     Wq = _Float32(dict(W.raw))
-    for n, scheme in dense_plan.items():
+    todo = list(dense_plan.items())
+    for i, (n, scheme) in enumerate(todo):
         full = f"model.layers.{layer}.{n}"
-        acc = accs[_SHARES.get(n, n)]
+        key = _SHARES.get(n, n)
+        acc = accs[key]
         w = W[n].cpu().numpy()[None]  # [1, N, K]
         stats: dict[str, list[float]] = {}
-        qt = _quantize(lambda w=w: w, acc.blended(1.0, 0.0), scheme, run.options, stats)
+        stacked = _quantize(lambda w=w: w, acc.blended(1.0, 0.0), scheme, run.options, stats)
+        del w
         run.result.stats[full] = {**stats, "tokens": acc.n.tolist()}
-        qt = _unstack(qt)
         if isinstance(scheme, Fp8) and scheme.activation == "static":
             run.result.act_scales[full] = _static_scales(acc.amax, acc.n)
-        run.result.tensors.append(full, qt)
-        Wq.raw[n] = _torch(qt.dequantize(), run.dev)
+        run.result.tensors.append(full, _unstack(stacked))
+        # the codes, not a float32 copy: at Maverick width its dense MLP's three are 1.0 GB in float32
+        Wq.raw[n] = _Dequantized(stacked, 0, run.dev)
         _log_tensor(full, scheme, stats, run.options.method)
+        if all(_SHARES.get(m, m) != key for m, _ in todo[i + 1:]):
+            del accs[key], acc  # [K, K]: 1.07 GB for Maverick's dense down projection
     return Wq
 
 
