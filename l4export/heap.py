@@ -2,15 +2,15 @@
 neighbours; its weight work (GPTQ, quantize, statistics) reuses blocks of the same few sizes in tight loops.
 
 glibc serves a block above its mmap threshold with a mapping of its own (when the heap's free space cannot serve
-it), unmapped on free; below it, from the heap,
-where freed space is reused only when a later request fits and goes back to the OS only from the top (or by
-``malloc_trim``). The threshold is adaptive: freeing a mapped block raises it to that block's size, up to 32 MB.
-Once a real-width weight's 4-30 MB row steps have been freed, each sample's activations come from the heap, and with
-the small tensors kept per sample (routing) between them the heap fragments: over the 64 samples of one
-Scout-width layer's second pass it grew from 0.47 to 0.88 GB, 0.73 GB of it free (peak RSS 1.37 GB). With the
-threshold at 1 MB every such block is its own mapping, given back when freed: 0.85 GB for the same pass.
-The weight work is the other way round: at 1 MB, GPTQ of one real-width expert projection took 12-15 s instead of
-7-9 s (an mmap and its page faults per row step), so it runs with the heap at glibc's ceiling, 32 MB.
+it), unmapped on free; below it, from the heap, where freed space is reused only when a later request fits and goes
+back to the OS only from the top (or by ``malloc_trim``). The threshold is adaptive: freeing a mapped block raises
+it to that block's size, up to 32 MB. Once a real-width weight's 4-30 MB row steps have been freed, each sample's
+activations come from the heap, and with the small tensors kept per sample (routing) between them the heap
+fragments: over the 64 samples of one Scout-width layer's second pass it grew from 0.47 to 0.88 GB, 0.73 GB of it
+free (peak RSS 1.37 GB). With the threshold at 1 MB every such block is its own mapping, given back when freed:
+0.85 GB for the same pass. The weight work is the other way round: at 1 MB, GPTQ of one real-width expert projection took
+12-15 s instead of 7-9 s (an mmap and its page faults per row step), so it runs with the heap at glibc's ceiling, 32
+MB.
 
 Nothing changes where the C library is not glibc.
 """

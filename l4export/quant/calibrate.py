@@ -358,7 +358,7 @@ class _Float32(Mapping):
     (``torch_llama4``) multiplies by it at once."""
 
     def __init__(self, raw: dict):
-        self.raw = raw  # name -> torch tensor: bf16, fp16 or float32
+        self.raw = raw  # name -> torch tensor (bf16, fp16 or float32), or a quantized one's codes (_Dequantized)
         self._buf = RowBuffer()
 
     def __getitem__(self, name: str):
