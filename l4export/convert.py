@@ -94,12 +94,15 @@ def spill_bytes(plan: ExportPlan) -> int:
 
 def calib_scratch_bytes(plan: ExportPlan, calib: Any) -> int:
     """Disk calibration uses beside the codes: its activations (at most samples x seqlen tokens, ``ACTIVATION_FILES``
-    [tokens, hidden] float32 files) and one parked Hessian of the widest input (``gptq.factor_in_place``)."""
+    [tokens, hidden] float32 files) and the widest input's Hessian: parked while it is factored
+    (``gptq.factor_in_place``), or in tiles with its factor's (``quant.tiles``)."""
     from .quant.activations import ACTIVATION_FILES
+    from .quant.tiles import tiles_bytes
 
     spec = plan.spec
     widest = max(spec.hidden_size, spec.intermediate_size, spec.intermediate_size_mlp)
-    return ACTIVATION_FILES * calib.samples * calib.seqlen * spec.hidden_size * 4 + widest * widest * 4
+    hessian = max(widest * widest * 4, 2 * tiles_bytes(widest))
+    return ACTIVATION_FILES * calib.samples * calib.seqlen * spec.hidden_size * 4 + hessian
 
 
 def check_disk(out: Path, plan: ExportPlan, options: ExportOptions, ahead: bool) -> None:

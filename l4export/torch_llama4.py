@@ -26,9 +26,9 @@ def attention_core(h, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq):
 
     t = h.shape[0]
     nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    q = (h @ W["self_attn.q_proj.weight"].T).view(t, nh, d)  # (T, nh, D)
-    k = (h @ W["self_attn.k_proj.weight"].T).view(t, nkv, d)  # (T, nkv, D)
-    v = (h @ W["self_attn.v_proj.weight"].T).view(t, nkv, d)
+    q = linear(h, W, "self_attn.q_proj.weight").view(t, nh, d)  # (T, nh, D)
+    k = linear(h, W, "self_attn.k_proj.weight").view(t, nkv, d)  # (T, nkv, D)
+    v = linear(h, W, "self_attn.v_proj.weight").view(t, nkv, d)
     pos = torch.arange(t, device=h.device, dtype=torch.float32)
     if la.uses_rope:
         # IMPORTANT: complex, interleaved pairs (2i, 2i+1) ("traditional"), not rotate_half.
@@ -63,7 +63,7 @@ def route(h2, W: dict):
     """Top-1 routing: (expert index [T], score s [T]) with s = sigmoid(max logit)."""
     import torch
 
-    logits = h2 @ W["feed_forward.router.weight"].T  # (T, E)
+    logits = linear(h2, W, "feed_forward.router.weight")  # (T, E)
     top, idx = logits.max(dim=-1)
     return idx, torch.sigmoid(top)
 
@@ -74,7 +74,7 @@ def attention_block(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, cap: 
     cap("self_attn.q_proj.weight", -1, h)
     a = attention_core(h, W, la, spec, inv_freq)
     cap("self_attn.o_proj.weight", -1, a)
-    x = x + a @ W["self_attn.o_proj.weight"].T
+    x = x + linear(a, W, "self_attn.o_proj.weight")
     return x, rms(x, W["post_attention_layernorm.weight"], spec.rms_norm_eps)
 
 
@@ -83,9 +83,10 @@ def mlp(h2, W: dict, p: str, cap: Callable):
     import torch.nn.functional as F
 
     cap(p + "gate_proj.weight", -1, h2)
-    m = F.silu(h2 @ W[p + "gate_proj.weight"].T) * (h2 @ W[p + "up_proj.weight"].T)
+    m = F.silu(linear(h2, W, p + "gate_proj.weight"))
+    m *= linear(h2, W, p + "up_proj.weight")
     cap(p + "down_proj.weight", -1, m)
-    return m @ W[p + "down_proj.weight"].T
+    return linear(m, W, p + "down_proj.weight")
 
 
 class RowBuffer:
@@ -126,10 +127,22 @@ def expert_hidden(xe, gate, up, rows: int = 2048, buf: RowBuffer | None = None):
     return out
 
 
-def times_t(x, w, rows: int = 2048, buf: RowBuffer | None = None):
+ROW_BYTES = 32 << 20  # times_t's default step: output rows of at most 32 MB of float32 weights at a time
+
+
+def linear(x, W, name: str):
+    """x @ W[name].T -> [T, out] float32. ``W[name]`` is a float32 tensor or anything ``times_t`` reads:
+    calibration's weights (``calibrate._Float32``) hand out matrices as stored (16-bit, or quantized codes) and a
+    buffer ``W.buf`` to make their rows float32 in, so that a 16384-wide one is never float32 whole (0.34 GB)."""
+    return times_t(x, W[name], buf=getattr(W, "buf", None))
+
+
+def times_t(x, w, rows: int | None = None, buf: RowBuffer | None = None):
     """x @ w.T for x [n, in], w [out, in] in any float dtype (or anything sliced into float rows), made float32
-    ``rows`` output rows at a time -> [n, out] float32."""
+    ``rows`` output rows at a time (default: ``ROW_BYTES`` of them) -> [n, out] float32. A float32 w is stepped
+    through the same way, so a stored 16-bit w and its float32 copy give the same bits."""
     buf = buf or RowBuffer()
+    rows = rows or max(1, ROW_BYTES // (4 * w.shape[1]))
     out = x.new_empty((x.shape[0], w.shape[0]))
     for a in range(0, w.shape[0], rows):
         out[:, a : a + rows] = x @ buf.rows(w, a, a + rows).T
@@ -161,4 +174,5 @@ def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture
     return x + out + routed
 
 
-__all__ = ["attention_block", "attention_core", "expert_hidden", "layer_forward", "mlp", "rms", "route", "times_t"]
+__all__ = ["attention_block", "attention_core", "expert_hidden", "layer_forward", "linear", "mlp", "rms", "route",
+           "times_t"]

@@ -472,3 +472,90 @@ def test_gptq_in_the_callers_array_gives_the_same_codes():
         np.testing.assert_array_equal(a.q, b.q)
         np.testing.assert_array_equal(a.scale, b.scale)
         assert np.array_equal(mine, w) == (dt == torch.float64)  # float32: consumed (it held the snapped values)
+
+
+@pytest.mark.parametrize("k, tile", [(64, 16), (70, 16), (40, 64)])
+def test_tiled_hessian_and_factor_equal_the_in_memory_ones(k, tile):
+    """A Hessian in tiles on disk (``quant.tiles``, Maverick's 16384-wide down projection) summed over several
+    additions is xᵀx; its blocked factor (Cholesky, triangular inverse, LᵀL, Cholesky, a tile at a time) is the
+    in-memory ``inverse_factor``, read as GPTQ reads it (strips of rows, across tile boundaries too), with a dead
+    column, and with an indefinite H that needs more damping; ``times`` is w @ H. Last tile short or a single tile."""
+    import torch
+
+    from l4export.quant import tiles
+    from l4export.quant.gptq import inverse_factor
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, k))
+    x[:, 5] = 0.0  # a dead input column
+    ev, q = np.linalg.eigh(x.T @ x)
+    ev[0] = -0.05 * np.trace(x.T @ x) / k
+    for summed, h_ref in ((True, x.T @ x), (False, (q * ev) @ q.T)):  # the second: λ 0.01 fails, 0.1 factors
+        h = tiles.Tiles(k, torch.float64, tile=tile)
+        if summed:
+            for a, b in ((0, 100), (100, 250), (250, 300)):  # three additions of unequal size
+                h.add_gram(torch.from_numpy(x[a:b]))
+        else:
+            for (i, j) in h.pairs():
+                h.put(i, j, torch.from_numpy(h_ref[h.span(i), h.span(j)].copy()))
+        full = np.zeros((k, k))
+        for (i, j) in h.pairs():
+            full[h.span(i), h.span(j)] = h.get(i, j).numpy()
+        np.testing.assert_allclose(np.tril(full), np.tril(h_ref), atol=1e-9)
+        want = inverse_factor(torch.tensor(h_ref)[None], 0.01)[0].numpy()
+        f = tiles.inverse_factor(h, 0.01)
+        for a, b in ((0, k), (3, 29), (min(k, tile) - 2, min(k, tile + 5)), (k - 7, k)):
+            np.testing.assert_allclose(f.strip(a, b)[0].numpy(), want[a:b, a:], atol=1e-12 * np.abs(want).max())
+        w = rng.standard_normal((5, k))
+        np.testing.assert_allclose(h.times(w), w @ h_ref, rtol=1e-10, atol=1e-9)
+        f.close()
+        h.close()
+
+
+def test_tiled_dense_hessians_calibrate_as_in_memory(monkeypatch, maverick):
+    """Every non-expert Hessian in tiles on disk (the tiny widths forced there; tiles of 16, a stage of ~10 tokens
+    so that inputs are split across additions) gives the codes and statistics of in-memory Hessians: the
+    calibration path of Maverick's 16384-wide dense MLP, checked where the in-memory one still fits."""
+    from l4export.quant import tiles
+    from l4export.quant.calibrate import _TiledAcc
+
+    ck = Checkpoint(maverick)
+    recipe = _int4(ck)
+    memory = calibrate(ck, recipe, IDS[:3], CalibOptions())
+    monkeypatch.setattr(tiles, "TILED_ABOVE", 0)
+    monkeypatch.setattr(tiles, "TILE", 16)
+    monkeypatch.setattr(_TiledAcc, "STAGE", 10 * 96 * 8)
+    tiled = calibrate(ck, recipe, IDS[:3], CalibOptions())
+    a, b = _snapshot(memory), _snapshot(tiled)
+    dense = [n for n in a[0] if ".experts." not in n and n.startswith("model.layers.")]
+    assert any("feed_forward.down_proj" in n for n in dense)  # Maverick's dense MLP (96 wide)
+    for name, parts in a[0].items():
+        for x, y in zip(parts, b[0][name]):
+            if x is not None:
+                np.testing.assert_array_equal(x, y, err_msg=name)
+    for name in dense + ["lm_head.weight"]:
+        for key, v in a[2][name].items():
+            np.testing.assert_allclose(b[2][name][key], v, rtol=1e-9, err_msg=f"{name} {key}")
+
+
+def test_tiled_factor_does_not_depend_on_the_thread_count():
+    """The tiled factor runs its GEMMs and triangular solves on every thread and pins only each diagonal tile's
+    Cholesky to one (LAPACK's potrf rounds by thread count): 1 and 2 threads give the same bits, so a --ray run
+    and a single process agree on the dense layers too."""
+    import torch
+
+    from l4export.quant import tiles
+
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((3000, 2048)).astype(np.float32))
+    h = tiles.Tiles(2048, torch.float32, tile=512)
+    h.add_gram(x)
+    before, out = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            f = tiles.inverse_factor(h, 0.01)
+            out.append(f.strip(0, 2048).numpy().copy())
+            f.close()
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(out[0], out[1])

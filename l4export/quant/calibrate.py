@@ -52,8 +52,9 @@ from ..errors import UsageError
 from ..heap import ACTIVATIONS, WEIGHTS, give_back, mapped_from
 from ..spec import LayerSpec
 from ..torch_llama4 import RowBuffer, attention_block, expert_hidden, mlp, rms, route, times_t
+from . import tiles
 from .activations import ACTIVATION_FILES, Routed, Samples
-from .gptq import F64_MAX_K, factor_in_place, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
+from .gptq import F64_MAX_K, factored, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
 from .recipe import Recipe
 from .schemes import AnyScheme, Fp8, QTensor, assembled, db
 from .spill import ArrayFile, Part, SpilledTensors, save_part
@@ -183,6 +184,66 @@ def _prior(total: int, shared=None, per_token_diag: float | None = None) -> Prio
         return float(per_token_diag) if per_token_diag is not None and per_token_diag > 0 else 1.0
     prior = shared.div_(total)
     return 1.0 if float(torch.diagonal(prior).sum()) <= 0 else prior
+
+
+class _TiledAcc:
+    """``_Acc`` for one linear too wide for its Hessian in memory (``tiles.tiled_width``: Maverick's 16384-wide
+    dense MLP down projection, 1.07 GB in float32): Σ x xᵀ in tiles on disk (``tiles.Tiles``). Inputs are staged up
+    to ``STAGE`` bytes and added at once (each addition reads and writes every tile)."""
+
+    STAGE = 64 << 20
+
+    def __init__(self, k: int, scratch: str | Path | None):
+        self.h = tiles.Tiles(k, working_dtype(k), scratch)
+        self.n = np.zeros(1, np.int64)
+        self.amax = np.zeros(1, np.float32)
+        self._stage, self._rows, self.done = None, 0, False
+
+    def add(self, e: int, x) -> None:
+        import torch
+
+        self.n[0] += x.shape[0]
+        self.amax[0] = max(self.amax[0], float(x.abs().max()) if x.numel() else 0.0)
+        if self._stage is None:
+            self._stage = torch.empty((max(1, self.STAGE // (x.shape[1] * x.element_size())), x.shape[1]),
+                                      dtype=self.h.dtype)
+        at = 0
+        while at < x.shape[0]:  # (an input larger than the stage's room goes in pieces)
+            take = min(x.shape[0] - at, len(self._stage) - self._rows)
+            self._stage[self._rows : self._rows + take] = x[at : at + take]
+            self._rows, at = self._rows + take, at + take
+            if self._rows == len(self._stage):
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self.h.add_gram(self._stage[: self._rows])
+        self._rows = 0
+
+    def blended(self, prior: Prior, alpha: float):
+        """H / n (``_Acc.blended`` with a non-expert's prior, I, and α = 0), in the tiles; I if nothing was seen."""
+        import torch
+
+        assert alpha == 0, "a tiled Hessian is a non-expert linear's: no prior to blend"
+        if not self.done:
+            self.done = True
+            self._flush()
+            self._stage = None
+            if self.n[0]:
+                self.h.scale(1.0 / float(self.n[0]))
+            else:
+                for i in range(self.h.nt):
+                    self.h.put(i, i, torch.eye(self.h.size(i), dtype=self.h.dtype))
+        return self.h
+
+
+def _acc(k: int, run: "_Run"):
+    """The Hessian accumulator of a non-expert linear of input width ``k``: tiled on disk when too wide."""
+    import torch
+
+    if run.dev.type == "cpu" and tiles.tiled_width(k, torch.finfo(working_dtype(k)).bits // 8):
+        return _TiledAcc(k, run.options.spill_dir)
+    return _Acc(1, k, run.dev)
 
 
 # ---- the driver -------------------------------------------------------------------------------------------
@@ -349,21 +410,22 @@ def _add_stats(stats: dict[str, list[float]], kind: str, w: np.ndarray, qt: QTen
         stats.setdefault(key, []).extend(np.asarray(value).tolist())
 
 
-class _Float32(Mapping):
-    """A layer's non-expert weights as the forward passes read them: float32 on each read, kept as stored when that is
-    a 16-bit float (bf16/fp16 -> float32 is exact, so the passes compute what they would on float32 copies). At
-    Scout width that holds 0.38 GB instead of 0.76 (the shared expert's three projections are 0.5 GB in float32)
-    and one float32 matrix at a time, made in one reused buffer (``RowBuffer``: a fresh 168 MB copy per read was
-    0.76 GB of page faults per sample and pass). So a read is valid until the next one: every reader
-    (``torch_llama4``) multiplies by it at once."""
+class _Weights(Mapping):
+    """A layer's non-expert weights as the forward passes read them: matrices as stored (bf16/fp16, float32, or a
+    quantized one's codes, ``_Dequantized``), made float32 a block of rows at a time in the reused buffer ``buf``
+    by their reader (``torch_llama4.linear``; bf16/fp16 -> float32 is exact, so the passes compute what they
+    would on float32 copies); vectors (the norms) float32. At Maverick width the dense MLP's three matrices are
+    0.5 GB as stored, 1.0 GB in float32, and one of them made float32 whole was 0.34 GB more. One buffer, not a
+    fresh copy per read: a fresh 168 MB ``.float()`` was 0.76 GB of page faults per sample and pass at Scout width
+    (``RowBuffer``)."""
 
     def __init__(self, raw: dict):
         self.raw = raw  # name -> torch tensor (bf16, fp16 or float32), or a quantized one's codes (_Dequantized)
-        self._buf = RowBuffer()
+        self.buf = RowBuffer()
 
     def __getitem__(self, name: str):
         t = self.raw[name]
-        return self._buf.rows(t, 0, t.shape[0])  # (a float32 tensor is returned as it is)
+        return t if len(t.shape) == 2 else t.float()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.raw)
@@ -374,7 +436,7 @@ class _Float32(Mapping):
 
 def _stored(t: Any, dev, experts: slice | None = None):
     """A checkpoint tensor (or experts [a, b) of a stack) on ``dev``: as stored if bf16 or fp16, else float32 (FP8
-    dequantized, ...); its readers make it float32 as they use it (``_Float32``, ``expert_hidden``)."""
+    dequantized, ...); its readers make it float32 as they use it (``_Weights``, ``expert_hidden``)."""
     import torch
 
     a = t.load(experts=experts)
@@ -407,9 +469,9 @@ def _static_scales(amax: np.ndarray, n: np.ndarray) -> np.ndarray:
     return (amax / 448.0).astype(np.float32)
 
 
-def _unstack(qt: QTensor) -> QTensor:
-    """The single entry of a [1, N, K] batch as an [N, K] tensor."""
-    return type(qt)(qt.scheme, qt.q[0], qt.scale[0], None if qt.zero is None else qt.zero[0])
+def _entry(qt: QTensor, i: int = 0) -> QTensor:
+    """Entry ``i`` of a stack [B, N, K] as an [N, K] tensor."""
+    return type(qt)(qt.scheme, qt.q[i], qt.scale[i], None if qt.zero is None else qt.zero[i])
 
 
 # ---- one decoder layer: the non-expert linears --------------------------------------------------------------
@@ -423,10 +485,10 @@ def _calibrate_layer(la: LayerSpec, X: Samples, run: _Run) -> Samples:
     lazy = run.ckpt.layer(la.index)
     plan = _layer_plan(run.recipe, la.index, list(lazy))
     experts = {n for n, t in lazy.items() if t.is_experts}  # stacked [E, out, in]: loaded per batch, never whole
-    W = _Float32({n: _stored(t, run.dev) for n, t in lazy.items() if n not in experts})
+    W = _Weights({n: _stored(t, run.dev) for n, t in lazy.items() if n not in experts})
     dense_plan = {n: s for n, s in plan.items() if n not in experts}
     accs, routed1 = _float_pass(la, X, W, dense_plan, run)
-    Wq = _quantize_dense(la.index, W, dense_plan, accs, run)
+    Wq = _quantize_dense(la.index, W, lazy, dense_plan, accs, run)
     del W, accs
     give_back()
 
@@ -452,11 +514,11 @@ def _calibrate_layer(la: LayerSpec, X: Samples, run: _Run) -> Samples:
     return X
 
 
-def _float_pass(la: LayerSpec, X: Samples, W: _Float32, dense_plan: dict[str, AnyScheme],
+def _float_pass(la: LayerSpec, X: Samples, W: _Weights, dense_plan: dict[str, AnyScheme],
                 run: _Run) -> tuple[dict, Routed | None]:
     """Pass 1, float weights: the Hessians of the non-expert linears in ``dense_plan`` (one ``_Acc`` per distinct
     input, ``_SHARES``); for an MoE layer also h2 and the top-1 routing per sample (the routed experts' inputs)."""
-    accs = {n: _Acc(1, W.raw[n].shape[-1], run.dev) for n in {_SHARES.get(n, n) for n in dense_plan}}
+    accs = {n: _acc(W.raw[n].shape[-1], run) for n in {_SHARES.get(n, n) for n in dense_plan}}
 
     def capture(name: str, e: int, x) -> None:
         run.observe(la.index, name, e, x)
@@ -474,31 +536,49 @@ def _float_pass(la: LayerSpec, X: Samples, W: _Float32, dense_plan: dict[str, An
     return accs, routed1
 
 
-def _quantize_dense(layer: int, W: _Float32, dense_plan: dict[str, AnyScheme], accs: dict, run: _Run) -> _Float32:
-    """GPTQ each non-expert linear of ``dense_plan`` on its input's Hessian; returns the layer's weights with those
-    replaced by their quantized codes, dequantized on each read (pass 2's weights). Each Hessian goes from ``accs``
-    once no later tensor reads it."""
+def _quantize_dense(layer: int, W: _Weights, lazy: dict, dense_plan: dict[str, AnyScheme], accs: dict,
+                    run: _Run) -> _Weights:
+    """GPTQ each non-expert linear of ``dense_plan`` on its input's Hessian, a block of rows at a time
+    (``_rows_quantized``), read again from the checkpoint (``lazy``) where it reads by rows: the stored weights
+    leave ``W`` first (Maverick's dense MLP: 0.5 GB in bf16). In ``W`` each is replaced by its codes, dequantized on
+    each read (pass 2's weights). Each Hessian goes from ``accs`` once no later tensor reads it."""
 
-    Wq = _Float32(dict(W.raw))
+    src = {n: lazy[n] if lazy[n].rows_readable else _TorchRows(W.raw[n]) for n in dense_plan}
+    for n in dense_plan:
+        del W.raw[n]
+    give_back()
     todo = list(dense_plan.items())
     for i, (n, scheme) in enumerate(todo):
         full = f"model.layers.{layer}.{n}"
         key = _SHARES.get(n, n)
         acc = accs[key]
-        w = W[n].cpu().numpy()[None]  # [1, N, K]
-        stats: dict[str, list[float]] = {}
-        stacked = _quantize(lambda w=w: w, acc.blended(1.0, 0.0), scheme, run.options, stats)
-        del w
+        qt, stats = _rows_quantized(src.pop(n), scheme, acc.blended(1.0, 0.0), run.options)
         run.result.stats[full] = {**stats, "tokens": acc.n.tolist()}
         if isinstance(scheme, Fp8) and scheme.activation == "static":
             run.result.act_scales[full] = _static_scales(acc.amax, acc.n)
-        run.result.tensors.append(full, _unstack(stacked))
-        # the codes, not a float32 copy: at Maverick width its dense MLP's three are 1.0 GB in float32
-        Wq.raw[n] = _Dequantized(stacked, 0, run.dev)
+        run.result.tensors.append(full, qt)
+        # the codes, not the float weights: at Maverick width its dense MLP's three are 0.5 GB in bf16
+        W.raw[n] = _Dequantized(qt, run.dev)
         _log_tensor(full, scheme, stats, run.options.method)
         if all(_SHARES.get(m, m) != key for m, _ in todo[i + 1:]):
-            del accs[key], acc  # [K, K]: 1.07 GB for Maverick's dense down projection
-    return Wq
+            del accs[key], acc  # [K, K]: 0.1 GB at K = 5120 (a tiled one's files go with it)
+    return W
+
+
+class _TorchRows:
+    """A stored torch matrix read as the checkpoint's tensors are (``load_rows``): float32 rows, a copy each."""
+
+    def __init__(self, t: Any):
+        self.t, self.shape = t, tuple(t.shape)
+
+    def load_rows(self, rows: slice, dtype: Any) -> np.ndarray:
+        return self.t[rows].to(dtype=_torch_dtype(dtype), copy=True).cpu().numpy()
+
+
+def _torch_dtype(dtype: Any):
+    import torch
+
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
 
 
 def _nop(*_: Any) -> None:
@@ -653,7 +733,7 @@ def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Ru
         qt = res.parts[n].load()
         run.result.tensors.append(f"model.layers.{ex.layer}.{n}", qt)
         res.parts[n].unlink()
-        w[n] = [_Dequantized(qt, i, run.dev) for i in range(b - a)]
+        w[n] = [_Dequantized(_entry(qt, i), run.dev) for i in range(b - a)]
         for key, values in res.stats[n].items():
             ex.stats[n].setdefault(key, []).extend(values)
         ex.amax[n].append(res.amax[n])
@@ -661,20 +741,18 @@ def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Ru
     for j, e, rows, xe in _routed_rows(ex.routed2, a, b):
         me = expert_hidden(xe, w[_GATE][e - a], w[_UP][e - a], buf=buf)
         p = ex.partial[j]
-        p[rows] = p[rows] + times_t(me, w[_DOWN][e - a], buf=buf)
+        p[rows] = p[rows] + times_t(me, w[_DOWN][e - a], rows=2048, buf=buf)
         ex.partial[j] = p
     del w
     give_back()
 
 
 class _Dequantized:
-    """Expert ``i`` of a quantized stack [B, out, in] as pass 2 reads it: float32 output rows made as they are
+    """A quantized [out, in] (a dense linear, or an expert of a stack: ``_entry``) as pass 2 reads it: float32 output rows made as they are
     sliced (``w[a:b]``), so a real-width expert is held as its codes (42 MB in int4/int8), not 168 MB of float32."""
 
-    def __init__(self, qt: QTensor, i: int, dev):
-        pick = lambda x: None if x is None else x[i]  # noqa: E731
-        self.qt, self.dev = QTensor(qt.scheme, qt.q[i], pick(qt.scale), pick(qt.zero)), dev
-        self.shape = tuple(qt.q.shape[1:])
+    def __init__(self, qt: QTensor, dev):
+        self.qt, self.dev, self.shape = qt, dev, tuple(qt.q.shape)
 
     def __getitem__(self, rows: slice):
         return _torch(self.qt.rows(rows).dequantize(), self.dev)
@@ -748,22 +826,30 @@ def _global_tensors(X: Samples, run: _Run) -> None:
             continue
         t, hess = ckpt.tensors[name], None
         if name == "lm_head.weight" and run.options.method == "gptq":
-            acc = _Acc(1, t.shape[-1], run.dev)
+            acc = _acc(t.shape[-1], run)
             norm = torch.tensor(ckpt.tensors["model.norm.weight"].load(np.float32), device=run.dev)
             for x in X:
                 acc.add(-1, rms(x, norm, ckpt.spec.rms_norm_eps))
             hess = acc.blended(1.0, 0.0)
-        qt, sums = _rows_quantized(t, scheme, hess, run.options)
+        qt, run.result.stats[name] = _rows_quantized(t, scheme, hess, run.options)
         run.result.tensors.append(name, qt)
-        run.result.stats[name] = {k: [float(db(sums["sig"], sums[k]))] for k in ("weight_sqnr_rtn", "weight_sqnr_calibrated")}
+
+
+ROW_BLOCK = 64 << 20  # _rows_quantized's step: output rows of at most 64 MB in float32
 
 
 @mapped_from(WEIGHTS)
-def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions,
-                    rows: int = 8192) -> tuple[QTensor, dict]:
-    """RTN, or GPTQ on ``hess``, of a 2-D tensor in blocks of ``rows``; the sums behind its weight SQNRs."""
-    n = t.shape[0]
+def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions) -> tuple[QTensor, dict]:
+    """RTN, and GPTQ on ``hess`` (in memory or ``tiles.Tiles``) unless the method is RTN, of a 2-D tensor (``t``:
+    its ``shape`` and ``load_rows``) in blocks of ``ROW_BLOCK`` bytes: GPTQ treats rows independently (one H), so
+    the codes are those of the whole matrix, which is never float32 whole (Scout's lm_head [202048, 5120]: 4.1 GB).
+    Statistics (one entry each): weight SQNRs over every row, output SQNRs on ``sampled_rows`` when there is a
+    Hessian."""
+    n, k = t.shape
+    rows = max(1, ROW_BLOCK // (4 * k))
     sums = {"sig": 0.0, "weight_sqnr_rtn": 0.0, "weight_sqnr_calibrated": 0.0}
+    picked = sampled_rows(n)
+    kept: dict[str, list] = {"w": [], "rtn": [], "calibrated": []}  # the picked rows, for the output SQNRs
 
     def parts(factor: Any) -> Iterator[tuple[slice, QTensor]]:
         for a in range(0, n, rows):
@@ -774,13 +860,28 @@ def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions,
                 sig, err = _square_sums(w, part)
                 sums[key] += float(err[0])
             sums["sig"] += float(sig[0])
-            yield slice(a, a + rows), _unstack(qt)
+            if hess is not None:
+                at = picked[(picked >= a) & (picked < a + rows)] - a
+                for key, v in (("w", w[:, at]), ("rtn", rtn.rows(at).dequantize()), ("calibrated", qt.rows(at).dequantize())):
+                    kept[key].append(v)
+            yield slice(a, a + rows), _entry(qt)
 
-    if hess is None:
-        return assembled(parts(None), n, 0), sums
-    with factor_in_place(hess, options.damp, options.spill_dir) as factor:  # one factor for every row block
-        return assembled(parts(factor), n, 0), sums
+    if hess is None or options.method != "gptq":
+        qt = assembled(parts(None), n, 0)
+    else:
+        with factored(hess, options.damp, options.spill_dir) as factor:  # one factor for every row block
+            qt = assembled(parts(factor), n, 0)
+    stats = {key: [float(db(sums["sig"], sums[key]))] for key in ("weight_sqnr_rtn", "weight_sqnr_calibrated")}
+    if hess is not None:  # (after ``factored``: H is whole again)
+        w = np.concatenate(kept.pop("w"), axis=1)
+        for key, v in kept.items():
+            stats[f"output_sqnr_{key}"] = output_sqnr(w, np.concatenate(v, axis=1), _numpy(hess)).tolist()
+    return qt, stats
 
+
+def _numpy(hess: Any) -> Any:
+    """A Hessian as ``output_sqnr`` reads it: an in-memory one as numpy, a tiled one as it is."""
+    return hess if isinstance(hess, tiles.Tiles) else hess.cpu().numpy()
 
 
 __all__ = ["CalibOptions", "CalibResult", "calibrate", "spill_next_to", "expert_batch_size", "expert_bytes"]

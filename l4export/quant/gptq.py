@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from . import tiles
 from .schemes import AnyScheme, QTensor
+from .tiles import one_thread
 
 F64_MAX_K = 4096  # GPTQ works in float64 up to this input width, in float32 beyond (working_dtype)
 
@@ -69,7 +71,8 @@ def _columns(W, Hinv, scheme: AnyScheme, g: int, step: int, scales: np.ndarray) 
     zeros = None
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
-        W1, Hb = W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
+        strip = _strip(Hinv, i1, i2)  # H⁻¹ factor rows i1..i2 from column i1 on
+        W1, Hb = W[:, :, i1:i2].clone(), strip[:, :, : i2 - i1]
         Err = torch.empty_like(W1)
         for j in range(i2 - i1):
             i = i1 + j
@@ -86,8 +89,14 @@ def _columns(W, Hinv, scheme: AnyScheme, g: int, step: int, scales: np.ndarray) 
             W1[:, :, j:] -= err[:, :, None] * Hb[:, None, j, j:]
             Err[:, :, j] = err
             W[:, :, i] = q  # exact: a float32 value in the working dtype
-        W[:, :, i2:].baddbmm_(Err, Hinv[:, i1:i2, i2:], alpha=-1)  # the block's feedback to every later column at once, in place
+        W[:, :, i2:].baddbmm_(Err, strip[:, :, i2 - i1 :], alpha=-1)  # the block's feedback to every later column at once, in place
     return zeros
+
+
+def _strip(Hinv, a: int, b: int):
+    """Rows a..b of the factor from column a on, [B, b - a, K - a]: a view of a factor in memory, or made from the
+    tiles of one on disk (``tiles.Factor``)."""
+    return Hinv.strip(a, b) if isinstance(Hinv, tiles.Factor) else Hinv[:, a:b, a:]
 
 
 def _block_size(g: int, block: int) -> int:
@@ -139,6 +148,27 @@ def factor_in_place(hessian, damp: float = 0.01, scratch: str | Path | None = No
                 back(i)
 
 
+@contextmanager
+def factored(hessian, damp: float = 0.01, scratch: str | Path | None = None) -> Iterator[Any]:
+    """The H⁻¹ factor of a [1, K, K] Hessian in memory (``factor_in_place``: H is whole again on exit) or of one in
+    tiles on disk (``tiled_factor``: its files go on exit)."""
+    if not isinstance(hessian, tiles.Tiles):
+        with factor_in_place(hessian, damp, scratch) as f:
+            yield f
+        return
+    f = tiled_factor(hessian, damp, scratch)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def tiled_factor(hessian: tiles.Tiles, damp: float = 0.01, scratch: str | Path | None = None) -> tiles.Factor:
+    """``inverse_factor`` of a Hessian kept in tiles on disk, made in tiles on disk (``tiles.inverse_factor``): its
+    GEMMs on every thread, its per-tile Cholesky on one (``one_thread``), so the same bytes on any thread count."""
+    return tiles.inverse_factor(hessian, damp, scratch)
+
+
 def _read_at(f, offset: int, out: np.ndarray) -> None:
     """out's bytes <- the file's from ``offset``."""
     f.seek(offset)
@@ -148,21 +178,6 @@ def _read_at(f, offset: int, out: np.ndarray) -> None:
         if not n:
             raise OSError(f"{f.name}: parked Hessian ended early")
         done += n
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one thread inside the block. The factorisation is what ties GPTQ's codes to a thread count (LAPACK's
-    blocked Cholesky splits its work by thread; the GEMMs here do not), and a --ray worker runs 1 thread while a
-    single process runs all cores: pinned to 1, both give the same bytes (costs ~10% of a real-width expert)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _factor_into(buf, fill: Callable[[], Any], damp: float, info) -> None:
@@ -200,17 +215,20 @@ def _factor_into(buf, fill: Callable[[], Any], damp: float, info) -> None:
 
 
 def output_sqnr(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray, max_rows: int = 512) -> np.ndarray:
-    """Per batch entry: 10·log10(tr(W H Wᵀ) / tr(ΔW H ΔWᵀ)), the SQNR of x·Wᵀ over the inputs behind H.
+    """Per batch entry: 10·log10(tr(W H Wᵀ) / tr(ΔW H ΔWᵀ)), the SQNR of x·Wᵀ over the inputs behind H (numpy
+    [B, K, K], or one ``tiles.Tiles``).
 
     Both traces are sums over output rows, so they are taken over at most ``max_rows`` evenly spaced rows (every row
     of a matrix that small): at real width the exact form is a [8192, 5120] x [5120, 5120] product per trace,
     longer than the GPTQ it reports on. Matrix products (BLAS), not a three-operand einsum (a plain C loop)."""
     rows = sampled_rows(w.shape[1], max_rows)
-    dt = np.float64 if hessian.dtype == np.float64 else np.float32  # never a float64 copy of a float32 [K, K]
-    w = np.asarray(w[:, rows], dt)
+    tiled = isinstance(hessian, tiles.Tiles)  # (one entry, [K, K] in tiles on disk)
+    dt = np.float64 if np.dtype(hessian.np_dtype if tiled else hessian.dtype) == np.float64 else np.float32
+    times = (lambda a: hessian.times(a[0])[None]) if tiled else (lambda a: a @ hessian)  # noqa: E731
+    w = np.asarray(w[:, rows], dt)  # (never a float64 copy of a float32 [K, K])
     d = w - np.asarray(wq[:, rows], dt)
-    sig = np.einsum("bnk,bnk->b", w @ hessian, w)
-    err = np.einsum("bnk,bnk->b", d @ hessian, d)
+    sig = np.einsum("bnk,bnk->b", times(w), w)
+    err = np.einsum("bnk,bnk->b", times(d), d)
     with np.errstate(divide="ignore"):
         return 10 * np.log10(np.where(err > 0, sig / np.where(err > 0, err, 1), np.inf))
 
