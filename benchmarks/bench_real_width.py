@@ -154,6 +154,8 @@ RUNS = {  # name -> (checkpoint, convert arguments)
     "maverick-onnx-int4-ray": ("maverick", ["--format", "onnx", "--quant", "int4", "--ray", "local"]),
     "maverick-onnx-calib": ("maverick", ["--format", "onnx", "--quant", "DENSE_RECIPE", "--calib", "CALIB",
                                          "--calib-samples", "8", "--calib-seqlen", "128"]),
+    "maverick-onnx-calib-ray": ("maverick", ["--format", "onnx", "--quant", "DENSE_RECIPE", "--calib", "CALIB",
+                                             "--calib-samples", "8", "--calib-seqlen", "128", "--ray", "local"]),
 }
 
 
