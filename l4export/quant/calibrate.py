@@ -572,13 +572,9 @@ class _TorchRows:
         self.t, self.shape = t, tuple(t.shape)
 
     def load_rows(self, rows: slice, dtype: Any) -> np.ndarray:
-        return self.t[rows].to(dtype=_torch_dtype(dtype), copy=True).cpu().numpy()
+        import torch
 
-
-def _torch_dtype(dtype: Any):
-    import torch
-
-    return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+        return self.t[rows].to(torch.float32, copy=True).cpu().numpy().astype(dtype, copy=False)
 
 
 def _nop(*_: Any) -> None:
@@ -748,8 +744,9 @@ def _take_batch(ex: _Experts, res: BatchResult, batch: tuple[int, int], run: _Ru
 
 
 class _Dequantized:
-    """A quantized [out, in] (a dense linear, or an expert of a stack: ``_entry``) as pass 2 reads it: float32 output rows made as they are
-    sliced (``w[a:b]``), so a real-width expert is held as its codes (42 MB in int4/int8), not 168 MB of float32."""
+    """A quantized [out, in] (a dense linear, or an expert of a stack: ``_entry``) as pass 2 reads it: float32
+    output rows made as they are sliced (``w[a:b]``), so a real-width expert is held as its codes (42 MB in
+    int4/int8), not 168 MB of float32."""
 
     def __init__(self, qt: QTensor, dev):
         self.qt, self.dev, self.shape = qt, dev, tuple(qt.q.shape)
@@ -862,8 +859,9 @@ def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions)
             sums["sig"] += float(sig[0])
             if hess is not None:
                 at = picked[(picked >= a) & (picked < a + rows)] - a
-                for key, v in (("w", w[:, at]), ("rtn", rtn.rows(at).dequantize()), ("calibrated", qt.rows(at).dequantize())):
-                    kept[key].append(v)
+                kept["w"].append(w[:, at])
+                kept["rtn"].append(rtn.rows(at).dequantize())
+                kept["calibrated"].append(qt.rows(at).dequantize())
             yield slice(a, a + rows), _entry(qt)
 
     if hess is None or options.method != "gptq":
