@@ -132,7 +132,7 @@ ROW_BYTES = 32 << 20  # times_t's default step: output rows of at most 32 MB of 
 
 def linear(x, W, name: str):
     """x @ W[name].T -> [T, out] float32. ``W[name]`` is a float32 tensor or anything ``times_t`` reads:
-    calibration's weights (``calibrate._Float32``) hand out matrices as stored (16-bit, or quantized codes) and a
+    calibration's weights (``calibrate._Weights``) hand out matrices as stored (16-bit, or quantized codes) and a
     buffer ``W.buf`` to make their rows float32 in, so that a 16384-wide one is never float32 whole (0.34 GB)."""
     return times_t(x, W[name], buf=getattr(W, "buf", None))
 

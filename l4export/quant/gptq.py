@@ -151,22 +151,16 @@ def factor_in_place(hessian, damp: float = 0.01, scratch: str | Path | None = No
 @contextmanager
 def factored(hessian, damp: float = 0.01, scratch: str | Path | None = None) -> Iterator[Any]:
     """The H⁻¹ factor of a [1, K, K] Hessian in memory (``factor_in_place``: H is whole again on exit) or of one in
-    tiles on disk (``tiled_factor``: its files go on exit)."""
+    tiles on disk (``tiles.inverse_factor``: its files go on exit)."""
     if not isinstance(hessian, tiles.Tiles):
         with factor_in_place(hessian, damp, scratch) as f:
             yield f
         return
-    f = tiled_factor(hessian, damp, scratch)
+    f = tiles.inverse_factor(hessian, damp, scratch)  # (GEMMs on every thread; the same bytes on any count)
     try:
         yield f
     finally:
         f.close()
-
-
-def tiled_factor(hessian: tiles.Tiles, damp: float = 0.01, scratch: str | Path | None = None) -> tiles.Factor:
-    """``inverse_factor`` of a Hessian kept in tiles on disk, made in tiles on disk (``tiles.inverse_factor``): its
-    GEMMs on every thread, its per-tile Cholesky on one (``one_thread``), so the same bytes on any thread count."""
-    return tiles.inverse_factor(hessian, damp, scratch)
 
 
 def _read_at(f, offset: int, out: np.ndarray) -> None:
