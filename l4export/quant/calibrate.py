@@ -539,11 +539,10 @@ def _float_pass(la: LayerSpec, X: Samples, W: _Weights, dense_plan: dict[str, An
 def _quantize_dense(layer: int, W: _Weights, lazy: dict, dense_plan: dict[str, AnyScheme], accs: dict,
                     run: _Run) -> _Weights:
     """GPTQ each non-expert linear of ``dense_plan`` on its input's Hessian, a block of rows at a time
-    (``_rows_quantized``), read again from the checkpoint (``lazy``) where it reads by rows: the stored weights
-    leave ``W`` first (Maverick's dense MLP: 0.5 GB in bf16). In ``W`` each is replaced by its codes, dequantized on
-    each read (pass 2's weights). Each Hessian goes from ``accs`` once no later tensor reads it."""
+    (``_rows_quantized``), read again from the checkpoint (``lazy``; one not stored by rows, FP8 say, is loaded whole
+    for each block): the stored weights leave ``W`` first (Maverick's dense MLP: 0.5 GB in bf16). In ``W`` each is replaced by its codes, dequantized on each read (pass
+    2's weights). Each Hessian goes from ``accs`` once no later tensor reads it."""
 
-    src = {n: lazy[n] if lazy[n].rows_readable else _TorchRows(W.raw[n]) for n in dense_plan}
     for n in dense_plan:
         del W.raw[n]
     give_back()
@@ -552,7 +551,7 @@ def _quantize_dense(layer: int, W: _Weights, lazy: dict, dense_plan: dict[str, A
         full = f"model.layers.{layer}.{n}"
         key = _SHARES.get(n, n)
         acc = accs[key]
-        qt, stats = _rows_quantized(src.pop(n), scheme, acc.blended(1.0, 0.0), run.options)
+        qt, stats = _rows_quantized(lazy[n], scheme, acc.blended(1.0, 0.0), run.options)
         run.result.stats[full] = {**stats, "tokens": acc.n.tolist()}
         if isinstance(scheme, Fp8) and scheme.activation == "static":
             run.result.act_scales[full] = _static_scales(acc.amax, acc.n)
@@ -563,18 +562,6 @@ def _quantize_dense(layer: int, W: _Weights, lazy: dict, dense_plan: dict[str, A
         if all(_SHARES.get(m, m) != key for m, _ in todo[i + 1:]):
             del accs[key], acc  # [K, K]: 0.1 GB at K = 5120 (a tiled one's files go with it)
     return W
-
-
-class _TorchRows:
-    """A stored torch matrix read as the checkpoint's tensors are (``load_rows``): float32 rows, a copy each."""
-
-    def __init__(self, t: Any):
-        self.t, self.shape = t, tuple(t.shape)
-
-    def load_rows(self, rows: slice, dtype: Any) -> np.ndarray:
-        import torch
-
-        return self.t[rows].to(torch.float32, copy=True).cpu().numpy().astype(dtype, copy=False)
 
 
 def _nop(*_: Any) -> None:
