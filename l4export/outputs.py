@@ -7,10 +7,13 @@ everything succeeded, so a failure (bad input, full disk, Ctrl-C) leaves nothing
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -57,13 +60,40 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+# A temporary sibling: ".{output name}.tmp-{pid}@{host}-{random}" (".old-" for a replaced output on its way out).
+# The pid and a tag of the host name say which process owns it, so the next run into the same folder can tell a
+# sibling left by a killed run (its process gone) from one still being written, here or by another host.
+_SIBLING = re.compile(r"^\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8}))?-[^/]*$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _sibling_prefix(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}@{_host_tag()}-"
+
+
+def _stale(entry: Path, name: str) -> bool:
+    """``entry`` is a temporary sibling this host made whose process is gone (one named without a host, as older
+    versions named them, only when it belongs to the output ``name``)."""
+    m = _SIBLING.match(entry.name)
+    if m is None or entry.is_symlink() or not entry.is_dir():
+        return False
+    if m["host"] is None and (m["kind"] != "tmp" or m["out"] != name):
+        return False
+    if m["host"] is not None and m["host"] != _host_tag():
+        return False  # another host's process: its pid means nothing here
+    pid = int(m["pid"])
+    return pid != os.getpid() and not _alive(pid)
+
+
 def _remove_stale(parent: Path, name: str) -> None:
-    """Temporary siblings left by killed runs on the same output (their process is gone): removed."""
-    for stale in parent.glob(f".{name}.tmp-*"):
-        pid = stale.name[len(f".{name}.tmp-"):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            log.warning("removing %s, left by an interrupted run", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    """Temporary siblings in ``parent`` left by killed runs (on any output; their process is gone): removed."""
+    for entry in parent.glob(".*-*"):
+        if _stale(entry, name):
+            log.warning("removing %s, left by an interrupted run", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -90,14 +120,14 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{parent}: not writable; choose another -o")
     _remove_stale(parent, out.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out.name, "tmp"), dir=parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an export is a normal folder
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out.name, "old"), dir=parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

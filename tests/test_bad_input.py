@@ -407,6 +407,39 @@ def test_stale_temporary_folder_is_removed_by_the_next_run(demo, tmp_path):
     assert oct(os.stat(tmp_path / "out").st_mode & 0o777) != oct(0o700)  # the user's umask, not mkdtemp's 0700
 
 
+def test_sigkilled_convert_is_cleaned_by_the_next_convert_into_the_same_folder(demo, tmp_path):
+    """SIGKILL cannot be handled: the killed run's temporary folder stays until the next convert into the same parent
+    folder, on another output, removes it (with a dead run's half-removed old output); temporary folders of a live
+    process, or named by another host, are kept."""
+    from l4export.outputs import _host_tag
+
+    calib = _calib(tmp_path, "\n".join(f"sample {i} " * 40 for i in range(64)))
+    cmd = [sys.executable, "-m", "l4export.cli", "convert", str(demo), "-o", str(tmp_path / "killed"), "--quant",
+           "int4", "--calib", str(calib), "--calib-samples", "64", "--calib-seqlen", "128"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".killed.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "convert finished before it could be killed"
+    proc.kill()
+    proc.wait(timeout=60)
+    assert list(tmp_path.glob(".killed.tmp-*"))  # what the next run has to clean
+    tag, other_tag = _host_tag(), "0" * 8 if _host_tag() != "0" * 8 else "1" * 8
+    half_old = tmp_path / f".prev.old-{proc.pid}@{tag}-x1" / "prev"
+    half_old.mkdir(parents=True)
+    (half_old / "model.onnx").write_text("half removed")
+    live = tmp_path / f".busy.tmp-{os.getppid()}@{tag}-x2"  # the process that started this test: alive
+    far = tmp_path / f".far.tmp-{proc.pid}@{other_tag}-x3"  # another host's pid: not checkable here
+    live.mkdir()
+    far.mkdir()
+    r = _invoke(["convert", demo, "-o", tmp_path / "other"])
+    assert r.exit_code == 0 and (tmp_path / "other" / "manifest.sha256").is_file(), r.output
+    _nothing_left(tmp_path, "killed")
+    _nothing_left(tmp_path, "prev")
+    assert live.is_dir() and far.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([live.name, far.name])
+
+
 @pytest.mark.parametrize("fmt", ["onnx", pytest.param("mlx", marks=pytest.mark.mlx)])
 def test_reruns_are_byte_identical_manifest_included(fmt, demo, tmp_path):
     if fmt == "mlx":
