@@ -10,13 +10,14 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import L4ExportError
+from .errors import MAX_LINE, MORE, L4ExportError, one_line, short_path, shorten
 
 log = logging.getLogger("l4export")
 
@@ -42,16 +43,37 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except L4ExportError as e:
-            click.echo(f"error: {e}", err=True)
+            _error(str(e), e.detail)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", signal.SIGINT)
-            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing was written", err=True)
+            _error(f"interrupted ({signal.Signals(signum).name}); nothing was written")
             ctx.exit(128 + signum)
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            _error(f"{where}{e.strerror or e}")
             ctx.exit(1)
+
+
+def _error(message: str, detail: str | None = None) -> None:
+    """The one error line on stderr, at most MAX_LINE characters; the whole message (``detail``: the wrapped
+    library's) is logged at INFO, shown with -v."""
+    line = "error: " + one_line(message)
+    if len(line) > MAX_LINE:
+        detail = detail or message
+        line = "error: " + _fit(one_line(message).removesuffix(MORE.strip()).rstrip(), MAX_LINE - len("error: "))
+    click.echo(line, err=True)
+    if detail:
+        log.info("the full message: %s", one_line(detail))
+
+
+def _fit(body: str, width: int) -> str:
+    """A message in ``width`` characters: a long path it starts with cut to its end (which names the file); if that
+    is not enough, its start and end (where the fix is) around " ... ", ending with MORE."""
+    where, sep, rest = body.partition(": ")
+    if sep and os.sep in where:
+        body = short_path(where, max(width - len(sep + rest), 24)) + sep + rest
+    return body if len(body) <= width else shorten(body, width - len(MORE)) + MORE
 
 
 @click.group(cls=_Group)
@@ -248,9 +270,11 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
         raise click.UsageError("pass exactly one of --prompt or --ids")
     if images and prompt is None:
         raise click.UsageError("--image needs --prompt (the image tokens are laid out in the prompt text)")
-    from .runtimes.base import read_export_info
+    from .runtimes.base import no_tokenizer, read_export_info
 
     fmt = read_export_info(export).get("format")
+    if prompt is not None and not (export / "tokenizer.json").is_file():
+        raise no_tokenizer(export)
     if dtype is not None and fmt != "mlx":
         raise click.UsageError(f"--dtype chooses the MLX compute dtype; this is a {fmt} export (its dtype is fixed at convert)")
     if provider is not None and fmt != "onnx":
@@ -286,7 +310,11 @@ def chat(export: Path, max_new_tokens: int, temperature: float, top_p: float, se
          provider: str | None, kv_dtype: str | None) -> None:
     """Talk to an export in the terminal (the conversation is kept; /reset forgets it; Ctrl-D leaves)."""
     from .runtimes import load_runtime
+    from .runtimes.base import no_tokenizer, read_export_info
 
+    read_export_info(export)  # not an export: that error first
+    if not (export / "tokenizer.json").is_file():
+        raise no_tokenizer(export)
     rt = load_runtime(export, provider=provider, kv_dtype=kv_dtype)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)

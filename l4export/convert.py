@@ -199,6 +199,9 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
     if options.ray is not None and importlib.util.find_spec("ray") is None:
         raise CapabilityError("--ray needs Ray, which is not installed: pip install 'l4export[distributed]'")
     check_disk(out, plan, options, bool(_ahead(plan, options)))
+    if not (ckpt.path / "tokenizer.json").is_file():
+        log.warning("%s has no tokenizer.json: the export will run token ids (run --ids) but not text; copy the "
+                    "model's tokenizer.json next to config.json and convert again", ckpt.path)
     if options.format == "onnx":
         from .exporter.onnx import export_onnx as writer
     else:

@@ -232,7 +232,7 @@ def default_prompts(spec: Llama4Spec, seed: int = 0) -> list[tuple[str, list[int
     return prompts
 
 
-_IDS = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*,?\s*$")
+_IDS = re.compile(r"^\s*[+-]?\d+(\s*,\s*[+-]?\d+)*\s*,?\s*$")  # signed: a negative id is refused, not read as text
 
 
 def read_prompts(path: Path, runtime: Any) -> list[tuple[str, list[int]]]:
@@ -244,16 +244,15 @@ def read_prompts(path: Path, runtime: Any) -> list[tuple[str, list[int]]]:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{path}: --prompts is not UTF-8 text (one prompt per line: text, or comma-separated ids)") from None
+    vocab = runtime.spec.vocab_size
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        if _IDS.match(line):
-            ids = [int(t) for t in line.replace(",", " ").split()]
-        else:
-            ids = runtime.encode(line)
-        bad = [i for i in ids if i < 0 or i >= runtime.spec.vocab_size]
+        ids = [int(t) for t in line.replace(",", " ").split()] if _IDS.match(line) else runtime.encode(line)
+        bad = [i for i in ids if i < 0 or i >= vocab]
         if bad:
-            raise UsageError(f"{path}:{n}: token id {bad[0]} is outside the vocabulary (0..{runtime.spec.vocab_size - 1})")
+            raise UsageError(f"{path}: prompt {len(prompts) + 1} (line {n}) has token id {bad[0]}, outside the "
+                             f"vocabulary 0..{vocab - 1}; use ids in that range")
         if not ids:
             raise UsageError(f"{path}:{n}: the prompt encodes to no tokens")
         prompts.append((f"line{n}", ids))

@@ -44,6 +44,7 @@ def _check(result, code: int, needle: str) -> None:
     assert "Traceback" not in out and (result.exception is None or isinstance(result.exception, SystemExit)), out
     errors = [ln for ln in result.stderr.replace("\r", "\n").splitlines() if ln.lower().startswith("error")]
     assert len(errors) == 1, result.stderr
+    assert len(errors[0]) <= 200, errors[0]
     assert needle.lower() in result.stderr.lower(), (needle, result.stderr)
 
 
@@ -349,6 +350,29 @@ def test_damaged_mlx_export_is_one_line(demo, export, tmp_path):
     shard = sorted(out.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     _check(_invoke(["run", out, "--ids", "1,2"]), 1, "mlx cannot read it")
+
+
+# ---- a checkpoint without tokenizer.json -------------------------------------------------------------------------
+def test_checkpoint_without_tokenizer_warns_and_its_export_refuses_text(demo, tmp_path):
+    ckpt = shutil.copytree(demo, tmp_path / "ckpt")
+    (ckpt / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "l4export.cli", "convert", str(ckpt), "-o", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if ln.startswith("WARNING")]
+    assert len(warned) == 1 and "has no tokenizer.json" in warned[0] and "run --ids" in warned[0], r.stderr
+    assert "next to config.json and convert again" in warned[0]
+    for args in (["--prompt", "def f(x):"], ["--prompt", "hi", "--no-chat-template"]):
+        r = _invoke(["run", out, *args])
+        _check(r, 2, "no tokenizer.json, so it cannot tokenize text: give token ids (run --ids)")
+        assert "next to its config.json and convert again" in r.stderr, r.stderr
+    _check(_invoke(["chat", out], ), 2, "no tokenizer.json")
+    r = _invoke(["run", out, "--ids", "1,2", "-n", "2"])
+    assert r.exit_code == 0 and len(r.output.split()) == 2, r.output
+    quiet = subprocess.run([sys.executable, "-m", "l4export.cli", "convert", str(demo), "-o", str(tmp_path / "o2")],
+                           capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and "tokenizer" not in quiet.stderr, quiet.stderr  # a checkpoint with one: no word
 
 
 # ---- verify, inspect -----------------------------------------------------------------------------------------

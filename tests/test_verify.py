@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -68,6 +69,20 @@ def test_prompts_file(tmp_path, scout_export):
             read_prompts(p, type(rt)(rt.path))
     finally:
         (tmp_path / "tokenizer.json").rename(rt.path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("line, bad", [("1, -5, 9", -5), ("-1", -1), ("+3, 300", 300), ("7, 99999999999999999999", 99999999999999999999)])
+def test_prompts_file_ids_outside_the_vocabulary_are_refused(line, bad, tmp_path, scout, scout_export):
+    """Every id of a --prompts file is checked (negative ones too, not read as text): one line naming the file, the
+    prompt's number and the id, exit 2."""
+    p = tmp_path / "prompts.txt"
+    p.write_text(f"1, 2, 3\n\n{line}\n")  # the second prompt, on line 3
+    r = CliRunner().invoke(main, ["verify", str(scout_export), "--reference", str(scout), "--prompts", str(p)])
+    assert r.exit_code == 2, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and len(errors[0]) <= 200 and "Traceback" not in r.output, r.output
+    assert p.name in errors[0] and "prompt 2 (line 3)" in errors[0] and f"token id {bad}," in errors[0], errors[0]
+    assert "vocabulary 0..299" in errors[0], errors[0]
 
 
 def test_verify_cli_passes_and_writes_reports(tmp_path, scout, scout_export):
@@ -138,3 +153,60 @@ def test_router_near_tie_is_reported_not_failed_and_hides_no_fault(tmp_path, sco
     broken = shutil.copytree(out, tmp_path / "broken")
     patch_initializer(broken, "lm_head.weight", lambda w: w * np.float32(1.01))
     assert not verify(broken, src, greedy_tokens=8).passed
+
+
+# ---- an export ONNX Runtime loads but cannot run ----------------------------------------------------------------
+def _fails_at_run_time(export: Path) -> None:
+    """Every GroupQueryAttention told it has twice its heads, in every graph: ONNX Runtime loads them and fails in the
+    kernel on the first step, with a message of 250+ characters."""
+    import onnx
+
+    hit = 0
+    for graph in sorted(export.glob("*.onnx")):
+        m = onnx.load(str(graph), load_external_data=False)
+        for node in (n for n in m.graph.node if n.op_type == "GroupQueryAttention"):
+            next(a for a in node.attribute if a.name == "num_heads").i *= 2
+            hit += 1
+        onnx.save(m, str(graph))
+    assert hit, f"no GroupQueryAttention in {export} to damage"
+
+
+@pytest.fixture(scope="module")
+def failing_export(scout_export, tmp_path_factory) -> Path:
+    """An export under a long folder name (its error line must still fit 200 characters) that fails at run time."""
+    import shutil
+
+    out = shutil.copytree(scout_export, tmp_path_factory.mktemp("failing") / ("a-long-folder-name-" * 4 + "export"))
+    _fails_at_run_time(out)
+    return out
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and len(errors[0]) <= 200 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("command", ["verify", "run"])
+def test_run_time_failure_in_onnx_runtime_is_one_short_line(command, failing_export, scout):
+    args = ["verify", failing_export, "--reference", scout] if command == "verify" else ["run", failing_export, "--ids", "1,2"]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    line = _one_error_line(r.stderr)
+    assert "ONNX Runtime failed (GroupQueryAttention: kv_hidden_size / kv_num_heads must" in line, line
+    assert line.endswith("); convert it again (-v for the full message)") and failing_export.name[-30:] in line, line
+
+
+def test_verbose_shows_the_whole_onnx_runtime_message(failing_export, scout):
+    """Through a real process: the short line alone by default, ONNX Runtime's whole message too with -v."""
+    def cli(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "l4export.cli", *flags, "verify", str(failing_export), "--reference",
+                               str(scout)], capture_output=True, text=True, timeout=300)
+
+    quiet, verbose = cli(), cli("-v")
+    assert quiet.returncode == 1 and verbose.returncode == 1, quiet.stderr + verbose.stderr
+    assert _one_error_line(quiet.stderr) == _one_error_line(verbose.stderr)
+    assert "the full message:" not in quiet.stderr, quiet.stderr
+    shown = [ln for ln in verbose.stderr.splitlines() if "l4export: the full message:" in ln]
+    full = "Name:'model.layers.0/self_attn/sdpa/GroupQueryAttention_0' Status Message: kv_hidden_size"
+    assert len(shown) == 1 and full in shown[0] and len(shown[0]) > 250, verbose.stderr

@@ -15,20 +15,25 @@ This module needs numpy only (tokenizers when text is used).
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ExportError, ImageError, UsageError
+from ..errors import ExportError, ImageError, L4ExportError, UsageError, wrap
 from ..spec import Llama4Spec, VisionSpec, load_spec
 
 if TYPE_CHECKING:
     from ..image import ImageTokenIds, ProcessedImage
 
 EXPORT_INFO = "l4export.json"  # written into every export: format, dtype, target, quantization, source
+ENGINES = {"onnx": "ONNX Runtime", "mlx": "MLX"}
+
+log = logging.getLogger(__name__)
 
 
 def read_export_info(path: Path) -> dict:
@@ -82,6 +87,19 @@ class Runtime(ABC):
         """Image tiles [N, 3, S, S] float32 -> image features [N * tokens_per_tile, hidden] float32."""
         raise ImageError(f"{self.path}: the {self.format} runtime cannot run this export's vision model")
 
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Around the backend's work: a failure inside the engine (ONNX Runtime's kernels, MLX) becomes one
+        ExportError line, the engine's message shortened in it and whole in ``detail`` (the CLI's -v)."""
+        try:
+            yield
+        except Exception as err:
+            if isinstance(err, L4ExportError) or not engine_failure(err):
+                raise
+            log.debug("%s failed", ENGINES.get(self.format, self.format), exc_info=err)
+            raise wrap(ExportError, self.path, f"{ENGINES.get(self.format, self.format)} failed", err,
+                       "convert it again") from err
+
     # ---- shared API ----------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the sequence (empty KV cache)."""
@@ -112,7 +130,8 @@ class Runtime(ABC):
         for n, (a, b) in enumerate(pieces):
             want = 1 if last_only else b - a  # a step always computes at least its last position's logits
             rows = 0 if features is None else sum(i == patch for i in ids[a:b])
-            logits = self._step(ids[a:b], want, None if features is None else features[used : used + rows])
+            with self.running():
+                logits = self._step(ids[a:b], want, None if features is None else features[used : used + rows])
             used += rows
             self.pos += b - a
             if not last_only or n == len(pieces) - 1:
@@ -189,7 +208,7 @@ class Runtime(ABC):
         if self._tokenizer is None:
             tj = self.path / "tokenizer.json"
             if not tj.is_file():
-                raise UsageError(f"{self.path}: no tokenizer.json in the export; pass token ids (--ids) instead of text")
+                raise no_tokenizer(self.path)
             try:
                 from tokenizers import Tokenizer
             except ImportError:
@@ -258,7 +277,8 @@ class Runtime(ABC):
 
     def image_features(self, processed: Sequence[ProcessedImage]) -> np.ndarray:
         """Features [sum of tiles * tokens_per_tile, hidden] float32 of preprocessed images, in order."""
-        rows = [self._encode_tiles(p.pixel_values) for p in processed]
+        with self.running():
+            rows = [self._encode_tiles(p.pixel_values) for p in processed]
         return np.concatenate(rows) if rows else np.zeros((0, self.spec.hidden_size), np.float32)
 
     def image_token_ids(self) -> ImageTokenIds:
@@ -299,6 +319,18 @@ class Runtime(ABC):
         for p, text in zip(processed, pieces[1:]):
             ids += image_token_ids(p.grid, per_tile, tok) + self.encode(text, add_bos=False)
         return ids, self.image_features(processed)
+
+
+def no_tokenizer(path: Path) -> UsageError:
+    """The one-line error of text asked of an export without tokenizer.json."""
+    return UsageError(f"{path}: no tokenizer.json, so it cannot tokenize text: give token ids (run --ids), or copy the "
+                      "model's tokenizer.json next to its config.json and convert again")
+
+
+def engine_failure(err: BaseException) -> bool:
+    """An error raised inside an engine at run time: ONNX Runtime's (RuntimeError from run_with_iobinding, or its
+    own Fail/InvalidArgument/... types from run) or MLX's (RuntimeError, ValueError)."""
+    return isinstance(err, (RuntimeError, ValueError)) or type(err).__module__.split(".")[0] in ("onnxruntime", "mlx")
 
 
 def check_prefill_step(step: int | None, spec: Llama4Spec) -> int:
