@@ -35,9 +35,10 @@ from typing import Literal
 
 import numpy as np
 
+from .capabilities import SUPPORTED, attention_form
 from .errors import CapabilityError, UsageError
 from .names import canonical_shapes, is_vision, vision_shapes
-from .quant.recipe import Recipe, Rule, for_model
+from .quant.recipe import PRESETS, Recipe, Rule, for_model
 from .quant.schemes import AnyScheme, Fp8, Int, MxFp8
 from .spec import Llama4Spec
 
@@ -47,14 +48,6 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 COMPONENTS = ("routed experts", "shared expert", "attention", "dense mlp", "router", "norms", "embeddings", "lm_head",
               "vision")
 EXPERTS = ("gate_proj", "up_proj", "down_proj")
-
-# Which (format, target) pairs run which compute dtypes. One row per pair; adding a target is a row.
-SUPPORTED: dict[tuple[str, str], tuple[str, ...]] = {
-    ("onnx", "cpu"): ("float32", "float16"),  # ORT CPU MoE/QMoE: fp32 and fp16 only (no bf16 kernels)
-    ("onnx", "cuda"): ("float16", "bfloat16"),  # ORT CUDA MoE/QMoE: fp16/bf16 only (no fp32)
-    ("mlx", "any"): ("float32", "float16", "bfloat16"),
-}
-
 
 def component(name: str) -> str:
     """Which part of the model a canonical tensor belongs to (the labels of sizes and ``quant_report.json``)."""
@@ -95,6 +88,13 @@ class ExportPlan:
     calibrated: bool
     tensors: dict[str, TensorPlan] = field(repr=False)
     adapted: dict[str, str] = field(default_factory=dict)  # preset tensors changed to fit: name -> "from -> to"
+    attention: str = "gqa"  # capabilities.ATTENTION_FORMS: the ONNX attention kernel this head size runs
+
+    @property
+    def forms(self) -> dict[str, object]:
+        """The kernel forms chosen for this model's shapes (l4export.json and the quant report record them)."""
+        out: dict[str, object] = {"attention": self.attention} if self.format == "onnx" else {}
+        return {**out, "adapted": dict(self.adapted)} if self.adapted else out
 
     @property
     def vision(self) -> bool:
@@ -261,8 +261,9 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
     projector too (their HF names; vision ONNX tensors are stored in the compute dtype, norms and biases included)."""
     check_dtype(fmt, dtype, target)
     target = target if fmt == "onnx" else "any"
-    if spec.top_k != 1:
-        raise CapabilityError(f"num_experts_per_tok={spec.top_k}; l4export exports top-1 routing only (Scout, Maverick)")
+    if not 1 <= spec.top_k <= spec.num_experts:
+        raise CapabilityError(f"num_experts_per_tok={spec.top_k} is outside 1..num_local_experts={spec.num_experts}; "
+                              "fix config.json")
     if vision and spec.vision is None:
         raise UsageError("this checkpoint's config.json has no vision_config; it exports text only")
     shapes = canonical_shapes(spec)
@@ -270,13 +271,15 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
         shapes |= vision_shapes(spec.vision, spec.hidden_size)
     adapted: dict[str, str] = {}
     if recipe is not None:
-        recipe, adapted = for_model(recipe, shapes, fmt, target)  # presets fit the model and the target
+        preset = PRESETS.get(recipe.name) is recipe
+        recipe, adapted = for_model(recipe, shapes, fmt, target, preset)  # presets fit the model and the target
+        recipe.check_target(fmt, target, names=list(shapes), calibrated=calibrated)
+        if fmt == "mlx":  # FP8 as MLX stores it (mxfp8: group 32), fitted again
+            recipe, more = for_model(mlx_recipe(recipe), shapes, fmt, target, preset)
+            adapted |= more
         for name, how in adapted.items():
             log.info("preset %s: %s %s", recipe.name, name, how)
         recipe.validate(shapes)
-        recipe.check_target(fmt, target, names=list(shapes), calibrated=calibrated)
-        if fmt == "mlx":
-            recipe = mlx_recipe(recipe)
     schemes = {n: None if recipe is None else recipe.scheme_for(n) for n in shapes}
     if fmt == "onnx" and recipe is not None:
         _check_onnx(spec, recipe, schemes)
@@ -286,7 +289,7 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
         nbytes = (_onnx_bytes(name, t.shape, t.scheme, dt, target, _qmoe_stored(tensors, name)) if fmt == "onnx"
                   else _mlx_bytes(t.shape, t.scheme, dt))
         tensors[name] = TensorPlan(name, t.shape, t.scheme, nbytes)
-    return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors, adapted)
+    return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors, adapted, attention_form(spec.head_dim))
 
 
 __all__ = ["COMPONENTS", "DTYPE_BYTES", "ExportPlan", "SUPPORTED", "TensorPlan", "check_dtype", "component",

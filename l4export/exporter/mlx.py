@@ -247,9 +247,13 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
                          uncalibrated=report_inputs(ckpt, plan)[1], adapted=plan.adapted)
             extra["calibration"] = {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
         made = ready if ready is not None else calib.tensors if calib is not None else {}
-        qcfg = quantization_config(shapes, quantized)
-        config["quantization"] = qcfg
-        config["quantization_config"] = dict(qcfg)
+        if quantized:
+            qcfg = quantization_config(shapes, quantized)
+            config["quantization"] = qcfg
+            config["quantization_config"] = dict(qcfg)
+        else:  # no group size MLX reads divides any tensor (plan.adapted says why): a float export, no config entry
+            log.warning("recipe %s quantizes no tensor of this model (no MLX group size fits its widths); the export "
+                        "is float", plan.recipe.name)
         extra["quantized_tensors"] = len(quantized)
         log.info("MLX quantized export: %d tensors quantized (%s), %s", len(quantized),
                  ", ".join(sorted({s.name for s in quantized.values()})), "GPTQ-calibrated" if calib is not None else "round to nearest")

@@ -35,6 +35,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10: the same parser, packaged (the tomli dependency)
     import tomli as tomllib
 
+from ..capabilities import MXFP8_GROUP, fitting_group
 from ..errors import CapabilityError, RecipeError
 from ..names import VISION_PREFIXES, canonical_shapes, is_linear_weight, is_vision
 from ..spec import Llama4Spec
@@ -130,8 +131,8 @@ class Recipe:
             routed = ".feed_forward.experts." in name
             if routed and target == "cuda" and not s.block_size:
                 raise CapabilityError(
-                    f"recipe {self.name}: {name} is per-channel FP8, which no CUDA MoE kernel runs (QMoE fp8 takes "
-                    f"square block scales); use --quant fp8-block (or block_size = 128 in the experts' fp8 rule), or --target cpu"
+                    f"recipe {self.name}: {name} is per-channel FP8 (CUDA's QMoE takes square blocks); set "
+                    "block_size = 128 in its rule, or use --quant fp8-block or --target cpu"
                 )
             if s.activation != "static":
                 continue
@@ -199,36 +200,69 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
-GROUP_FALLBACKS = (128, 64, 32)  # group sizes both ONNX Runtime and MLX read
-
-
-def for_model(recipe: Recipe, shapes: Mapping[str, tuple[int, ...]], fmt: str, target: str
-              ) -> tuple[Recipe, dict[str, str]]:
+def for_model(recipe: Recipe, shapes: Mapping[str, tuple[int, ...]], fmt: str, target: str,
+              preset: bool | None = None) -> tuple[Recipe, dict[str, str]]:
     """A preset as this model, format and target can run it; explicit recipes are returned unchanged (and refused
-    later where they cannot run). Returns the recipe and what was adapted (tensor -> "from -> to").
+    later where they cannot run). Returns the recipe and what was adapted (tensor -> "from -> to"). ``preset``:
+    whether ``recipe`` is a preset (default: it is one of PRESETS; make_plan says so for a preset already in MLX's
+    form).
 
     * accuracy_level 4 (int8 activations) is an ONNX Runtime CPU kernel option: level 0 for MLX and --target cuda;
-    * a group size that does not divide a tensor's input dimension: the largest of 128, 64, 32 that does, else the
-      tensor stays float (as llama.cpp falls back to another block size and mlx-lm leaves such tensors float).
-      Adapted tensors get rules of their own, first, so the recipe stays the one description of the export."""
-    if PRESETS.get(recipe.name) is not recipe:
+    * a group or block size that does not divide a tensor's dimensions: the largest of 128, 64, 32 that does, else
+      the tensor stays float (as llama.cpp falls back to another block size and mlx-lm leaves such tensors float);
+      mxfp8 (MLX) takes group 32 only, else float;
+    * tensors one kernel reads together share the fallback: an ONNX MoE layer's gate/up/down (QMoE takes one
+      scheme for all three), so the group divides both the hidden and the expert width.
+    Adapted tensors get rules of their own, first, so the recipe stays the one description of the export."""
+    if not (PRESETS.get(recipe.name) is recipe if preset is None else preset):
         return recipe, {}
-    rules, adapted = list(recipe.rules), {}
+    rules = list(recipe.rules)
     if not (fmt == "onnx" and target == "cpu"):
         rules = [Rule(r.pattern, replace(r.scheme, accuracy_level=0)) if isinstance(r.scheme, Int) else r for r in rules]
     base = Recipe(recipe.name, tuple(rules))
-    extra = []
-    for name, shape in shapes.items():
-        s = base.scheme_for(name)
-        if not isinstance(s, Int) or shape[-1] % s.group_size == 0:
+    extra, adapted = [], {}
+    for unit in _units(shapes, fmt):
+        s = base.scheme_for(unit[0])
+        if s is None or any(base.scheme_for(n) != s for n in unit[1:]):
             continue
-        g = next((g for g in GROUP_FALLBACKS if shape[-1] % g == 0), None)
-        new = None if g is None else replace(s, group_size=g)
-        extra.append(Rule(name, new))
-        adapted[name] = f"{s.name} -> {new.name if new else 'float'} (input dimension {shape[-1]})"
+        new = _fit(s, [shapes[n] for n in unit])
+        if new == s:
+            continue
+        for n in unit:
+            extra.append(Rule(n, new))
+            adapted[n] = f"{s.name} -> {new.name if new else 'float'} (shape {list(shapes[n])})"
     if not extra and base.rules == recipe.rules:
         return recipe, {}
     return Recipe(recipe.name, tuple(extra) + base.rules), adapted
+
+
+def _units(shapes: Mapping[str, tuple[int, ...]], fmt: str) -> list[tuple[str, ...]]:
+    """Tensors that must share one scheme: an ONNX MoE layer's routed gate/up/down (one QMoE node); else each alone."""
+    units, done = [], set()
+    for name in shapes:
+        if name in done:
+            continue
+        unit: tuple[str, ...] = (name,)
+        if fmt == "onnx" and name.endswith(".feed_forward.experts.gate_proj"):
+            pre = name.rsplit(".", 1)[0]
+            unit = tuple(f"{pre}.{p}" for p in ("gate_proj", "up_proj", "down_proj") if f"{pre}.{p}" in shapes)
+        done.update(unit)
+        units.append(unit)
+    return units
+
+
+def _fit(s: AnyScheme, shapes: list[tuple[int, ...]]) -> AnyScheme | None:
+    """``s`` with a group (or block) size that divides every shape, or None (float) where none does."""
+    cols = [sh[-1] for sh in shapes]
+    if isinstance(s, Int):
+        g = fitting_group(s.group_size, cols)
+        return None if g is None else replace(s, group_size=g)
+    if isinstance(s, MxFp8):
+        return s if all(c % MXFP8_GROUP == 0 for c in cols) else None
+    if isinstance(s, Fp8) and s.block_size:  # square tiles split both dimensions
+        b = fitting_group(s.block_size, cols + [sh[-2] for sh in shapes])
+        return None if b is None else replace(s, block_size=b)
+    return s
 
 
 # ---- TOML ---------------------------------------------------------------------------------------------

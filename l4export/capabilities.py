@@ -1,0 +1,55 @@
+"""What the backends' kernels run, as data: compute dtypes per (format, target), and the shape limits of the fused
+kernels the exporters use. The plan (plan.py) reads this table to pick, per layer and tensor, the fast form where
+its limits hold and a correct fallback where they do not, before any weight is read; it refuses only where no
+form runs.
+
+    kernel (ONNX Runtime 1.22-1.32; mlx 0.26-0.32)     limit                           fallback the plan picks
+    GroupQueryAttention (com.microsoft, CPU and CUDA)  head_size % 8 == 0              attention from plain ops
+                                                                                       (MatMul, Softmax; exact)
+    MatMulNBits, GatherBlockQuantized                  block in 128/64/32 dividing K   a smaller block, else float
+    QMoE (block-wise int)                              one bits and block for fc1 and  one block dividing H and I
+                                                       fc2 (it divides H and I)        for gate/up/down, else float
+    MLX affine quantize (mx.quantize)                  group in 32/64/128 dividing K   a smaller group, else float
+    MLX mxfp8                                          group 32 dividing K             float
+
+Measured, not assumed: tests/test_shapes.py converts and runs configs drawn across what transformers accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Which (format, target) pairs run which compute dtypes. One row per pair; adding a target is a row.
+SUPPORTED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("onnx", "cpu"): ("float32", "float16"),  # ORT CPU MoE/QMoE: fp32 and fp16 only (no bf16 kernels)
+    ("onnx", "cuda"): ("float16", "bfloat16"),  # ORT CUDA MoE/QMoE: fp16/bf16 only (no fp32)
+    ("mlx", "any"): ("float32", "float16", "bfloat16"),
+}
+
+GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention: "head_size must be a multiple of 8" (CPU), the same on CUDA
+GROUPS = (128, 64, 32)  # int group / block sizes that MatMulNBits, QMoE, GatherBlockQuantized and MLX all read
+MXFP8_GROUP = 32  # MLX mxfp8: one e8m0 scale per 32 inputs, no other size
+
+ATTENTION_FORMS = {
+    "gqa": "com.microsoft GroupQueryAttention (fused, in-place KV cache)",
+    "plain": "MatMul + Softmax over a cache written with Slice + Concat (head sizes GroupQueryAttention refuses)",
+}
+
+
+def attention_form(head_dim: int) -> str:
+    """``gqa`` where GroupQueryAttention runs this head size, else ``plain``."""
+    return "gqa" if head_dim % GQA_HEAD_MULTIPLE == 0 else "plain"
+
+
+def fitting_group(group: int, dims: Iterable[int]) -> int | None:
+    """``group`` if it divides every input dimension in ``dims``, else the largest of GROUPS that does; None when
+    none does (the tensors stay float, as llama.cpp falls back to another block and mlx-lm leaves them float)."""
+    dims = list(dims)
+    for g in (group, *GROUPS):
+        if all(d % g == 0 for d in dims):
+            return g
+    return None
+
+
+__all__ = ["ATTENTION_FORMS", "GQA_HEAD_MULTIPLE", "GROUPS", "MXFP8_GROUP", "SUPPORTED", "attention_form",
+           "fitting_group"]
