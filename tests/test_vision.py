@@ -70,7 +70,7 @@ def test_onnx_layout_and_genai_config(export, scout):
     out = export(scout, "onnx")
     cfg = json.loads((out / "genai_config.json").read_text())["model"]
     assert cfg["vision"]["filename"] == "vision.onnx" and cfg["embedding"]["filename"] == "embedding.onnx"
-    assert cfg["decoder"]["filename"] == "model.embeds.onnx" and "input_ids" not in cfg["decoder"]["inputs"]
+    assert cfg["decoder"]["filename"] == "model.embeds.genai.onnx" and "input_ids" not in cfg["decoder"]["inputs"]
     import onnx
 
     dec = onnx.load(str(out / "model.embeds.onnx"), load_external_data=False).graph

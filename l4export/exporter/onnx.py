@@ -23,9 +23,10 @@ I/O (optimum / onnxruntime-genai names)::
     position_ids              int64 [B, S]            RoPE positions
     past_key_values.{i}.key   dt    [B, Hkv, P_i, D]  P_i = 0 starts a sequence; or a larger buffer shared with
     past_key_values.{i}.value dt    [B, Hkv, P_i, D]  present.{i}.* (GroupQueryAttention writes in place)
-    cache_start               int64 []   (optional, default 0) absolute position of the first key that the
-                                         chunked layers' caches hold
-    num_logits_to_keep        int64 []   (optional, default 0 = all) logits for the last n positions only
+    cache_start               int64 []   absolute position of the first key that the chunked layers' caches hold
+    num_logits_to_keep        int64 []   logits for the last n positions only (0 = all)
+    (onnxruntime-genai's copy, model.genai.onnx / model.embeds.genai.onnx, has both as constant zeros: genai feeds
+    only the standard inputs, and ONNX Runtime warns on every session about an initializer that is also an input)
     -> logits                 fp32  [B, S or n, V]
     -> present.{i}.key/value  dt    [B, Hkv, P_i + S (or the shared buffer), D]
 
@@ -57,7 +58,8 @@ from ..spec import LayerSpec, Llama4Spec
 from . import onnx_lower
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
 from .onnx_lower import Route
-from .onnx_variants import EMBEDDING_FILE, EMBEDS_FILE, KV_VARIANTS, write_embedding_model, write_embeds_decoder, write_kv_variant
+from .onnx_variants import (EMBEDDING_FILE, EMBEDS_FILE, KV_VARIANTS, write_embedding_model, write_embeds_decoder,
+                            write_genai_decoder, write_kv_variant)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class DecoderBuilder:
             steps = g.op("Range", g.const(np.int64(0)), g.op("Squeeze", seq, g.i64(0)), g.const(np.int64(1)))
             self.q_pos = g.op("Add", steps, start)  # [S]
             self.seqlens = {"global": self._seqlens(total)}
+            self.keys = {"global": total}  # [1] keys a layer reads this call
         if any(la.temperature_tuning for la in s.layers):
             with g.scope("temperature"):
                 # NoPE layers sharpen attention at long range: q *= 1 + attn_scale*log1p(floor((pos+1)/floor_scale)),
@@ -142,7 +145,12 @@ class DecoderBuilder:
             with g.scope("chunks"):
                 held = g.op("Sub", total, g.op("Reshape", cache_start, g.i64(1)))  # [1] = keys a chunked layer holds
                 self.seqlens["chunked"] = self._seqlens(held)
+                self.keys["chunked"] = held
                 self.chunk_bias = self._chunk_bias(cache_start, held)
+        if self.plan.attention == "plain":
+            with g.scope("masks"):
+                self.masks = {kind: self._plain_mask(keys, seq, getattr(self, "chunk_bias", None) if kind == "chunked" else None)
+                              for kind, keys in self.keys.items()}
 
     def _seqlens(self, keys: ir.Value) -> tuple[ir.Value, ir.Value]:
         """GroupQueryAttention's (seqlens_k [B] = keys - 1, total_sequence_length [] = keys), int32 (batch 1)."""
@@ -192,12 +200,59 @@ class DecoderBuilder:
             if layer.temperature_tuning:
                 with g.scope("temperature"):
                     q = g.op("Mul", q, self.temperature)
-            seqlens, total = self.seqlens["chunked" if layer.chunked else "global"]
-            bias = self.chunk_bias if layer.chunked else None
+            kind = "chunked" if layer.chunked else "global"
             with g.scope("sdpa"):
-                o, present_k, present_v = g.op("GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, None, None,
-                                               None, bias, domain=MS_DOMAIN, outputs=3, num_heads=hq, kv_num_heads=hkv)
+                if self.plan.attention == "plain":
+                    o, present_k, present_v = self.plain_attention(q, k, v, past_k, past_v, kind)
+                else:
+                    seqlens, total = self.seqlens[kind]
+                    bias = self.chunk_bias if layer.chunked else None
+                    o, present_k, present_v = g.op("GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, None,
+                                                   None, None, bias, domain=MS_DOMAIN, outputs=3, num_heads=hq,
+                                                   kv_num_heads=hkv)
             return self.linear(o, f"{pre}.o_proj.weight"), present_k, present_v
+
+    def plain_attention(self, q: ir.Value, k: ir.Value, v: ir.Value, past_k: ir.Value, past_v: ir.Value,
+                        kind: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """GroupQueryAttention's contract from plain ops, for head sizes it refuses (capabilities.attention_form).
+
+        The cache as GroupQueryAttention keeps it: this step's keys go to rows [pos, pos + S) of the layer's buffer,
+        pos = keys - S (keys: T, or T - cache_start in a chunked layer), whatever the buffer's length P; present is
+        past[:pos] ++ new ++ past[pos + S:] (P = pos: onnxruntime-genai's growing cache; P larger: our runtime's
+        preallocated one). Attention over rows [0, keys), in float32, head h reading kv head h // G:
+
+            q [B,S,Hq*D] -> [B,Hkv,G,S,D] @ K^T [B,Hkv,1,D,L] * D^-0.5 + mask [1,1,S,L] -> softmax -> @ V -> [B,S,Hq*D]"""
+        g, s = self.g, self.spec
+        hq, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
+        keys = self.keys[kind]
+        pos = g.op("Sub", keys, g.op("Gather", g.op("Shape", q), g.i64(1), axis=0))  # [1]
+
+        def write(past: ir.Value, new: ir.Value) -> tuple[ir.Value, ir.Value]:
+            new = g.op("Transpose", g.op("Reshape", new, g.i64(0, 0, hkv, d)), perm=[0, 2, 1, 3])  # [B, Hkv, S, D]
+            head = g.op("Slice", past, g.i64(0), pos, g.i64(2))
+            tail = g.op("Slice", past, keys, g.i64(np.iinfo(np.int64).max), g.i64(2))
+            present = g.op("Concat", head, new, tail, axis=2)
+            return present, g.cast(g.op("Slice", present, g.i64(0), keys, g.i64(2)), FP32)  # [B, Hkv, L, D]
+
+        present_k, k_all = write(past_k, k)
+        present_v, v_all = write(past_v, v)
+        q5 = g.op("Transpose", g.op("Reshape", g.cast(q, FP32), g.i64(0, 0, hkv, hq // hkv, d)), perm=[0, 2, 3, 1, 4])
+        kt = g.op("Unsqueeze", g.op("Transpose", k_all, perm=[0, 1, 3, 2]), g.i64(2))  # [B, Hkv, 1, D, L]
+        scores = g.op("Add", g.op("Mul", g.op("MatMul", q5, kt), g.f32(d ** -0.5)), self.masks[kind])
+        o = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", v_all, g.i64(2)))  # [B, Hkv, G, S, D]
+        o = g.op("Reshape", g.op("Transpose", o, perm=[0, 3, 1, 2, 4]), g.i64(0, 0, hq * d))
+        return g.cast(o, self.dt), present_k, present_v
+
+    def _plain_mask(self, keys: ir.Value, seq: ir.Value, chunk_bias: ir.Value | None) -> ir.Value:
+        """[1, 1, S, L] float32: 0 where key j (0..L-1 of the layer's rows) is visible to query i, i.e. causal
+        (j <= pos + i) and, in a chunked layer, in the query's chunk (``chunk_bias``); else NEG."""
+        g = self.g
+        k_idx = g.op("Range", g.const(np.int64(0)), g.op("Squeeze", keys, g.i64(0)), g.const(np.int64(1)))  # [L]
+        steps = g.op("Range", g.const(np.int64(0)), g.op("Squeeze", seq, g.i64(0)), g.const(np.int64(1)))  # [S]
+        q_rel = g.op("Unsqueeze", g.op("Add", steps, g.op("Sub", keys, seq)), g.i64(1))  # [S, 1]
+        visible = g.op("LessOrEqual", k_idx, q_rel)  # [S, L]
+        bias = g.f32(0.0) if chunk_bias is None else g.cast(chunk_bias, FP32)
+        return g.op("Where", g.op("Unsqueeze", visible, g.i64(0, 1)), bias, g.f32(NEG))
 
     def head_rms(self, x: ir.Value, heads: int) -> ir.Value:
         """Weightless RMS over head_dim of [B, S, heads*D] (computed in float32, as transformers' L2Norm)."""
@@ -215,7 +270,7 @@ class DecoderBuilder:
         g, x = self.g, self.g.cast(flat, self.dt)
         names = tuple(f"{pre}.{p}_proj.weight" for p in ("gate", "up", "down"))
         if self.plan.mlp_fused(pre):
-            return onnx_lower.experts(self.lo, x, Route(None, probs1), names, pre, self.plan.scheme(names[0]))
+            return onnx_lower.experts(self.lo, Route(None, (probs1,), (x,)), names, pre, self.plan.scheme(names[0]))
         if self.plan.gate_up_fused(pre):
             width = self.ckpt[names[0]].shape[0]
             gate, up = g.op("Split", self.linear(x, *names[:2], base=f"{pre}.gate_up_proj.weight"), g.i64(width, width),
@@ -225,14 +280,15 @@ class DecoderBuilder:
         return self.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), names[2])
 
     def moe(self, x: ir.Value, layer: LayerSpec) -> ir.Value:
-        """Llama4TextMoe, top-1 routing, only the routed expert computed per token.
+        """Llama4TextMoe, top-k routing, only the routed experts computed per token.
 
-            x [B,S,H] -> [T,H] -+-> router (fp32) -> logits [T,E] -> m = max logit [T,1] -> s = sigmoid(m)
-                                +-> x * s ------------------------------> (Q)MoE(k=1, weight 1.0) -----+
-                                +-> shared_expert(x): a one-expert QMoE routed by m, or MatMuls ----(+)-> [B,S,H]
+            x [B,S,H] -> [T,H] -+-> router (fp32) -> logits [T,E] -> top-k values v_j, experts e_j [T,1] each
+                                +-> x * sigmoid(v_j) --> (Q)MoE(k=1, weight 1.0, picks e_j), one node per rank j ---(+)-+
+                                +-> shared_expert(x): a one-expert QMoE, or MatMuls ------------------------------(+)-> [B,S,H]
 
         Why: Llama 4's router score scales the expert INPUT (expert(x * s)), not its output, so it is applied
-        before the fused op and the op's own routing weight is forced to 1.0 (k=1, normalized)."""
+        before the fused op and the op's own routing weight is forced to 1.0 (k=1, normalized); with top-k > 1 each
+        rank's input has its own score, so each rank is its own node over the same weights."""
         g, s = self.g, self.spec
         pre = f"model.layers.{layer.index}.feed_forward"
         with g.scope("feed_forward"):
@@ -242,16 +298,31 @@ class DecoderBuilder:
                            lambda: np.ascontiguousarray(r.load(np.float32).T))
             with g.scope("router"):
                 logits = g.op("MatMul", flat, w_r)  # [T, E] fp32, as HF's router
-                top = g.op("ReduceMax", logits, g.i64(-1), keepdims=1)  # [T, 1]
-                scaled = g.cast(g.op("Mul", flat, g.op("Sigmoid", top)), self.dt)
-                probs = self.router_probs(logits, top)
+                route, top = self.route(flat, logits)
             with g.scope("experts"):  # [T, H]: QMoE, MoE, or the routed FP8 experts dequantized -> MoE
                 names = tuple(f"{pre}.experts.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
-                routed = onnx_lower.experts(self.lo, scaled, Route(logits, probs), names, f"{pre}.experts",
-                                            self.plan.expert_scheme(layer.index))
+                routed = onnx_lower.experts(self.lo, route, names, f"{pre}.experts", self.plan.expert_scheme(layer.index))
             with g.scope("shared_expert"):
                 shared = self.mlp(flat, g.cast(top, self.dt), f"{pre}.shared_expert")
             return g.op("Reshape", g.op("Add", shared, routed), g.op("Shape", x))
+
+    def route(self, flat: ir.Value, logits: ir.Value) -> tuple[Route, ir.Value]:
+        """The routing ranks (each: input x * sigmoid(its logit), router_probs picking its expert) and the top
+        logit [T, 1]. Top-1 keeps the single-ReduceMax form; top-k takes TopK (ties to the lower index, as torch)."""
+        g, k = self.g, self.spec.top_k
+        if k == 1:
+            top = g.op("ReduceMax", logits, g.i64(-1), keepdims=1)  # [T, 1]
+            scaled = g.cast(g.op("Mul", flat, g.op("Sigmoid", top)), self.dt)
+            return Route(logits, (self.router_probs(logits, top),), (scaled,)), top
+        values, idx = g.op("TopK", logits, g.i64(k), axis=-1, largest=1, sorted=1, outputs=2)  # [T, k]
+        experts = g.const(np.arange(self.spec.num_experts, dtype=np.int64))  # [E]
+        inputs, probs = [], []
+        for j in range(k):
+            v_j, e_j = (g.op("Slice", t, g.i64(j), g.i64(j + 1), g.i64(1)) for t in (values, idx))  # [T, 1]
+            inputs.append(g.cast(g.op("Mul", flat, g.op("Sigmoid", v_j)), self.dt))
+            pick = g.op("Where", g.op("Equal", experts, e_j), g.f32(0.0), g.f32(-30000.0))  # [T, E]
+            probs.append(g.cast(pick, self.dt))
+        return Route(logits, tuple(probs), tuple(inputs)), g.op("Slice", values, g.i64(0), g.i64(1), g.i64(1))
 
     def router_probs(self, logits: ir.Value, top: ir.Value) -> ir.Value:
         """The op's router_probs [T, E]: the fp32 logits in a float32 graph. Otherwise the fp32 choice as 0 / -30000:
@@ -273,8 +344,9 @@ class DecoderBuilder:
             shape = ["batch_size", s.num_kv_heads, f"past_sequence_length_{i}", s.head_dim]
             pasts.append((g.input(f"past_key_values.{i}.key", self.dt, shape),
                           g.input(f"past_key_values.{i}.value", self.dt, shape)))
-        cache_start = g.input_with_default("cache_start", np.array(0, np.int64))
-        keep = g.input_with_default("num_logits_to_keep", np.array(0, np.int64))
+        # required here; genai's copy of the graph has them as constant zeros (onnx_variants.write_genai_decoder)
+        cache_start = g.input("cache_start", ir.DataType.INT64, [])
+        keep = g.input("num_logits_to_keep", ir.DataType.INT64, [])
         return input_ids, attention_mask, position_ids, pasts, cache_start, keep
 
     def build(self) -> ir.Model:
@@ -412,15 +484,20 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
     (out / "config.json").write_text(json.dumps(ckpt.spec.config, indent=2))
     info: dict[str, Any] = {"model": MODEL_FILE, "data": DATA_FILE, "opset": builder.g.opset, "nodes": len(builder.g.nodes),
                             "moe_nodes": sum(n.op_type == "MoE" for n in builder.g.nodes),
-                            "kv_variants": {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype) for kv in KV_VARIANTS}}
+                            "attention": plan.attention, "kv_variants": {}}
+    kv_variants = KV_VARIANTS if plan.attention == "gqa" else ()  # GroupQueryAttention's quantized cache only
+    info["kv_variants"] = {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype) for kv in kv_variants}
     if plan.vision:
         from .onnx_vision import export_vision
 
         info["vision"] = export_vision(ckpt, out, plan, NP_DTYPES[plan.dtype])
         info["embedding"] = write_embedding_model(out, ckpt.spec, plan.dtype)
         info["embeds_decoder"] = write_embeds_decoder(out, ckpt.spec, plan.dtype)
-        info["embeds_kv_variants"] = {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype, EMBEDS_FILE) for kv in KV_VARIANTS}
-    (out / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, plan.dtype, plan.target, plan.vision), indent=2))
+        info["embeds_kv_variants"] = {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype, EMBEDS_FILE) for kv in kv_variants}
+    info["genai_decoder"] = write_genai_decoder(out, info["embeds_decoder"] if plan.vision else MODEL_FILE)
+    cfg = genai_config(ckpt.spec, plan.dtype, plan.target, plan.vision)
+    cfg["model"]["decoder"]["filename"] = info["genai_decoder"]
+    (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
     if plan.recipe is not None:
         info["quant"] = {"recipe": plan.recipe.name, "calibrated": calib is not None, "nodes": dict(builder.lo.counts),
                          "weight_bytes": total, **builder.lo.meta}

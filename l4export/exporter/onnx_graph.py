@@ -84,15 +84,6 @@ class GraphBuilder:
         self.inputs.append(v)
         return v
 
-    def input_with_default(self, name: str, default: np.ndarray) -> ir.Value:
-        """An optional input: a graph input that is also an initializer holding its default (ONNX Runtime lists it
-        among the overridable initializers; callers that do not know it, such as onnxruntime-genai, leave it out)."""
-        v = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(default.dtype)), shape=ir.Shape(default.shape),
-                     const_value=ir.tensor(default, name=name))
-        self.inputs.append(v)
-        self.initializers.append(v)
-        return v
-
     def output(self, value: ir.Value, name: str, dtype: ir.DataType, shape: list[int | str]) -> ir.Value:
         """Name ``value`` as a graph output (through an Identity when it already has a name in use)."""
         with self.scope("outputs"):

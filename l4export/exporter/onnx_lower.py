@@ -1,6 +1,6 @@
 """Lowering of linears and routed experts to ONNX Runtime ops: one emitter per (scheme kind, target), in two tables.
 
-    kind    target   LINEAR (x [.., in] @ W^T)                      EXPERTS (top-1 routed SwiGLU experts)
+    kind    target   LINEAR (x [.., in] @ W^T)                      EXPERTS (routed SwiGLU experts, a node per rank)
     float   any      MatMul, W stored [in, out]                    com.microsoft.MoE, fc1 gate/up interleaved
     int     any      com.microsoft.MatMulNBits                     com.microsoft.QMoE (CUDA: weights_prepacked=0)
     fp8     cpu      e4m3 Cast * scale (per channel or per square   the same -> MoE (ORT CPU stores FP8 but computes
@@ -269,11 +269,24 @@ def _tile_scale(lo: Lowering, w: ir.Value, tiles: ir.Value, shape: tuple[int, ..
 
 # ---- experts: routed (stacked [E, out, in]) and one-expert MLPs ([out, in] as E = 1) ---------------------------
 # Each emitter takes the canonical (gate, up, down) names and ``base``, the prefix of what it stores; ``route`` has
-# the fp32 router logits [T, E] (None for a one-expert MLP) and the op's router_probs [T, E] in the compute dtype.
+# the fp32 router logits [T, E] (None for a one-expert MLP), and per routing rank the op's input and router_probs
+# [T, E] in the compute dtype: one fused node per rank over the same weights.
 @dataclass(frozen=True)
 class Route:
+    """``probs``: one [T, E] per routing rank (top-k: rank j's op picks each token's j-th expert), with ``inputs``,
+    the expert input of each rank (Llama 4 scales it by that rank's router score)."""
     logits: ir.Value | None
-    probs: ir.Value
+    probs: tuple[ir.Value, ...]
+    inputs: tuple[ir.Value, ...]
+
+
+def per_rank(lo: Lowering, route: Route, node: Callable[[ir.Value, ir.Value], ir.Value]) -> ir.Value:
+    """One fused expert node per routing rank over the same weights, summed: y = sum_j node(x_j, probs_j)."""
+    out = None
+    for x, probs in zip(route.inputs, route.probs):
+        y = node(x, probs)
+        out = y if out is None else lo.g.op("Add", out, y)
+    return out
 
 
 def _experts_shape(lo: Lowering, name: str) -> tuple[int, int, int]:
@@ -309,7 +322,7 @@ def moe(g: GraphBuilder, x: ir.Value, probs: ir.Value, fc1: ir.Value, fc2: ir.Va
                 activation_type="swiglu", swiglu_fusion=1)
 
 
-def float_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: None) -> ir.Value:
+def float_experts(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: None) -> ir.Value:
     gate, up, down = names
     e, i, h = _experts_shape(lo, gate)
     dt = lo.g.np_dtype
@@ -321,10 +334,10 @@ def float_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...
     w1 = lo.g.weight(f"{base}.fc1_interleaved", (e, 2 * i, h), dt, fc1)
     w2 = lo.g.weight(f"{base}.down_proj", (e, h, i), dt,
                      lambda: (_load_experts(lo, down, dt, run) for run in _expert_runs(lo, down)))
-    return moe(lo.g, x, route.probs, w1, w2)
+    return per_rank(lo, route, lambda x, probs: moe(lo.g, x, probs, w1, w2))
 
 
-def int_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: Int) -> ir.Value:
+def int_experts(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: Int) -> ir.Value:
     gate_n, up_n, down_n = names
     e, i, h = _experts_shape(lo, gate_n)
     bits, blk = scheme.bits, scheme.group_size
@@ -351,24 +364,28 @@ def int_experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...],
     fc1, fc1_s, fc1_z = fc("fc1", (gate_n, up_n), 2 * i, h)
     fc2, fc2_s, fc2_z = fc("fc2", (down_n,), h, i)
     attrs = {"weights_prepacked": 0} if lo.target == "cuda" else {"accuracy_level": scheme.accuracy_level}
-    lo.counts["QMoE"] += 1
-    return lo.g.op("QMoE", x, route.probs, fc1, fc1_s, None, fc2, fc2_s, None, None, None, None, fc1_z, fc2_z,
-                   domain=MS_DOMAIN, k=1, normalize_routing_weights=1, activation_type="swiglu", swiglu_fusion=1,
-                   expert_weight_bits=bits, block_size=blk, **attrs)
+
+    def node(x: ir.Value, probs: ir.Value) -> ir.Value:
+        lo.counts["QMoE"] += 1
+        return lo.g.op("QMoE", x, probs, fc1, fc1_s, None, fc2, fc2_s, None, None, None, None, fc1_z, fc2_z,
+                       domain=MS_DOMAIN, k=1, normalize_routing_weights=1, activation_type="swiglu", swiglu_fusion=1,
+                       expert_weight_bits=bits, block_size=blk, **attrs)
+
+    return per_rank(lo, route, node)
 
 
-def _experts_input_qdq(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
+def _experts_input_qdq(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> Route:
     """Static FP8: one input scale for the fused op, the max over experts (gate and up read the same input)."""
     gate_n, up_n = names[:2]
     a_scale = _static_scale(lo, gate_n, scheme, f"{base}.input_scale")
     if a_scale is None:
-        return x
+        return route
     a_scale = max(a_scale, float(lo.quant.act_scales[up_n].max()))
     lo.applied_scales[f"{base}.input_scale"] = a_scale
-    return _act_qdq(lo, x, a_scale, base)
+    return Route(route.logits, route.probs, tuple(_act_qdq(lo, x, a_scale, base) for x in route.inputs))
 
 
-def fp8_experts_cpu(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
+def fp8_experts_cpu(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
     """ORT CPU stores FP8 but has no FP8 MoE kernel, and its FP8 gathers and DequantizeLinear convert 1-4 ns per
     element (a decode step slower than float32). So the stored e4m3 weights are dequantized with Cast * scale,
     a constant subgraph that ONNX Runtime folds when the session is created: the file holds FP8 (1 byte per weight),
@@ -376,7 +393,7 @@ def fp8_experts_cpu(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, .
     g, q = lo.g, lo.quant.qtensor
     gate_n, up_n, down_n = names
     e, i, h = _experts_shape(lo, gate_n)
-    x = _experts_input_qdq(lo, x, names, base, scheme)
+    route = _experts_input_qdq(lo, route, names, base, scheme)
     if scheme.block_size:
         # gate, up, down stored as QMoE would ([E, N, K] e4m3 + [E, N/b, K/b] tiles); gate/up interleaved after
         # dequantization for the CPU MoE's swiglu_fusion=1.
@@ -389,8 +406,8 @@ def fp8_experts_cpu(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, .
 
         gu = [g.op("Unsqueeze", deq(n, i, h), g.i64(2)) for n in (gate_n, up_n)]  # [E, I, 1, H] each
         fc1 = g.op("Reshape", g.op("Concat", *gu, axis=2), g.i64(e, 2 * i, h))  # rows g0, u0, g1, u1, ...
-        fc2 = deq(down_n, h, i)
-        return moe(g, x, route.probs, g.cast(fc1, g.dt), g.cast(fc2, g.dt))
+        fc1, fc2 = g.cast(fc1, g.dt), g.cast(deq(down_n, h, i), g.dt)
+        return per_rank(lo, route, lambda x, probs: moe(g, x, probs, fc1, fc2))
     # per channel: e4m3 [E, N, K] with one float32 scale per row [E, N, 1]; fc1 rows interleaved gate/up
     fp8 = lambda n: pack.to_onnx_fp8(q(n))  # noqa: E731
     w1 = lo.weight(f"{base}.fc1_interleaved.weight_fp8", (e, 2 * i, h), FP8,
@@ -400,13 +417,13 @@ def fp8_experts_cpu(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, .
     w2 = lo.weight(f"{base}.down_proj.weight_fp8", (e, h, i), FP8, lambda: fp8(down_n)["weight"])
     s2 = lo.weight(f"{base}.down_proj.weight_scale", (e, h, 1), np.float32, lambda: fp8(down_n)["scale"][..., None])
     lo.counts["Fp8Dequant"] += 2  # Cast -> Mul, folded at session creation
-    deq = lambda w, sc: g.cast(g.op("Mul", g.op("Cast", w, to=FP32), sc), g.dt)  # noqa: E731
-    return moe(g, x, route.probs, deq(w1, s1), deq(w2, s2))
+    fc1, fc2 = (g.cast(g.op("Mul", g.op("Cast", w, to=FP32), sc), g.dt) for w, sc in ((w1, s1), (w2, s2)))
+    return per_rank(lo, route, lambda x, probs: moe(g, x, probs, fc1, fc2))
 
 
-def fp8_experts_cuda(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
+def fp8_experts_cuda(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> ir.Value:
     """QMoE fp8, square blocks (plan.make_plan refuses per-channel FP8 experts for CUDA before any weight is read)."""
-    x = _experts_input_qdq(lo, x, names, base, scheme)  # QMoE fp8 takes no activation scales itself
+    route = _experts_input_qdq(lo, route, names, base, scheme)  # QMoE fp8 takes no activation scales itself
     e, i, h = _experts_shape(lo, names[0])
     b = scheme.block_size
     layer = lambda: lo.quant.packed(base, lambda: pack.to_qmoe_fp8(*(lo.quant.qtensor(n) for n in names)))  # noqa: E731
@@ -414,9 +431,13 @@ def fp8_experts_cuda(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, 
     s1 = lo.weight(f"{base}.fc1.block_scale", (e, 2 * i // b, h // b), np.float32, lambda: layer()["fc1_scales"])
     fc2 = lo.weight(f"{base}.fc2.weight_fp8", (e, h, i), FP8, lambda: layer()["fc2"])
     s2 = lo.weight(f"{base}.fc2.block_scale", (e, h // b, i // b), np.float32, lambda: layer()["fc2_scales"])
-    lo.counts["QMoE"] += 1
-    return lo.g.op("QMoE", x, route.probs, fc1, s1, None, fc2, s2, domain=MS_DOMAIN, k=1, normalize_routing_weights=1,
-                   activation_type="swiglu", swiglu_fusion=2, expert_weight_bits=8, quant_type="fp8", block_size=b)
+
+    def node(x: ir.Value, probs: ir.Value) -> ir.Value:
+        lo.counts["QMoE"] += 1
+        return lo.g.op("QMoE", x, probs, fc1, s1, None, fc2, s2, domain=MS_DOMAIN, k=1, normalize_routing_weights=1,
+                       activation_type="swiglu", swiglu_fusion=2, expert_weight_bits=8, quant_type="fp8", block_size=b)
+
+    return per_rank(lo, route, node)
 
 
 # ---- embedding -------------------------------------------------------------------------------------------------
@@ -446,7 +467,7 @@ def embedding(lo: Lowering, ids: ir.Value, name: str, scheme: Int | None) -> ir.
 
 
 LinearEmitter = Callable[[Lowering, ir.Value, tuple[str, ...], str, AnyScheme | None], ir.Value]
-ExpertsEmitter = Callable[[Lowering, ir.Value, Route, tuple[str, ...], str, AnyScheme | None], ir.Value]
+ExpertsEmitter = Callable[[Lowering, Route, tuple[str, ...], str, AnyScheme | None], ir.Value]
 # (scheme kind, target) -> emitter; "*" serves every target. Adding a scheme or a target is a row.
 LINEAR: dict[tuple[str, str], LinearEmitter] = {
     ("float", "*"): float_linear, ("int", "*"): int_linear, ("fp8", "cpu"): fp8_linear_cpu, ("fp8", "cuda"): fp8_linear_cuda,
@@ -467,5 +488,5 @@ def linear(lo: Lowering, x: ir.Value, names: tuple[str, ...], base: str, scheme:
     return emitter(LINEAR, scheme, lo.target)(lo, x, names, base, scheme)
 
 
-def experts(lo: Lowering, x: ir.Value, route: Route, names: tuple[str, ...], base: str, scheme: AnyScheme | None) -> ir.Value:
-    return emitter(EXPERTS_TABLE, scheme, lo.target)(lo, x, route, names, base, scheme)
+def experts(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: AnyScheme | None) -> ir.Value:
+    return emitter(EXPERTS_TABLE, scheme, lo.target)(lo, route, names, base, scheme)

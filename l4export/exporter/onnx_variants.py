@@ -42,7 +42,7 @@ def write_kv_variant(out: Path, spec: Llama4Spec, kv_dtype: str, dtype: str, bas
     """``model.kv-<dtype>.onnx`` (or ``model.embeds.kv-<dtype>.onnx``): the decoder ``base`` with a quantized KV
     cache. The cache inputs/outputs become int8 (or e4m3), each GroupQueryAttention quantizes what it appends with
     static scales that are inputs (``kv_scale.{i}.key`` / ``.value``, [1, Hkv, 1, D] per channel for int8, [1] for
-    FP8; default 1), and each layer's new keys and values are outputs too (``new_key.{i}`` / ``new_value.{i}``), so
+    FP8), and each layer's new keys and values are outputs too (``new_key.{i}`` / ``new_value.{i}``), so
     that the runtime can choose and grow the scales as tokens arrive (runtimes/onnx.py)."""
     quant, elem = KV_VARIANTS[kv_dtype]
     m = _load(out, base)
@@ -59,13 +59,29 @@ def write_kv_variant(out: Path, spec: Llama4Spec, kv_dtype: str, dtype: str, bas
         node.input.extend(scales)
         node.attribute.extend([helper.make_attribute("k_quant_type", quant), helper.make_attribute("v_quant_type", quant),
                                helper.make_attribute("kv_cache_bit_width", 8)])
-        for name in scales:  # optional inputs: an initializer holding the default
-            g.initializer.append(numpy_helper.from_array(np.ones(shape, np.float32), name))
+        for name in scales:  # inputs the runtime always feeds (no initializer default: ORT would warn about it)
             g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
         for src, name in ((node.input[1], f"new_key.{i}"), (node.input[2], f"new_value.{i}")):
             g.node.append(helper.make_node("Identity", [src], [name], name=f"outputs/{name}"))
             g.output.append(helper.make_tensor_value_info(name, ELEM[dtype], None))
     name = kv_variant_file(kv_dtype, base)
+    onnx.save(m, str(out / name))
+    return name
+
+
+GENAI_CONSTANTS = ("cache_start", "num_logits_to_keep")  # our runtime's inputs that onnxruntime-genai does not feed
+
+
+def write_genai_decoder(out: Path, base: str) -> str:
+    """``model.genai.onnx`` (or ``model.embeds.genai.onnx``): the decoder ``base`` with the standard I/O that
+    onnxruntime-genai (and any plain ONNX Runtime caller) feeds: ``cache_start`` and ``num_logits_to_keep`` become
+    constant zeros (every layer keeps its whole cache; logits for every position)."""
+    m = _load(out, base)
+    g = m.graph
+    for name in GENAI_CONSTANTS:
+        g.input.remove(next(v for v in g.input if v.name == name))
+        g.initializer.append(numpy_helper.from_array(np.array(0, np.int64), name))
+    name = base.replace(".onnx", ".genai.onnx")
     onnx.save(m, str(out / name))
     return name
 

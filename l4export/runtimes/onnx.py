@@ -80,10 +80,10 @@ class OnnxRuntime(Runtime):
         self._vision = None  # vision.onnx, opened on the first image
         if self.vision is not None:
             self.embedding = self._open(self.info["onnx"]["embedding"])
-        optional = {i.name for i in self.session.get_overridable_initializers()}
-        if "cache_start" not in optional:
+        if "cache_start" not in {i.name for i in self.session.get_inputs()}:
             raise UsageError(f"{self.path}: exported by an older l4export (no in-place KV cache); convert it again")
         self.provider, self.device = provider, ("cuda" if provider == "cuda" else "cpu")
+        self.plain = self.info.get("onnx", {}).get("attention", "gqa") == "plain"  # capabilities.ATTENTION_FORMS
         kv = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_dtype = KV_DTYPES.get(kv.type, np.float16)
         self.kv_quant = kv_dtype  # None: the cache is in the compute dtype
@@ -203,6 +203,8 @@ class OnnxRuntime(Runtime):
             io = self._bind(ids, n_logits, embeds)
             self.session.run_with_iobinding(io)
             outs = io.get_outputs()
+            if self.plain:  # the plain-op attention writes a new buffer: it becomes the cache
+                self.cache = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.spec.num_layers)]
             if self.kv_quant is None or not self._rescale([o.numpy() for o in outs[1:]]):
                 return outs[0].numpy()[0].astype(np.float32, copy=False)
 
@@ -216,7 +218,7 @@ class OnnxRuntime(Runtime):
         }
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
-        # overridable initializers are bound as OrtValues (bind_cpu_input looks for graph inputs only)
+        # optional inputs (and the KV variants' scales) are bound as OrtValues
         optional = {"cache_start": np.array(self.chunk_start(), np.int64), "num_logits_to_keep": np.array(n_logits, np.int64)}
         if self.kv_quant is not None:
             for i, (ks, vs) in enumerate(self.scales):
@@ -231,8 +233,11 @@ class OnnxRuntime(Runtime):
         for i, (k, v) in enumerate(self.cache):  # past and present are one buffer: appended in place
             io.bind_ortvalue_input(f"past_key_values.{i}.key", k)
             io.bind_ortvalue_input(f"past_key_values.{i}.value", v)
-            io.bind_ortvalue_output(f"present.{i}.key", k)
-            io.bind_ortvalue_output(f"present.{i}.value", v)
+            for name, buf in ((f"present.{i}.key", k), (f"present.{i}.value", v)):
+                if self.plain:  # not in place: ORT's plain ops may read the buffer they write
+                    io.bind_output(name, self.device)
+                else:
+                    io.bind_ortvalue_output(name, buf)
         return io
 
     def _rescale(self, new: list[np.ndarray]) -> bool:

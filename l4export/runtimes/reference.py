@@ -160,7 +160,7 @@ class VisionReference:
 
 
 def router_margins(model, layers, run) -> tuple[np.ndarray, np.ndarray]:
-    """Per token of one forward (``run()``), the smallest top-1 minus top-2 router logit over the MoE layers and the
+    """Per token of one forward (``run()``), the smallest top-k minus top-(k+1) router logit over the MoE layers and the
     layer where it is smallest: ([T] float, [T] int). A margin near 0 is a near-tie: any change in summation order
     (another runtime, another dtype) may pick the other expert, and every later token sees that choice."""
     torch, _ = _require()
@@ -169,8 +169,12 @@ def router_margins(model, layers, run) -> tuple[np.ndarray, np.ndarray]:
     def hook_for(index: int):
         def hook(mod, inp, out):
             x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            top = torch.topk(x @ mod.weight.float().T, 2, dim=-1).values
-            found.append((index, (top[:, 0] - top[:, 1]).numpy()))
+            logits = x @ mod.weight.float().T
+            k = mod.top_k if hasattr(mod, "top_k") else 1
+            if k >= logits.shape[-1]:  # every expert is chosen: no choice to flip
+                return
+            top = torch.topk(logits, k + 1, dim=-1).values  # the k-th chosen against the first one left out
+            found.append((index, (top[:, k - 1] - top[:, k]).numpy()))
 
         return hook
 
