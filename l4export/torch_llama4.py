@@ -59,13 +59,24 @@ def attention_core(h, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq):
     return torch.einsum("hqk,khd->qhd", p, v).reshape(t, nh * d)
 
 
-def route(h2, W: dict):
-    """Top-1 routing: (expert index [T], score s [T]) with s = sigmoid(max logit)."""
+def route(h2, W: dict, k: int = 1):
+    """Top-k routing: (expert indices [T, k], scores s [T, k]) with s = sigmoid(logit) of each chosen expert."""
     import torch
 
     logits = linear(h2, W, "feed_forward.router.weight")  # (T, E)
-    top, idx = logits.max(dim=-1)
+    if k == 1:
+        top, idx = logits.max(dim=-1, keepdim=True)
+    else:
+        top, idx = torch.topk(logits, k, dim=-1)
     return idx, torch.sigmoid(top)
+
+
+def routed_inputs(h2, idx, s, e: int):
+    """The rows of the tokens that chose expert ``e`` (any rank) and its input s_e * h2 there: ([n], [n, H]).
+    IMPORTANT: the router score scales the expert INPUT."""
+    hit = idx == e  # [T, k]
+    rows = hit.any(dim=-1).nonzero(as_tuple=True)[0]
+    return rows, h2[rows] * (s * hit).sum(dim=-1)[rows, None]
 
 
 def attention_block(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, cap: Callable):
@@ -160,19 +171,18 @@ def layer_forward(x, W: dict, la: LayerSpec, spec: Llama4Spec, inv_freq, capture
     if not la.is_moe:
         return x + mlp(h2, W, "feed_forward.", cap)
     out = mlp(h2, W, "feed_forward.shared_expert.", cap)
-    idx, s = route(h2, W)
-    xs = h2 * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
+    idx, s = route(h2, W, spec.top_k)
     routed = torch.zeros_like(out)
     ex = "feed_forward.experts."
     for e in torch.unique(idx).tolist():
-        rows = (idx == e).nonzero(as_tuple=True)[0]
-        xe = xs[rows]
+        rows, xe = routed_inputs(h2, idx, s, e)
         cap(ex + "gate_proj", e, xe)
         me = expert_hidden(xe, W[ex + "gate_proj"][e], W[ex + "up_proj"][e])
         cap(ex + "down_proj", e, me)
-        routed[rows] = me @ W[ex + "down_proj"][e].T
+        routed[rows] += me @ W[ex + "down_proj"][e].T
     return x + out + routed
 
 
 __all__ = ["attention_block", "attention_core", "expert_hidden", "layer_forward", "linear", "mlp", "rms", "route",
+           "routed_inputs",
            "times_t"]

@@ -34,6 +34,7 @@ QUANT = dict(intermediate_size=64, initializer_range=0.05)
 QUANT_CASES = {
     "qscout": dict(shape="scout", style="hub", dtype="bfloat16", **QUANT),
     "qmaverick": dict(shape="maverick", style="hub", dtype="float32", **QUANT),
+    "qtop2": dict(shape="maverick", style="v5", dtype="float32", num_experts_per_tok=2, **QUANT),  # 2 experts a token
 }
 
 
@@ -96,6 +97,11 @@ def qscout(checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def qmaverick(checkpoint) -> Path:
     return checkpoint("qmaverick")
+
+
+@pytest.fixture(scope="session")
+def qtop2(checkpoint) -> Path:
+    return checkpoint("qtop2")
 
 
 @pytest.fixture(scope="session")

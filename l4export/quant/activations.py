@@ -81,7 +81,7 @@ class Samples:
 
 
 class Routed:
-    """One pass's routing, per sample: (h2 [T, H] in ``Samples``, top-1 expert [T], router score [T]); iterating
+    """One pass's routing, per sample: (h2 [T, H] in ``Samples``, top-k experts [T, k], router scores [T, k]); iterating
     yields those triples, h2 read from disk."""
 
     def __init__(self, lengths: Sequence[int], hidden: int, folder: str | Path | None, dev: Any):

@@ -51,7 +51,7 @@ from ..distributed import LocalWorkers
 from ..errors import UsageError
 from ..heap import ACTIVATIONS, WEIGHTS, give_back, mapped_from
 from ..spec import LayerSpec
-from ..torch_llama4 import RowBuffer, attention_block, expert_hidden, mlp, rms, route, times_t
+from ..torch_llama4 import RowBuffer, attention_block, expert_hidden, mlp, rms, route, routed_inputs, times_t
 from . import tiles
 from .activations import ACTIVATION_FILES, Routed, Samples
 from .gptq import F64_MAX_K, factored, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
@@ -282,7 +282,7 @@ class _Run:
 class _Experts:
     """One MoE layer's routed experts and the per-layer routing state their calibration needs.
 
-    ``routed1``/``routed2``: per sample, (h2 [T, H], top-1 expert [T], router score [T]) of pass 1 (float weights:
+    ``routed1``/``routed2``: per sample, (h2 [T, H], top-k experts [T, k], router scores [T, k]) of pass 1 (float weights:
     the experts' Hessians come from it) and of pass 2 (quantized weights: the experts' outputs go to it);
     ``partial``: pass 2's x + attention + shared expert [T, H] per sample, to which the routed outputs are added."""
 
@@ -300,7 +300,7 @@ class _Experts:
         num_e = self.shape[0]
         self.counts = np.zeros(num_e, np.int64)
         for _, idx, _ in self.routed1:
-            self.counts += np.bincount(idx.cpu().numpy(), minlength=num_e)
+            self.counts += np.bincount(idx.cpu().numpy().reshape(-1), minlength=num_e)
         self.stats = {n: {} for n in self.plan}
         self.amax = {n: [] for n in self.plan}
 
@@ -505,7 +505,7 @@ def _calibrate_layer(la: LayerSpec, X: Samples, run: _Run) -> Samples:
     for j, x in enumerate(X):
         x, h2 = attention_block(x, Wq, la, spec, run.inv_freq, _nop)
         X[j] = x + mlp(h2, Wq, "feed_forward.shared_expert.", _nop)
-        routed2.append(h2, *route(h2, Wq))
+        routed2.append(h2, *route(h2, Wq, spec.top_k))
     del Wq
     _calibrate_experts(_Experts(la.index, lazy, {n: s for n, s in plan.items() if n in experts}, routed1, routed2,
                                 X), run)
@@ -532,7 +532,7 @@ def _float_pass(la: LayerSpec, X: Samples, W: _Weights, dense_plan: dict[str, An
             mlp(h2, W, "feed_forward.", capture)
             continue
         mlp(h2, W, "feed_forward.shared_expert.", capture)
-        routed1.append(h2, *route(h2, W))
+        routed1.append(h2, *route(h2, W, run.ckpt.spec.top_k))
     return accs, routed1
 
 
@@ -578,10 +578,10 @@ def _routed_rows(routing: Routed, a: int, b: int) -> Iterator[tuple[int, int, An
         hit = [e for e in torch.unique(idx).tolist() if a <= e < b]
         if not hit:
             continue
-        xs = routing.h2[j] * s[:, None]  # IMPORTANT: the router score scales the expert INPUT
+        h2 = routing.h2[j]
         for e in hit:
-            rows = (idx == e).nonzero(as_tuple=True)[0]
-            yield j, e, rows, xs[rows]
+            rows, xe = routed_inputs(h2, idx, s, e)  # IMPORTANT: the router score scales the expert INPUT
+            yield j, e, rows, xe
 
 
 @dataclass
@@ -765,15 +765,16 @@ def _expert_priors(ex: _Experts, batches: list[tuple[int, int]], dev) -> dict:
 
 
 def _prior_gate_up(ex: _Experts, dev):
-    """gate/up: every routed token's s·h2 feeds exactly one expert, so Σ_e H_e is Σ over all routed tokens of
+    """gate/up: every routed (token, rank)'s s·h2 feeds exactly one expert, so Σ_e H_e is Σ over all of them of
     (s·h2)(s·h2)ᵀ, one [H, H]."""
     import torch
 
     hidden = ex.shape[2]
     shared = torch.zeros(hidden, hidden, dtype=working_dtype(hidden), device=dev)
     for h2, _, s in ex.routed1:
-        xd = (h2 * s[:, None]).to(shared.dtype)
-        shared.addmm_(xd.T, xd)
+        for j in range(s.shape[1]):  # each rank's token feeds its expert once
+            xd = (h2 * s[:, j:j + 1]).to(shared.dtype)
+            shared.addmm_(xd.T, xd)
     return _prior(int(ex.counts.sum()), shared=shared)
 
 
