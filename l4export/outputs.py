@@ -91,9 +91,16 @@ def _stale(entry: Path, name: str) -> bool:
 def _remove_stale(parent: Path, name: str) -> None:
     """Temporary siblings in ``parent`` left by killed runs (on any output; their process is gone): removed."""
     for entry in parent.glob(".*-*"):
-        if _stale(entry, name):
-            log.warning("removing %s, left by an interrupted run", entry)
-            shutil.rmtree(entry, ignore_errors=True)
+        if not _stale(entry, name):
+            continue
+        m = _SIBLING.match(entry.name)
+        kept, dest = entry / m["out"], parent / m["out"]
+        if m["kind"] == "old" and kept.is_dir() and not dest.exists():
+            # killed between moving the previous export aside and moving the new one in: the previous one goes back
+            log.warning("restoring %s, moved aside by an interrupted run", dest)
+            os.replace(kept, dest)
+        log.warning("removing %s, left by an interrupted run", entry)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

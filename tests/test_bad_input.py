@@ -433,8 +433,8 @@ def test_stale_temporary_folder_is_removed_by_the_next_run(demo, tmp_path):
 
 def test_sigkilled_convert_is_cleaned_by_the_next_convert_into_the_same_folder(demo, tmp_path):
     """SIGKILL cannot be handled: the killed run's temporary folder stays until the next convert into the same parent
-    folder, on another output, removes it (with a dead run's half-removed old output); temporary folders of a live
-    process, or named by another host, are kept."""
+    folder, on another output, removes it; a dead run's previous export moved aside goes back where its output is
+    missing, else is removed; temporary folders of a live process, or named by another host, are kept."""
     from l4export.outputs import _host_tag
 
     calib = _calib(tmp_path, "\n".join(f"sample {i} " * 40 for i in range(64)))
@@ -449,9 +449,11 @@ def test_sigkilled_convert_is_cleaned_by_the_next_convert_into_the_same_folder(d
     proc.wait(timeout=60)
     assert list(tmp_path.glob(".killed.tmp-*"))  # what the next run has to clean
     tag, other_tag = _host_tag(), "0" * 8 if _host_tag() != "0" * 8 else "1" * 8
-    half_old = tmp_path / f".prev.old-{proc.pid}@{tag}-x1" / "prev"
+    half_old = tmp_path / f".prev.old-{proc.pid}@{tag}-x1" / "prev"  # killed while replacing prev: prev is missing
     half_old.mkdir(parents=True)
-    (half_old / "model.onnx").write_text("half removed")
+    (half_old / "model.onnx").write_text("the previous export")
+    (tmp_path / "done").mkdir()  # killed after the new export was in place: the old one goes
+    (tmp_path / f".done.old-{proc.pid}@{tag}-x4" / "done").mkdir(parents=True)
     live = tmp_path / f".busy.tmp-{os.getppid()}@{tag}-x2"  # the process that started this test: alive
     far = tmp_path / f".far.tmp-{proc.pid}@{other_tag}-x3"  # another host's pid: not checkable here
     live.mkdir()
@@ -459,7 +461,7 @@ def test_sigkilled_convert_is_cleaned_by_the_next_convert_into_the_same_folder(d
     r = _invoke(["convert", demo, "-o", tmp_path / "other"])
     assert r.exit_code == 0 and (tmp_path / "other" / "manifest.sha256").is_file(), r.output
     _nothing_left(tmp_path, "killed")
-    _nothing_left(tmp_path, "prev")
+    assert (tmp_path / "prev" / "model.onnx").read_text() == "the previous export"  # moved back, not lost
     assert live.is_dir() and far.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([live.name, far.name])
 

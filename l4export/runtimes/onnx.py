@@ -45,7 +45,8 @@ def session_options(threads: int | None = None):
     so = ort.SessionOptions()
     # int4 Q/DQ fused into MatMulNBits defaults to int8 activations (accuracy level 4); keep what the graph says.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    so.log_severity_level = 3
+    # ORT's own log lines only with -vv: its errors come back as exceptions, which the CLI prints as one line
+    so.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
     if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
         threads = int(os.environ["OMP_NUM_THREADS"])  # respect the usual knob on shared machines
     if threads:

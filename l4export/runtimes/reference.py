@@ -7,6 +7,7 @@ The runtimes never do.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ def _require() -> tuple[Any, Any]:
         import transformers
     except ImportError:
         raise UsageError("the PyTorch reference needs torch and transformers: pip install 'l4export[reference]'") from None
+    if not logging.getLogger("l4export").isEnabledFor(logging.DEBUG):
+        # quiet by default: e.g. Scout's own rope_parameters (low == high frequency factor) draw a config warning
+        transformers.logging.set_verbosity_error()
     return torch, transformers
 
 
