@@ -152,15 +152,20 @@ def mlx_config(spec: Llama4Spec, dtype: str, vision: bool = False) -> dict[str, 
     }
 
 
-def _warn_mlx_lm_differences(spec: Llama4Spec) -> None:
-    """mlx-lm hard-codes some per-layer facts; say so when this config states otherwise (our runtime follows it)."""
+def mlx_lm_differences(spec: Llama4Spec) -> list[str]:
+    """Where mlx-lm's llama4 model (which hard-codes some per-layer facts) cannot run this config as transformers
+    does; our MLX runtime follows the config in every case. Logged as warnings and recorded in l4export.json."""
+    out = []
     step = int(spec.text_config().get("interleave_moe_layer_step") or 1)
     if any(la.is_moe != (la.index % step == step - 1) for la in spec.layers):
-        log.warning("moe_layers %s do not follow interleave_moe_layer_step=%d; mlx-lm will not load this export "
-                    "(the l4export MLX runtime will)", list(spec.moe_layers), step)
+        out.append(f"moe_layers {list(spec.moe_layers)} do not follow interleave_moe_layer_step={step}: mlx-lm will not "
+                   "load this export")
     if any(la.uses_rope != ((la.index + 1) % 4 != 0) for la in spec.layers):
-        log.warning("NoPE layers %s differ from mlx-lm's hard-coded (i+1)%%4; mlx-lm will compute this model "
-                    "differently (the l4export MLX runtime follows the config)", list(spec.nope_layers))
+        out.append(f"NoPE layers {list(spec.nope_layers)} differ from mlx-lm's hard-coded (i+1)%4: mlx-lm computes "
+                   "this model differently")
+    if spec.top_k != 1:
+        out.append(f"num_experts_per_tok={spec.top_k}: mlx-lm's llama4 asserts top-1 routing and will not load it")
+    return out
 
 
 def _pending(t: LazyTensor, dtype: np.dtype) -> PendingTensor:
@@ -229,13 +234,15 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
     tensors made ahead of the writer (--ray), the calibrated ones included."""
     spec = ckpt.spec
     dtype = NP_DTYPES[plan.dtype]
-    _warn_mlx_lm_differences(spec)
+    differences = mlx_lm_differences(spec)
+    for why in differences:
+        log.warning("%s (the l4export MLX runtime runs it as transformers does)", why)
     tensors = list(ckpt) + (list(ckpt.vision.values()) if plan.vision else [])
     shapes = {t.name: tuple(t.shape) for t in tensors}
     config = mlx_config(spec, plan.dtype, plan.vision)
     quantized = plan.quantized
     made: Mapping[str, QTensor] = {}
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"mlx_lm": {"runs_as_transformers": not differences, "differences": differences}}
     if plan.recipe is not None:
         if any(isinstance(r.scheme, Fp8) for r in options.quant.rules):
             log.info("recipe %s: MLX has no per-channel e4m3 FP8; FP8 rules are written as mxfp8 (e4m3, power-of-two "
