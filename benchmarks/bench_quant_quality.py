@@ -19,7 +19,7 @@
 3. Method comparison, like for like: the routed experts quantized (int4 g64) by RTN, by l4export's per-expert
    GPTQ, and by an AWQ-style per-expert activation-aware scaling (``awq_experts``), each evaluated as a
    fake-quantized transformers model (everything else RTN at the preset's schemes).
-4. Planned export bytes (``l4export.quant.size``) for this model and for the real Scout and Maverick configs.
+4. Planned export bytes (``l4export.plan.make_plan``) for this model and for the real Scout and Maverick configs.
 
 Prints a table and writes benchmarks/results/quant-quality-<date>.{json,png}.
 """
@@ -460,10 +460,10 @@ def compute_goals(results: dict) -> dict:
 
 
 def size_projection(ckpt: Path) -> dict:
-    """Planned tensor bytes (l4export.quant.size) of the int4 preset, over the bf16 bytes, for this model and for
+    """Planned tensor bytes (l4export.plan.make_plan) of the int4 preset, over the bf16 bytes, for this model and for
     the real Scout and Maverick configs (tests/test_spec.py's hub-style text configs)."""
     from l4export.quant.recipe import PRESETS
-    from l4export.quant.size import bf16_bytes, plan_bytes
+    from l4export.plan import make_plan
     from l4export.spec import load_spec, spec_from_config
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -474,10 +474,10 @@ def size_projection(ckpt: Path) -> dict:
              "Llama-4-Maverick-17B-128E": spec_from_config({"model_type": "llama4", "text_config": dict(MAVERICK_TEXT)})}
     out: dict = {}
     for model, spec in specs.items():
-        ref = bf16_bytes(spec)
+        ref = 2 * spec.total_params  # every text parameter in bfloat16
         entry: dict = {"params": spec.total_params, "bf16_bytes": ref}
         for fmt, dtype in (("mlx", "bfloat16"), ("onnx", "float32"), ("onnx", "float16")):
-            plan = plan_bytes(spec, PRESETS["int4"], fmt, dtype)
+            plan = make_plan(spec, fmt, dtype, "cpu", PRESETS["int4"], calibrated=True)
             entry[f"{fmt} {dtype} graph" if fmt == "onnx" else f"{fmt} {dtype}"] = {
                 "bytes": plan.total, "ratio": round(plan.total / ref, 4), "by_component": plan.by_component}
         out[model] = entry
@@ -539,7 +539,7 @@ def main() -> None:
         log.info("%s: %s", key, entry.get("ppl"))
         return entry
 
-    from l4export.quant.size import export_tensor_bytes
+    from l4export.folder import export_tensor_bytes
 
     record("transformers/float", "transformers float32 (bf16 weights)", lambda: ppl_transformers(ckpt, wins))
 

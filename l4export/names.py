@@ -257,3 +257,28 @@ def assemble(op: Op, parts: list[np.ndarray]) -> np.ndarray:
         gate, up = parts
         return np.concatenate([gate.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=-1)
     raise MappingError(f"op {op!r} has no single source array")
+COMPONENTS = ("routed experts", "shared expert", "attention", "dense mlp", "router", "norms", "embeddings", "lm_head",
+              "vision")
+
+
+def component(name: str) -> str:
+    """Which part of the model a canonical tensor belongs to (the labels of sizes and ``quant_report.json``)."""
+    if is_vision(name):
+        return "vision"
+    if ".experts." in name:
+        return "routed experts"
+    if ".shared_expert." in name:
+        return "shared expert"
+    if ".router." in name:
+        return "router"
+    if ".self_attn." in name:
+        return "attention"
+    if ".feed_forward." in name:
+        return "dense mlp"
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    return "norms"
+
+

@@ -3,7 +3,8 @@
     spec + recipe + format + dtype + target  --make_plan-->  ExportPlan
         convert.py      validates the request once (make_plan raises here, before anything is read or written)
         exporter/*.py   read each tensor's scheme from it (no second recipe lookup, no second validation)
-        quant/size.py   its bytes are the size planner's (``l4export inspect --quant``: the dry run)
+        inspect.py      its bytes are the dry run (``l4export inspect --quant``); folder.export_tensor_bytes measures
+                        an export's, and tests/test_quant_size.py checks the two equal
 
 Storage rules (bytes of everything written for one canonical tensor; they equal the export's tensor bytes,
 tests/test_quant_size.py checks them against real exports). ``dt`` is the compute dtype's size:
@@ -37,7 +38,7 @@ import numpy as np
 
 from .capabilities import SUPPORTED, attention_form
 from .errors import CapabilityError, UsageError
-from .names import canonical_shapes, is_vision, vision_shapes
+from .names import COMPONENTS, canonical_shapes, component, is_vision, vision_shapes
 from .quant.recipe import PRESETS, Recipe, Rule, for_model
 from .quant.schemes import AnyScheme, Fp8, Int, MxFp8
 from .spec import Llama4Spec
@@ -45,30 +46,7 @@ from .spec import Llama4Spec
 log = logging.getLogger(__name__)
 Format = Literal["onnx", "mlx"]
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
-COMPONENTS = ("routed experts", "shared expert", "attention", "dense mlp", "router", "norms", "embeddings", "lm_head",
-              "vision")
 EXPERTS = ("gate_proj", "up_proj", "down_proj")
-
-def component(name: str) -> str:
-    """Which part of the model a canonical tensor belongs to (the labels of sizes and ``quant_report.json``)."""
-    if is_vision(name):
-        return "vision"
-    if ".experts." in name:
-        return "routed experts"
-    if ".shared_expert." in name:
-        return "shared expert"
-    if ".router." in name:
-        return "router"
-    if ".self_attn." in name:
-        return "attention"
-    if ".feed_forward." in name:
-        return "dense mlp"
-    if "embed_tokens" in name:
-        return "embeddings"
-    if name.startswith("lm_head"):
-        return "lm_head"
-    return "norms"
-
 
 @dataclass(frozen=True)
 class TensorPlan:
@@ -292,5 +270,4 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
     return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors, adapted, attention_form(spec.head_dim))
 
 
-__all__ = ["COMPONENTS", "DTYPE_BYTES", "ExportPlan", "SUPPORTED", "TensorPlan", "check_dtype", "component",
-           "make_plan", "mlx_recipe"]
+__all__ = ["DTYPE_BYTES", "ExportPlan", "SUPPORTED", "TensorPlan", "check_dtype", "make_plan", "mlx_recipe"]

@@ -1,4 +1,5 @@
-"""The size plan (``l4export.quant.size``) against real exports: planned bytes == the export's tensor bytes.
+"""The plan's bytes (``plan.make_plan``) against real exports (``folder.export_tensor_bytes``): planned bytes == the
+export's tensor bytes.
 
 Tensor bytes are the ONNX initializers (graph constants excluded) or the safetensors tensors; headers and the
 graph itself are not counted. Exports are round to nearest (calibration does not change any shape).
@@ -16,11 +17,22 @@ pytest.importorskip("onnxruntime")
 from l4export.checkpoint import Checkpoint  # noqa: E402
 from l4export.convert import ExportOptions, convert  # noqa: E402
 from l4export.errors import CapabilityError  # noqa: E402
+from l4export.folder import export_tensor_bytes  # noqa: E402
+from l4export.names import COMPONENTS  # noqa: E402
+from l4export.plan import make_plan  # noqa: E402
 from l4export.quant.recipe import PRESETS, Recipe, Rule, load_recipe  # noqa: E402
 from l4export.quant.schemes import Fp8, Int, MxFp8  # noqa: E402
-from l4export.quant.size import COMPONENTS, bf16_bytes, export_tensor_bytes, plan_bytes  # noqa: E402
 from l4export.spec import load_spec, spec_from_config  # noqa: E402
 
+
+def plan_bytes(spec, recipe, fmt, dtype, target="cpu", vision=False):
+    """The plan of that convert (static FP8 planned as calibrated): its .total, .by_component are the bytes it writes."""
+    return make_plan(spec, fmt, dtype, target, recipe, calibrated=True, vision=vision)
+
+
+def bf16_bytes(spec) -> int:
+    """The reference of the size goals: every text parameter in bfloat16."""
+    return 2 * spec.total_params
 
 
 CASES = [  # (format, dtype, recipe): ONNX fp32 and fp16 graphs, MLX bf16; int4 and fp8 presets; one float

@@ -50,20 +50,19 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from tqdm import tqdm
 
 from ..checkpoint import Checkpoint
 from ..plan import ExportPlan
 from ..spec import LayerSpec, Llama4Spec
 from . import onnx_lower
-from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
+from .genai import genai_config
+from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder, save_model
 from .onnx_lower import Route
-from .onnx_variants import (EMBEDDING_FILE, EMBEDS_FILE, KV_VARIANTS, write_embedding_model, write_embeds_decoder,
+from .onnx_variants import (EMBEDS_FILE, KV_VARIANTS, MODEL_FILE, write_embedding_model, write_embeds_decoder,
                             write_genai_decoder, write_kv_variant)
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 23  # RotaryEmbedding
 NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -390,82 +389,6 @@ class DecoderBuilder:
         k = g.op("Reshape", keep, g.i64(1))
         n = g.op("Where", g.op("Greater", k, g.i64(0)), g.op("Min", k, seq), seq)
         return g.op("Slice", h, g.op("Sub", seq, n), seq, g.i64(1))
-
-
-def genai_config(spec: Llama4Spec, dtype: str, target: str, vision: bool = False) -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json. Text: model.type 'decoder' (genai rejects 'llama4_text') over
-    model.onnx. With vision: the three-model layout (vision, embedding, decoder on inputs_embeds) under type 'gemma3',
-    the one genai pipeline that runs vision.onnx on pixel_values alone (genai has no Llama 4 type; docs/vision.md)."""
-    cfg = _genai_text_config(spec, target)
-    if not vision:
-        return cfg
-    provider = cfg["model"]["decoder"]["session_options"]
-    decoder = cfg["model"]["decoder"]
-    decoder["filename"] = EMBEDS_FILE
-    decoder["inputs"] = {"inputs_embeds": "inputs_embeds", **{k: v for k, v in decoder["inputs"].items() if k != "input_ids"}}
-    cfg["model"]["type"] = "gemma3"
-    cfg["model"]["embedding"] = {"filename": EMBEDDING_FILE, "session_options": dict(provider),
-                                 "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
-                                 "outputs": {"inputs_embeds": "inputs_embeds"}}
-    cfg["model"]["vision"] = {"filename": "vision.onnx", "session_options": dict(provider),
-                              "inputs": {"pixel_values": "pixel_values"}, "outputs": {"image_features": "image_features"}}
-    return cfg
-
-
-def _genai_text_config(spec: Llama4Spec, target: str) -> dict[str, Any]:
-    provider = [{"cuda": {}}] if target == "cuda" else []
-    eos = list(spec.eos_token_ids) or [0]
-    return {
-        "model": {
-            "type": "decoder",
-            "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None else eos[0],
-            "eos_token_id": eos if len(eos) > 1 else eos[0],
-            "pad_token_id": spec.pad_token_id if spec.pad_token_id is not None else eos[0],
-            "context_length": spec.max_position_embeddings,
-            "vocab_size": spec.vocab_size,
-            "decoder": {
-                "filename": MODEL_FILE,
-                "head_size": spec.head_dim,
-                "hidden_size": spec.hidden_size,
-                "num_attention_heads": spec.num_heads,
-                "num_key_value_heads": spec.num_kv_heads,
-                "num_hidden_layers": spec.num_layers,
-                "session_options": {"log_id": "l4export", "provider_options": provider},
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-            },
-        },
-        "search": {
-            "max_length": min(spec.max_position_embeddings, 4096),
-            "do_sample": False,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            # Off: present = concat(past, new) (genai keeps every layer's whole cache; cache_start stays 0)
-            "past_present_share_buffer": False,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
-        },
-    }
-
-
-def save_model(model: ir.Model, out: Path, total_bytes: int, file: str = MODEL_FILE, data: str = DATA_FILE) -> None:
-    """Write ``file`` + its ``data`` file, streaming each weight from the checkpoint (one at a time)."""
-    # a bar with -v only (quiet by default); it redraws on every tensor, so it moves on small models too
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{file} weights", mininterval=0,
-              disable=not log.isEnabledFor(logging.INFO)) as bar:
-
-        def progress(tensor: ir.TensorProtocol, info: Any) -> None:
-            bar.update(tensor.nbytes)
-
-        ir.save(model, out / file, external_data=data, callback=progress, max_workers=1)
 
 
 def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None,

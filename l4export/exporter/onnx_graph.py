@@ -14,15 +14,19 @@ gives the same graph, byte for byte.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from tqdm import tqdm
 
 from ..outputs import Arrays, checked, write_array
 
+log = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 FP32 = ir.DataType.FLOAT
 
@@ -144,3 +148,16 @@ class GraphBuilder:
         graph = ir.Graph(self.inputs, self.outputs, nodes=self.nodes, initializers=self.initializers,
                          opset_imports={"": self.opset, MS_DOMAIN: 1}, name=name, doc_string=doc)
         return ir.Model(graph, ir_version=10, producer_name="l4export")
+
+
+def save_model(model: ir.Model, out: Path, total_bytes: int, file: str = "model.onnx",
+               data: str = "model.onnx.data") -> None:
+    """Write ``file`` + its ``data`` file, streaming each weight from the checkpoint (one at a time)."""
+    # a bar with -v only (quiet by default); it redraws on every tensor, so it moves on small models too
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{file} weights", mininterval=0,
+              disable=not log.isEnabledFor(logging.INFO)) as bar:
+
+        def progress(tensor: ir.TensorProtocol, info: Any) -> None:
+            bar.update(tensor.nbytes)
+
+        ir.save(model, out / file, external_data=data, callback=progress, max_workers=1)

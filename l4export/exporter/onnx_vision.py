@@ -34,7 +34,7 @@ from ..checkpoint import Checkpoint
 from ..plan import ExportPlan
 from ..spec import VisionSpec
 from . import onnx_lower
-from .onnx_graph import GraphBuilder
+from .onnx_graph import GraphBuilder, save_model
 
 VISION_FILE = "vision.onnx"
 VISION_DATA = "vision.onnx.data"
@@ -155,8 +155,6 @@ class VisionBuilder:
 
 def export_vision(ckpt: Checkpoint, out, plan: ExportPlan, np_dtype: Any) -> dict[str, Any]:
     """Write vision.onnx + vision.onnx.data; return its l4export.json entry."""
-    from .onnx import save_model
-
     builder = VisionBuilder(ckpt, plan, np_dtype)
     model = builder.build()
     total = sum(int(v.const_value.nbytes) for v in builder.g.initializers if v.const_value is not None)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .calibrate import CalibResult
 from .schemes import QTensor
-from ..plan import component
+from ..names import component
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,23 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from ..errors import UsageError
+from ..spec import Llama4Spec
 
-if TYPE_CHECKING:
-    from .base import Runtime
+
+class Runtime(Protocol):
+    """What chat needs of a runtime (base.Runtime is one): its folder, spec, tokenizer and text generation."""
+
+    path: Path
+    spec: Llama4Spec
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    def generate_text(self, prompt: str, max_new_tokens: int, **kwargs: Any) -> Iterator[str]: ...
 
 STOP_TOKENS = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
 IMAGE_PLACEHOLDER = "<|image|>"
