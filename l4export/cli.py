@@ -281,11 +281,12 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
         raise click.UsageError(f"--provider chooses the ONNX Runtime provider; this is a {fmt} export")
     rt = load_runtime(export, provider=provider, dtype=dtype, kv_dtype=kv_dtype, prefill_step=prefill_step)
     kw = dict(temperature=temperature, top_p=top_p, seed=seed)
+    from .image import IMAGE_PLACEHOLDER
     from .runtimes.chat import render, stop_ids, template, user_turn
 
     kw["stop"] = [] if ignore_eos else sorted(stop_ids(rt))
     if prompt is not None:
-        own = not no_chat_template and "<|image|>" not in prompt and template(rt, fallback=False) is not None
+        own = not no_chat_template and IMAGE_PLACEHOLDER not in prompt and template(rt, fallback=False) is not None
         text = render(rt, user_turn(prompt, len(images)), fallback=False) if own else prompt
         for piece in rt.generate_text(text, max_new_tokens, images=list(images), add_bos=not own, **kw):
             click.echo(piece, nl=False)

@@ -93,10 +93,6 @@ class CapabilityError(UsageError):
     """The target cannot run what was asked (dtype, op, device)."""
 
 
-class ParityError(L4ExportError):
-    """An export disagrees with the reference beyond its thresholds."""
-
-
 class ExportError(L4ExportError):
     """An export folder is damaged or incomplete (a file missing, truncated or not what l4export wrote)."""
 

@@ -252,6 +252,7 @@ def preprocess(image: Any, tile: int = 336, max_patches: int = 16, where: str = 
 
 
 # ---- token layout --------------------------------------------------------------------------------------------
+IMAGE_PLACEHOLDER = "<|image|>"  # one per image in a prompt (what Llama 4's chat template writes for an image)
 IMAGE_TOKENS = ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
                 "<|tile_y_separator|>")
 

@@ -166,7 +166,6 @@ class Llama4Spec:
     pad_token_id: int | None
     layers: tuple[LayerSpec, ...]
     torch_dtype: str
-    has_vision: bool
     fp8: Fp8Config | None = None
     vision: VisionSpec | None = None  # None: a text-only checkpoint
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the raw file
@@ -464,7 +463,7 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Llam
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
         bos_token_id=cfg.get("bos_token_id", TEXT_DEFAULTS["bos_token_id"]), eos_token_ids=eos_ids,
         pad_token_id=cfg.get("pad_token_id"), layers=_per_layer(cfg, n, where), torch_dtype=dtype,
-        has_vision=isinstance(config.get("vision_config"), dict), fp8=_fp8(config, cfg, where), config=config,
+        fp8=_fp8(config, cfg, where), config=config,
         vision=_vision(config, where) if layout == "multimodal" else None,
     )
 

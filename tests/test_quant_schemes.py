@@ -9,12 +9,34 @@ import numpy as np
 import pytest
 
 from l4export.errors import RecipeError
-from l4export.quant.pack import mlx_config_entry, to_matmulnbits, to_mlx, to_onnx_fp8, to_qmoe, unpack_nibbles
+from l4export.quant.pack import (mlx_config_entry, qmoe_scales, qmoe_weights, qmoe_zero_points, to_matmulnbits,
+                                 to_mlx, to_onnx_fp8)
 from l4export.quant.schemes import FP8, Fp8, Int, MxFp8, grouped, sqnr_db
 
 RNG = np.random.default_rng(0)
 # rows with very different magnitudes per expert, so one scale across experts would show
 W = (RNG.standard_normal((3, 16, 128)) * np.exp(RNG.standard_normal((3, 16, 1)))).astype(np.float32)
+
+# ---- test-side views of the packed layouts (the exporters write them part by part) -----------------------------
+def unpack_nibbles(p: np.ndarray) -> np.ndarray:
+    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def to_qmoe(gate: QTensor, up: QTensor, down: QTensor) -> dict[str, np.ndarray | int | None]:
+    """Stacked experts (gate/up ``[E, I, H]``, down ``[E, H, I]``) as QMoE fc1/fc2 (swiglu_fusion=1).
+
+    Zero points are returned for asymmetric schemes only; symmetric codes are stored ``q+8`` and QMoE's
+    default zero point (2^(bits-1)) reads them."""
+    s = gate.scheme
+    sym = s.symmetric and down.scheme.symmetric
+    return {"fc1": qmoe_weights(gate, up), "fc1_scales": qmoe_scales(gate, up), "fc2": qmoe_weights(down),
+            "fc2_scales": qmoe_scales(down), "fc1_zero_points": None if sym else qmoe_zero_points(gate, up),
+            "fc2_zero_points": None if sym else qmoe_zero_points(down),
+            "expert_weight_bits": s.bits, "block_size": s.group_size}
+
 
 INTS = [Int(4, g, sym) for g in (32, 64, 128) for sym in (True, False)] + [Int(8, 32, True), Int(8, 64, False)]
 

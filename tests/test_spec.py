@@ -51,7 +51,7 @@ def test_parameter_counts_equal_transformers(any_checkpoint):
 def test_layouts_and_styles(checkpoint):
     scout_hub, scout_v5 = load_spec(checkpoint("scout_hub")), load_spec(checkpoint("scout_v5"))
     mav_hub, mav_v5 = load_spec(checkpoint("maverick_hub")), load_spec(checkpoint("maverick_v5"))
-    assert scout_hub.layout == scout_v5.layout == "multimodal" and scout_hub.has_vision
+    assert scout_hub.layout == scout_v5.layout == "multimodal" and scout_hub.vision is not None
     assert mav_hub.layout == mav_v5.layout == "text"
     # Same model whichever config style wrote it.
     for a, b in ((scout_hub, scout_v5), (mav_hub, mav_v5)):

@@ -44,7 +44,6 @@ from ..quant.stream import Run, Streamed
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
 
 log = logging.getLogger(__name__)
-EXPERTS = ("gate_proj", "up_proj", "down_proj")
 
 
 class QuantSource:

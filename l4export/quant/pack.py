@@ -27,13 +27,6 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-def unpack_nibbles(p: np.ndarray) -> np.ndarray:
-    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
-    out[..., 0::2] = p & 0x0F
-    out[..., 1::2] = p >> 4
-    return out
-
-
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     return pack_nibbles(q) if bits == 4 else q.astype(np.uint8)
 
@@ -87,23 +80,6 @@ def qmoe_zero_points(*qts: QTensor) -> np.ndarray:
     bits = _need_int(qts[0]).bits
     zps = [zero_points(qt, bits) for qt in qts]
     return zps[0] if len(zps) == 1 else interleave_rows(*zps)
-
-
-def to_qmoe(gate: QTensor, up: QTensor, down: QTensor) -> dict[str, np.ndarray | int | None]:
-    """Stacked experts (gate/up ``[E, I, H]``, down ``[E, H, I]``) as QMoE fc1/fc2 (swiglu_fusion=1).
-
-    Zero points are returned for asymmetric schemes only; symmetric codes are stored ``q+8`` and QMoE's
-    default zero point (2^(bits-1)) reads them."""
-    s = _need_int(gate)
-    if _need_int(up) != s or _need_int(down).bits != s.bits:
-        raise ValueError("QMoE needs gate and up in one scheme and down at the same bit width")
-    if down.scheme.group_size != s.group_size:
-        raise ValueError("QMoE has one block_size for fc1 and fc2")
-    sym = s.symmetric and down.scheme.symmetric
-    return {"fc1": qmoe_weights(gate, up), "fc1_scales": qmoe_scales(gate, up), "fc2": qmoe_weights(down),
-            "fc2_scales": qmoe_scales(down), "fc1_zero_points": None if sym else qmoe_zero_points(gate, up),
-            "fc2_zero_points": None if sym else qmoe_zero_points(down),
-            "expert_weight_bits": s.bits, "block_size": s.group_size}
 
 
 def to_mlx(qt: QTensor) -> dict[str, np.ndarray]:

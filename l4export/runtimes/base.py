@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ExportError, ImageError, L4ExportError, UsageError, wrap
+from ..image import IMAGE_PLACEHOLDER
 from ..spec import Llama4Spec, VisionSpec, load_spec
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ def read_export_info(path: Path) -> dict:
 
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill step (capped by attention_chunk_size)
-IMAGE_PLACEHOLDER = "<|image|>"  # one per image in a prompt (what Llama 4's chat template writes for an image)
 
 
 class Runtime(ABC):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import UsageError
+from ..image import IMAGE_PLACEHOLDER
 from ..spec import Llama4Spec
 
 
@@ -39,7 +40,6 @@ class Runtime(Protocol):
     def generate_text(self, prompt: str, max_new_tokens: int, **kwargs: Any) -> Iterator[str]: ...
 
 STOP_TOKENS = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
-IMAGE_PLACEHOLDER = "<|image|>"
 
 # Llama 4's turn format, for exports that carry no template of their own (written here, from the format itself).
 LLAMA4_FORMAT = (
