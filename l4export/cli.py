@@ -102,7 +102,7 @@ def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant
 
     With --format or --quant, also the dry run of that convert: its planned bytes per component. On an export
     folder: what it holds, and with --check its files against its sha256 manifest."""
-    from .runtimes.base import EXPORT_INFO
+    from .folder import EXPORT_INFO
 
     if (checkpoint / EXPORT_INFO).is_file():
         return _inspect_export(checkpoint, as_json, check)
@@ -270,7 +270,8 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
         raise click.UsageError("pass exactly one of --prompt or --ids")
     if images and prompt is None:
         raise click.UsageError("--image needs --prompt (the image tokens are laid out in the prompt text)")
-    from .runtimes.base import no_tokenizer, read_export_info
+    from .folder import read_export_info
+    from .runtimes.base import no_tokenizer
 
     fmt = read_export_info(export).get("format")
     if prompt is not None and not (export / "tokenizer.json").is_file():
@@ -311,7 +312,8 @@ def chat(export: Path, max_new_tokens: int, temperature: float, top_p: float, se
          provider: str | None, kv_dtype: str | None) -> None:
     """Talk to an export in the terminal (the conversation is kept; /reset forgets it; Ctrl-D leaves)."""
     from .runtimes import load_runtime
-    from .runtimes.base import no_tokenizer, read_export_info
+    from .folder import read_export_info
+    from .runtimes.base import no_tokenizer
 
     read_export_info(export)  # not an export: that error first
     if not (export / "tokenizer.json").is_file():

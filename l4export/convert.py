@@ -33,7 +33,7 @@ from .errors import CapabilityError, MappingError, UsageError
 from .manifest import write_manifest
 from .outputs import atomic_output_dir, copy_files
 from .plan import ExportPlan, check_dtype, make_plan
-from .runtimes.base import EXPORT_INFO
+from .folder import EXPORT_INFO
 
 log = logging.getLogger(__name__)
 

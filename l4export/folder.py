@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ExportError, UsageError
+
+EXPORT_INFO = "l4export.json"  # written into every export: format, dtype, target, quantization, source
+
 _GRAPH_CONSTANT = re.compile(r"const_\d+")  # GraphBuilder.const: shape/axis constants, inv_freq (not weights)
 _ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 17: 1}
 
@@ -44,4 +48,18 @@ def export_tensor_bytes(path: str | Path) -> int:
     return total
 
 
-__all__ = ["export_tensor_bytes"]
+def read_export_info(path: Path) -> dict:
+    """The export's l4export.json (UsageError: not an export; ExportError: damaged)."""
+    p = Path(path) / EXPORT_INFO
+    if not p.is_file():
+        raise UsageError(f"{path}: not an l4export export (no {EXPORT_INFO}); run 'l4export convert' first")
+    try:
+        info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        raise ExportError(f"{p}: not the JSON object l4export writes; the export is damaged, convert it again")
+    return info
+
+
+__all__ = ["EXPORT_INFO", "export_tensor_bytes", "read_export_info"]

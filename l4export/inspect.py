@@ -200,7 +200,7 @@ def format_table(info: dict[str, Any]) -> str:
 def describe_export(path: Path) -> dict[str, Any]:
     """What an export folder holds: format, dtype, target, quantization, vision, files and bytes (from l4export.json
     and the folder; nothing is loaded)."""
-    from .runtimes.base import read_export_info
+    from .folder import read_export_info
 
     info = read_export_info(path)
     files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}

@@ -11,7 +11,7 @@ import pytest
 from l4export.errors import RecipeError
 from l4export.quant.pack import (mlx_config_entry, qmoe_scales, qmoe_weights, qmoe_zero_points, to_matmulnbits,
                                  to_mlx, to_onnx_fp8)
-from l4export.quant.schemes import FP8, Fp8, Int, MxFp8, grouped, sqnr_db
+from l4export.quant.schemes import FP8, Fp8, Int, MxFp8, QTensor, grouped, sqnr_db
 
 RNG = np.random.default_rng(0)
 # rows with very different magnitudes per expert, so one scale across experts would show

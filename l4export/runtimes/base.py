@@ -14,7 +14,6 @@ This module needs numpy only (tokenizers when text is used).
 
 from __future__ import annotations
 
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -25,29 +24,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ExportError, ImageError, L4ExportError, UsageError, wrap
+from ..folder import read_export_info
 from ..image import IMAGE_PLACEHOLDER
 from ..spec import Llama4Spec, VisionSpec, load_spec
 
 if TYPE_CHECKING:
     from ..image import ImageTokenIds, ProcessedImage
 
-EXPORT_INFO = "l4export.json"  # written into every export: format, dtype, target, quantization, source
 ENGINES = {"onnx": "ONNX Runtime", "mlx": "MLX"}
 
 log = logging.getLogger(__name__)
-
-
-def read_export_info(path: Path) -> dict:
-    p = Path(path) / EXPORT_INFO
-    if not p.is_file():
-        raise UsageError(f"{path}: not an l4export export (no {EXPORT_INFO}); run 'l4export convert' first")
-    try:
-        info = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        info = None
-    if not isinstance(info, dict):
-        raise ExportError(f"{p}: not the JSON object l4export writes; the export is damaged, convert it again")
-    return info
 
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill step (capped by attention_chunk_size)
