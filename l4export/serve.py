@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import L4ExportError, UsageError
+from .runtimes.text import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -161,34 +162,21 @@ class Server:
             rt = self.rt
             ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
             seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-            out: list[int] = []
-            base, tail, reason = 0, "", "length"  # out[base:] not shown yet; tail: the end of what was shown
-            keep = max((len(x) for x in req.stop), default=0)  # a stop string may span pieces
             stops = [] if req.ignore_eos else self.stop_ids
+            stream = TextStream(rt.decode, stops, req.stop)  # the API's and the CLI's rule (runtimes/text.py)
             for tok in rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
                                    stop=stops, features=features):
                 if cancel.is_set():
                     return
-                if tok in stops:
-                    reason = "stop"
-                    break
-                out.append(tok)
-                piece = rt.decode(out[base:])  # only the new tokens: O(1) per token, not O(length)
-                if piece.endswith("\ufffd"):
-                    continue  # wait for whole UTF-8 characters
-                base = len(out)
-                if req.stop:
-                    window = tail + piece
-                    cut = min((window.find(x) for x in req.stop if x in window), default=-1)
-                    if cut >= 0:
-                        piece, reason = window[:cut][len(tail):] if cut >= len(tail) else "", "stop"
-                    tail = window[-keep:] if keep else ""
-                if piece:
+                if piece := stream.push(tok):
                     yield piece, {}
-                if reason == "stop":
+                if stream.finish:
                     break
-            usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
-            yield "", {"finish_reason": reason, "usage": usage}
+            if stream.finish is None and (tail := stream.flush()):
+                yield tail, {}
+            n = stream.tokens
+            usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+            yield "", {"finish_reason": stream.finish or "length", "usage": usage}
 
 
 def _error(message: str, param: str | None = None, status: int = 400):

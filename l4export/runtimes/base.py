@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import ExportError, ImageError, L4ExportError, UsageError, wrap
 from ..folder import read_export_info
 from ..image import IMAGE_PLACEHOLDER
+from .text import TextStream
 from ..spec import Llama4Spec, VisionSpec, load_spec
 
 if TYPE_CHECKING:
@@ -219,23 +220,22 @@ class Runtime(ABC):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def generate_text(self, prompt: str, max_new_tokens: int = 64, images: Sequence[Any] = (), add_bos: bool = True,
-                      **kw) -> Iterator[str]:
+                      stop_strings: Sequence[str] = (), **kw) -> Iterator[str]:
         """Stream decoded text pieces for a prompt (with ``images``: paths, PIL images or arrays, one ``<|image|>``
         placeholder per image in the prompt, or none to put them before the text). ``add_bos`` False for a prompt
-        that already starts with the BOS token's text (a rendered chat template). The stop token that ends the text is
-        not part of it."""
+        that already starts with the BOS token's text (a rendered chat template). The stop token or stop string that
+        ends the text is not part of it (runtimes/text.py: constant work per token)."""
         ids, features = self.prompt_ids(prompt, images, add_bos)
         stops = set(self.spec.eos_token_ids if kw.get("stop") is None else kw["stop"])
-        out: list[int] = []
-        shown = ""
+        stream = TextStream(self.decode, stops, stop_strings)
         for tok in self.generate(ids, max_new_tokens, features=features, **kw):
-            if tok in stops:
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+            if stream.finish:
                 return
-            out.append(tok)
-            text = self.decode(out)
-            if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                yield text[len(shown):]
-                shown = text
+        if tail := stream.flush():
+            yield tail
 
 
     # ---- images ------------------------------------------------------------------------------------
