@@ -10,6 +10,7 @@ on first request and shared by every module of the session.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -128,15 +129,18 @@ def any_checkpoint(request, checkpoint) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests need ONNX Runtime's CUDAExecutionProvider: skipped cleanly without one."""
+    """Deliberate skips, decided at collection (never mid-test): ``gpu`` tests need ONNX Runtime's
+    CUDAExecutionProvider, ``mlx`` tests need mlx."""
     try:
         import onnxruntime as ort
 
         cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     except ImportError:
         cuda = False
-    if not cuda:
-        skip = pytest.mark.skip(reason="needs a CUDA GPU (ONNX Runtime's CUDAExecutionProvider)")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+    mlx = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx.core") is not None
+    skips = {"gpu": None if cuda else "needs a CUDA GPU (ONNX Runtime's CUDAExecutionProvider)",
+             "mlx": None if mlx else "needs mlx (pip install 'l4export[mlx]')"}
+    for item in items:
+        for marker, reason in skips.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

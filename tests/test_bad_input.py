@@ -345,7 +345,6 @@ def test_damaged_export_is_one_line(command, case, onnx_export, demo, tmp_path):
 
 @pytest.mark.mlx
 def test_damaged_mlx_export_is_one_line(demo, export, tmp_path):
-    pytest.importorskip("mlx.core")
     out = shutil.copytree(export(demo, "mlx"), tmp_path / "mlx")
     shard = sorted(out.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -468,8 +467,6 @@ def test_sigkilled_convert_is_cleaned_by_the_next_convert_into_the_same_folder(d
 
 @pytest.mark.parametrize("fmt", ["onnx", pytest.param("mlx", marks=pytest.mark.mlx)])
 def test_reruns_are_byte_identical_manifest_included(fmt, demo, tmp_path):
-    if fmt == "mlx":
-        pytest.importorskip("mlx.core")
     for name in ("a", "b"):
         assert _invoke(["convert", demo, "-o", tmp_path / name, "--format", fmt, "--quant", "int4"]).exit_code == 0
     a, b = ((tmp_path / n / "manifest.sha256").read_text() for n in ("a", "b"))

@@ -24,11 +24,6 @@ from l4export.verify import compare, default_prompts  # noqa: E402
 FORMATS = ["onnx", pytest.param("mlx", marks=pytest.mark.mlx)]
 
 
-def _mlx_or_skip(fmt: str) -> None:
-    if fmt == "mlx":
-        pytest.importorskip("mlx.core")
-
-
 @pytest.fixture(scope="module")
 def exports(scout, export) -> dict[str, Path]:
     out = {"onnx": export(scout)}
@@ -70,7 +65,6 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("step", [1, 3, 8])
 def test_stepped_prefill_equals_transformers(fmt, step, exports, scout):
     """Every prefill step size gives transformers' logits across chunk boundaries (3 chunks + 2 tokens)."""
-    _mlx_or_skip(fmt)
     rt = load_runtime(exports[fmt], prefill_step=step)
     ids = default_prompts(rt.spec)[3][1] + [5, 6]
     ref = ReferenceRunner(scout).logits(ids)
@@ -85,7 +79,6 @@ def test_stepped_prefill_equals_transformers(fmt, step, exports, scout):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_last_only_logits_equal_the_last_row(fmt, exports):
-    _mlx_or_skip(fmt)
     rt = load_runtime(exports[fmt])
     ids = default_prompts(rt.spec)[3][1]
     full = rt.logits(ids)
@@ -129,7 +122,6 @@ def test_onnx_cache_grows_when_not_reserved(exports, scout):
 def test_quantized_kv_cache_is_close_to_the_float_cache(fmt, kv, demo):
     """KL against the float cache on the demo model, full forward and token by token (scales grow as tokens
     arrive), greedy tokens equal, and the cache's bytes."""
-    _mlx_or_skip(fmt)
     base, rt = load_runtime(demo[fmt]), load_runtime(demo[fmt], kv_dtype=kv)
     ids = np.random.default_rng(0).integers(4, 256, 100).tolist()
     ref = base.logits(ids)

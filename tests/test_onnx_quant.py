@@ -260,10 +260,10 @@ def test_unknown_recipe_key_is_exit_2(scout, tmp_path):
 # ---- ONNX vs MLX ------------------------------------------------------------------------------------
 
 
+@pytest.mark.mlx
 def test_onnx_and_mlx_int4_exports_of_one_recipe_agree(qexports, maverick, tmp_path):
     """The int4 preset through both exporters reads the same grid: MLX (float activations) and ONNX int4-exact
     (the same weights at accuracy_level 0) give the same logits."""
-    pytest.importorskip("mlx.core")
     out = tmp_path / "maverick_mlx_int4"
     convert(maverick, out, ExportOptions(format="mlx", quant=load_recipe("int4")))
     mlx_rt, onnx_rt = load_runtime(out), load_runtime(qexports["maverick_int4-exact"])

@@ -104,9 +104,11 @@ def test_group_size_must_divide():
 
 
 # ---- MLX -------------------------------------------------------------------------------------------------
+@pytest.mark.mlx
 @pytest.mark.parametrize("scheme", INTS, ids=lambda s: s.name)
 def test_mlx_affine_layout_matches_mx_dequantize(scheme):
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx
+
     qt = scheme.quantize(W)
     p = to_mlx(qt)
     assert p["weight"].dtype == np.uint32 and p["weight"].shape == (3, 16, 128 * scheme.bits // 32)
@@ -119,10 +121,12 @@ def test_mlx_affine_layout_matches_mx_dequantize(scheme):
     assert mlx_config_entry(qt) == {"group_size": g, "bits": scheme.bits, "mode": "affine"}
 
 
+@pytest.mark.mlx
 def test_mlx_quantize_reads_our_affine_bytes():
     """mx.quantize of values already on our grid: its packing has our shape, and its own min/max grid (at most
     as coarse as ours, whose scale is rounded up onto the fp16 grid) reproduces them within one of our steps."""
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx
+
     s = Int(4, 32, False)
     d = s.quantize(W).dequantize()
     qt = s.quantize(d)
@@ -132,8 +136,10 @@ def test_mlx_quantize_reads_our_affine_bytes():
     assert to_mlx(qt)["weight"].shape == tuple(wq.shape)
 
 
+@pytest.mark.mlx
 def test_mxfp8_matches_mx_quantize_bit_exactly():
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx
+
     w = np.concatenate([W, W * 1e-3, W * 300], axis=-1)
     w[0, 0, :32] = 0.0  # an all-zero group
     w[0, 1, :32] = 2.0**-3  # an exact power of two at the edge

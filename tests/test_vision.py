@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from l4export.convert import ExportOptions, convert
 from l4export.cli import main
 from l4export.errors import ImageError, MappingError
 from l4export.runtimes import load_runtime
@@ -59,8 +60,6 @@ def _parity(rt, ref, prompt: str, images: list) -> None:
 def test_one_and_two_images_match_transformers(fmt, export, scout, ref):
     """Image features, logits (full forward and token by token) and greedy tokens with one image and with two
     (one multi-tile), ONNX and MLX, float32."""
-    if fmt == "mlx":
-        pytest.importorskip("mlx.core")
     rt = load_runtime(export(scout, fmt))
     _parity(rt, ref, "What is in this picture?", [ONE])
     _parity(rt, ref, "<|image|> and <|image|>: compare them.", [ONE, WIDE])
@@ -110,7 +109,6 @@ def test_onnxruntime_genai_runs_the_three_models(export, scout):
 
 
 def test_text_only_export_and_images_refused(tmp_path, scout):
-    from l4export.convert import ExportOptions, convert
 
     out = convert(scout, tmp_path / "text", ExportOptions(format="onnx", text_only=True))
     assert not (out / "vision.onnx").exists() and json.loads((out / "l4export.json").read_text())["vision"] is None
@@ -163,7 +161,6 @@ def _one_line(result, code: int, needle: str) -> None:
 
 
 def test_bad_image_input_cli(tmp_path, scout):
-    from l4export.convert import ExportOptions, convert
 
     out = convert(scout, tmp_path / "one-image", ExportOptions(format="onnx", max_images=1))
     ONE.save(tmp_path / "one.png")
@@ -188,7 +185,6 @@ def test_vision_tensors_are_checked(tmp_path, scout):
     from safetensors.torch import load_file, save_file
 
     from l4export.checkpoint import Checkpoint
-    from l4export.convert import ExportOptions, convert
 
     src = shutil.copytree(scout, tmp_path / "no-vision")
     for f in src.glob("*.safetensors"):
@@ -225,14 +221,12 @@ group_size = 32
 
 
 def test_vision_at_int8(tmp_path, scout, ref):
-    """A recipe puts the vision linears at int8: ONNX (MatMulNBits) and MLX give the same features, close to the
-    float ones; the text model stays float; the plan counts the vision bytes."""
-    from l4export.convert import ExportOptions, convert
+    """A recipe puts the vision linears at int8: ONNX (MatMulNBits) features close to the float ones; the text model
+    stays float; the plan counts the vision bytes."""
+    from l4export.checkpoint import Checkpoint
     from l4export.plan import make_plan
-    from l4export.quant.recipe import load_recipe
 
-    (tmp_path / "v8.toml").write_text(VISION_INT8)
-    recipe = load_recipe(str(tmp_path / "v8.toml"))
+    recipe = _vision_int8(tmp_path)
     out = convert(scout, tmp_path / "onnx", ExportOptions(format="onnx", quant=recipe))
     info = json.loads((out / "l4export.json").read_text())["onnx"]
     assert info["vision"]["quant_nodes"]["MatMulNBits"] == 2 * 6 + 3  # per layer q k v o fc1 fc2; adapter; projector
@@ -244,13 +238,25 @@ def test_vision_at_int8(tmp_path, scout, ref):
     assert 1e-5 < err < 5e-2  # quantized, and close
     text = rt.encode("Hello")
     assert compare(ref.logits(text), rt.logits(text))["rel"] <= TOL  # text untouched
-    if pytest.importorskip("mlx.core"):
-        mrt = load_runtime(convert(scout, tmp_path / "mlx", ExportOptions(format="mlx", quant=recipe)))
-        assert np.abs(mrt.image_features(mrt.process_images([WIDE])) - got).max() <= TOL * np.abs(got).max()
-    from l4export.checkpoint import Checkpoint
-
     plan = make_plan(Checkpoint(scout).spec, "onnx", "float32", recipe=recipe, vision=True)
     assert plan.by_component["vision"] > 0 and plan.scheme("multi_modal_projector.linear_1.weight").bits == 8
+
+
+@pytest.mark.mlx
+def test_vision_at_int8_mlx_equals_onnx(tmp_path, scout):
+    """The same int8 vision recipe: MLX's features equal ONNX's (one grid, float activations on both)."""
+    recipe = _vision_int8(tmp_path)
+    rt = load_runtime(convert(scout, tmp_path / "onnx", ExportOptions(format="onnx", quant=recipe)))
+    got = rt.image_features(rt.process_images([WIDE]))
+    mrt = load_runtime(convert(scout, tmp_path / "mlx", ExportOptions(format="mlx", quant=recipe)))
+    assert np.abs(mrt.image_features(mrt.process_images([WIDE])) - got).max() <= TOL * np.abs(got).max()
+
+
+def _vision_int8(tmp_path):
+    from l4export.quant.recipe import load_recipe
+
+    (tmp_path / "v8.toml").write_text(VISION_INT8)
+    return load_recipe(str(tmp_path / "v8.toml"))
 
 
 @pytest.mark.mlx
@@ -259,7 +265,7 @@ def test_mlx_vlm_reads_the_mlx_export(export, scout, ref):
     from it; they differ from transformers by mlx-vlm's GELU approximation (tanh), ours do not."""
     import sys
 
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx
     from side_packages import mlx_vlm_dir
 
     sys.path.append(str(mlx_vlm_dir()))
