@@ -34,7 +34,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, WORK, machine, measure, save, table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, WORK, measure, save_result, table  # noqa: E402
 
 REPO = ROOT.parent
 OLD_COMMIT = "ada705f"
@@ -177,10 +179,9 @@ def main() -> None:
                 ["ratio", "peak RSS", "above baseline"]))
     for r in rows:
         r.pop("sha256")
-    data = {"machine": machine(), "config": vars(args), "recipe": "int4", "baseline_rss_mb": base, "rows": rows,
+    data = {"config": vars(args), "recipe": "int4", "baseline_rss_mb": base, "rows": rows,
             "ratios_peak_rss": ratios, "ratios_above_baseline": ratios_above}
-    path = save("calib-memory", data)
-    plot(rows, base, path.with_suffix(".png"))
+    path = save_result("calib-memory", data, png=lambda png: plot(rows, base, png))
     print(f"wrote {path} and {path.with_suffix('.png').name}")
 
 

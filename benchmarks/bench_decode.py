@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, machine, measure, save, table  # noqa: E402
+from common import WORK, measure, save_result, table  # noqa: E402
 
 MODEL = WORK / "decode-1g"
 ENGINES = ("onnx-fp32", "onnx-int4", "onnx-fp8", "mlx-fp32", "mlx-int4", "mlx-lm-fp32", "mlx-lm-4bit",
@@ -395,10 +395,9 @@ def report(runs: dict, models: dict, bw: float, args) -> None:
     goals = decode_goals(med)
     for k, v in goals.items():
         print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
-    out = {"machine": machine(), "bandwidth_gbs": bw, "prompt": args.prompt, "new": args.new, "runs": args.runs,
+    out = {"bandwidth_gbs": bw, "prompt": args.prompt, "new": args.new, "runs": args.runs,
            "threads": args.threads, "medians": med, "all_runs": runs, "goals": goals}
-    path = save("decode", out)
-    plot(med, path.with_suffix(".png"))
+    path = save_result("decode", out, png=lambda png: plot(med, png))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import MODEL, bandwidth_gbs, build_model, engine_model, l4_bytes_per_token  # noqa: E402
-from common import machine, measure, save, table  # noqa: E402
+from common import measure, save_result, table  # noqa: E402
 
 ENGINES = ("onnx-int4", "onnx-int4-kv8", "mlx-int4", "mlx-lm-on-l4-int4")
 NEW = 16  # decode steps timed after each prompt
@@ -108,7 +108,7 @@ def main() -> None:
             r = json.loads(m["output_tail"].strip().splitlines()[-1])
             r["process_peak_rss_mb"] = m["peak_rss_mb"]
             results[engine].append(r)
-            save(name, {"partial": True, "results": results})  # a long run keeps what it measured
+            save_result(name, {"partial": True, "results": results})  # a long run keeps what it measured
             print(f"{engine} {n}: ttft {r['ttft_s']:.1f} s ({r['prefill_tok_s']:.0f} tok/s), decode "
                   f"{r['decode_tok_s']:.1f} tok/s, peak RSS {r['process_peak_rss_mb']:.0f} MB, KV {r['kv_bytes'] / 1e6:.1f} MB")
     report(results, args, name)
@@ -158,9 +158,8 @@ def report(results: dict, args, name: str) -> None:
     goals = long_goals(results)
     for k, v in goals.items():
         print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
-    path = save(name, {"machine": machine(), "threads": args.threads, "decode_steps": NEW, "bandwidth_gbs": bw,
-                                 "results": results, "goals": goals})
-    plot(results, path.with_suffix(".png"))
+    path = save_result(name, {"threads": args.threads, "decode_steps": NEW, "bandwidth_gbs": bw, "results": results,
+                              "goals": goals}, png=lambda png: plot(results, png))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
 
 

@@ -14,10 +14,7 @@ Prints a table and writes benchmarks/results/mlx-<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import logging
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from common import write_checkpoint as common_write
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_result, write_checkpoint as common_write  # noqa: E402
 from l4export.demo import demo_config
 
 log = logging.getLogger("bench_mlx")
 HERE = Path(__file__).parent
 WORK = HERE / "work"
-RESULTS = HERE / "results"
 
 
 def scout_config(hidden: int, layers: int, experts: int, inter: int, vocab: int) -> dict:
@@ -104,7 +101,6 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     WORK.mkdir(exist_ok=True)
-    RESULTS.mkdir(exist_ok=True)
 
     # ~67 M parameters per layer at hidden 1024, 16 experts of width 1024; embeddings + head 65 M.
     hidden, experts, inter, vocab = 1024, 16, 1024, 32000
@@ -131,16 +127,13 @@ def main() -> None:
     decode = decode_speed(small_out, 16, args.decode_tokens)
 
     result = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": psutil.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1)},
         "checkpoint": {"bytes": size, "layers": layers, "hidden": hidden, "experts": experts, "dtype": "bfloat16"},
         "convert": {"l4export": ours, "mlx_lm": theirs,
                     "wall_ratio": round(ours["wall_s"] / theirs["wall_s"], 3),
                     "rss_ratio": round(ours["peak_rss_gb"] / theirs["peak_rss_gb"], 3)},
         "decode": decode,
     }
-    path = RESULTS / f"mlx-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = save_result("mlx", result)
     print(f"checkpoint: {size / 1e9:.2f} GB bf16, {layers} layers, {experts} experts, hidden {hidden}")
     print(f"{'':28}{'l4export':>12}{'mlx_lm':>12}{'ratio':>8}")
     print(f"{'convert wall (s)':28}{ours['wall_s']:>12}{theirs['wall_s']:>12}{result['convert']['wall_ratio']:>8}")

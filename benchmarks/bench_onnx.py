@@ -13,11 +13,8 @@ Prints a table and writes benchmarks/results/onnx-<date>.json. Checkpoints live 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -26,7 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import write_checkpoint as common_write
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_result, write_checkpoint as common_write  # noqa: E402
 
 log = logging.getLogger("bench_onnx")
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,8 +155,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                     "threads": args.threads}
+    results: dict = {"threads": args.threads}
     if not args.skip_convert:
         log.info("(a) conversion")
         results["convert"] = bench_convert(args.work, args.layers, args.threads)
@@ -175,9 +173,7 @@ def main() -> None:
                                       "e128_decode_ms": moe[128]["decode_ms_per_token"],
                                       "ratio": round(moe[128]["decode_ms_per_token"] / moe[16]["decode_ms_per_token"], 3),
                                       "goal": 1.3}
-    out = ROOT / "benchmarks" / "results" / f"onnx-{results['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = save_result("onnx", results)
 
     rows = []
     if "convert" in results:

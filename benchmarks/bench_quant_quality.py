@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, machine, measure, save, table  # noqa: E402
+from common import WORK, measure, save_result, table  # noqa: E402
 
 from l4export.demo import BOS, EOS, EOT, PAD, SPECIALS, byte_tokenizer_json  # noqa: E402
 
@@ -516,7 +516,7 @@ def main() -> None:
     calib_args = ["--calib", str(calib), "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(SEQ + 1)]
 
     rows: list[dict] = []
-    results: dict = {"machine": machine(), "data": {k: v for k, v in data.items() if k != "data"},
+    results: dict = {"data": {k: v for k, v in data.items() if k != "data"},
                      "train": train_info, "eval": {"windows": int(len(wins)), "predictions": int(wins.shape[0] * SEQ),
                                                    "seq": SEQ},
                      "calibration": {"file": calib.name, "samples": args.calib_samples, "seqlen": SEQ + 1},
@@ -604,10 +604,8 @@ def main() -> None:
     print()
     for k, v in goals.items():
         print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
-    path = save("quant-quality", results)
-    png = path.with_suffix(".png")
-    plot(V, png)
-    print(f"\nwrote {path} and {png}")
+    path = save_result("quant-quality", results, png=lambda png: plot(V, png))
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
 
 
 def plot(V: dict, png: Path) -> None:

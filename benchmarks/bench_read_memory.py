@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from common import WORK, machine, measure, save, scout_like_config, table, write_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WORK, measure, save_result, scout_like_config, table, write_checkpoint  # noqa: E402
 
 OURS_READ = """
 import sys
@@ -62,8 +64,8 @@ def main() -> None:
     ours = max(rows[1]["peak_rss_mb"], rows[2]["peak_rss_mb"])
     verdict = "PASS" if ours < largest + 300 else "FAIL"
     print(f"goal peak RSS < largest + 300 MB = {largest + 300:.0f} MB: {verdict} ({ours:.0f} MB)")
-    path = save("read-memory", {"machine": machine(), "checkpoint_mb": round(total), "shards": len(c.files),
-                                "largest_tensor_mb": round(largest, 1), "rows": rows, "goal": verdict})
+    path = save_result("read-memory", {"checkpoint_mb": round(total), "shards": len(c.files),
+                                       "largest_tensor_mb": round(largest, 1), "rows": rows, "goal": verdict})
     print(f"wrote {path}")
 
 

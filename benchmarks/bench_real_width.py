@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, machine, save, table  # noqa: E402
+from common import WORK, save_result, table  # noqa: E402
 
 GB = 1e9
 
@@ -250,7 +250,7 @@ def main() -> None:
     from l4export.demo import write_synthetic
 
     WORK.mkdir(parents=True, exist_ok=True)
-    res: dict = {"machine": machine(), "runs": {}}
+    res: dict = {"runs": {}}
     runs = [r for r in args.runs.split(",") if r]
     ckpts: dict[str, Path] = {}
     for kind, cfg in (("scout", scout_config()), ("scout2e", scout_config(experts=2)),
@@ -278,7 +278,7 @@ def main() -> None:
                            "weights_sha"]))
     for line in res["extrapolation"]:
         print(line)
-    print(f"wrote {save('real-width' + (f'-{args.tag}' if args.tag else ''), res)}")
+    print(f"wrote {save_result('real-width' + (f'-{args.tag}' if args.tag else ''), res)}")
 
 
 if __name__ == "__main__":

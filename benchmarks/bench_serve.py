@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, machine, save, table  # noqa: E402
+from common import WORK, save_result, table  # noqa: E402
 
 PROMPT = "def fibonacci(n):\n    "
 
@@ -117,7 +117,7 @@ def main() -> None:
     print(table(rows, list(rows[0])))
     for name, r in result.items():
         print(f"{'MET   ' if r['ratio'] >= 0.9 else 'MISSED'} {name}: served >= 0.9x rt.generate: {r['ratio']:.2f}x")
-    print(f"wrote {save('serve', {'machine': machine(), 'new_tokens': args.new, 'runs': args.runs, 'results': result})}")
+    print(f"wrote {save_result('serve', {'new_tokens': args.new, 'runs': args.runs, 'results': result})}")
 
 
 if __name__ == "__main__":

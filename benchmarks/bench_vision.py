@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, machine, measure, save, scout_like_config, table, write_checkpoint  # noqa: E402
+from common import WORK, measure, save_result, scout_like_config, table, write_checkpoint  # noqa: E402
 
 SCOUT_VISION = dict(hidden_size=1408, num_attention_heads=16, intermediate_size=5632, image_size=336, patch_size=14,
                     num_channels=3, pixel_shuffle_ratio=0.5, projector_input_dim=4096, projector_output_dim=4096,
@@ -180,9 +180,10 @@ def report(runs: dict[str, list[dict]], args) -> None:
     print(f"\nvision encoder, Scout widths, {args.layers} layers, {args.tiles} tile(s) per encode, {gflop:.1f} GFLOP "
           f"per tile, {args.threads} threads, medians of {args.runs} runs\n")
     print(table(rows, list(rows[0])))
-    path = save("vision", {"machine": machine(), "layers": args.layers, "tiles": args.tiles, "threads": args.threads,
-                           "gflop_per_tile": gflop, "median": med, "runs": runs})
-    plot(med, path.with_suffix(".png"), args.layers)
+    source = {"reported_from": args.source} if getattr(args, "source", None) else {}
+    path = save_result("vision", {"layers": args.layers, "tiles": args.tiles, "threads": args.threads,
+                                  "gflop_per_tile": gflop, "median": med, "runs": runs, **source},
+                       png=lambda png: plot(med, png, args.layers))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
 
 
@@ -208,7 +209,8 @@ def plot(med: dict[str, dict], png: Path, layers: int) -> None:
 def main_report_only(path: Path) -> None:
     data = json.loads(path.read_text())
     args = argparse.Namespace(layers=data["layers"], tiles=data["tiles"], threads=data["threads"],
-                              runs=len(next(iter(data["runs"].values()))))
+                              runs=len(next(iter(data["runs"].values()))),
+                              source={"file": str(path), "run": data.get("run")})
     report(data["runs"], args)
 
 
