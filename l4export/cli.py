@@ -273,7 +273,7 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
     from .folder import read_export_info
     from .runtimes.base import no_tokenizer
 
-    fmt = read_export_info(export).get("format")
+    fmt = read_export_info(export).format
     if prompt is not None and not (export / "tokenizer.json").is_file():
         raise no_tokenizer(export)
     if dtype is not None and fmt != "mlx":

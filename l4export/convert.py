@@ -10,7 +10,7 @@ Data flows one way: plan, read, lower, write.
 
 Each format's writer lives in ``exporter/`` and has the signature::
 
-    export_<format>(ckpt, out, plan, options, calib) -> dict   # extra l4export.json metadata
+    export_<format>(ckpt, out, plan, options, calib, ready) -> dict   # l4export.json's "<format>" section (folder.ExportInfo)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .errors import CapabilityError, MappingError, UsageError
 from .manifest import write_manifest
 from .outputs import atomic_output_dir, copy_files
 from .plan import ExportPlan, check_dtype, make_plan
-from .folder import EXPORT_INFO
+from .folder import ExportInfo, QuantInfo
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,10 @@ def _check_tmp_dir(options: ExportOptions) -> None:
         raise UsageError(f"{d}: --tmp-dir is not a writable folder; create it or choose another")
 
 
-def _write(ckpt: Checkpoint, tmp: Path, plan: ExportPlan, options: ExportOptions, writer, stack: ExitStack) -> dict:
-    """Calibrate (if asked), quantize ahead (with --ray), then run the format's writer into ``tmp``."""
+def _write(ckpt: Checkpoint, tmp: Path, plan: ExportPlan, options: ExportOptions, writer,
+           stack: ExitStack) -> tuple[dict, dict | None]:
+    """Calibrate (if asked), quantize ahead (with --ray), then run the format's writer into ``tmp``. Returns the
+    writer's l4export.json section and what calibration ran on (samples, tokens, method), or None."""
     from .distributed import workers_for
 
     workers = workers_for(options.ray, tmp)
@@ -181,7 +183,15 @@ def _write(ckpt: Checkpoint, tmp: Path, plan: ExportPlan, options: ExportOptions
                                workers, tmp)
         stack.callback(store.close)
         ready = store if calib is None else ChainMap(calib.tensors, store)  # type: ignore[arg-type]
-    return writer(ckpt, tmp, plan, options, calib, ready) or {}
+    section = writer(ckpt, tmp, plan, options, calib, ready)
+    ran = None if calib is None else {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
+    return section, ran
+
+
+def _quant_info(plan: ExportPlan, calibration: dict | None) -> QuantInfo | None:
+    if plan.recipe is None:
+        return None
+    return QuantInfo(plan.recipe.name, calibration is not None, calibration, len(plan.quantized), dict(plan.adapted))
 
 
 def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, force: bool = False) -> Path:
@@ -208,21 +218,10 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
         from .exporter.mlx import export_mlx as writer
     with atomic_output_dir(out, force=force) as tmp:
         with ExitStack() as stack:  # workers, spilled codes: gone before the manifest is written
-            extra = _write(ckpt, tmp, plan, options, writer, stack)
-        tokenizer = copy_files(ckpt.tokenizer_files(), tmp)
-        info = {
-            "format": options.format,
-            "dtype": options.dtype,
-            "target": options.target,
-            "quantization": None if options.quant is None else getattr(options.quant, "name", str(options.quant)),
-            **({"quantization_adapted": plan.adapted} if plan.adapted else {}),
-            "source": str(Path(checkpoint).resolve()),
-            "source_layout": ckpt.spec.layout,
-            "vision": vision_info(ckpt, options) if plan.vision else None,
-            "tokenizer_files": tokenizer,
-            **extra,
-        }
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+            section, calibration = _write(ckpt, tmp, plan, options, writer, stack)
+        ExportInfo(options.format, options.dtype, options.target, str(Path(checkpoint).resolve()), ckpt.spec.layout,
+                   copy_files(ckpt.tokenizer_files(), tmp), _quant_info(plan, calibration),
+                   vision_info(ckpt, options) if plan.vision else None, **{options.format: section}).write(tmp)
         write_manifest(tmp)  # last: the sha256 of every file (l4export inspect OUT --check)
     log.info("wrote %s", out)
     return out

@@ -1,4 +1,5 @@
-"""The export folder as a contract: what is in it, measured from disk.
+"""The export folder as a contract: l4export.json (ExportInfo, read and written here only), and what the folder holds,
+measured from disk.
 
 ``export_tensor_bytes`` is the quantity the plan predicts (``plan.ExportPlan.total``); tests/test_quant_size.py checks
 the two equal on real exports of the tiny models, tensor byte for byte.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import re
 import struct
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +51,58 @@ def export_tensor_bytes(path: str | Path) -> int:
     return total
 
 
-def read_export_info(path: Path) -> dict:
-    """The export's l4export.json (UsageError: not an export; ExportError: damaged)."""
+@dataclass(frozen=True)
+class QuantInfo:
+    """What both formats record of their quantization."""
+
+    recipe: str
+    calibrated: bool = False
+    calibration: dict[str, Any] | None = None  # {"samples", "tokens", "method"} when calibrated
+    tensors: int = 0  # tensors stored quantized
+    adapted: dict[str, str] = field(default_factory=dict)  # preset tensors changed to fit: name -> "from -> to"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """l4export.json, typed: written once by convert.py, read by the runtimes, inspect and verify."""
+
+    format: str  # onnx | mlx
+    dtype: str  # compute dtype
+    target: str  # onnx: cpu | cuda; mlx: cpu (any)
+    source: str = ""  # the checkpoint folder it came from
+    source_layout: str = ""  # multimodal | text
+    tokenizer_files: list[str] = field(default_factory=list)
+    quant: QuantInfo | None = None  # None: float
+    vision: dict[str, Any] | None = None  # tile_size, tokens_per_tile, image_token_id, max_patches, max_images
+    onnx: dict[str, Any] | None = None  # exporter/onnx.py: the graph files and their facts
+    mlx: dict[str, Any] | None = None  # exporter/mlx.py: the shards and what mlx-lm can run
+
+    @property
+    def quantization(self) -> str | None:
+        """The recipe's name, None for a float export."""
+        return None if self.quant is None else self.quant.recipe
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: d[k] for k in ("format", "dtype", "target")} | {"quantization": self.quantization} | {
+            k: v for k, v in d.items() if k not in ("format", "dtype", "target") and not (k in ("onnx", "mlx") and v is None)}
+
+    def write(self, folder: Path) -> None:
+        (Path(folder) / EXPORT_INFO).write_text(json.dumps(self.to_json(), indent=2, default=str))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: Path) -> "ExportInfo":
+        try:
+            quant = d.get("quant")
+            return cls(**{k: d[k] for k in ("format", "dtype", "target")},
+                       **{k: d[k] for k in ("source", "source_layout", "tokenizer_files", "vision", "onnx", "mlx") if k in d},
+                       quant=None if quant is None else QuantInfo(**quant))
+        except (KeyError, TypeError) as err:
+            raise ExportError(f"{where}: {err} is missing or not what l4export writes; convert the export again") from None
+
+
+def read_export_info(path: Path) -> ExportInfo:
+    """The export's l4export.json (UsageError: not an export; ExportError: damaged or from an older l4export)."""
     p = Path(path) / EXPORT_INFO
     if not p.is_file():
         raise UsageError(f"{path}: not an l4export export (no {EXPORT_INFO}); run 'l4export convert' first")
@@ -59,7 +112,7 @@ def read_export_info(path: Path) -> dict:
         info = None
     if not isinstance(info, dict):
         raise ExportError(f"{p}: not the JSON object l4export writes; the export is damaged, convert it again")
-    return info
+    return ExportInfo.from_json(info, p)
 
 
-__all__ = ["EXPORT_INFO", "export_tensor_bytes", "read_export_info"]
+__all__ = ["EXPORT_INFO", "ExportInfo", "QuantInfo", "export_tensor_bytes", "read_export_info"]

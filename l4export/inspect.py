@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -204,10 +205,9 @@ def describe_export(path: Path) -> dict[str, Any]:
 
     info = read_export_info(path)
     files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
-    return {"path": str(path), "export": True, "format": info.get("format"), "dtype": info.get("dtype"),
-            "target": info.get("target"), "quantization": info.get("quantization"),
-            "quantization_adapted": info.get("quantization_adapted"), "vision": info.get("vision"),
-            "source": info.get("source"), "files": files, "bytes": sum(files.values())}
+    return {"path": str(path), "export": True, "format": info.format, "dtype": info.dtype, "target": info.target,
+            "quantization": info.quantization, "quant": None if info.quant is None else asdict(info.quant),
+            "vision": info.vision, "source": info.source, "files": files, "bytes": sum(files.values())}
 
 
 def format_export(d: dict[str, Any]) -> str:

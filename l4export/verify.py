@@ -35,6 +35,7 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 
 from .errors import UsageError
+from .folder import ExportInfo
 from .spec import Llama4Spec, load_spec
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,14 @@ THRESHOLDS: dict[str, Threshold] = {
 }
 
 
-def threshold_for(info: dict[str, Any]) -> tuple[str, Threshold]:
-    quant = info.get("quantization")
+def threshold_for(info: ExportInfo) -> tuple[str, Threshold]:
+    quant = info.quantization
     if quant:
         key = next((k for k in THRESHOLDS if k in str(quant).lower() and k not in ("float32", "float16", "bfloat16")), None)
         if key is None:
             raise UsageError(f"verify has no threshold for quantization {quant!r}; add a row to l4export.verify.THRESHOLDS")
         return key, THRESHOLDS[key]
-    dtype = str(info.get("dtype", "float32"))
+    dtype = info.dtype
     if dtype not in THRESHOLDS:
         raise UsageError(f"verify has no threshold for dtype {dtype!r}; add a row to l4export.verify.THRESHOLDS")
     return dtype, THRESHOLDS[dtype]
@@ -396,8 +397,8 @@ def verify(export: str | Path, reference: str | Path, prompts: Path | None = Non
     plist = [Prompt(n, ids) for n, ids in (read_prompts(prompts, rt) if prompts is not None else default_prompts(rt.spec))]
     plist += image_prompts(rt, list(images)) if images else []
     ref = _Reference(reference, bool(images))
-    report = Report(str(export), str(reference), str(rt.info.get("format")), str(rt.info.get("dtype")),
-                    rt.info.get("quantization"), key, thr, kv_dtype=kv_dtype)
+    report = Report(str(export), str(reference), rt.info.format, rt.info.dtype, rt.info.quantization, key, thr,
+                    kv_dtype=kv_dtype)
     for p in plist:
         res = _check_prompt(p, rt, ref, thr, greedy_tokens)
         if float_cache is not None:

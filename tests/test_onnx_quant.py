@@ -225,7 +225,7 @@ def test_calibrated_int4_export_writes_report_and_runs(scout, tmp_path):
     assert report["calibration"]["samples"] == 4
     assert not list(out.glob("l4export-calib-*")) and not list(out.parent.glob(".*"))  # spilled codes are gone
     info = json.loads((out / "l4export.json").read_text())
-    assert info["onnx"]["quant"]["calibrated"] is True
+    assert info["quant"]["calibrated"] is True and info["quant"]["calibration"]["samples"] == 4
     rt, ref = load_runtime(out), ReferenceRunner(scout)
     ids = default_prompts(rt.spec)[2][1]
     m = compare(ref.logits(ids), rt.logits(ids))

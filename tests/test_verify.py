@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from l4export.cli import main  # noqa: E402
 from l4export.errors import UsageError  # noqa: E402
+from l4export.folder import ExportInfo, QuantInfo  # noqa: E402
 from l4export.verify import THRESHOLDS, compare, read_prompts, threshold_for  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,12 +44,12 @@ def test_compare_metrics():
 
 
 def test_thresholds_table():
-    assert threshold_for({"dtype": "float32"}) == ("float32", THRESHOLDS["float32"])
-    assert threshold_for({"dtype": "float16"})[1].kl == 1e-3
-    assert threshold_for({"dtype": "bfloat16"})[1].kl == 1e-2
-    assert threshold_for({"dtype": "float16", "quantization": "int4-g32"})[0] == "int4"
+    assert threshold_for(ExportInfo("onnx", "float32", "cpu")) == ("float32", THRESHOLDS["float32"])
+    assert threshold_for(ExportInfo("onnx", "float16", "cpu"))[1].kl == 1e-3
+    assert threshold_for(ExportInfo("mlx", "bfloat16", "cpu"))[1].kl == 1e-2
+    assert threshold_for(ExportInfo("onnx", "float16", "cpu", quant=QuantInfo("int4-g32")))[0] == "int4"
     with pytest.raises(UsageError):
-        threshold_for({"dtype": "float16", "quantization": "mystery"})
+        threshold_for(ExportInfo("onnx", "float16", "cpu", quant=QuantInfo("mystery")))
 
 
 def test_prompts_file(tmp_path, scout_export):

@@ -229,7 +229,7 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype,
 
 def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None,
                ready: Any = None) -> dict[str, Any]:
-    """Write the MLX export of ``ckpt`` into ``out`` (already the temporary folder). Returns extra metadata.
+    """Write the MLX export of ``ckpt`` into ``out`` (already the temporary folder). Returns l4export.json's "mlx" section.
     ``calib``: convert's calibration result (GPTQ tensors), or None for round to nearest; ``ready``: quantized
     tensors made ahead of the writer (--ray), the calibrated ones included."""
     spec = ckpt.spec
@@ -252,7 +252,6 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
 
             write_report(out, calib, shapes, plan.recipe.name, float_bytes=dtype.itemsize,
                          uncalibrated=report_inputs(ckpt, plan)[1], adapted=plan.adapted)
-            extra["calibration"] = {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
         made = ready if ready is not None else calib.tensors if calib is not None else {}
         if quantized:
             qcfg = quantization_config(shapes, quantized)
@@ -261,7 +260,6 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
         else:  # no group size MLX reads divides any tensor (plan.adapted says why): a float export, no config entry
             log.warning("recipe %s quantizes no tensor of this model (no MLX group size fits its widths); the export "
                         "is float", plan.recipe.name)
-        extra["quantized_tensors"] = len(quantized)
         log.info("MLX quantized export: %d tensors quantized (%s), %s", len(quantized),
                  ", ".join(sorted({s.name for s in quantized.values()})), "GPTQ-calibrated" if calib is not None else "round to nearest")
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -394,7 +394,7 @@ class DecoderBuilder:
 def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None,
                 ready: Any = None) -> dict[str, Any]:
     """Write the decoder, its external data and genai_config.json into ``out`` (with the vision path: vision.onnx,
-    embedding.onnx and model.embeds.onnx too); return l4export.json extras. ``calib``: convert's calibration result
+    embedding.onnx and model.embeds.onnx too); return l4export.json's "onnx" section. ``calib``: convert's calibration result
     (quantized tensors and FP8 input scales), or None."""
     quantized = ready if ready is not None else None if calib is None else calib.tensors  # made ahead of the writer
     builder = DecoderBuilder(ckpt, plan, quantized, None if calib is None else calib.act_scales)
@@ -421,12 +421,11 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
     cfg = genai_config(ckpt.spec, plan.dtype, plan.target, plan.vision)
     cfg["model"]["decoder"]["filename"] = info["genai_decoder"]
     (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
-    if plan.recipe is not None:
-        info["quant"] = {"recipe": plan.recipe.name, "calibrated": calib is not None, "nodes": dict(builder.lo.counts),
-                         "weight_bytes": total, **builder.lo.meta}
+    if plan.recipe is not None:  # (the recipe, calibration and adapted tensors: ExportInfo.quant, by convert)
+        info["quant"] = {"nodes": dict(builder.lo.counts), "weight_bytes": total, **builder.lo.meta}
         if calib is not None:
             from ..quant.report import report_inputs, write_report
 
             shapes, extra = report_inputs(ckpt, plan)
             write_report(out, calib, shapes, plan.recipe.name, uncalibrated=extra, adapted=plan.adapted)
-    return {"onnx": info}
+    return info

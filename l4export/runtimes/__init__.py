@@ -15,7 +15,7 @@ def load_runtime(path: str | Path, provider: str | None = None, dtype: str | Non
     prompt tokens per step (default min(2048, attention_chunk_size)); kv_dtype: quantize the KV cache at run time
     ("int8"; "fp8" on MLX and ONNX Runtime CUDA), None for the compute dtype.
     """
-    fmt = read_export_info(Path(path)).get("format")
+    fmt = read_export_info(Path(path)).format
     if fmt == "onnx":
         from .onnx import OnnxRuntime
 

@@ -242,11 +242,11 @@ class Runtime(ABC):
     @property
     def vision(self) -> VisionSpec | None:
         """The vision path this export runs, or None (text only)."""
-        return self.spec.vision if self.info.get("vision") else None
+        return self.spec.vision if self.info.vision else None
 
     @property
     def max_images(self) -> int:
-        return int((self.info.get("vision") or {}).get("max_images", 0))
+        return int((self.info.vision or {}).get("max_images", 0))
 
     def process_images(self, images: Sequence[Any]) -> list[ProcessedImage]:
         """Preprocess images as transformers' Llama 4 processor does (``l4export.image``)."""
@@ -258,7 +258,7 @@ class Runtime(ABC):
         if len(images) > self.max_images:
             raise ImageError(f"{len(images)} images given; this export takes at most {self.max_images} per prompt "
                              "(convert with --max-images N for more)")
-        patches = int(self.info["vision"].get("max_patches", 16))
+        patches = int(self.info.vision.get("max_patches", 16))
         return [preprocess(im, vs.image_size, patches, where=f"image {n + 1}") for n, im in enumerate(images)]
 
     def image_features(self, processed: Sequence[ProcessedImage]) -> np.ndarray:

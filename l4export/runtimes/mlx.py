@@ -140,7 +140,7 @@ class MlxRuntime(Runtime):
         spec = self.spec
         if spec.top_k < 1 or spec.top_k > spec.num_experts:
             raise CheckpointError(f"{path}: num_experts_per_tok={spec.top_k} outside 1..{spec.num_experts}")
-        stored = str(self.info.get("dtype") or spec.torch_dtype)
+        stored = str(self.info.dtype or spec.torch_dtype)
         self.dtype_name = pick_dtype(stored, dtype)
         self.dtype = getattr(mx, self.dtype_name)
         self.w = self._load_weights()

@@ -61,30 +61,31 @@ class OnnxRuntime(Runtime):
     def __init__(self, path: str | Path, provider: str | None = None, threads: int | None = None,
                  prefill_step: int | None = None, kv_dtype: str | None = None):
         super().__init__(path, prefill_step)
+        self.files = self.info.onnx or {}  # l4export.json's "onnx" section: the graph files (exporter/onnx.py)
         try:
             import onnxruntime as ort
         except ImportError:
             raise UsageError("running ONNX exports needs onnxruntime: pip install onnxruntime") from None
         self.ort = ort
-        provider = provider or ("cuda" if self.info.get("target") == "cuda" else "cpu")
+        provider = provider or ("cuda" if self.info.target == "cuda" else "cpu")
         model = self._model_file(kv_dtype, provider)
         if provider not in PROVIDERS:
             raise UsageError(f"--provider {provider!r} is not one of {', '.join(PROVIDERS)}")
         ep = PROVIDERS[provider]
         if ep not in ort.get_available_providers():
             raise CapabilityError(f"{self.path}: ONNX Runtime here has no {ep}; install onnxruntime-gpu or use --provider cpu")
-        if provider == "cpu" and self.info.get("dtype") == "bfloat16":
+        if provider == "cpu" and self.info.dtype == "bfloat16":
             raise CapabilityError(f"{self.path}: a bfloat16 export needs --provider cuda (ORT CPU has no bfloat16 MoE)")
         self._options, self._providers = session_options(threads), [ep]
         self.session = self._open(model.name)
         self.embedding = None  # embedding.onnx, for exports with the vision path
         self._vision = None  # vision.onnx, opened on the first image
         if self.vision is not None:
-            self.embedding = self._open(self.info["onnx"]["embedding"])
+            self.embedding = self._open(self.files["embedding"])
         if "cache_start" not in {i.name for i in self.session.get_inputs()}:
             raise UsageError(f"{self.path}: exported by an older l4export (no in-place KV cache); convert it again")
         self.provider, self.device = provider, ("cuda" if provider == "cuda" else "cpu")
-        self.plain = self.info.get("onnx", {}).get("attention", "gqa") == "plain"  # capabilities.ATTENTION_FORMS
+        self.plain = self.files.get("attention", "gqa") == "plain"  # capabilities.ATTENTION_FORMS
         kv = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_dtype = KV_DTYPES.get(kv.type, np.float16)
         self.kv_quant = kv_dtype  # None: the cache is in the compute dtype
@@ -107,7 +108,7 @@ class OnnxRuntime(Runtime):
                               "incomplete, convert it again") from None
 
     def _model_file(self, kv_dtype: str | None, provider: str) -> Path:
-        info = self.info.get("onnx", {})
+        info = self.files
         embeds = self.vision is not None  # the decoder on inputs_embeds (embedding.onnx places the image features)
         name = info["embeds_decoder"] if embeds else info.get("model", "model.onnx")
         if kv_dtype is not None:
@@ -187,7 +188,7 @@ class OnnxRuntime(Runtime):
     # ---- one step ---------------------------------------------------------------------------------------
     def _encode_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
         if self._vision is None:
-            self._vision = self._open(self.info["onnx"]["vision"]["model"])
+            self._vision = self._open(self.files["vision"]["model"])
         x = pixel_values.astype(KV_DTYPES[self._vision.get_inputs()[0].type], copy=False)
         return self._vision.run(None, {"pixel_values": x})[0].astype(np.float32, copy=False)
 
