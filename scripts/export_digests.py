@@ -44,9 +44,13 @@ def checkpoints(work: Path) -> dict[str, Path]:
     return out
 
 
-def calib_text(work: Path) -> Path:
-    path = work / "calib.txt"
-    path.write_text("\n".join(f"def f{i}(x):\n    return x * {i} + {i * 7}" for i in range(64)))
+def calib_ids(work: Path) -> Path:
+    """Token ids (the tiny test checkpoints have no tokenizer), the same every run."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = work / "calib.json"
+    path.write_text(json.dumps([rng.integers(4, 256, 32).tolist() for _ in range(8)]))
     return path
 
 
@@ -61,7 +65,7 @@ def run(work: Path) -> dict[str, dict[str, str]]:
     from l4export.quant.recipe import load_recipe
 
     result = {}
-    calib = calib_text(work)
+    calib = calib_ids(work)
     (work / "exports").mkdir(parents=True, exist_ok=True)
     for name, src in checkpoints(work).items():
         for fmt in ("onnx", "mlx"):
