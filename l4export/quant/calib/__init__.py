@@ -46,18 +46,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from ..distributed import LocalWorkers
-from ..errors import UsageError
-from ..heap import ACTIVATIONS, WEIGHTS, give_back, mapped_from
-from ..spec import LayerSpec
-from ..torch_llama4 import RowBuffer, attention_block, expert_hidden, mlp, rms, route, routed_inputs, times_t
-from . import tiles
-from .activations import ACTIVATION_FILES, Routed, Samples
-from .gptq import F64_MAX_K, factored, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
-from .recipe import Recipe
-from .schemes import AnyScheme, Fp8, QTensor, assembled, db
-from .spill import ArrayFile, Part, SpilledTensors, save_part
+from ...checkpoint import Checkpoint
+from ...distributed import LocalWorkers
+from ...errors import UsageError
+from ...heap import ACTIVATIONS, WEIGHTS, give_back, mapped_from
+from ...spec import LayerSpec
+from ...torch_llama4 import RowBuffer, attention_block, expert_hidden, mlp, rms, route, routed_inputs, times_t
+from .. import tiles
+from ..activations import ACTIVATION_FILES, Routed, Samples
+from ..gptq import F64_MAX_K, factored, gptq, one_thread, output_sqnr, sampled_rows, working_dtype
+from ..recipe import Recipe
+from ..schemes import AnyScheme, Fp8, QTensor, assembled, db
+from ..spill import ArrayFile, Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
 
