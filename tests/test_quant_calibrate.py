@@ -517,7 +517,7 @@ def test_tiled_dense_hessians_calibrate_as_in_memory(monkeypatch, maverick):
     so that inputs are split across additions) gives the codes and statistics of in-memory Hessians: the
     calibration path of Maverick's 16384-wide dense MLP, checked where the in-memory one still fits."""
     from l4export.quant import tiles
-    from l4export.quant.calib import _TiledAcc
+    from l4export.quant.calib.hessian import _TiledAcc
 
     ck = Checkpoint(maverick)
     recipe = _int4(ck)
