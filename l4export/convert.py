@@ -4,7 +4,7 @@ Data flows one way: plan, read, lower, write.
 
     Checkpoint(path)          headers only: the spec and the canonical lazy tensors (names.py)
     make_plan(spec, ...)      every refusal, before any weight is read (plan.py)
-    calibrate(...)            once, when --calib is given: GPTQ tensors spilled to disk (quant/calibrate.py)
+    calibrate(...)            once, when --calib is given: GPTQ tensors spilled to disk (quant/calib/)
     export_<format>(...)      streams each tensor from the checkpoint into the temporary output folder
     l4export.json             what the runtimes read to know what they hold
 
