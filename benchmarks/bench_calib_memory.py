@@ -48,7 +48,10 @@ import hashlib, json, resource, sys, time
 import numpy as np
 import l4export
 from l4export.checkpoint import Checkpoint
-from l4export.quant.calibrate import CalibOptions, calibrate
+try:
+    from l4export.quant.calib import CalibOptions, calibrate
+except ImportError:  # the old tree: one module, quant/calibrate.py
+    from l4export.quant.calibrate import CalibOptions, calibrate
 from l4export.quant.recipe import PRESETS
 
 ck = Checkpoint(sys.argv[1])
@@ -68,7 +71,7 @@ print(json.dumps({"module": l4export.__file__, "calib_s": round(seconds, 2), "ca
                   "tensors": len(res.tensors), "sha256": h.hexdigest()}))
 """
 
-BASELINE = "import torch, numpy, l4export.quant.calibrate"
+BASELINE = "import torch, numpy, l4export.quant.calib"
 
 
 def old_tree() -> Path:
@@ -141,7 +144,7 @@ def main() -> None:
     ids.write_text(json.dumps([rng.integers(4, 300, size=128).tolist() for _ in range(max(1, args.tokens // 128))]))
     base = measure([sys.executable, "-c", BASELINE], env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})["peak_rss_mb"]
     sys.path.insert(0, str(REPO))
-    from l4export.quant.calibrate import expert_bytes
+    from l4export.quant.calib import expert_bytes
 
     small = 16 * expert_bytes(args.hidden, args.inter)
     impls = {"old": None, "new": None, "new-16e-budget": small}

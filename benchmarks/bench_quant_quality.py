@@ -339,7 +339,7 @@ def awq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme,
 def gptq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme) -> dict[str, np.ndarray]:
     """l4export's own calibration (per-expert GPTQ with the layer prior), restricted to the routed experts."""
     from l4export.checkpoint import Checkpoint
-    from l4export.quant.calibrate import CalibOptions, calibrate
+    from l4export.quant.calib import CalibOptions, calibrate
     from l4export.quant.recipe import Recipe, Rule
 
     recipe = Recipe("experts-only", (Rule("*.feed_forward.experts.*", scheme),))

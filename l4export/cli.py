@@ -227,7 +227,7 @@ def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: st
     if calib is not None:
         if quant is None:
             raise click.UsageError("--calib needs --quant")
-        from .quant.calibrate import CalibOptions
+        from .quant.calib import CalibOptions
 
         options.calib = CalibOptions(path=calib, samples=calib_samples, seqlen=calib_seqlen)
     run_convert(checkpoint, out, options, force=force)

@@ -4,7 +4,7 @@ Data flows one way: plan, read, lower, write.
 
     Checkpoint(path)          headers only: the spec and the canonical lazy tensors (names.py)
     make_plan(spec, ...)      every refusal, before any weight is read (plan.py)
-    calibrate(...)            once, when --calib is given: GPTQ tensors spilled to disk (quant/calibrate.py)
+    calibrate(...)            once, when --calib is given: GPTQ tensors spilled to disk (quant/calib/)
     export_<format>(...)      streams each tensor from the checkpoint into the temporary output folder
     l4export.json             what the runtimes read to know what they hold
 
@@ -46,7 +46,7 @@ class ExportOptions:
     dtype: str = "float32"
     target: str = "cpu"  # onnx: cpu | cuda; mlx: any
     quant: Any = None  # a quant.recipe.Recipe, or None for float
-    calib: Any = None  # a quant.calibrate.CalibOptions, or None
+    calib: Any = None  # a quant.calib.CalibOptions, or None
     text_only: bool = False  # leave a multimodal checkpoint's vision tower and projector out
     max_images: int = 8  # images a prompt may carry (runtimes refuse more)
     max_shard_bytes: int = 2 * 1024**3
@@ -72,7 +72,7 @@ def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: 
     from dataclasses import replace
 
     from .quant.calib_data import read_calibration
-    from .quant.calibrate import calibrate, spill_next_to
+    from .quant.calib import calibrate, spill_next_to
 
     c = options.calib
     if options.tmp_dir is not None and options.ray is None:

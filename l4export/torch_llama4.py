@@ -1,6 +1,6 @@
 """The Llama 4 decoder layer in torch, float32: transformers' ``Llama4TextDecoderLayer`` re-implemented from the spec.
 
-This is l4export's one torch copy of the layer. Calibration (``quant/calibrate.py``) runs it in pieces, with a capture
+This is l4export's one torch copy of the layer. Calibration (``quant/calib/``) runs it in pieces, with a capture
 hook on the input of every linear; ``layer_forward`` is the whole layer. The tests hold it to transformers' own
 decoder layers (``runtimes/reference.py``, which runs the transformers model itself and copies none of this).
 torch is imported inside the functions, so importing this module needs no torch.
@@ -143,7 +143,7 @@ ROW_BYTES = 32 << 20  # times_t's default step: output rows of at most 32 MB of 
 
 def linear(x, W, name: str):
     """x @ W[name].T -> [T, out] float32. ``W[name]`` is a float32 tensor or anything ``times_t`` reads:
-    calibration's weights (``calibrate._Weights``) hand out matrices as stored (16-bit, or quantized codes) and a
+    calibration's weights (``calib.weights._Weights``) hand out matrices as stored (16-bit, or quantized codes) and a
     buffer ``W.buf`` to make their rows float32 in, so that a 16384-wide one is never float32 whole (0.34 GB)."""
     return times_t(x, W[name], buf=getattr(W, "buf", None))
 

@@ -15,7 +15,7 @@ import pytest
 
 from l4export.convert import ExportOptions, convert
 from l4export.distributed import KILL_ENV
-from l4export.quant.calibrate import CalibOptions
+from l4export.quant.calib import CalibOptions
 from l4export.quant.recipe import load_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -26,7 +26,7 @@ from l4export.cli import main  # noqa: E402
 from l4export.convert import ExportOptions, convert  # noqa: E402
 from l4export.errors import CapabilityError, RecipeError  # noqa: E402
 from l4export.quant.calib_data import read_calibration  # noqa: E402
-from l4export.quant.calibrate import CalibOptions, calibrate  # noqa: E402
+from l4export.quant.calib import CalibOptions, calibrate  # noqa: E402
 from l4export.quant.pack import to_matmul_fp8, to_qmoe_fp8  # noqa: E402
 from l4export.quant.recipe import PRESETS, Recipe, Rule, load_recipe  # noqa: E402
 from l4export.quant.schemes import FP8, Fp8  # noqa: E402

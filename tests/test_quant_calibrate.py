@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from l4export.checkpoint import Checkpoint  # noqa: E402
 from l4export.errors import UsageError  # noqa: E402
 from l4export.quant.calib_data import read_calibration  # noqa: E402
-from l4export.quant.calibrate import CalibOptions, calibrate  # noqa: E402
+from l4export.quant.calib import CalibOptions, calibrate  # noqa: E402
 from l4export.plan import make_plan  # noqa: E402
 from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes  # noqa: E402
 from l4export.quant.report import write_report  # noqa: E402
@@ -191,7 +191,7 @@ def _snapshot(res):
 def test_expert_batches_equal_one_batch(maverick):
     """Batches of 5 of Maverick's 128 experts (the last one short) give the tensors, FP8 static scales and
     statistics of one batch holding every expert, bit for bit."""
-    from l4export.quant.calibrate import expert_batch_size, expert_bytes
+    from l4export.quant.calib import expert_batch_size, expert_bytes
     from l4export.quant.schemes import Fp8
 
     ck = Checkpoint(maverick)
@@ -517,7 +517,7 @@ def test_tiled_dense_hessians_calibrate_as_in_memory(monkeypatch, maverick):
     so that inputs are split across additions) gives the codes and statistics of in-memory Hessians: the
     calibration path of Maverick's 16384-wide dense MLP, checked where the in-memory one still fits."""
     from l4export.quant import tiles
-    from l4export.quant.calibrate import _TiledAcc
+    from l4export.quant.calib.hessian import _TiledAcc
 
     ck = Checkpoint(maverick)
     recipe = _int4(ck)

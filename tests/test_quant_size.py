@@ -86,7 +86,7 @@ def test_asymmetric_int_and_mxfp8_plans_equal_exports(scout, tmp_path):
 def test_block_and_static_fp8_plans_equal_exports(scout, tmp_path):
     """Square-block FP8 (CPU: tiles; CUDA: QMoE fp8 tiles and MatMulBlockQuantizedFp8Weight's per-row b_scale) and
     static activation scales (one 4-byte input scale per applied linear, one per MoE layer)."""
-    from l4export.quant.calibrate import CalibOptions
+    from l4export.quant.calib import CalibOptions
 
     spec = load_spec(scout)
     floats = (Rule("*.feed_forward.router.weight", None), Rule("*norm.weight", None), Rule("model.embed_tokens.weight", None))

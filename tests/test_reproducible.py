@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from l4export.cli import main
 from l4export.convert import ExportOptions, convert
-from l4export.quant.calibrate import CalibOptions
+from l4export.quant.calib import CalibOptions
 from l4export.quant.recipe import load_recipe
 
 

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .calibrate import CalibResult
+from .calib import CalibResult
 from .schemes import QTensor
 from ..names import component
 

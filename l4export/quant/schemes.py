@@ -6,7 +6,7 @@ never one scale across experts.
 
     grouped view:  w [..., out, in] -> wg [..., out, G, g]      G = in / g, one (scale, zero) per [.., out, G]
 
-The grouped view is also what GPTQ (calibrate.py) uses: ``fit`` picks (scale, zero) for a group and
+The grouped view is also what GPTQ (gptq.py) uses: ``fit`` picks (scale, zero) for a group and
 ``snap`` rounds values onto that group's grid, one column at a time.
 
 Code conventions (what the packers in ``pack.py`` expect):
