@@ -61,7 +61,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 def run(work: Path) -> dict[str, dict[str, str]]:
     from l4export.convert import ExportOptions, convert
-    from l4export.quant.calibrate import CalibOptions
+    from l4export.quant.calib import CalibOptions
     from l4export.quant.recipe import load_recipe
 
     result = {}
