@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,25 +21,13 @@ import numpy as np
 from .errors import CheckpointError, MappingError, UsageError
 from .names import (IGNORED, SCALE_SUFFIXES, Match, canonical_shapes, is_vision, match, normalise_prefix, source_shape,
                     vision_shapes)
+from .safetensors_codec import DTYPES
+from .safetensors_codec import read_header as read_safetensors_header
 from .spec import Llama4Spec, load_spec
 
 log = logging.getLogger(__name__)
-
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
 FLOAT8 = np.dtype(ml_dtypes.float8_e4m3fn)
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
 
 
 @dataclass(frozen=True)
@@ -99,23 +86,8 @@ def _range(index: slice, size: int, name: str) -> tuple[int, int]:
 def read_header(path: Path) -> dict[str, SourceTensor]:
     """Parse a safetensors header and check every tensor's byte range against the file."""
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: {size} bytes, too short to be a safetensors file; re-download it")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > _MAX_HEADER:
-            raise CheckpointError(
-                f"{path}: header length {n} is larger than the file ({size} bytes); the file is truncated or not safetensors"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: header is not valid JSON; the file is corrupt or not safetensors") from None
-    base = 8 + n
+    header, base = read_safetensors_header(path)
     out: dict[str, SourceTensor] = {}
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt or not safetensors")
     for name, info in header.items():
         if name == "__metadata__":
             continue

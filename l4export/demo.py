@@ -22,6 +22,7 @@ import numpy as np
 
 from .names import assemble, canonical_shapes, source_layout, vision_shapes
 from .outputs import PendingTensor, atomic_output_dir, write_sharded
+from .safetensors_codec import encode_header
 from .spec import Llama4Spec, spec_from_config
 
 SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>",
@@ -202,21 +203,15 @@ def write_synthetic(out: str | Path, config: dict, fill: str = "random", seed: i
     shapes = {src: shape for src, (shape, _, _) in source_layout(spec, spec.layout).items()}
     if spec.vision is not None:
         shapes.update(vision_shapes(spec.vision, spec.hidden_size))
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "l4export": f"synthetic-{fill}"}}
-    offset = 0
-    for name, shape in shapes.items():
-        n = 2 * int(np.prod(shape, dtype=np.int64))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    head, data = encode_header(((n, bf16, sh) for n, sh in shapes.items()), {"format": "pt", "l4export": f"synthetic-{fill}"})
     rng = np.random.default_rng(seed)
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         with open(tmp / "model.safetensors", "wb") as f:
-            f.write(len(head).to_bytes(8, "little") + head)
+            f.write(head)
             if fill == "sparse":
-                f.truncate(8 + len(head) + offset)
+                f.truncate(len(head) + data)
             else:
                 for name, shape in shapes.items():
                     _write_random(f, name, shape, rng)

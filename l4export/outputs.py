@@ -14,33 +14,19 @@ import os
 import re
 import shutil
 import socket
-import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import ml_dtypes
 import numpy as np
 
 from .errors import L4ExportError, UsageError
+from .safetensors_codec import encode_header
 
 log = logging.getLogger(__name__)
 
-ST_DTYPES: dict[np.dtype, str] = {
-    np.dtype(np.float64): "F64",
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16",
-    np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
-    np.dtype(np.int64): "I64",
-    np.dtype(np.int32): "I32",
-    np.dtype(np.int8): "I8",
-    np.dtype(np.uint8): "U8",
-    np.dtype(np.uint32): "U32",
-    np.dtype(np.bool_): "BOOL",
-}
 
 
 class OutputError(L4ExportError):
@@ -231,22 +217,14 @@ def write_safetensors(
 ) -> int:
     """Write one safetensors file, loading each tensor only when its bytes are due. Returns bytes written."""
     items = list(tensors)
-    header: dict[str, object] = {"__metadata__": metadata or {"format": "np"}}
-    offset = 0
-    for t in items:
-        dt = ST_DTYPES[np.dtype(t.dtype)]
-        header[t.name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    head, data = encode_header(((t.name, t.dtype, t.shape) for t in items), metadata or {"format": "np"})
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(head)
         for t in items:
             write_array(f, t.name, t.shape, t.dtype, t.load())
             if on_tensor:
                 on_tensor(t.name)
-    return 8 + len(raw) + offset
+    return len(head) + data
 
 
 def write_sharded(

@@ -77,6 +77,24 @@ def test_valid_header_still_reads(tmp_path):
     assert set(read_header(p)) == {"a", "b"}
 
 
+@FAST
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=6).filter(lambda n: n != "__metadata__"),
+                          st.sampled_from(["F32", "F16", "BF16", "F8_E4M3", "I8", "U8", "U32", "I64"]),
+                          st.lists(st.integers(0, 5), max_size=3)), max_size=4, unique_by=lambda t: t[0]),
+       st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2))
+def test_codec_round_trips(tmp_path, entries, metadata):
+    """What encode_header writes, read_header (and the checkpoint's checks) read back: names, dtypes, shapes, order."""
+    from l4export.safetensors_codec import DTYPES, encode_header
+
+    typed = [(n, DTYPES[d], tuple(sh)) for n, d, sh in entries]
+    head, data = encode_header(typed, metadata)
+    p = tmp_path / "f.safetensors"
+    p.write_bytes(head + bytes(data))
+    tensors = read_header(p)
+    assert [(n, t.dtype, t.shape) for n, t in tensors.items()] == typed and len(head) % 8 == 0
+    assert sum(t.nbytes for t in tensors.values()) == data
+
+
 # ---- config.json ------------------------------------------------------------------------------------------------
 KEYS = ["vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
