@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -173,7 +174,7 @@ def main() -> int:
         for o in outcomes:
             counts[o.fmt, qname(o.quant)]["passed" if o.passed else o.stage] += 1
             for note in o.notes:
-                key = note.split(" (")[0]
+                key = f"{o.fmt}: " + re.sub(r"\[[^\]]*\]", "[..]", note.split(" (")[0])
                 notes[key] += 1
                 note_configs[key].add(i)
             if not o.passed:

@@ -50,7 +50,7 @@ def fmt_param(fmt: str):
 
 
 # The same examples every run; no shrinking (a failure reports the drawn config as it is, at once).
-SLICE = settings(derandomize=True, database=None, max_examples=3, deadline=None, phases=[Phase.explicit, Phase.generate],
+SLICE = settings(derandomize=True, database=None, max_examples=5, deadline=None, phases=[Phase.explicit, Phase.generate],
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                         HealthCheck.function_scoped_fixture])
 
@@ -71,7 +71,7 @@ def _run(shape: S.Shape, tmp: Path, formats, quants=S.QUANTS, builder=None) -> N
 
 @pytest.mark.parametrize("fmt", [fmt_param("onnx"), fmt_param("mlx")])
 def test_drawn_shapes_convert_run_and_match_transformers(fmt, tmp_path_factory):
-    """3 derandomized configs per format, each x {float, int4, int4-exact, fp8}."""
+    """5 derandomized configs per format, each x {float, int4, int4-exact, fp8}."""
 
     @SLICE
     @given(shape=S.shapes())
