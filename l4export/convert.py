@@ -32,7 +32,7 @@ from .checkpoint import Checkpoint
 from .errors import CapabilityError, MappingError, UsageError
 from .manifest import write_manifest
 from .outputs import atomic_output_dir, copy_files
-from .plan import ExportPlan, check_dtype, make_plan
+from .plan import DTYPE_BYTES, ExportPlan, check_dtype, make_plan
 from .folder import ExportInfo, QuantInfo
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,12 @@ def _write(ckpt: Checkpoint, tmp: Path, plan: ExportPlan, options: ExportOptions
         stack.callback(store.close)
         ready = store if calib is None else ChainMap(calib.tensors, store)  # type: ignore[arg-type]
     section = writer(ckpt, tmp, plan, options, calib, ready)
+    if calib is not None:  # the quant report, once for both formats
+        from .quant.report import report_inputs, write_report
+
+        shapes, vision = report_inputs(ckpt, plan)
+        float_bytes = 2 if plan.format == "onnx" else DTYPE_BYTES[plan.dtype]  # (ONNX's reference: bf16)
+        write_report(tmp, calib, shapes, plan.recipe.name, float_bytes, uncalibrated=vision, adapted=plan.adapted)
     ran = None if calib is None else {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
     return section, ran
 

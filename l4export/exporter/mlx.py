@@ -247,11 +247,6 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
         if any(isinstance(r.scheme, Fp8) for r in options.quant.rules):
             log.info("recipe %s: MLX has no per-channel e4m3 FP8; FP8 rules are written as mxfp8 (e4m3, power-of-two "
                      "scale per 32 inputs), re-quantized from the float weights", plan.recipe.name)
-        if calib is not None:
-            from ..quant.report import report_inputs, write_report
-
-            write_report(out, calib, shapes, plan.recipe.name, float_bytes=dtype.itemsize,
-                         uncalibrated=report_inputs(ckpt, plan)[1], adapted=plan.adapted)
         made = ready if ready is not None else calib.tensors if calib is not None else {}
         if quantized:
             qcfg = quantization_config(shapes, quantized)

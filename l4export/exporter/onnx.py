@@ -423,9 +423,4 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
     (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
     if plan.recipe is not None:  # (the recipe, calibration and adapted tensors: ExportInfo.quant, by convert)
         info["quant"] = {"nodes": dict(builder.lo.counts), "weight_bytes": total, **builder.lo.meta}
-        if calib is not None:
-            from ..quant.report import report_inputs, write_report
-
-            shapes, extra = report_inputs(ckpt, plan)
-            write_report(out, calib, shapes, plan.recipe.name, uncalibrated=extra, adapted=plan.adapted)
     return info
