@@ -50,15 +50,18 @@ import l4export
 from l4export.checkpoint import Checkpoint
 try:
     from l4export.quant.calib import CalibOptions, calibrate
-except ImportError:  # the old tree: one module, quant/calibrate.py
+    from l4export.names import canonical_shapes
+    what = lambda ck: PRESETS["int4"].plan(canonical_shapes(ck.spec))  # noqa: E731 - the plan's schemes
+except ImportError:  # the old tree: one module, quant/calibrate.py, taking the recipe
     from l4export.quant.calibrate import CalibOptions, calibrate
+    what = lambda ck: PRESETS["int4"]  # noqa: E731
 from l4export.quant.recipe import PRESETS
 
 ck = Checkpoint(sys.argv[1])
 ids = [np.asarray(i, np.int64) for i in json.loads(open(sys.argv[2]).read())]
 options = CalibOptions(expert_batch_bytes=int(sys.argv[3])) if len(sys.argv) > 3 else CalibOptions()
 t = time.perf_counter()
-res = calibrate(ck, PRESETS["int4"], options=options, ids=ids)  # by keyword: old and new signatures both take it
+res = calibrate(ck, what(ck), options=options, ids=ids)
 seconds = time.perf_counter() - t
 peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 h = hashlib.sha256()

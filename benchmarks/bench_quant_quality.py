@@ -339,11 +339,13 @@ def awq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme,
 def gptq_experts(ckpt_path: Path, ids: list[np.ndarray], scheme) -> dict[str, np.ndarray]:
     """l4export's own calibration (per-expert GPTQ with the layer prior), restricted to the routed experts."""
     from l4export.checkpoint import Checkpoint
+    from l4export.names import canonical_shapes
     from l4export.quant.calib import CalibOptions, calibrate
     from l4export.quant.recipe import Recipe, Rule
 
-    recipe = Recipe("experts-only", (Rule("*.feed_forward.experts.*", scheme),))
-    res = calibrate(Checkpoint(ckpt_path), recipe, ids, CalibOptions(samples=len(ids), seqlen=max(len(i) for i in ids)))
+    ck = Checkpoint(ckpt_path)
+    schemes = Recipe("experts-only", (Rule("*.feed_forward.experts.*", scheme),)).plan(canonical_shapes(ck.spec))
+    res = calibrate(ck, schemes, ids, CalibOptions(samples=len(ids), seqlen=max(len(i) for i in ids)))
     return {n: qt.dequantize() for n, qt in res.tensors.items()}
 
 

@@ -78,7 +78,7 @@ def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: 
     if options.tmp_dir is not None and options.ray is None:
         c = replace(c, spill_dir=options.tmp_dir)
     ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
-    return calibrate(ckpt, plan.recipe, ids, spill_next_to(c, tmp), workers=workers)
+    return calibrate(ckpt, plan.quantized, ids, spill_next_to(c, tmp), workers=workers)
 
 
 def spill_bytes(plan: ExportPlan) -> int:

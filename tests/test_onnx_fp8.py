@@ -28,7 +28,7 @@ from l4export.errors import CapabilityError, RecipeError  # noqa: E402
 from l4export.quant.calib_data import read_calibration  # noqa: E402
 from l4export.quant.calib import CalibOptions, calibrate  # noqa: E402
 from l4export.quant.pack import to_matmul_fp8, to_qmoe_fp8  # noqa: E402
-from l4export.quant.recipe import PRESETS, Recipe, Rule, load_recipe  # noqa: E402
+from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes, load_recipe  # noqa: E402
 from l4export.quant.schemes import FP8, Fp8  # noqa: E402
 from l4export.runtimes import load_runtime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner, set_canonical_weight  # noqa: E402
@@ -235,7 +235,7 @@ def _emulation(src: Path, recipe: Recipe, calib_file: Path) -> tuple[ReferenceRu
     graph's activation fake-quantization, fp8(x / s) * s, on the same inputs: each static dense linear's input
     (its own scale) and the routed experts' input (max over experts of the gate/up scales)."""
     ck, c = Checkpoint(src), _calib(calib_file)
-    result = calibrate(ck, recipe, read_calibration(c.path, ck.spec.vocab_size, ck.path, c.samples, c.seqlen), c)
+    result = calibrate(ck, recipe.plan(canonical_shapes(ck.spec)), read_calibration(c.path, ck.spec.vocab_size, ck.path, c.samples, c.seqlen), c)
     ref = ReferenceRunner(src)
     modules = dict(ref.model.named_modules())
 

@@ -65,7 +65,7 @@ def test_routed_expert_inputs_are_score_times_x(which, request):
     last = ck.spec.num_layers - 1  # quantize only the last layer, so earlier layers propagate in float
     recipe = Recipe("last", (Rule(f"model.layers.{last}.feed_forward.experts.*", Int(4, 32)),))
     seen: dict[tuple[str, int], list] = {}
-    calibrate(ck, recipe, IDS[:1], CalibOptions(),
+    calibrate(ck, _schemes(ck, recipe), IDS[:1], CalibOptions(),
               observer=lambda n, e, x: seen.setdefault((n, e), []).append(x.clone()))
     model, hs = _hf_hidden(path, IDS[0])
     checked = 0
@@ -102,8 +102,13 @@ def maverick_int4(maverick):
 
 
 def _int4(ck: Checkpoint):
-    """The int4 preset as this model takes it (its 96-wide dense MLPs fall back to group 32)."""
-    return make_plan(ck.spec, "onnx", "float32", "cpu", PRESETS["int4"]).recipe
+    """The int4 preset's schemes as the plan fits them to this model (its 96-wide dense MLPs fall back to group 32)."""
+    return make_plan(ck.spec, "onnx", "float32", "cpu", PRESETS["int4"]).quantized
+
+
+def _schemes(ck: Checkpoint, recipe) -> dict:
+    """What calibration takes: canonical name -> scheme, as a plan of this recipe (no preset fitting) gives it."""
+    return recipe.plan(canonical_shapes(ck.spec))
 
 
 def test_unrouted_experts_stay_finite_and_nonzero(maverick_int4):
@@ -137,7 +142,7 @@ def test_calibrated_beats_rtn_on_calibration_activations(scout):
                            Rule("model.layers.0.feed_forward.shared_expert.*", Int(4, 32)),
                            Rule("model.layers.0.self_attn.*", Int(4, 32))))
     seen: dict[tuple[str, int], list] = {}
-    res = calibrate(ck, recipe, IDS, CalibOptions(),
+    res = calibrate(ck, _schemes(ck, recipe), IDS, CalibOptions(),
                     observer=lambda n, e, x: seen.setdefault((n, e), []).append(x.clone()))
     inputs = {"gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
     for part in ("experts", "shared_expert"):
@@ -164,7 +169,7 @@ def test_calibrated_tensors_round_trip(maverick_int4):
     ck, res = maverick_int4
     for name, qt in res.tensors.items():
         assert qt.shape == ck.tensors[name].shape
-        assert qt.scheme == _int4(ck).scheme_for(name)
+        assert qt.scheme == _int4(ck)[name]
 
 
 def test_report(tmp_path, maverick_int4):
@@ -203,8 +208,8 @@ def test_expert_batches_equal_one_batch(maverick):
     budget = 5 * expert_bytes(h, i)
     assert expert_batch_size(h, i, budget, 128) == 5
     assert expert_batch_size(h, i, 1, 128) == 1 and expert_batch_size(h, i, 1 << 40, 128) == 128
-    batched = _snapshot(calibrate(ck, recipe, IDS[:3], CalibOptions(expert_batch_bytes=budget)))
-    whole = _snapshot(calibrate(ck, recipe, IDS[:3], CalibOptions(expert_batch_bytes=1 << 40)))
+    batched = _snapshot(calibrate(ck, _schemes(ck, recipe), IDS[:3], CalibOptions(expert_batch_bytes=budget)))
+    whole = _snapshot(calibrate(ck, _schemes(ck, recipe), IDS[:3], CalibOptions(expert_batch_bytes=1 << 40)))
     assert set(batched[0]) == set(whole[0]) and any(".experts." in n for n in whole[0])
     for name, parts in whole[0].items():
         for a, b in zip(parts, batched[0][name]):
@@ -276,8 +281,8 @@ def test_bf16_weights_calibrate_as_their_float32_copy(tmp_path, scout):
     assert Checkpoint(f32).tensors["model.layers.0.self_attn.q_proj.weight"].dtype == np.float32
     recipe = Recipe("all", (Rule("*.feed_forward.router.weight", None), Rule("*norm.weight", None),
                             Rule("*.feed_forward.*", Int(4, 32)), Rule("*.self_attn.*_proj.weight", Int(8, 32))))
-    a = _snapshot(calibrate(Checkpoint(scout), recipe, IDS[:3], CalibOptions()))
-    b = _snapshot(calibrate(Checkpoint(f32), recipe, IDS[:3], CalibOptions()))
+    a = _snapshot(calibrate(Checkpoint(scout), _schemes(Checkpoint(scout), recipe), IDS[:3], CalibOptions()))
+    b = _snapshot(calibrate(Checkpoint(f32), _schemes(Checkpoint(f32), recipe), IDS[:3], CalibOptions()))
     assert set(a[0]) == set(b[0]) and any("self_attn" in n for n in a[0]) and any("shared" in n for n in a[0])
     for name, parts in a[0].items():
         for x, y in zip(parts, b[0][name]):
@@ -316,13 +321,13 @@ def test_spilled_folder_is_removed(maverick):
 
     ck = Checkpoint(maverick)
     recipe = Recipe("down", (Rule("model.layers.3.feed_forward.experts.down_proj", Int(4, 32)),))
-    res = calibrate(ck, recipe, IDS[:1], CalibOptions())
+    res = calibrate(ck, _schemes(ck, recipe), IDS[:1], CalibOptions())
     path = res.tensors.path
     qt = res.tensors["model.layers.3.feed_forward.experts.down_proj"]
     res.close()
     assert not path.exists()
     assert np.isfinite(qt.dequantize()).all()  # what was mapped stays readable: the files are unlinked, not unmapped
-    res = calibrate(ck, recipe, IDS[:1], CalibOptions())
+    res = calibrate(ck, _schemes(ck, recipe), IDS[:1], CalibOptions())
     path = res.tensors.path
     assert path.is_dir()
     del res
@@ -520,12 +525,12 @@ def test_tiled_dense_hessians_calibrate_as_in_memory(monkeypatch, maverick):
     from l4export.quant.calib.hessian import _TiledAcc
 
     ck = Checkpoint(maverick)
-    recipe = _int4(ck)
-    memory = calibrate(ck, recipe, IDS[:3], CalibOptions())
+    schemes = _int4(ck)
+    memory = calibrate(ck, schemes, IDS[:3], CalibOptions())
     monkeypatch.setattr(tiles, "TILED_ABOVE", 0)
     monkeypatch.setattr(tiles, "TILE", 16)
     monkeypatch.setattr(_TiledAcc, "STAGE", 10 * 96 * 8)
-    tiled = calibrate(ck, recipe, IDS[:3], CalibOptions())
+    tiled = calibrate(ck, schemes, IDS[:3], CalibOptions())
     a, b = _snapshot(memory), _snapshot(tiled)
     dense = [n for n in a[0] if ".experts." not in n and n.startswith("model.layers.")]
     assert any("feed_forward.down_proj" in n for n in dense)  # Maverick's dense MLP (96 wide)

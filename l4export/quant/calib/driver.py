@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,6 @@ from ...heap import ACTIVATIONS, give_back, mapped_from
 from ...spec import LayerSpec
 from ...torch_llama4 import attention_block, mlp, rms, route
 from ..activations import ACTIVATION_FILES, Routed, Samples
-from ..recipe import Recipe
 from ..schemes import AnyScheme, Fp8
 from ..spill import SpilledTensors
 from .hessian import _SHARES, _acc
@@ -28,11 +28,11 @@ from .weights import _Dequantized, _rows_quantized, _stored, _Weights
 log = logging.getLogger(__name__)
 
 
-def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: CalibOptions,
+def calibrate(ckpt: Checkpoint, schemes: Mapping[str, AnyScheme], ids: list[np.ndarray], options: CalibOptions,
               observer: Observer | None = None, workers: Any = None) -> CalibResult:
-    """Quantize every tensor the recipe matches, calibrated on the token id arrays ``ids`` (``read_calibration``
-    reads them from ``options.path``; this does not). ``recipe`` is one that ``plan.make_plan`` (convert) or
-    ``Recipe.validate`` accepted for this checkpoint; it is not validated again here.
+    """Quantize the decoder's tensors in ``schemes`` (canonical name -> scheme: the plan's, ``ExportPlan.quantized``;
+    decided and checked there, not again here), calibrated on the token id arrays ``ids`` (``read_calibration``
+    reads them from ``options.path``; this does not).
 
     The calibrated tensors are spilled to disk as they are made (``result.tensors`` is a ``SpilledTensors``).
     ``workers``: where the routed experts' GPTQ jobs run (``distributed.RayWorkers``; default this process; the
@@ -51,7 +51,7 @@ def calibrate(ckpt: Checkpoint, recipe: Recipe, ids: list[np.ndarray], options: 
     inv_freq = torch.tensor(spec.inv_freq(), device=dev)
     result = CalibResult(SpilledTensors(options.spill_dir), {}, {}, samples=len(ids), tokens=tokens,
                          device=str(dev))
-    run = _Run(ckpt, recipe, options, observer, dev, inv_freq, result, workers or LocalWorkers())
+    run = _Run(ckpt, schemes, options, observer, dev, inv_freq, result, workers or LocalWorkers())
     with torch.no_grad(), mapped_from(ACTIVATIONS):  # per-sample temporaries would fragment the heap (heap.py)
         for la in spec.layers:
             t_layer = time.perf_counter()
@@ -79,8 +79,8 @@ def _embed_into(X: Samples, t: Any, ids: list[np.ndarray], rows: int = 8192, tok
                 X.write_rows(at[c : c + tokens], block[flat[at[c : c + tokens]] - a])
 
 
-def _layer_plan(recipe: Recipe, layer: int, names: list[str]) -> dict[str, AnyScheme]:
-    return {n: s for n in names if (s := recipe.scheme_for(f"model.layers.{layer}.{n}")) is not None}
+def _layer_plan(schemes: Mapping[str, AnyScheme], layer: int, names: list[str]) -> dict[str, AnyScheme]:
+    return {n: s for n in names if (s := schemes.get(f"model.layers.{layer}.{n}")) is not None}
 
 
 def _calibrate_layer(la: LayerSpec, X: Samples, run: _Run) -> Samples:
@@ -91,7 +91,7 @@ def _calibrate_layer(la: LayerSpec, X: Samples, run: _Run) -> Samples:
     pass-1 tokens routed to it, and its quantized output is added to the pass-2 tokens routed to it."""
 
     lazy = run.ckpt.layer(la.index)
-    plan = _layer_plan(run.recipe, la.index, list(lazy))
+    plan = _layer_plan(run.schemes, la.index, list(lazy))
     experts = {n for n, t in lazy.items() if t.is_experts}  # stacked [E, out, in]: loaded per batch, never whole
     W = _Weights({n: _stored(t, run.dev) for n, t in lazy.items() if n not in experts})
     dense_plan = {n: s for n, s in plan.items() if n not in experts}
@@ -184,7 +184,7 @@ def _global_tensors(X: Samples, run: _Run) -> None:
 
     ckpt = run.ckpt
     for name in ("lm_head.weight", "model.embed_tokens.weight"):
-        scheme = run.recipe.scheme_for(name)
+        scheme = run.schemes.get(name)
         if scheme is None or name not in ckpt.tensors:
             continue
         t, hess = ckpt.tensors[name], None

@@ -13,8 +13,7 @@ import numpy as np
 from ...checkpoint import Checkpoint
 from ...distributed import LocalWorkers
 from ...errors import UsageError
-from ..recipe import Recipe
-from ..schemes import QTensor
+from ..schemes import AnyScheme, QTensor
 from ..spill import SpilledTensors
 
 
@@ -71,7 +70,7 @@ class _Run:
     """What every step of one calibration shares: its inputs, the torch device and the result being filled."""
 
     ckpt: Checkpoint
-    recipe: Recipe
+    schemes: Mapping[str, AnyScheme]  # canonical name -> scheme: what the plan quantizes
     options: CalibOptions
     observer: Observer | None
     dev: Any  # torch.device
