@@ -27,6 +27,7 @@ from .spec import Llama4Spec, load_spec
 
 log = logging.getLogger(__name__)
 FLOAT8 = np.dtype(ml_dtypes.float8_e4m3fn)
+SLICE_BYTES = 256 << 20  # float32 bytes of a tensor read (and quantized) at once: LazyTensor.runs
 
 
 
@@ -205,6 +206,27 @@ class LazyTensor:
         out = out if dtype is None or out.dtype == np.dtype(dtype) else out.astype(dtype)
         _check_finite(out, self)
         return out
+
+    # ---- the one door for reading a tensor in parts: leading-axis runs (experts of a stack, else rows) ----
+    def runs(self, slice_bytes: int | None = None) -> list[tuple[int, int]]:
+        """[a, b) runs along the leading axis of about ``slice_bytes`` (default SLICE_BYTES) of float32 each (at
+        least one expert or row)."""
+        per = 4 * int(np.prod(self.shape[1:], dtype=np.int64))
+        step = max(1, (slice_bytes or SLICE_BYTES) // per)
+        return [(a, min(a + step, self.shape[0])) for a in range(0, self.shape[0], step)]
+
+    def lead(self, run: tuple[int, int], dtype: np.dtype | type | str | None = None) -> np.ndarray:
+        """Experts (a stack) or rows (a matrix) [a, b), reading only those."""
+        return self.load(dtype, experts=slice(*run)) if self.is_experts else self.load_rows(slice(*run), dtype)
+
+    def slices(self, dtype: np.dtype | type | str | None = None, slice_bytes: int | None = None) -> Iterator[np.ndarray]:
+        """``load(dtype)`` as leading-axis slices of about ``slice_bytes`` of float32 each; whole when its rows
+        cannot be read on their own."""
+        if not (self.is_experts or self.rows_readable):
+            yield self.load(dtype)
+            return
+        for run in self.runs(slice_bytes):
+            yield self.lead(run, dtype)
 
     def load_fp8(self, experts: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
         """FP8 weights as stored (e4m3) with per-output-channel float32 scales ``[..., out, 1]``

@@ -313,7 +313,7 @@ def test_writers_stream_slices_with_the_same_bytes(qscout, tmp_path, monkeypatch
     import hashlib
 
     from l4export.convert import ExportOptions, convert
-    from l4export.quant import ahead
+    from l4export import checkpoint
     from l4export.quant.recipe import load_recipe
 
     if quant == "asym":
@@ -326,6 +326,6 @@ def test_writers_stream_slices_with_the_same_bytes(qscout, tmp_path, monkeypatch
                 if p.suffix in (".data", ".safetensors", ".onnx")}
 
     whole = digest(convert(qscout, tmp_path / "whole", opts()))
-    monkeypatch.setattr(ahead, "SLICE_BYTES", 3000)
+    monkeypatch.setattr(checkpoint, "SLICE_BYTES", 3000)
     sliced = digest(convert(qscout, tmp_path / "sliced", opts()))
     assert whole == sliced and any(k.endswith((".data", ".safetensors")) for k in whole)

@@ -44,7 +44,7 @@ from ..checkpoint import Checkpoint, LazyTensor
 from ..names import is_linear_weight, is_vision, source_name
 from ..outputs import PendingTensor, write_sharded
 from ..plan import ExportPlan
-from ..quant.ahead import lead_slices, quant_runs, rtn
+from ..quant.ahead import quant_runs, rtn
 from ..quant.pack import mlx_config_entry, to_mlx
 from ..quant.schemes import Fp8, Int, QTensor
 from ..quant.stream import Run, Streamed
@@ -170,7 +170,7 @@ def mlx_lm_differences(spec: Llama4Spec) -> list[str]:
 
 def _pending(t: LazyTensor, dtype: np.dtype) -> PendingTensor:
     def load() -> Iterator[np.ndarray]:
-        for arr in lead_slices(t, None):  # source dtype (FP8 arrives dequantized as float32), a slice at a time
+        for arr in t.slices(None):  # source dtype (FP8 arrives dequantized as float32), a slice at a time
             yield arr if arr.dtype == dtype else arr.astype(dtype)
 
     return PendingTensor(mlx_name(t.name), tuple(t.shape), dtype, load)

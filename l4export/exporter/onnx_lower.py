@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..checkpoint import LazyTensor
+from ..checkpoint import SLICE_BYTES, LazyTensor
 from ..outputs import Columns
 from ..quant import pack
-from ..quant.ahead import SLICE_BYTES, lead_runs, lead_slices, quant_runs, rtn
+from ..quant.ahead import quant_runs, rtn
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
 from ..quant.stream import Run, Streamed
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
@@ -162,7 +162,7 @@ def _transposed(lo: Lowering, names: tuple[str, ...], dt: np.dtype) -> Columns:
     def blocks() -> Iterator[tuple[int, np.ndarray]]:
         col = 0
         for n in names:
-            for rows in lead_slices(lo.tensor(n), dt, SLICE_BYTES // 4):
+            for rows in lo.tensor(n).slices(dt, SLICE_BYTES // 4):
                 yield col, rows.T
                 col += rows.shape[0]
                 del rows
@@ -303,7 +303,7 @@ def _load_experts(lo: Lowering, name: str, dtype: np.dtype, run: tuple[int, int]
 
 def _expert_runs(lo: Lowering, name: str) -> list[Run]:
     t = lo.tensor(name)
-    return lead_runs(t) if t.is_experts else [(0, 1)]
+    return t.runs() if t.is_experts else [(0, 1)]
 
 
 def _q_experts(lo: Lowering, name: str, run: Run) -> QTensor:
@@ -445,7 +445,7 @@ def embedding(lo: Lowering, ids: ir.Value, name: str, scheme: Int | None) -> ir.
     GatherBlockQuantized for an int table (codes packed along H, symmetric codes read with the default zero point)."""
     g, t, dt = lo.g, lo.tensor(name), lo.g.np_dtype
     if scheme is None:
-        w = g.weight(name, tuple(t.shape), dt, lambda: lead_slices(t, dt))
+        w = g.weight(name, tuple(t.shape), dt, lambda: t.slices(dt))
         return g.op("Gather", w, ids, axis=0)
     v, hid = t.shape
     base, blk, bits = _base(name), scheme.group_size, scheme.bits

@@ -26,17 +26,6 @@ from .spill import Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
 
-SLICE_BYTES = 256 << 20  # float32 bytes quantized at once
-
-
-def lead_runs(t: LazyTensor, slice_bytes: int | None = None) -> list[tuple[int, int]]:
-    """[a, b) runs along the leading axis (experts of a stacked tensor, else rows) of about ``slice_bytes`` (default
-    SLICE_BYTES) of float32 each (at least one expert or row)."""
-    per = 4 * int(np.prod(t.shape[1:], dtype=np.int64))
-    step = max(1, (slice_bytes or SLICE_BYTES) // per)
-    return [(a, min(a + step, t.shape[0])) for a in range(0, t.shape[0], step)]
-
-
 def sliceable(t: LazyTensor, scheme: AnyScheme) -> bool:
     """Whether ``scheme`` quantizes ``t`` a leading-axis slice at a time: each expert of a stack is quantized on its
     own, and an Int scheme quantizes each row of a matrix on its own (block FP8's scales span rows)."""
@@ -46,22 +35,7 @@ def sliceable(t: LazyTensor, scheme: AnyScheme) -> bool:
 def quant_runs(t: LazyTensor, scheme: AnyScheme) -> list[tuple[int, int]]:
     """The leading-axis runs ``rtn(t, scheme, run)`` is asked for by a streaming writer: one slice of float32
     each, or the whole tensor when the scheme does not quantize its rows on their own."""
-    return lead_runs(t) if sliceable(t, scheme) else [(0, t.shape[0])]
-
-
-def lead_slices(t: LazyTensor, dtype: np.dtype | type, slice_bytes: int | None = None) -> Iterator[np.ndarray]:
-    """``t.load(dtype)`` as leading-axis slices (experts, or rows) of about ``slice_bytes`` (SLICE_BYTES) of float32
-    each; whole when its rows cannot be read on their own."""
-    if not (t.is_experts or t.rows_readable):
-        yield t.load(dtype)
-        return
-    for run in lead_runs(t, slice_bytes):
-        yield load_lead(t, run, dtype)
-
-
-def load_lead(t: LazyTensor, run: tuple[int, int], dtype: np.dtype | type | None) -> np.ndarray:
-    """Experts (a stack) or rows (a matrix) [a, b) of ``t``, reading only those."""
-    return t.load(dtype, experts=slice(*run)) if t.is_experts else t.load_rows(slice(*run), dtype)
+    return t.runs() if sliceable(t, scheme) else [(0, t.shape[0])]
 
 
 def rtn(t: LazyTensor, scheme: AnyScheme, lead: tuple[int, int] | None = None,
@@ -71,8 +45,8 @@ def rtn(t: LazyTensor, scheme: AnyScheme, lead: tuple[int, int] | None = None,
     if not sliceable(t, scheme):
         return scheme.quantize(t.load(np.float32))
     if lead is not None:
-        return scheme.quantize(load_lead(t, lead, np.float32))
-    parts = ((slice(a, b), scheme.quantize(load_lead(t, (a, b), np.float32))) for a, b in lead_runs(t, slice_bytes))
+        return scheme.quantize(t.lead(lead, np.float32))
+    parts = ((slice(a, b), scheme.quantize(t.lead((a, b), np.float32))) for a, b in t.runs(slice_bytes))
     return assembled(parts, t.shape[0], 0)  # one slice's float32 beside the codes at a time
 
 
@@ -84,7 +58,7 @@ def rtn_job(t: LazyTensor, scheme: AnyScheme, experts: tuple[int, int] | None, f
 def _jobs(ckpt: Checkpoint, todo: Mapping[str, AnyScheme], folder: str) -> Iterator[tuple[str, tuple]]:
     for name, scheme in todo.items():
         t = ckpt[name]
-        for run in lead_runs(t) if t.is_experts else [None]:
+        for run in t.runs() if t.is_experts else [None]:
             yield name, (t, scheme, run, folder)
 
 
