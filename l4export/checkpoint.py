@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError, MappingError, UsageError
-from .names import (IGNORED, SCALE_SUFFIXES, Match, canonical_shapes, is_vision, match, normalise_prefix, source_shape,
+from .names import (IGNORED, OPS, SCALE_SUFFIXES, Match, canonical_shapes, is_vision, match, normalise_prefix, source_shape,
                     vision_shapes)
 from .safetensors_codec import DTYPES
 from .safetensors_codec import read_header as read_safetensors_header
@@ -182,11 +182,7 @@ class LazyTensor:
                         dst = out[e - a, :, r : r + w.shape[0]]
                         if w.dtype == out_dtype:  # pure data movement: transpose raw bits (bf16 copies are slow)
                             w, dst = _bits(w), _bits(dst)
-                        if how.op == "gate_of_fused":
-                            w = w[:, :half]
-                        elif how.op == "up_of_fused":
-                            w = w[:, half:]
-                        _transpose_into(dst, w)
+                        _transpose_into(dst, OPS[how.op].columns(w, half))
         if finite:
             _check_finite(out, self)
         return out

@@ -21,6 +21,7 @@ the reference's weights, mlx-lm's names). Many-to-one layouts are rows, not bran
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -202,16 +203,36 @@ def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
     return not is_vision(name) or name.endswith(".weight")
 
 
+def _fused(parts: list[np.ndarray]) -> np.ndarray:  # canonical gate, up [E, I, H] -> HF gate_up_proj [E, H, 2I]
+    gate, up = parts
+    return np.concatenate([gate.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=-1)
+
+
+@dataclass(frozen=True)
+class LayoutOp:
+    """How a source tensor holds a canonical one: the source's shape, which of a stored row's columns are the
+    canonical tensor's (``columns(row block, half)``, for ops that read input-major rows), and the source array made
+    from the canonical ones (``assemble``, for writing checkpoints; None where one source holds one expert)."""
+
+    source_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    columns: Callable[[np.ndarray, int], np.ndarray] | None
+    assemble: Callable[[list[np.ndarray]], np.ndarray] | None
+
+
+# The layout ops, one row each (``Rule.op``): canonical experts are [E, out, in]; HF stores some input-major.
+OPS: dict[str, LayoutOp] = {
+    "copy": LayoutOp(lambda s: s, None, lambda parts: parts[0]),
+    "gate_of_fused": LayoutOp(lambda s: (s[0], s[2], 2 * s[1]), lambda w, half: w[:, :half], _fused),  # <- [E, H, 2I]
+    "up_of_fused": LayoutOp(lambda s: (s[0], s[2], 2 * s[1]), lambda w, half: w[:, half:], _fused),
+    "transpose_experts": LayoutOp(lambda s: (s[0], s[2], s[1]), lambda w, half: w,  # canonical [E, H, I] <- [E, I, H]
+                                  lambda parts: parts[0].transpose(0, 2, 1)),
+    "expert_slice": LayoutOp(lambda s: s[1:], None, None),  # canonical [E, out, in] <- one [out, in] per expert
+}
+
+
 def source_shape(op: Op, canonical_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape a source tensor must have to feed a canonical tensor through ``op``."""
-    if op == "copy":
-        return canonical_shape
-    e, a, b = canonical_shape
-    if op in ("gate_of_fused", "up_of_fused"):  # canonical [E, I, H] <- source [E, H, 2I]
-        return (e, b, 2 * a)
-    if op == "transpose_experts":  # canonical [E, H, I] <- source [E, I, H]
-        return (e, b, a)
-    return (a, b)  # expert_slice: canonical [E, out, in] <- source [out, in]
+    return OPS[op].source_shape(tuple(canonical_shape))
 
 
 # ---- canonical -> source ------------------------------------------------------------------------------------
@@ -249,14 +270,12 @@ def source_layout(spec: Llama4Spec, layout: Layout = "multimodal") -> dict[str, 
 
 def assemble(op: Op, parts: list[np.ndarray]) -> np.ndarray:
     """The source array of one ``source_layout`` entry from its canonical arrays (in the entry's order)."""
-    if op == "copy":
-        return parts[0]
-    if op == "transpose_experts":  # canonical [E, H, I] -> HF [E, I, H]
-        return parts[0].transpose(0, 2, 1)
-    if op in ("gate_of_fused", "up_of_fused"):  # canonical gate, up [E, I, H] -> HF gate_up_proj [E, H, 2I]
-        gate, up = parts
-        return np.concatenate([gate.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=-1)
-    raise MappingError(f"op {op!r} has no single source array")
+    make = OPS[op].assemble
+    if make is None:
+        raise MappingError(f"op {op!r} has no single source array")
+    return make(parts)
+
+
 COMPONENTS = ("routed experts", "shared expert", "attention", "dense mlp", "router", "norms", "embeddings", "lm_head",
               "vision")
 
