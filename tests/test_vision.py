@@ -65,6 +65,15 @@ def test_one_and_two_images_match_transformers(fmt, export, scout, ref):
     _parity(rt, ref, "<|image|> and <|image|>: compare them.", [ONE, WIDE])
 
 
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("mlx", marks=pytest.mark.mlx)])
+def test_patch_token_in_text_without_images_is_a_token(fmt, export, scout, ref):
+    """A <|patch|> id in a prompt with no image embeds as the token it is, as transformers' text model does (the
+    ONNX embedding graph scattered image features there whatever their number, and failed with none)."""
+    rt = load_runtime(export(scout, fmt))
+    ids = [1, 40, rt.spec.vision.image_token_id, 41, rt.spec.vision.image_token_id, 42]
+    assert compare(ref.logits(ids), rt.logits(ids))["rel"] <= TOL
+
+
 def test_onnx_layout_and_genai_config(export, scout):
     out = export(scout, "onnx")
     cfg = json.loads((out / "genai_config.json").read_text())["model"]

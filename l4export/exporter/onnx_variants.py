@@ -124,16 +124,25 @@ def write_embedding_model(out: Path, spec: Llama4Spec, dtype: str) -> str:
 
     The decoder's own lookup (Gather, or GatherBlockQuantized for an int8 table) over the same initializers, then
     ScatterND at the positions where input_ids == image_token_id, row-major: the i-th <|patch|> token gets the i-th
-    image feature row, as transformers' masked_scatter. P may be 0 (text only: onnxruntime-genai's decode steps)."""
+    image feature row, as transformers' masked_scatter. P may be 0 (text only: onnxruntime-genai's decode steps, or a
+    prompt with a <|patch|> token and no image: it embeds as the token it is, as in transformers)."""
     src = _load(out, MODEL_FILE).graph
     nodes, embeds = _embedding_nodes(src)
     needed = {i for n in nodes for i in n.input}
     inits = [t for t in src.initializer if t.name in needed]
     pid = numpy_helper.from_array(np.array(spec.vision.image_token_id, np.int64), "image_token_id")
+    consts = [numpy_helper.from_array(np.array([0], np.int64), "image/zero"),
+              numpy_helper.from_array(np.array([0], np.int64), "image/axis0")]
     scatter = [
         helper.make_node("Equal", ["input_ids", "image_token_id"], ["is_patch"], name="image/Equal_0"),
-        helper.make_node("NonZero", ["is_patch"], ["patch_index_t"], name="image/NonZero_0"),  # [2, P]
-        helper.make_node("Transpose", ["patch_index_t"], ["patch_index"], perm=[1, 0], name="image/Transpose_0"),
+        helper.make_node("NonZero", ["is_patch"], ["patch_index_t"], name="image/NonZero_0"),  # [2, N]
+        helper.make_node("Transpose", ["patch_index_t"], ["patch_index_all"], perm=[1, 0], name="image/Transpose_0"),
+        # the first P of the N <|patch|> positions: P = 0 (no image: a <|patch|> token in text embeds as a token, as in
+        # transformers), P = N with images (the runtimes check the counts before)
+        helper.make_node("Shape", ["image_features"], ["features_shape"], name="image/Shape_0"),
+        helper.make_node("Gather", ["features_shape", "image/zero"], ["num_features"], axis=0, name="image/Gather_0"),
+        helper.make_node("Slice", ["patch_index_all", "image/zero", "num_features", "image/axis0"], ["patch_index"],
+                         name="image/Slice_0"),
         helper.make_node("ScatterND", [embeds, "patch_index", "image_features"], ["inputs_embeds"], name="image/ScatterND_0"),
     ]
     h, elem = spec.hidden_size, ELEM[dtype]
@@ -142,7 +151,7 @@ def write_embedding_model(out: Path, spec: Llama4Spec, dtype: str) -> str:
         [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch_size", "sequence_length"]),
          helper.make_tensor_value_info("image_features", elem, ["num_image_tokens", h])],
         [helper.make_tensor_value_info("inputs_embeds", elem, ["batch_size", "sequence_length", h])],
-        initializer=inits + [pid])
+        initializer=inits + [pid] + consts)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="l4export", ir_version=10)
     onnx.save(model, str(out / EMBEDDING_FILE))
