@@ -132,10 +132,13 @@ class VisionReference:
         embeds = self.model.get_input_embeddings()(x)
         if pixel_values is not None:
             feats = torch.from_numpy(self.image_features(pixel_values))
-            mask = (x == self.image_token_id).unsqueeze(-1).expand_as(embeds)
-            if int(mask[..., 0].sum()) != feats.shape[0]:
-                raise UsageError(f"{int(mask[..., 0].sum())} <|patch|> tokens for {feats.shape[0]} image features")
-            embeds = embeds.masked_scatter(mask, feats)
+            where = (x[0] == self.image_token_id).nonzero()[:, 0]
+            if len(where) < feats.shape[0]:
+                raise UsageError(f"{len(where)} <|patch|> tokens for {feats.shape[0]} image features")
+            # the prompt's own <|patch|> tokens take the features; one generated after them is a token, as in
+            # transformers' generate (pixel_values are read in the prefill only)
+            embeds = embeds.clone()
+            embeds[0, where[: feats.shape[0]]] = feats.to(embeds.dtype)
         return embeds
 
     def logits(self, ids: list[int], pixel_values: np.ndarray | None = None) -> np.ndarray:
