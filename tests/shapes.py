@@ -163,7 +163,10 @@ def shapes(multimodal=None, max_layers: int = 4):
                           intermediate_size=4 * vh, image_size=patch * idx, patch_size=patch,
                           vision_output_dim=out_dim, projector_input_dim=out_dim, projector_output_dim=out_dim,
                           pixel_shuffle_ratio=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-        return Shape(text=t, vision=vision, style=draw(st.sampled_from(["v5", "v5", "hub"])),
+        # The hub's config style has no moe_layers (tests/builders.to_hub_style drops it, and transformers then derives
+        # MoE layers from the interleave step): an explicit list is a transformers-5 config only.
+        style = "v5" if "moe_layers" in t else draw(st.sampled_from(["v5", "v5", "hub"]))
+        return Shape(text=t, vision=vision, style=style,
                      dtype=draw(st.sampled_from(["float32", "bfloat16"])), seed=draw(st.integers(0, 2**16)))
 
     return shape()
@@ -215,11 +218,16 @@ def write_image(shape: Shape, path: Path) -> Path:
     return path
 
 
+MIN_LONG_PROMPT = 24  # the longest prompt has at least this many tokens (a 2-token chunk's prompts alone are 10 tokens:
+# too few for verify's overall top-1 gate, where one flipped argmax on near-flat random logits is 10%)
+
+
 def prompt_lengths(chunk: int | None) -> list[int]:
-    """verify's default lengths (1, chunk-1, chunk+1, 3*chunk: prefill and decoding cross chunk boundaries)."""
+    """verify's default lengths (1, chunk-1, chunk+1, 3*chunk: prefill and decoding cross chunk boundaries), the
+    longest at least MIN_LONG_PROMPT tokens."""
     if not chunk:
-        return [1, 9, 25]
-    return sorted({1, max(chunk - 1, 1), chunk + 1, 3 * chunk})
+        return [1, 9, MIN_LONG_PROMPT + 1]
+    return sorted({1, max(chunk - 1, 1), chunk + 1, max(3 * chunk, MIN_LONG_PROMPT)})
 
 
 def write_prompts(shape: Shape, path: Path, spec) -> tuple[Path, list[list[int]]]:
@@ -478,17 +486,23 @@ def _reference_logits(src: Path, ids: list[int], cache: dict | None) -> np.ndarr
 
 def _judge(name: str, got: np.ndarray, ref: np.ndarray, ours: np.ndarray, quant: str | None, thr, float_tol: float,
            same_tol: float) -> str | None:
+    """Float: rel against transformers and against our runtime. Quantized: KL within verify's gate against both (the
+    same quantized weights can differ by more than float rounding between a one-pass forward and our runtime's stepped
+    prefill: ORT's int8-activation kernels round per call, and a near-tie router then picks another expert for a
+    token; seen as one position at ~4e-3 relative, KL ~1e-6)."""
     if quant is None:
         err = _rel(got, ref)
         if not err <= float_tol:
             return f"{name} vs transformers: rel {err:.3e} > {float_tol:g}"
-    else:
-        kl = _kl(ref, got)
-        if thr.kl is not None and not kl <= thr.kl:
-            return f"{name} vs transformers: KL {kl:.3e} > {thr.kl:g}"
-    err = _rel(got, ours.astype(np.float64))
-    if not err <= same_tol:
-        return f"{name} vs our runtime on the same export: rel {err:.3e} > {same_tol:g}"
+        err = _rel(got, ours.astype(np.float64))
+        if not err <= same_tol:
+            return f"{name} vs our runtime on the same export: rel {err:.3e} > {same_tol:g}"
+        return None
+    gate = thr.kl if thr.kl is not None else 1e-3
+    for what, base in (("transformers", ref), ("our runtime on the same export", ours.astype(np.float64))):
+        kl = _kl(base, got)
+        if not kl <= gate:
+            return f"{name} vs {what}: KL {kl:.3e} > {gate:g} (rel {_rel(got, base):.2e})"
     return None
 
 
