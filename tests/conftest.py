@@ -130,7 +130,7 @@ def any_checkpoint(request, checkpoint) -> Path:
 
 def pytest_collection_modifyitems(config, items):
     """Deliberate skips, decided at collection (never mid-test): ``gpu`` tests need ONNX Runtime's
-    CUDAExecutionProvider, ``mlx`` tests need mlx."""
+    CUDAExecutionProvider, ``mlx`` tests need mlx, ``reference`` tests torch and transformers."""
     try:
         import onnxruntime as ort
 
@@ -138,8 +138,10 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         cuda = False
     mlx = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx.core") is not None
+    reference = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
     skips = {"gpu": None if cuda else "needs a CUDA GPU (ONNX Runtime's CUDAExecutionProvider)",
-             "mlx": None if mlx else "needs mlx (pip install 'l4export[mlx]')"}
+             "mlx": None if mlx else "needs mlx (pip install 'l4export[mlx]')",
+             "reference": None if reference else "needs torch and transformers (pip install 'l4export[reference]')"}
     for item in items:
         for marker, reason in skips.items():
             if reason and marker in item.keywords:
