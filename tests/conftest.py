@@ -80,14 +80,20 @@ def export(tmp_path_factory) -> Callable[..., Path]:
     return get
 
 
-@pytest.fixture(scope="session")
-def scout(checkpoint) -> Path:
-    return checkpoint("scout_hub")
+def _quant_module(request) -> bool:
+    """The module quantizes (``pytestmark = pytest.mark.quant_checkpoints``): it gets conftest.QUANT_CASES'
+    checkpoints as scout / maverick (float parity modules get the CASES ones)."""
+    return request.node.get_closest_marker("quant_checkpoints") is not None
 
 
-@pytest.fixture(scope="session")
-def maverick(checkpoint) -> Path:
-    return checkpoint("maverick_hub")
+@pytest.fixture(scope="module")
+def scout(request, checkpoint) -> Path:
+    return checkpoint("qscout" if _quant_module(request) else "scout_hub")
+
+
+@pytest.fixture(scope="module")
+def maverick(request, checkpoint) -> Path:
+    return checkpoint("qmaverick" if _quant_module(request) else "maverick_hub")
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,9 @@ from l4export.runtimes.mlx import MlxRuntime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner  # noqa: E402
 from l4export.verify import THRESHOLDS  # noqa: E402
 
+# this module quantizes: scout / maverick are conftest.QUANT_CASES' checkpoints
+pytestmark = pytest.mark.quant_checkpoints
+
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +36,6 @@ PROMPT = np.random.default_rng(7).integers(4, 256, 40).tolist()  # crosses sever
 PARITY_TOL = 1e-5  # max|Δ| / max|logit|: quantized kernels vs float matmuls on the dequantized weights
 INT4_KL_MAX = THRESHOLDS["int4"].kl  # verify's own gate; measured ~0.005-0.01 on these tiny random models
 FP8_KL_MAX = 0.01  # mxfp8 experts only; measured ~5e-5-2e-3
-
-
-@pytest.fixture(scope="module")
-def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
-    return qscout
-
-
-@pytest.fixture(scope="module")
-def maverick(qmaverick):
-    return qmaverick
 
 
 def kl(ref: np.ndarray, got: np.ndarray) -> float:

@@ -34,8 +34,10 @@ from l4export.runtimes import load_runtime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner, set_canonical_weight  # noqa: E402
 from l4export.verify import THRESHOLDS, compare, default_prompts  # noqa: E402
 
-log = logging.getLogger(__name__)
+# this module quantizes: scout / maverick are conftest.QUANT_CASES' checkpoints
+pytestmark = pytest.mark.quant_checkpoints
 
+log = logging.getLogger(__name__)
 
 
 # The fixtures are 64 wide (hidden and expert width), so tiles of 32 stand in for the real models' 128.
@@ -53,16 +55,6 @@ RECIPES = {
                                  'activation = "static"\n'
                                  '[[rule]]\nmatch = "*.self_attn.*_proj.weight"\nscheme = "fp8"\nactivation = "static"\n',
 }
-
-
-@pytest.fixture(scope="module")
-def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
-    return qscout
-
-
-@pytest.fixture(scope="module")
-def maverick(qmaverick):
-    return qmaverick
 
 
 def _recipe_file(root: Path, name: str) -> Path:

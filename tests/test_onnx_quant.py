@@ -30,18 +30,11 @@ from l4export.runtimes import load_runtime  # noqa: E402
 from l4export.runtimes.reference import ReferenceRunner, set_canonical_weight  # noqa: E402
 from l4export.verify import THRESHOLDS, compare, default_prompts  # noqa: E402
 
+# this module quantizes: scout / maverick are conftest.QUANT_CASES' checkpoints
+pytestmark = pytest.mark.quant_checkpoints
+
 
 log = logging.getLogger(__name__)
-
-
-@pytest.fixture(scope="module")
-def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
-    return qscout
-
-
-@pytest.fixture(scope="module")
-def maverick(qmaverick):
-    return qmaverick
 
 
 def _export(src: Path, out: Path, quant: str, dtype: str = "float32") -> Path:

@@ -22,18 +22,11 @@ from l4export.quant.schemes import Int  # noqa: E402
 from l4export.runtimes.reference import load_reference  # noqa: E402
 from l4export.torch_llama4 import layer_forward  # noqa: E402
 
+# this module quantizes: scout / maverick are conftest.QUANT_CASES' checkpoints
+pytestmark = pytest.mark.quant_checkpoints
+
 
 IDS = [np.random.default_rng(i).integers(4, 300, size=20) for i in range(6)]  # 20 > chunk 8: chunking is exercised
-
-
-@pytest.fixture(scope="module")
-def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
-    return qscout
-
-
-@pytest.fixture(scope="module")
-def maverick(qmaverick):
-    return qmaverick
 
 
 def _hf_hidden(path, ids):
@@ -411,7 +404,6 @@ def test_gptq_inverse_factor_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert np.array_equal(out[0], out[1])
-
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -11,16 +11,8 @@ from l4export.quant.recipe import PRESETS, Recipe, Rule, canonical_shapes, for_m
 from l4export.quant.schemes import Fp8, Int, MxFp8
 from l4export.spec import load_spec
 
-
-
-@pytest.fixture(scope="module")
-def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
-    return qscout
-
-
-@pytest.fixture(scope="module")
-def maverick(qmaverick):
-    return qmaverick
+# this module quantizes: scout / maverick are conftest.QUANT_CASES' checkpoints
+pytestmark = pytest.mark.quant_checkpoints
 
 
 def test_first_match_wins():
@@ -138,3 +130,8 @@ def test_capabilities():
     PRESETS["fp8"].check_target("onnx", "cpu")  # stored FP8 + DequantizeLinear: allowed
     PRESETS["fp8"].check_target("mlx", "any")  # re-quantized to mxfp8
     PRESETS["int4-exact"].check_target("onnx", "cuda")
+
+
+def test_quantization_modules_get_the_quantization_checkpoints(scout, maverick, qscout, qmaverick):
+    """This module is marked quant_checkpoints: conftest hands it QUANT_CASES' checkpoints as scout / maverick."""
+    assert (scout, maverick) == (qscout, qmaverick)

@@ -24,6 +24,9 @@ from l4export.quant.recipe import PRESETS, Recipe, Rule, load_recipe  # noqa: E4
 from l4export.quant.schemes import Fp8, Int, MxFp8  # noqa: E402
 from l4export.spec import load_spec, spec_from_config  # noqa: E402
 
+# this module quantizes: scout / maverick are conftest.QUANT_CASES' checkpoints
+pytestmark = pytest.mark.quant_checkpoints
+
 
 def plan_bytes(spec, recipe, fmt, dtype, target="cpu", vision=False):
     """The plan of that convert (static FP8 planned as calibrated): its .total, .by_component are the bytes it writes."""
@@ -39,16 +42,6 @@ CASES = [  # (format, dtype, recipe): ONNX fp32 and fp16 graphs, MLX bf16; int4 
     ("onnx", "float32", "int4"), ("onnx", "float16", "int4"), ("onnx", "float32", "fp8"), ("onnx", "float16", "fp8"),
     ("mlx", "bfloat16", "int4"), ("mlx", "bfloat16", "fp8"), ("onnx", "float32", None), ("mlx", "bfloat16", None),
 ]
-
-
-@pytest.fixture(scope="module")
-def scout(qscout):  # this module quantizes: the checkpoints of conftest.QUANT_CASES, not the float-parity ones
-    return qscout
-
-
-@pytest.fixture(scope="module")
-def maverick(qmaverick):
-    return qmaverick
 
 
 @pytest.mark.parametrize("fmt, dtype, quant", CASES, ids=lambda v: str(v))
