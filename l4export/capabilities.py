@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .errors import CapabilityError, UsageError
+
 # Which (format, target) pairs run which compute dtypes. One row per pair; adding a target is a row.
 SUPPORTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("onnx", "cpu"): ("float32", "float16"),  # ORT CPU MoE/QMoE: fp32 and fp16 only (no bf16 kernels)
@@ -26,6 +28,7 @@ SUPPORTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("mlx", "any"): ("float32", "float16", "bfloat16"),
 }
 
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention: "head_size must be a multiple of 8" (CPU), the same on CUDA
 GROUPS = (128, 64, 32)  # int group / block sizes that MatMulNBits, QMoE, GatherBlockQuantized and MLX all read
 MXFP8_GROUP = 32  # MLX mxfp8: one e8m0 scale per 32 inputs, no other size
@@ -34,6 +37,21 @@ ATTENTION_FORMS = {
     "gqa": "com.microsoft GroupQueryAttention (fused, in-place KV cache)",
     "plain": "MatMul + Softmax over a cache written with Slice + Concat (head sizes GroupQueryAttention refuses)",
 }
+
+
+def check_dtype(fmt: str, dtype: str, target: str) -> None:
+    if dtype not in DTYPE_BYTES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    key = (fmt, target if fmt == "onnx" else "any")
+    if key not in SUPPORTED:
+        raise UsageError(f"--target {target!r} is not supported for --format {fmt}; use cpu or cuda")
+    if dtype not in SUPPORTED[key]:
+        raise CapabilityError(f"--dtype {dtype} cannot run on {fmt} target {target}; use --dtype {' or '.join(SUPPORTED[key])}")
+
+
+def default_dtype(fmt: str, target: str) -> str:
+    """The compute dtype a format and target get when none is asked for: the first one they run."""
+    return SUPPORTED.get((fmt, target if fmt == "onnx" else "any"), ("float32",))[0]
 
 
 def attention_form(head_dim: int) -> str:
@@ -51,5 +69,5 @@ def fitting_group(group: int, dims: Iterable[int]) -> int | None:
     return None
 
 
-__all__ = ["ATTENTION_FORMS", "GQA_HEAD_MULTIPLE", "GROUPS", "MXFP8_GROUP", "SUPPORTED", "attention_form",
-           "fitting_group"]
+__all__ = ["ATTENTION_FORMS", "DTYPE_BYTES", "GQA_HEAD_MULTIPLE", "GROUPS", "MXFP8_GROUP", "SUPPORTED", "attention_form",
+           "check_dtype", "default_dtype", "fitting_group"]

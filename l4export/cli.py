@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from .capabilities import default_dtype
 from .errors import MAX_LINE, MORE, L4ExportError, one_line, short_path, shorten
 
 log = logging.getLogger("l4export")
@@ -119,7 +120,7 @@ def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant
         from .quant.recipe import load_recipe
 
         fmt = fmt or "onnx"
-        dtype = dtype or _default_dtype(fmt, target)
+        dtype = dtype or default_dtype(fmt, target)
         recipe = None if quant is None else load_recipe(quant)
         vision = ckpt.spec.vision is not None and not ckpt.vision_missing()
         info["plan"] = plan_summary(make_plan(ckpt.spec, fmt, dtype, target, recipe, calibrated=True,  # type: ignore[arg-type]
@@ -176,10 +177,6 @@ def _inspect_export(path: Path, as_json: bool, check: bool) -> None:
         raise click.exceptions.Exit(1)
 
 
-def _default_dtype(fmt: str, target: str) -> str:
-    return "float16" if (fmt == "onnx" and target == "cuda") else "float32"
-
-
 @main.command("demo-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=None, help="Random weights drawn from this seed instead of the trained ones.")
@@ -217,7 +214,7 @@ def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: st
     from .convert import convert as run_convert
 
     if dtype is None:
-        dtype = _default_dtype(fmt, target)
+        dtype = default_dtype(fmt, target)
     options = ExportOptions(format=fmt, dtype=dtype, target=target, text_only=text_only,  # type: ignore[arg-type]
                             max_images=max_images, ray=ray_address, tmp_dir=tmp_dir)
     if quant is not None:

@@ -28,12 +28,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .capabilities import DTYPE_BYTES, check_dtype
 from .checkpoint import Checkpoint
 from .errors import CapabilityError, MappingError, UsageError
+from .folder import ExportInfo, QuantInfo
 from .manifest import write_manifest
 from .outputs import atomic_output_dir, copy_files
-from .plan import DTYPE_BYTES, ExportPlan, check_dtype, make_plan
-from .folder import ExportInfo, QuantInfo
+from .plan import ExportPlan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: 
     (the output's disk, not a possibly RAM-backed $TMPDIR) or --tmp-dir, and go when the export is written."""
     from dataclasses import replace
 
-    from .quant.calib_data import read_calibration
     from .quant.calib import calibrate, spill_next_to
+    from .quant.calib_data import read_calibration
 
     c = options.calib
     if options.tmp_dir is not None and options.ray is None:

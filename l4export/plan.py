@@ -36,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 
-from .capabilities import SUPPORTED, attention_form
+from .capabilities import DTYPE_BYTES, attention_form, check_dtype
 from .errors import CapabilityError, UsageError
 from .names import COMPONENTS, canonical_shapes, component, is_vision, vision_shapes
 from .quant.recipe import PRESETS, Recipe, Rule, for_model
@@ -45,7 +45,6 @@ from .spec import Llama4Spec
 
 log = logging.getLogger(__name__)
 Format = Literal["onnx", "mlx"]
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 EXPERTS = ("gate_proj", "up_proj", "down_proj")
 
 @dataclass(frozen=True)
@@ -134,16 +133,6 @@ def _mlp_fused(tensors: dict[str, "TensorPlan"], pre: str) -> bool:
 
 
 # ---- checks -----------------------------------------------------------------------------------------------
-def check_dtype(fmt: str, dtype: str, target: str) -> None:
-    if dtype not in DTYPE_BYTES:
-        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-    key = (fmt, target if fmt == "onnx" else "any")
-    if key not in SUPPORTED:
-        raise UsageError(f"--target {target!r} is not supported for --format {fmt}; use cpu or cuda")
-    if dtype not in SUPPORTED[key]:
-        raise CapabilityError(f"--dtype {dtype} cannot run on {fmt} target {target}; use --dtype {' or '.join(SUPPORTED[key])}")
-
-
 def mlx_recipe(recipe: Recipe) -> Recipe:
     """The recipe as MLX stores it: FP8 (no per-channel or block e4m3 mode in MLX) becomes mxfp8."""
     rules = tuple(Rule(r.pattern, MxFp8()) if isinstance(r.scheme, Fp8) else r for r in recipe.rules)
@@ -270,4 +259,4 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
     return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors, adapted, attention_form(spec.head_dim))
 
 
-__all__ = ["DTYPE_BYTES", "ExportPlan", "SUPPORTED", "TensorPlan", "check_dtype", "make_plan", "mlx_recipe"]
+__all__ = ["ExportPlan", "TensorPlan", "make_plan", "mlx_recipe"]
