@@ -17,7 +17,16 @@ import numpy as np
 
 from .errors import ExportError, UsageError
 
+# The export folder's file names: the writers write them, the runtimes, inspect and verify read them.
 EXPORT_INFO = "l4export.json"  # written into every export: format, dtype, target, quantization, source
+MODEL_FILE = "model.onnx"  # the ONNX decoder (+ DATA_FILE: every text weight, shared by the graphs cut from it)
+DATA_FILE = "model.onnx.data"
+EMBEDS_FILE = "model.embeds.onnx"  # the decoder on inputs_embeds (exports with the vision path)
+EMBEDDING_FILE = "embedding.onnx"  # input_ids + image features -> inputs_embeds
+VISION_FILE = "vision.onnx"  # the vision encoder + projector (+ VISION_DATA)
+VISION_DATA = "vision.onnx.data"
+GENAI_CONFIG = "genai_config.json"  # onnxruntime-genai's
+QUANT_REPORT = "quant_report.json"  # calibrated exports: per-tensor error, routing, sizes (+ its plots)
 
 _GRAPH_CONSTANT = re.compile(r"const_\d+")  # GraphBuilder.const: shape/axis constants, inv_freq (not weights)
 _ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 17: 1}
@@ -28,11 +37,11 @@ def export_tensor_bytes(path: str | Path) -> int:
     safetensors tensors (MLX) or the initializers of model.onnx and vision.onnx without the graphs' own constants.
     Headers, the graphs and metadata are not counted."""
     path = Path(path)
-    if (path / "model.onnx").is_file():
+    if (path / MODEL_FILE).is_file():
         import onnx
 
         total = 0
-        for name in ("model.onnx", "vision.onnx"):
+        for name in (MODEL_FILE, VISION_FILE):
             if not (path / name).is_file():
                 continue
             graph = onnx.load(str(path / name), load_external_data=False).graph
@@ -110,4 +119,5 @@ def read_export_info(path: Path) -> ExportInfo:
     return ExportInfo.from_json(info, p)
 
 
-__all__ = ["EXPORT_INFO", "ExportInfo", "QuantInfo", "export_tensor_bytes", "read_export_info"]
+__all__ = ["DATA_FILE", "EMBEDDING_FILE", "EMBEDS_FILE", "EXPORT_INFO", "GENAI_CONFIG", "MODEL_FILE", "QUANT_REPORT",
+           "VISION_DATA", "VISION_FILE", "ExportInfo", "QuantInfo", "export_tensor_bytes", "read_export_info"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..folder import EMBEDDING_FILE, EMBEDS_FILE, MODEL_FILE, VISION_FILE
 from ..spec import Llama4Spec
-from .onnx_variants import EMBEDDING_FILE, EMBEDS_FILE, MODEL_FILE
 
 
 def genai_config(spec: Llama4Spec, dtype: str, target: str, vision: bool = False) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def genai_config(spec: Llama4Spec, dtype: str, target: str, vision: bool = False
     cfg["model"]["embedding"] = {"filename": EMBEDDING_FILE, "session_options": dict(provider),
                                  "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
                                  "outputs": {"inputs_embeds": "inputs_embeds"}}
-    cfg["model"]["vision"] = {"filename": "vision.onnx", "session_options": dict(provider),
+    cfg["model"]["vision"] = {"filename": VISION_FILE, "session_options": dict(provider),
                               "inputs": {"pixel_values": "pixel_values"}, "outputs": {"image_features": "image_features"}}
     return cfg
 

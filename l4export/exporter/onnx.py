@@ -52,18 +52,23 @@ import numpy as np
 import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
+from ..folder import DATA_FILE, EMBEDS_FILE, GENAI_CONFIG, MODEL_FILE
 from ..plan import ExportPlan
 from ..spec import LayerSpec, Llama4Spec
 from . import onnx_lower
 from .genai import genai_config
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder, save_model
 from .onnx_lower import Route
-from .onnx_variants import (EMBEDS_FILE, KV_VARIANTS, MODEL_FILE, write_embedding_model, write_embeds_decoder,
-                            write_genai_decoder, write_kv_variant)
+from .onnx_variants import (
+    KV_VARIANTS,
+    write_embedding_model,
+    write_embeds_decoder,
+    write_genai_decoder,
+    write_kv_variant,
+)
 
 log = logging.getLogger(__name__)
 
-DATA_FILE = "model.onnx.data"
 OPSET = 23  # RotaryEmbedding
 NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 NEG = -3.0e38  # additive mask; finite so a fully masked row gives a uniform softmax, not NaN
@@ -402,7 +407,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
     total = sum(int(v.const_value.nbytes) for v in builder.g.initializers if v.const_value is not None)
     log.info("onnx graph: %d nodes, %d initializers, %.1f MB of weights", len(builder.g.nodes),
              len(builder.g.initializers), total / 1e6)
-    save_model(model, out, total)
+    save_model(model, out, total, MODEL_FILE, DATA_FILE)
     # The runtimes read the spec from the export's own config.json (the source's, verbatim).
     (out / "config.json").write_text(json.dumps(ckpt.spec.config, indent=2))
     info: dict[str, Any] = {"model": MODEL_FILE, "data": DATA_FILE, "opset": builder.g.opset, "nodes": len(builder.g.nodes),
@@ -420,7 +425,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
     info["genai_decoder"] = write_genai_decoder(out, info["embeds_decoder"] if plan.vision else MODEL_FILE)
     cfg = genai_config(ckpt.spec, plan.dtype, plan.target, plan.vision)
     cfg["model"]["decoder"]["filename"] = info["genai_decoder"]
-    (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    (out / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2))
     if plan.recipe is not None:  # (the recipe, calibration and adapted tensors: ExportInfo.quant, by convert)
         info["quant"] = {"nodes": dict(builder.lo.counts), "weight_bytes": total, **builder.lo.meta}
     return info

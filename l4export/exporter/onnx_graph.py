@@ -150,8 +150,7 @@ class GraphBuilder:
         return ir.Model(graph, ir_version=10, producer_name="l4export")
 
 
-def save_model(model: ir.Model, out: Path, total_bytes: int, file: str = "model.onnx",
-               data: str = "model.onnx.data") -> None:
+def save_model(model: ir.Model, out: Path, total_bytes: int, file: str, data: str) -> None:
     """Write ``file`` + its ``data`` file, streaming each weight from the checkpoint (one at a time)."""
     # a bar with -v only (quiet by default); it redraws on every tensor, so it moves on small models too
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{file} weights", mininterval=0,

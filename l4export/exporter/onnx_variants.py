@@ -17,11 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..folder import EMBEDDING_FILE, EMBEDS_FILE, MODEL_FILE
 from ..spec import Llama4Spec
 
-MODEL_FILE = "model.onnx"
-EMBEDS_FILE = "model.embeds.onnx"
-EMBEDDING_FILE = "embedding.onnx"
 EMBED_SCOPE = "model.embed_tokens/"  # node-name prefix of the decoder's embedding lookup (DecoderBuilder.build)
 ELEM = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
 

@@ -31,13 +31,11 @@ import numpy as np
 import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
+from ..folder import VISION_DATA, VISION_FILE
 from ..plan import ExportPlan
 from ..spec import VisionSpec
 from . import onnx_lower
 from .onnx_graph import GraphBuilder, save_model
-
-VISION_FILE = "vision.onnx"
-VISION_DATA = "vision.onnx.data"
 
 
 class VisionBuilder:

@@ -15,9 +15,10 @@ from typing import Mapping
 
 import numpy as np
 
+from ..folder import QUANT_REPORT
+from ..names import component
 from .calib import CalibResult
 from .schemes import QTensor
-from ..names import component
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
     }
     log.info("calibration: %d samples, %d tokens, %.1f s on %s", result.samples, result.tokens, result.seconds,
              result.device)
-    path = out_dir / "quant_report.json"
+    path = out_dir / QUANT_REPORT
     path.write_text(json.dumps(report, indent=2, allow_nan=False))
     _plot_tokens(result, out_dir / "tokens_per_expert.png")
     _plot_sqnr(result, out_dir / "expert_sqnr.png")

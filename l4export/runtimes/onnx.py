@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CapabilityError, ExportError, UsageError
+from ..folder import MODEL_FILE
 from .base import Runtime
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class OnnxRuntime(Runtime):
     def _model_file(self, kv_dtype: str | None, provider: str) -> Path:
         info = self.files
         embeds = self.vision is not None  # the decoder on inputs_embeds (embedding.onnx places the image features)
-        name = info["embeds_decoder"] if embeds else info.get("model", "model.onnx")
+        name = info["embeds_decoder"] if embeds else info.get("model", MODEL_FILE)
         if kv_dtype is not None:
             variants = info.get("embeds_kv_variants" if embeds else "kv_variants", {})
             if kv_dtype not in variants:
