@@ -65,13 +65,8 @@ class ExportPlan:
     calibrated: bool
     tensors: dict[str, TensorPlan] = field(repr=False)
     adapted: dict[str, str] = field(default_factory=dict)  # preset tensors changed to fit: name -> "from -> to"
-    attention: str = "gqa"  # capabilities.ATTENTION_FORMS: the ONNX attention kernel this head size runs
-
-    @property
-    def forms(self) -> dict[str, object]:
-        """The kernel forms chosen for this model's shapes (l4export.json and the quant report record them)."""
-        out: dict[str, object] = {"attention": self.attention} if self.format == "onnx" else {}
-        return {**out, "adapted": dict(self.adapted)} if self.adapted else out
+    attention: str = "gqa"  # capabilities.ATTENTION_FORMS: the ONNX attention kernel this head size runs (recorded
+    #                        in l4export.json's onnx.attention; what presets adapted: ``adapted``, in its quant.adapted)
 
     @property
     def vision(self) -> bool:
