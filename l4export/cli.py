@@ -268,20 +268,19 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
     if images and prompt is None:
         raise click.UsageError("--image needs --prompt (the image tokens are laid out in the prompt text)")
     from .folder import read_export_info
-    from .runtimes.base import no_tokenizer
+    from .image import IMAGE_PLACEHOLDER
+    from .runtimes.base import require_tokenizer
+    from .runtimes.chat import render, stop_ids, template, user_turn
 
     fmt = read_export_info(export).format
-    if prompt is not None and not (export / "tokenizer.json").is_file():
-        raise no_tokenizer(export)
+    if prompt is not None:
+        require_tokenizer(export)
     if dtype is not None and fmt != "mlx":
         raise click.UsageError(f"--dtype chooses the MLX compute dtype; this is a {fmt} export (its dtype is fixed at convert)")
     if provider is not None and fmt != "onnx":
         raise click.UsageError(f"--provider chooses the ONNX Runtime provider; this is a {fmt} export")
     rt = load_runtime(export, provider=provider, dtype=dtype, kv_dtype=kv_dtype, prefill_step=prefill_step)
     kw = dict(temperature=temperature, top_p=top_p, seed=seed)
-    from .image import IMAGE_PLACEHOLDER
-    from .runtimes.chat import render, stop_ids, template, user_turn
-
     kw["stop"] = [] if ignore_eos else sorted(stop_ids(rt))
     if prompt is not None:
         own = not no_chat_template and IMAGE_PLACEHOLDER not in prompt and template(rt, fallback=False) is not None
@@ -308,13 +307,12 @@ def run(export: Path, prompt: str | None, ids: str | None, max_new_tokens: int, 
 def chat(export: Path, max_new_tokens: int, temperature: float, top_p: float, seed: int, system: str | None,
          provider: str | None, kv_dtype: str | None) -> None:
     """Talk to an export in the terminal (the conversation is kept; /reset forgets it; Ctrl-D leaves)."""
-    from .runtimes import load_runtime
     from .folder import read_export_info
-    from .runtimes.base import no_tokenizer
+    from .runtimes import load_runtime
+    from .runtimes.base import require_tokenizer
 
     read_export_info(export)  # not an export: that error first
-    if not (export / "tokenizer.json").is_file():
-        raise no_tokenizer(export)
+    require_tokenizer(export)
     rt = load_runtime(export, provider=provider, kv_dtype=kv_dtype)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)

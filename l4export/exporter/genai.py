@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..folder import EMBEDDING_FILE, EMBEDS_FILE, MODEL_FILE, VISION_FILE
+from ..folder import EMBEDDING_FILE, VISION_FILE
 from ..spec import Llama4Spec
 
 
-def genai_config(spec: Llama4Spec, dtype: str, target: str, vision: bool = False) -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json. Text: model.type 'decoder' (genai rejects 'llama4_text') over
-    model.onnx. With vision: the three-model layout (vision, embedding, decoder on inputs_embeds) under type 'gemma3',
-    the one genai pipeline that runs vision.onnx on pixel_values alone (genai has no Llama 4 type; docs/vision.md)."""
-    cfg = _genai_text_config(spec, target)
+def genai_config(spec: Llama4Spec, target: str, decoder_file: str, vision: bool = False) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json over the decoder ``decoder_file`` (genai's copy of model.onnx, or of
+    model.embeds.onnx with vision). Text: model.type 'decoder' (genai rejects 'llama4_text'). With vision: the
+    three-model layout (vision, embedding, decoder on inputs_embeds) under type 'gemma3', the one genai pipeline that
+    runs vision.onnx on pixel_values alone (genai has no Llama 4 type; docs/vision.md)."""
+    cfg = _genai_text_config(spec, target, decoder_file)
     if not vision:
         return cfg
     provider = cfg["model"]["decoder"]["session_options"]
     decoder = cfg["model"]["decoder"]
-    decoder["filename"] = EMBEDS_FILE
     decoder["inputs"] = {"inputs_embeds": "inputs_embeds", **{k: v for k, v in decoder["inputs"].items() if k != "input_ids"}}
     cfg["model"]["type"] = "gemma3"
     cfg["model"]["embedding"] = {"filename": EMBEDDING_FILE, "session_options": dict(provider),
@@ -28,7 +28,7 @@ def genai_config(spec: Llama4Spec, dtype: str, target: str, vision: bool = False
     return cfg
 
 
-def _genai_text_config(spec: Llama4Spec, target: str) -> dict[str, Any]:
+def _genai_text_config(spec: Llama4Spec, target: str, decoder_file: str) -> dict[str, Any]:
     provider = [{"cuda": {}}] if target == "cuda" else []
     eos = list(spec.eos_token_ids) or [0]
     return {
@@ -40,7 +40,7 @@ def _genai_text_config(spec: Llama4Spec, target: str) -> dict[str, Any]:
             "context_length": spec.max_position_embeddings,
             "vocab_size": spec.vocab_size,
             "decoder": {
-                "filename": MODEL_FILE,
+                "filename": decoder_file,
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
                 "num_attention_heads": spec.num_heads,

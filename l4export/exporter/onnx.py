@@ -153,7 +153,7 @@ class DecoderBuilder:
                 self.chunk_bias = self._chunk_bias(cache_start, held)
         if self.plan.attention == "plain":
             with g.scope("masks"):
-                self.masks = {kind: self._plain_mask(keys, seq, getattr(self, "chunk_bias", None) if kind == "chunked" else None)
+                self.masks = {kind: self._plain_mask(keys, seq, self.chunk_bias if kind == "chunked" else None)
                               for kind, keys in self.keys.items()}
 
     def _seqlens(self, keys: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -410,11 +410,11 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
     save_model(model, out, total, MODEL_FILE, DATA_FILE)
     # The runtimes read the spec from the export's own config.json (the source's, verbatim).
     (out / "config.json").write_text(json.dumps(ckpt.spec.config, indent=2))
+    kv_variants = KV_VARIANTS if plan.attention == "gqa" else ()  # GroupQueryAttention's quantized cache only
     info: dict[str, Any] = {"model": MODEL_FILE, "data": DATA_FILE, "opset": builder.g.opset, "nodes": len(builder.g.nodes),
                             "moe_nodes": sum(n.op_type == "MoE" for n in builder.g.nodes),
-                            "attention": plan.attention, "kv_variants": {}}
-    kv_variants = KV_VARIANTS if plan.attention == "gqa" else ()  # GroupQueryAttention's quantized cache only
-    info["kv_variants"] = {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype) for kv in kv_variants}
+                            "attention": plan.attention,
+                            "kv_variants": {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype) for kv in kv_variants}}
     if plan.vision:
         from .onnx_vision import export_vision
 
@@ -423,8 +423,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
         info["embeds_decoder"] = write_embeds_decoder(out, ckpt.spec, plan.dtype)
         info["embeds_kv_variants"] = {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype, EMBEDS_FILE) for kv in kv_variants}
     info["genai_decoder"] = write_genai_decoder(out, info["embeds_decoder"] if plan.vision else MODEL_FILE)
-    cfg = genai_config(ckpt.spec, plan.dtype, plan.target, plan.vision)
-    cfg["model"]["decoder"]["filename"] = info["genai_decoder"]
+    cfg = genai_config(ckpt.spec, plan.target, info["genai_decoder"], plan.vision)
     (out / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2))
     if plan.recipe is not None:  # (the recipe, calibration and adapted tensors: ExportInfo.quant, by convert)
         info["quant"] = {"nodes": dict(builder.lo.counts), "weight_bytes": total, **builder.lo.meta}

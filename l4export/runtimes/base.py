@@ -26,8 +26,8 @@ import numpy as np
 from ..errors import ExportError, ImageError, L4ExportError, UsageError, wrap
 from ..folder import read_export_info
 from ..image import IMAGE_PLACEHOLDER
-from .text import TextStream
 from ..spec import Llama4Spec, VisionSpec, load_spec
+from .text import TextStream
 
 if TYPE_CHECKING:
     from ..image import ImageTokenIds, ProcessedImage
@@ -193,9 +193,7 @@ class Runtime(ABC):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            tj = self.path / "tokenizer.json"
-            if not tj.is_file():
-                raise no_tokenizer(self.path)
+            tj = require_tokenizer(self.path)
             try:
                 from tokenizers import Tokenizer
             except ImportError:
@@ -307,10 +305,13 @@ class Runtime(ABC):
         return ids, self.image_features(processed)
 
 
-def no_tokenizer(path: Path) -> UsageError:
-    """The one-line error of text asked of an export without tokenizer.json."""
-    return UsageError(f"{path}: no tokenizer.json, so it cannot tokenize text: give token ids (run --ids), or copy the "
-                      "model's tokenizer.json next to its config.json and convert again")
+def require_tokenizer(path: Path) -> Path:
+    """The export's tokenizer.json; a one-line error when there is none (text was asked of it)."""
+    tj = Path(path) / "tokenizer.json"
+    if not tj.is_file():
+        raise UsageError(f"{path}: no tokenizer.json, so it cannot tokenize text: give token ids (run --ids), or copy "
+                         "the model's tokenizer.json next to its config.json and convert again")
+    return tj
 
 
 def engine_failure(err: BaseException) -> bool:

@@ -221,12 +221,12 @@ class OnnxRuntime(Runtime):
         }
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
-        # optional inputs (and the KV variants' scales) are bound as OrtValues
-        optional = {"cache_start": np.array(self.chunk_start(), np.int64), "num_logits_to_keep": np.array(n_logits, np.int64)}
+        # scalars and scales beside the tokens (cache_start, num_logits_to_keep, the KV variants' scales), as OrtValues
+        scalars = {"cache_start": np.array(self.chunk_start(), np.int64), "num_logits_to_keep": np.array(n_logits, np.int64)}
         if self.kv_quant is not None:
             for i, (ks, vs) in enumerate(self.scales):
-                optional[f"kv_scale.{i}.key"], optional[f"kv_scale.{i}.value"] = np.maximum(ks, 1e-30), np.maximum(vs, 1e-30)
-        for name, value in optional.items():
+                scalars[f"kv_scale.{i}.key"], scalars[f"kv_scale.{i}.value"] = np.maximum(ks, 1e-30), np.maximum(vs, 1e-30)
+        for name, value in scalars.items():
             io.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(value))
         io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
         if self.kv_quant is not None:
