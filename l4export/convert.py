@@ -198,7 +198,12 @@ def _write(ckpt: Checkpoint, tmp: Path, plan: ExportPlan, options: ExportOptions
 def _quant_info(plan: ExportPlan, calibration: dict | None) -> QuantInfo | None:
     if plan.recipe is None:
         return None
-    return QuantInfo(plan.recipe.name, calibration is not None, calibration, len(plan.quantized), dict(plan.adapted))
+    from .quant.schemes import scheme_record
+
+    placed = plan.quantized  # name -> scheme, the plan's order
+    return QuantInfo(plan.recipe.name, calibration is not None, calibration, len(placed), dict(plan.adapted),
+                     schemes={s.name: scheme_record(s) for s in placed.values()},
+                     placement={n: s.name for n, s in placed.items()})
 
 
 def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, force: bool = False) -> Path:

@@ -64,6 +64,8 @@ class QuantInfo:
     calibration: dict[str, Any] | None = None  # {"samples", "tokens", "method"} when calibrated
     tensors: int = 0  # tensors stored quantized
     adapted: dict[str, str] = field(default_factory=dict)  # preset tensors changed to fit: name -> "from -> to"
+    schemes: dict[str, dict[str, Any]] = field(default_factory=dict)  # scheme name -> its record (kind, options)
+    placement: dict[str, str] = field(default_factory=dict)  # quantized tensor (canonical name) -> scheme name
 
 
 @dataclass(frozen=True)

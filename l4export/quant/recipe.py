@@ -295,6 +295,15 @@ def _scheme(kind: str, opts: dict[str, Any], where: str) -> AnyScheme | None:
         raise RecipeError(f"{where}: {err}") from None
 
 
+def scheme_from_record(record: dict[str, Any], where: str) -> AnyScheme:
+    """The scheme ``schemes.scheme_record`` wrote (l4export.json ``quant.schemes``)."""
+    opts = {k: v for k, v in record.items() if k != "kind"}
+    scheme = _scheme(str(record.get("kind")), opts, where)
+    if scheme is None:
+        raise RecipeError(f"{where}: unknown scheme kind {record.get('kind')!r}; convert the export again")
+    return scheme
+
+
 def _reject_unknown(table: dict[str, Any], allowed: set[str] | frozenset[str], at: str, what: str) -> None:
     for key in table:
         if key not in allowed:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol, Union
+from typing import Any, Literal, Protocol, Union
 
 import ml_dtypes
 import numpy as np
@@ -348,6 +348,16 @@ class MxFp8(_Base):
 
 
 AnyScheme = Union[Int, Fp8, MxFp8]
+
+
+def scheme_record(s: AnyScheme) -> dict[str, Any]:
+    """A scheme as l4export.json records it ({"kind": ..., options}); ``recipe.scheme_from_record`` reads it back."""
+    if isinstance(s, Int):
+        return {"kind": f"int{s.bits}", "group_size": s.group_size, "symmetric": s.symmetric,
+                "accuracy_level": s.accuracy_level}
+    if isinstance(s, Fp8):
+        return {"kind": "fp8", "activation": s.activation, "block_size": s.block_size}
+    return {"kind": "mxfp8"}
 
 
 def sqnr_db(ref: np.ndarray, approx: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray:

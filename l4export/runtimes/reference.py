@@ -94,7 +94,16 @@ class ReferenceRunner:
 
     def margins(self, ids: list[int], pixel_values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Router margins per token (``router_margins``) of a forward over ``ids``."""
-        return router_margins(self.model, self.model.model.layers, lambda: self.logits(ids))
+        return router_margins(self.model.model.layers, lambda: self.logits(ids))
+
+    def routers(self, ids: list[int], pixel_values: np.ndarray | None = None) -> list[tuple[int, np.ndarray, int]]:
+        """Each MoE layer's router logits over ``ids`` (``router_logits``)."""
+        return router_logits(self.model.model.layers, lambda: self.logits(ids))
+
+    @property
+    def text_model(self):
+        """The causal LM whose parameters carry the canonical text names (``set_canonical_weight``)."""
+        return self.model
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         torch = self.torch
@@ -150,7 +159,14 @@ class VisionReference:
             return out.logits[0].float().numpy()
 
     def margins(self, ids: list[int], pixel_values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return router_margins(self.model, self.model.language_model.model.layers, lambda: self.logits(ids, pixel_values))
+        return router_margins(self.model.language_model.model.layers, lambda: self.logits(ids, pixel_values))
+
+    def routers(self, ids: list[int], pixel_values: np.ndarray | None = None) -> list[tuple[int, np.ndarray, int]]:
+        return router_logits(self.model.language_model.model.layers, lambda: self.logits(ids, pixel_values))
+
+    @property
+    def text_model(self):
+        return self.model.language_model
 
     def greedy(self, ids: list[int], pixel_values: np.ndarray | None, max_new_tokens: int) -> list[int]:
         """Greedy tokens after the prompt, the prompt embedded once with its images (a cache for the rest)."""
@@ -166,22 +182,15 @@ class VisionReference:
         return out
 
 
-def router_margins(model, layers, run) -> tuple[np.ndarray, np.ndarray]:
-    """Per token of one forward (``run()``), the smallest top-k minus top-(k+1) router logit over the MoE layers and the
-    layer where it is smallest: ([T] float, [T] int). A margin near 0 is a near-tie: any change in summation order
-    (another runtime, another dtype) may pick the other expert, and every later token sees that choice."""
+def router_logits(layers, run) -> list[tuple[int, np.ndarray, int]]:
+    """Each MoE layer's router logits [T, E] (float32) during one forward (``run()``): [(layer index, logits, top-k)]."""
     torch, _ = _require()
-    found: list[tuple[int, np.ndarray]] = []
+    found: list[tuple[int, np.ndarray, int]] = []
 
     def hook_for(index: int):
         def hook(mod, inp, out):
             x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            logits = x @ mod.weight.float().T
-            k = mod.top_k if hasattr(mod, "top_k") else 1
-            if k >= logits.shape[-1]:  # every expert is chosen: no choice to flip
-                return
-            top = torch.topk(logits, k + 1, dim=-1).values  # the k-th chosen against the first one left out
-            found.append((index, (top[:, k - 1] - top[:, k]).numpy()))
+            found.append((index, (x @ mod.weight.float().T).numpy(), int(getattr(mod, "top_k", 1))))
 
         return hook
 
@@ -193,8 +202,24 @@ def router_margins(model, layers, run) -> tuple[np.ndarray, np.ndarray]:
     finally:
         for h in hooks:
             h.remove()
+    return found
+
+
+def margin(logits: np.ndarray, k: int) -> np.ndarray:
+    """[T, E] router logits -> [T]: the k-th chosen logit minus the first one left out (inf when all E are chosen)."""
+    if k >= logits.shape[-1]:  # every expert is chosen: no choice to flip
+        return np.full(logits.shape[0], np.inf)
+    top = -np.sort(-logits, axis=-1)
+    return top[:, k - 1] - top[:, k]
+
+
+def router_margins(layers, run) -> tuple[np.ndarray, np.ndarray]:
+    """Per token of one forward (``run()``), the smallest top-k minus top-(k+1) router logit over the MoE layers and the
+    layer where it is smallest: ([T] float, [T] int). A margin near 0 is a near-tie: any change in summation order
+    (another runtime, another dtype) may pick the other expert, and every later token sees that choice."""
+    found = router_logits(layers, run)
     if not found:
         return np.full(0, np.inf), np.zeros(0, np.int64)
-    stack = np.stack([m for _, m in found])  # [moe layers, T]
+    stack = np.stack([margin(x, k) for _, x, k in found])  # [moe layers, T]
     which = stack.argmin(axis=0)
-    return stack.min(axis=0), np.array([found[k][0] for k in which])
+    return stack.min(axis=0), np.array([found[w][0] for w in which])
