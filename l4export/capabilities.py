@@ -12,6 +12,9 @@ form runs.
     MLX affine quantize (mx.quantize)                  group in 32/64/128 dividing K   a smaller group, else float
     MLX mxfp8                                          group 32 dividing K             float
 
+    integer widths (INT_BITS): MatMulNBits / QMoE on CPU 2, 4, 8 (QMoE: one width per node); on CUDA 4, 8;
+    GatherBlockQuantized 4, 8; MLX affine 2, 3, 4, 5, 6, 8. A recipe asking another width for a format is refused.
+
 Measured, not assumed: tests/test_shapes.py converts and runs configs drawn across what transformers accepts.
 """
 
@@ -32,6 +35,22 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention: "head_size must be a multiple of 8" (CPU), the same on CUDA
 GROUPS = (128, 64, 32)  # int group / block sizes that MatMulNBits, QMoE, GatherBlockQuantized and MLX all read
 MXFP8_GROUP = 32  # MLX mxfp8: one e8m0 scale per 32 inputs, no other size
+
+# Integer weight widths each kernel family reads (checked against onnxruntime 1.32 and mlx 0.32 in
+# tests/test_low_bit.py). Keys: (format, target, "linear" | "embedding").
+INT_BITS: dict[tuple[str, str, str], tuple[int, ...]] = {
+    ("onnx", "cpu", "linear"): (2, 4, 8),  # MatMulNBits, QMoE
+    ("onnx", "cuda", "linear"): (4, 8),
+    ("onnx", "cpu", "embedding"): (4, 8),  # GatherBlockQuantized
+    ("onnx", "cuda", "embedding"): (4, 8),
+    ("mlx", "any", "linear"): (2, 3, 4, 5, 6, 8),
+    ("mlx", "any", "embedding"): (2, 3, 4, 5, 6, 8),
+}
+
+
+def int_bits(fmt: str, target: str, embedding: bool = False) -> tuple[int, ...]:
+    return INT_BITS[(fmt, target if fmt == "onnx" else "any", "embedding" if embedding else "linear")]
+
 
 ATTENTION_FORMS = {
     "gqa": "com.microsoft GroupQueryAttention (fused, in-place KV cache)",
@@ -69,5 +88,5 @@ def fitting_group(group: int, dims: Iterable[int]) -> int | None:
     return None
 
 
-__all__ = ["ATTENTION_FORMS", "DTYPE_BYTES", "GQA_HEAD_MULTIPLE", "GROUPS", "MXFP8_GROUP", "SUPPORTED", "attention_form",
+__all__ = ["ATTENTION_FORMS", "DTYPE_BYTES", "GQA_HEAD_MULTIPLE", "GROUPS", "INT_BITS", "int_bits", "MXFP8_GROUP", "SUPPORTED", "attention_form",
            "check_dtype", "default_dtype", "fitting_group"]

@@ -22,7 +22,7 @@ import os
 import shutil
 from collections import ChainMap
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ from .folder import ExportInfo, QuantInfo
 from .manifest import write_manifest
 from .outputs import atomic_output_dir, copy_files
 from .plan import ExportPlan, make_plan
+from .quant.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ def plan_export(ckpt: Checkpoint, options: ExportOptions) -> ExportPlan:
 def _calibrate(ckpt: Checkpoint, plan: ExportPlan, options: ExportOptions, tmp: Path, workers):
     """GPTQ (or RTN statistics) for the plan's recipe; calibrated codes spill into the output's temporary folder
     (the output's disk, not a possibly RAM-backed $TMPDIR) or --tmp-dir, and go when the export is written."""
-    from dataclasses import replace
-
     from .quant.calib import calibrate, spill_next_to
     from .quant.calib_data import read_calibration
 
@@ -195,7 +194,21 @@ def _write(ckpt: Checkpoint, tmp: Path, plan: ExportPlan, options: ExportOptions
     return section, ran
 
 
-def _quant_info(plan: ExportPlan, calibration: dict | None) -> QuantInfo | None:
+def _allocate(ckpt: Checkpoint, options: ExportOptions) -> tuple[ExportOptions, dict]:
+    """The mixed-precision budget placed by measurement (l4export.mixed); the allocated recipe replaces it."""
+    from .mixed import allocate
+
+    ids = None
+    if options.calib is not None:
+        from .quant.calib_data import read_calibration
+
+        c = options.calib
+        ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
+    recipe, alloc = allocate(ckpt, options.quant, options.format, options.dtype, options.target, options.calib, ids)
+    return replace(options, quant=recipe), alloc.record()
+
+
+def _quant_info(plan: ExportPlan, calibration: dict | None, allocation: dict | None = None) -> QuantInfo | None:
     if plan.recipe is None:
         return None
     from .quant.schemes import scheme_record
@@ -203,17 +216,23 @@ def _quant_info(plan: ExportPlan, calibration: dict | None) -> QuantInfo | None:
     placed = plan.quantized  # name -> scheme, the plan's order
     return QuantInfo(plan.recipe.name, calibration is not None, calibration, len(placed), dict(plan.adapted),
                      schemes={s.name: scheme_record(s) for s in placed.values()},
-                     placement={n: s.name for n, s in placed.items()})
+                     placement={n: s.name for n, s in placed.items()}, allocation=allocation)
 
 
 def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, force: bool = False) -> Path:
     """Convert a checkpoint folder to an export folder; returns the output path."""
     check_dtype(options.format, options.dtype, options.target)
     ckpt = Checkpoint(checkpoint)
-    plan = plan_export(ckpt, options)  # a bad recipe fails here, before any weight is read or anything written
+    mixed = options.quant is not None and options.quant.budget is not None
+    # a bad recipe fails here, before any weight is read or anything written (a mixed one: its pins, its budget)
+    plan = plan_export(ckpt, replace(options, quant=Recipe(options.quant.name, options.quant.rules)) if mixed else options)
     if options.calib is not None and importlib.util.find_spec("torch") is None:
         raise CapabilityError("--calib runs the model in torch, which is not installed: pip install 'l4export[reference]'"
                               " (with torch==2.13.0 first for the CPU build)")
+    allocation = None
+    if mixed:  # measure, allocate, then plan the allocated recipe
+        options, allocation = _allocate(ckpt, options)
+        plan = plan_export(ckpt, options)
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise UsageError(f"{out}: the output folder must not be the checkpoint folder")
@@ -232,7 +251,7 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
         with ExitStack() as stack:  # workers, spilled codes: gone before the manifest is written
             section, calibration = _write(ckpt, tmp, plan, options, writer, stack)
         ExportInfo(options.format, options.dtype, options.target, str(Path(checkpoint).resolve()), ckpt.spec.layout,
-                   copy_files(ckpt.tokenizer_files(), tmp), _quant_info(plan, calibration),
+                   copy_files(ckpt.tokenizer_files(), tmp), _quant_info(plan, calibration, allocation),
                    vision_info(ckpt, options) if plan.vision else None, **{options.format: section}).write(tmp)
         write_manifest(tmp)  # last: the sha256 of every file (l4export inspect OUT --check)
     log.info("wrote %s", out)

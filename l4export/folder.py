@@ -66,6 +66,7 @@ class QuantInfo:
     adapted: dict[str, str] = field(default_factory=dict)  # preset tensors changed to fit: name -> "from -> to"
     schemes: dict[str, dict[str, Any]] = field(default_factory=dict)  # scheme name -> its record (kind, options)
     placement: dict[str, str] = field(default_factory=dict)  # quantized tensor (canonical name) -> scheme name
+    allocation: dict[str, Any] | None = None  # mixed precision: the budget, its arithmetic, each unit's choice
 
 
 @dataclass(frozen=True)

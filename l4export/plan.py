@@ -36,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 
-from .capabilities import DTYPE_BYTES, attention_form, check_dtype
+from .capabilities import DTYPE_BYTES, attention_form, check_dtype, int_bits
 from .errors import CapabilityError, UsageError
 from .names import COMPONENTS, canonical_shapes, component, is_vision, vision_shapes
 from .quant.recipe import PRESETS, Recipe, Rule, for_model
@@ -143,7 +143,7 @@ def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme |
         if name.endswith("router.weight"):
             raise CapabilityError(f"recipe {recipe.name}: {name} cannot be quantized for --format onnx (the router "
                                   "chooses experts in float32); add a float rule for it (scheme = \"float\")")
-        if name == "model.embed_tokens.weight" and not isinstance(s, Int):
+        if name == "model.embed_tokens.weight" and not (isinstance(s, Int) and s.bits in int_bits("onnx", "cpu", True)):
             raise CapabilityError(f"recipe {recipe.name}: {s.name} for {name} has no ONNX Runtime gather kernel; "
                                   "use int4 or int8 (GatherBlockQuantized), or float")
         if not isinstance(s, (Int, Fp8)):
@@ -232,6 +232,9 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
     if vision:
         shapes |= vision_shapes(spec.vision, spec.hidden_size)
     adapted: dict[str, str] = {}
+    if recipe is not None and recipe.budget is not None:
+        raise UsageError(f"--quant {recipe.name}: a mixed-precision budget is allocated by measuring the weights "
+                         "(l4export.mixed.allocate, which convert runs); plan its result")
     if recipe is not None:
         preset = PRESETS.get(recipe.name) is recipe
         recipe, adapted = for_model(recipe, shapes, fmt, target, preset)  # presets fit the model and the target
@@ -254,4 +257,12 @@ def make_plan(spec: Llama4Spec, fmt: Format, dtype: str, target: str = "cpu", re
     return ExportPlan(spec, fmt, dtype, target, recipe, calibrated, tensors, adapted, attention_form(spec.head_dim))
 
 
-__all__ = ["ExportPlan", "TensorPlan", "make_plan", "mlx_recipe"]
+def tensor_bytes(fmt: Format, name: str, shape: tuple[int, ...], scheme: AnyScheme | None, dtype: str, target: str,
+                 qmoe: bool = False) -> int:
+    """What make_plan counts for one tensor (``qmoe``: ONNX stores it as QMoE weights: routed experts, or an MLP whose
+    gate/up/down are one int4 scheme)."""
+    dt = DTYPE_BYTES[dtype]
+    return _onnx_bytes(name, shape, scheme, dt, target, qmoe) if fmt == "onnx" else _mlx_bytes(shape, scheme, dt)
+
+
+__all__ = ["ExportPlan", "TensorPlan", "make_plan", "mlx_recipe", "tensor_bytes"]

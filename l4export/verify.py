@@ -43,6 +43,7 @@ import numpy as np
 from .errors import UsageError
 from .folder import ExportInfo
 from .spec import Llama4Spec, load_spec
+from .verify_reference import Reference, first_tie
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ THRESHOLDS: dict[str, Threshold] = {
     # (Maverick) over all tokens; fp8 preset KL 2e-5..2.3e-4, top-1 0.98. Gates ~3-4x above the worst KL seen.
     "int4": Threshold(kl=2e-2, top1=0.5),
     "int8": Threshold(kl=1e-2, top1=0.8),  # not measured yet (no int8-only preset); a starting point
+    # Below 4 bits (the export's lowest width; mixed exports by theirs), measured the same way on the tiny quant
+    # models (qscout, qmaverick, qtop2; ONNX and MLX; 2026-12-07): experts int2 g32 + int4 attention KL 4.6e-3..1.0e-2,
+    # mixed:3.0-4.5 with some int2 KL 5e-4..2.2e-2, overall top-1 0.44-0.61; int2 experts + int3 down + int5
+    # attention (MLX) KL 1.1e-3..4.5e-3. Gates ~3x above the worst KL seen.
+    "int3": Threshold(kl=2e-2, top1=0.4),
+    "int2": Threshold(kl=6e-2, top1=0.3),
     # fp8's rounding moves router logits by up to ~4e-2 on the tiny models, where 10 % of margins are below 2e-2: no
     # global bound both covers that and leaves tokens to judge, so its near-ties are measured per token (tie_moved).
     "fp8": Threshold(kl=1e-3, top1=0.9, tie_moved=2.0),
@@ -84,16 +91,29 @@ THRESHOLDS: dict[str, Threshold] = {
 
 
 def threshold_for(info: ExportInfo) -> tuple[str, Threshold]:
-    quant = info.quantization
-    if quant:
-        key = next((k for k in THRESHOLDS if k in str(quant).lower() and k not in ("float32", "float16", "bfloat16")), None)
+    """The gate of an export: by its lowest weight width (l4export.json's quant.placement: int2, int3, int4 for 4-6
+    bits, int8, fp8), else by its compute dtype. Exports without a placement (older ones) by their recipe's name."""
+    quant = info.quant
+    if quant is not None and quant.placement:
+        key = width_key(quant.schemes.values())
+        return key, THRESHOLDS[key]
+    if quant is not None:
+        key = next((k for k in THRESHOLDS if k in quant.recipe.lower() and k not in ("float32", "float16", "bfloat16")), None)
         if key is None:
-            raise UsageError(f"verify has no threshold for quantization {quant!r}; add a row to l4export.verify.THRESHOLDS")
+            raise UsageError(f"verify has no threshold for quantization {quant.recipe!r}; add a row to l4export.verify.THRESHOLDS")
         return key, THRESHOLDS[key]
     dtype = info.dtype
     if dtype not in THRESHOLDS:
         raise UsageError(f"verify has no threshold for dtype {dtype!r}; add a row to l4export.verify.THRESHOLDS")
     return dtype, THRESHOLDS[dtype]
+
+
+def width_key(records) -> str:
+    """The THRESHOLDS row of the lowest width among scheme records (kind: int2..int8, fp8, mxfp8)."""
+    bits = sorted(int(r["kind"][3:]) for r in records if r["kind"].startswith("int"))
+    if not bits:
+        return "fp8"
+    return {2: "int2", 3: "int3", 4: "int4", 5: "int4", 6: "int4", 8: "int8"}[bits[0]]
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
@@ -139,6 +159,7 @@ class PromptResult:
     greedy_total: int
     failures: list[str] = field(default_factory=list)
     kv: dict[str, float] | None = None  # --kv-dtype: the quantized cache's logits against the float cache's
+    twin: dict[str, float] | None = None  # quantized, round to nearest: against transformers with the same rounded weights
     images: int = 0
     image_features_rel: float | None = None  # max|Δ| / max|ref| of the export's image features (prompts with images)
     tie: dict | None = None  # the first router near-tie: {"position", "layer", "margin"}; tokens from there not gated
@@ -173,6 +194,8 @@ class Report:
                 f"{', ' + self.quantization if self.quantization else ''}) vs {self.reference}\n"
                 f"thresholds [{self.threshold_key}]: {self.threshold.describe()}\n")
         cols = f"{'prompt':<14}{'tokens':>7} {'mode':<6}{'rel':>11}{'mean|Δ|':>11}{'cosine':>11}{'KL':>11}{'top1':>7}{'greedy':>9}  result"
+        if any(r.twin is not None for r in self.results):
+            head += f"rows 'twin': against transformers with the export's own rounded weights, KL <= {TWIN_KL:g}\n"
         if self.kv_dtype:
             head += f"KV cache {self.kv_dtype}: rows 'kv' compare with the float cache, KL <= {KV_THRESHOLDS[self.kv_dtype]:g}\n"
         lines = [head + cols, "-" * len(cols)]
@@ -191,6 +214,9 @@ class Report:
             if r.image_features_rel is not None:
                 lines.append(f"{'':<14}{'':>7} {'image':<6}{r.image_features_rel:>11.3e}  (image features of "
                              f"{r.images} image(s) vs transformers)")
+            if r.twin is not None:
+                lines.append(f"{'':<14}{'':>7} {'twin':<6}{r.twin['rel']:>11.3e}{r.twin['mean_abs']:>11.3e}"
+                             f"{r.twin['cosine']:>11.7f}{r.twin['kl']:>11.3e}{r.twin['top1']:>7.3f}")
             if r.kv is not None:
                 lines.append(f"{'':<14}{'':>7} {'kv':<6}{r.kv['rel']:>11.3e}{r.kv['mean_abs']:>11.3e}{r.kv['cosine']:>11.7f}"
                              f"{r.kv['kl']:>11.3e}{r.kv['top1']:>7.3f}")
@@ -310,12 +336,19 @@ def check_same_model(export: Llama4Spec, reference: Llama4Spec, export_path: Pat
     for f in _SAME_FIELDS:
         a, b = getattr(export, f), getattr(reference, f)
         if a != b:
-            shown = (lambda v: f"{len(v)} layers differing" if f == "layers" else repr(v))
+            b_, a_ = (f"{len(b)} layers differing", f"{len(a)} layers") if f == "layers" else (repr(b), repr(a))
             raise UsageError(
-                f"{reference_path}: is not the model exported to {export_path} ({f} {shown(b)} vs the export's {shown(a)}); "
+                f"{reference_path}: is not the model exported to {export_path} ({f} {b_} vs the export's {a_}); "
                 "pass the checkpoint the export was converted from"
             )
 
+
+# A quantized export rounded to nearest is also compared with transformers on the same rounded weights (its "twin",
+# Reference.round_like): that isolates the lowering (packing, scales, zero points, kernels) from the width's loss.
+# Measured 2026-12-07 on the tiny quant models: MLX at every width (2-8 bits) rel <= 7e-7; ONNX Runtime CPU at
+# accuracy_level 0 rel <= 4e-3 (2-bit QMoE quantizes activations), KL <= 7e-7; at accuracy_level 4 (int8
+# activations) KL <= 2.4e-4. A damaged int2 export (one layer's zero points shifted) is KL ~2e-2 from its twin.
+TWIN_KL = 1e-3
 
 # A quantized KV cache (--kv-dtype) is judged by KL of its logits against the same export with the float cache.
 KV_THRESHOLDS = {"int8": 1e-3, "fp8": 5e-3}
@@ -326,97 +359,13 @@ def kv_threshold(thr: Threshold, kv_dtype: str) -> Threshold:
     return replace(thr, rel=None, greedy_all=False, kl=max(thr.kl or 0.0, KV_THRESHOLDS[kv_dtype]))
 
 
-class _Reference:
-    """transformers on the reference checkpoint: the text model, or with images the multimodal one (for every
-    prompt then, so that one model is loaded)."""
-
-    def __init__(self, path: Path, images: bool):
-        from .runtimes.reference import ReferenceRunner, VisionReference
-
-        self.vision = VisionReference(path) if images else None
-        self.text = None if images else ReferenceRunner(path)
-        self.rounded: _Reference | None = None  # the same model with the export's rounded weights (tie_moved)
-
-    def round_like(self, path: Path, info: ExportInfo) -> None:
-        """Load the model again with every text weight the export quantizes replaced by its scheme's round trip
-        (l4export.json's ``quant.placement``)."""
-        from .checkpoint import Checkpoint
-        from .quant.recipe import scheme_from_record
-        from .runtimes.reference import set_canonical_weight
-
-        if info.quant is None or not info.quant.tensors:
-            return  # nothing rounded: the routing is the reference's
-        if not info.quant.placement:
-            raise UsageError(f"{path}: the export's l4export.json lists no quantized tensors (quant.placement); "
-                             "it predates this l4export: convert it again")
-        twin = _Reference(path, self.vision is not None)
-        ckpt = Checkpoint(path)
-        schemes = {k: scheme_from_record(v, f"l4export.json quant.schemes.{k}") for k, v in info.quant.schemes.items()}
-        model = (twin.vision or twin.text).text_model
-        for name, scheme in info.quant.placement.items():
-            if name.startswith(("model.", "lm_head.")):  # the text model's (the vision tower is not routed)
-                set_canonical_weight(model, name, schemes[scheme].rtn(ckpt.tensors[name].load(np.float32)))
-        self.rounded = twin
-
-    def logits(self, p: Prompt) -> np.ndarray:
-        return self.vision.logits(p.ids, p.pixel_values) if self.vision else self.text.logits(p.ids)
-
-    def greedy(self, p: Prompt, n: int) -> list[int]:
-        return self.vision.greedy(p.ids, p.pixel_values, n) if self.vision else self.text.greedy(p.ids, n)
-
-    def margins(self, ids: list[int], p: Prompt) -> tuple[np.ndarray, np.ndarray]:
-        return (self.vision or self.text).margins(ids, p.pixel_values)
-
-    def routers(self, ids: list[int], p: Prompt) -> list[tuple[int, np.ndarray, int]]:
-        return (self.vision or self.text).routers(ids, p.pixel_values)
-
-
-def first_tie(ref: _Reference, p: Prompt, greedy: list[int], thr: Threshold) -> dict | None:
-    """The first token of the prompt + the reference's greedy continuation that is a router near-tie: its margin below
-    ``thr.tie``, or (``thr.tie_moved``) below that many times what the export's rounding moves it."""
-    ids = p.ids + greedy
-    if thr.tie_moved is not None and ref.rounded is not None:
-        return _first_moved_tie(ref, p, ids, thr.tie_moved)
-    if thr.tie is None:
-        return None
-    margins, layers = ref.margins(ids, p)
-    hit = np.flatnonzero(margins < thr.tie)
-    if not hit.size:
-        return None
-    k = int(hit[0])
-    return {"position": k, "layer": int(layers[k]), "margin": float(margins[k])}
-
-
-def _first_moved_tie(ref: _Reference, p: Prompt, ids: list[int], factor: float) -> dict | None:
-    from .runtimes.reference import margin
-
-    best: dict | None = None
-    for (layer, exact, k), (_, rounded, _) in zip(ref.routers(ids, p), ref.rounded.routers(ids, p)):
-        m = margin(exact, k)  # [T]: the exact top-k's lead over the first expert left out
-        moved = m - _lead(rounded, exact, k)  # how much of that lead the rounding took (negative: it widened it)
-        hit = np.flatnonzero(factor * moved >= m)
-        if hit.size and (best is None or hit[0] < best["position"]):
-            t = int(hit[0])
-            best = {"position": t, "layer": layer, "margin": float(m[t]), "moved": float(moved[t])}
-    return best
-
-
-def _lead(rounded: np.ndarray, exact: np.ndarray, k: int) -> np.ndarray:
-    """[T]: in ``rounded`` router logits, the smallest logit of ``exact``'s top-k experts minus the largest other."""
-    if k >= exact.shape[-1]:
-        return np.full(exact.shape[0], np.inf)
-    chosen = np.argsort(-exact, axis=-1, kind="stable")[:, :k]
-    mask = np.zeros(exact.shape, bool)
-    np.put_along_axis(mask, chosen, True, axis=-1)
-    return np.where(mask, rounded, np.inf).min(-1) - np.where(mask, -np.inf, rounded).max(-1)
-
-
-def _check_prompt(p: Prompt, rt: Any, ref: _Reference, thr: Threshold, greedy_tokens: int) -> PromptResult:
+def _check_prompt(p: Prompt, rt: Any, ref: Reference, thr: Threshold, greedy_tokens: int,
+                  twin: bool = False) -> PromptResult:
     """One prompt: full forward, token by token, greedy tokens (and image features) against the reference."""
     log.info("verify: prompt %s (%d tokens, %d images)", p.name, len(p.ids), p.images)
     r, feats = ref.logits(p), p.features
     want = ref.greedy(p, greedy_tokens) if greedy_tokens > 0 else []
-    tie = first_tie(ref, p, want, thr)
+    tie = first_tie(ref, p, want, thr.tie, thr.tie_moved)
     # A near-tie at token k: tokens from k on may route differently in the export and legitimately differ; they are
     # reported, not gated. Greedy token j comes from position len(ids) - 1 + j.
     n = len(p.ids) if tie is None else min(tie["position"], len(p.ids))
@@ -439,6 +388,11 @@ def _check_prompt(p: Prompt, rt: Any, ref: _Reference, thr: Threshold, greedy_to
             res.failures.append(f"{mode}: rel {m['rel']:.3e} > {thr.rel:g}")
         if thr.kl is not None and not m["kl"] <= thr.kl:
             res.failures.append(f"{mode}: KL {m['kl']:.3e} > {thr.kl:g}")
+    if twin and n:
+        res.twin = compare(ref.rounded.logits(p)[gated], logits[gated])
+        if not res.twin["kl"] <= TWIN_KL:
+            res.failures.append(f"vs transformers with the export's own rounded weights: KL {res.twin['kl']:.3e} > "
+                                f"{TWIN_KL:g} (the lowering is wrong, not the width lossy)")
     if thr.greedy_all and match < judged_greedy:
         res.failures.append(f"greedy: {match}/{judged_greedy} tokens equal (first difference at token {match})")
     return res
@@ -464,13 +418,14 @@ def verify(export: str | Path, reference: str | Path, prompts: Path | None = Non
         key, thr = f"{key}+kv-{kv_dtype}", kv_threshold(thr, kv_dtype)
     plist = [Prompt(n, ids) for n, ids in (read_prompts(prompts, rt) if prompts is not None else default_prompts(rt.spec))]
     plist += image_prompts(rt, list(images)) if images else []
-    ref = _Reference(reference, bool(images))
-    if thr.tie_moved is not None and rt.info.quant is not None:
+    ref = Reference(reference, bool(images))
+    if rt.info.quant is not None and (thr.tie_moved is not None or not rt.info.quant.calibrated):
         ref.round_like(reference, rt.info)
+    twin = ref.rounded is not None and not rt.info.quant.calibrated  # gate the lowering against the rounded twin
     report = Report(str(export), str(reference), rt.info.format, rt.info.dtype, rt.info.quantization, key, thr,
                     kv_dtype=kv_dtype)
     for p in plist:
-        res = _check_prompt(p, rt, ref, thr, greedy_tokens)
+        res = _check_prompt(p, rt, ref, thr, greedy_tokens, twin)
         if float_cache is not None:
             res.kv = compare(float_cache.logits(p.ids, p.features), rt.logits(p.ids, p.features))
             if not res.kv["kl"] <= KV_THRESHOLDS[kv_dtype]:

@@ -91,7 +91,7 @@ scheme = "mxfp8"
     ('nmae = "x"\n[[rule]]\nmatch = "*"\nscheme = "int4"\n', "unknown key 'nmae'"),
     ('[[rule]]\nmatch = "*"\nscheme = "int4"\ngroupsize = 64\n', "unknown key 'groupsize'"),
     ('[[rule]]\nmatch = "*"\nscheme = "fp8"\ngroup_size = 64\n', "unknown key 'group_size' for scheme fp8"),
-    ('[[rule]]\nmatch = "*"\nscheme = "int3"\n', "scheme 'int3'"),
+    ('[[rule]]\nmatch = "*"\nscheme = "int7"\n', "scheme 'int7'"),
     ('[[rule]]\nmatch = "*"\nscheme = "int4"\ngroup_size = 48\n', "32, 64 or 128"),
     ('[[rule]]\nmatch = "re:("\nscheme = "int4"\n', "bad regular expression"),
     ('name = "x"\n', "no \\[\\[rule\\]\\]"),

@@ -39,9 +39,12 @@ def to_qmoe(gate: QTensor, up: QTensor, down: QTensor) -> dict[str, np.ndarray |
 
 
 INTS = [Int(4, g, sym) for g in (32, 64, 128) for sym in (True, False)] + [Int(8, 32, True), Int(8, 64, False)]
+# below 4 bits and between (MLX reads 2, 3, 4, 5, 6, 8; ONNX Runtime CPU 2, 4, 8)
+LOW = [Int(2, 32, False), Int(2, 64, True), Int(3, 64, False), Int(3, 32, True), Int(5, 32, False), Int(6, 64, True)]
+ORT_INTS = INTS + [s for s in LOW if s.bits == 2]
 
 
-@pytest.mark.parametrize("scheme", INTS, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", INTS + LOW, ids=lambda s: s.name)
 def test_int_round_trip_bounded_and_exact_on_grid(scheme):
     qt = scheme.quantize(W)
     assert qt.q.dtype == np.uint8 and qt.q.max() <= scheme.qmax
@@ -56,7 +59,7 @@ def test_int_round_trip_bounded_and_exact_on_grid(scheme):
     again = scheme.with_scales(d, qt.scale, qt.zero)
     np.testing.assert_array_equal(again.q, qt.q)
     np.testing.assert_array_equal(again.dequantize(), d)
-    floor = {4: 18.0, 8: 40.0}[scheme.bits]
+    floor = {2: 4.0, 3: 10.0, 4: 18.0, 5: 24.0, 6: 30.0, 8: 40.0}[scheme.bits]
     assert sqnr_db(W, d) > floor
 
 
@@ -105,7 +108,7 @@ def test_group_size_must_divide():
 
 # ---- MLX -------------------------------------------------------------------------------------------------
 @pytest.mark.mlx
-@pytest.mark.parametrize("scheme", INTS, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", INTS + LOW, ids=lambda s: s.name)
 def test_mlx_affine_layout_matches_mx_dequantize(scheme):
     import mlx.core as mx
 
@@ -203,7 +206,7 @@ def _run(node, inputs: dict[str, np.ndarray], inits: dict[str, np.ndarray], out_
     return sess.run(None, inputs)[0]
 
 
-@pytest.mark.parametrize("scheme", INTS, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", ORT_INTS, ids=lambda s: s.name)
 def test_matmulnbits_layout_runs_on_onnxruntime(scheme):
     from onnx import helper
 
@@ -225,7 +228,8 @@ def test_matmulnbits_layout_runs_on_onnxruntime(scheme):
     np.testing.assert_allclose(y, a @ qt.dequantize().T, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", [Int(4, 32, True), Int(4, 64, False)], ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", [Int(4, 32, True), Int(4, 64, False), Int(2, 32, False), Int(2, 64, True)],
+                         ids=lambda s: s.name)
 def test_qmoe_layout_runs_on_onnxruntime(scheme):
     from onnx import helper
 
@@ -235,7 +239,7 @@ def test_qmoe_layout_runs_on_onnxruntime(scheme):
     down = (RNG.standard_normal((e, h, i)) * 0.1).astype(np.float32)
     qg, qu, qd = scheme.quantize(gate), scheme.quantize(up), scheme.quantize(down)
     p = to_qmoe(qg, qu, qd)
-    assert p["fc1"].shape == (e, 2 * i, h // 2) and p["fc2"].shape == (e, h, i // 2)
+    assert p["fc1"].shape == (e, 2 * i, h * scheme.bits // 8) and p["fc2"].shape == (e, h, i * scheme.bits // 8)
     assert p["fc1_scales"].shape == (e, 2 * i, h // scheme.group_size)
     x = RNG.standard_normal((t, h)).astype(np.float32)
     probs = RNG.standard_normal((t, e)).astype(np.float32)
@@ -245,7 +249,7 @@ def test_qmoe_layout_runs_on_onnxruntime(scheme):
         inits.update(fc1_z=p["fc1_zero_points"], fc2_z=p["fc2_zero_points"])
         names += ["fc1_z", "fc2_z"]
     node = helper.make_node("QMoE", names, ["Y"], domain="com.microsoft", k=1, activation_type="swiglu",
-                            swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=4,
+                            swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=scheme.bits,
                             block_size=scheme.group_size)
     y = _run(node, {"x": x, "probs": probs}, inits, (t, h))
     G, U, D = qg.dequantize(), qu.dequantize(), qd.dequantize()
@@ -254,6 +258,9 @@ def test_qmoe_layout_runs_on_onnxruntime(scheme):
         k = int(probs[n].argmax())
         g, u = G[k] @ x[n], U[k] @ x[n]
         ref[n] = D[k] @ (g / (1 + np.exp(-g)) * u)
+    if scheme.bits == 2:  # ORT 1.32's 2-bit QMoE runs the LUT GEMM, which quantizes activations (measured ~0.7 %)
+        assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-2
+        return
     np.testing.assert_allclose(y, ref, atol=2e-5, rtol=1e-4)
 
 

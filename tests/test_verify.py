@@ -50,6 +50,12 @@ def test_thresholds_table():
     assert threshold_for(ExportInfo("onnx", "float16", "cpu", quant=QuantInfo("int4-g32")))[0] == "int4"
     with pytest.raises(UsageError):
         threshold_for(ExportInfo("onnx", "float16", "cpu", quant=QuantInfo("mystery")))
+    # exports that record their placement are gated by their lowest width, whatever the recipe's name
+    placed = QuantInfo("mixed:3.0", tensors=2, schemes={"a": {"kind": "int4"}, "b": {"kind": "int2"}},
+                       placement={"x": "a", "y": "b"})
+    assert threshold_for(ExportInfo("mlx", "float32", "any", quant=placed))[0] == "int2"
+    fp8 = QuantInfo("mystery", tensors=1, schemes={"f": {"kind": "fp8"}}, placement={"x": "f"})
+    assert threshold_for(ExportInfo("onnx", "float32", "cpu", quant=fp8))[0] == "fp8"
 
 
 def test_prompts_file(tmp_path, scout_export):

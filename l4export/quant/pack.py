@@ -12,6 +12,10 @@ element**; scales are ``[N, K/block]``; zero points packed the same way, ``[N, c
 
 MLX affine: ``w = scale*q + bias``, q in [0, 2^bits-1], packed little-end-first into uint32
 (element j of a word at bits [j*bits, (j+1)*bits)); mxfp8: e4m3 bytes packed 4 per uint32, e8m0 scales uint8.
+
+Every width (2, 3, 4, 5, 6, 8) is one layout in both: the codes of a row as a little-endian bit stream, element j at
+bits [j*bits, (j+1)*bits) (``pack_codes``); MLX reads the stream as uint32 words, ORT as bytes. At 2 bits ORT's
+default zero point is 2 (``2^(bits-1)``), the symmetric code offset.
 """
 
 from __future__ import annotations
@@ -28,14 +32,33 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
-    return pack_nibbles(q) if bits == 4 else q.astype(np.uint8)
+    """uint8 codes [..., K] -> [..., K*bits/8] bytes: a little-endian bit stream along K (K*bits a multiple of 8)."""
+    if bits == 8:
+        return q.astype(np.uint8)
+    if bits == 4:
+        return pack_nibbles(q)
+    if bits == 2:
+        q = q.astype(np.uint8).reshape(*q.shape[:-1], -1, 4)
+        return (q[..., 0] | q[..., 1] << 2 | q[..., 2] << 4 | q[..., 3] << 6).astype(np.uint8)
+    # 3, 5, 6: codes do not tile a byte; through bits (rows a block at a time keep the temporaries small)
+    rows = q.reshape(-1, q.shape[-1])
+    out = np.empty((rows.shape[0], q.shape[-1] * bits // 8), np.uint8)
+    step = max(1, (1 << 22) // max(1, q.shape[-1] * bits))
+    shifts = np.arange(bits, dtype=np.uint8)
+    for r in range(0, rows.shape[0], step):
+        b = (rows[r : r + step, :, None] >> shifts) & 1
+        out[r : r + step] = np.packbits(b.reshape(b.shape[0], -1), axis=-1, bitorder="little")
+    return out.reshape(*q.shape[:-1], out.shape[-1])
 
 
 def zero_points(qt: QTensor, bits: int) -> np.ndarray:
+    """Zero points [..., groups] packed as the codes, the last byte padded (ORT: ceil(groups*bits/8) bytes)."""
     z = qt.zero
-    if bits == 4 and z.shape[-1] % 2:
-        z = np.concatenate([z, np.zeros(z.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return pack_codes(z, bits)
+    per_byte = 8 // bits if 8 % bits == 0 else 8
+    if pad := -z.shape[-1] % per_byte:
+        z = np.concatenate([z, np.zeros(z.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    packed = pack_codes(z, bits)
+    return packed[..., : (qt.zero.shape[-1] * bits + 7) // 8]
 
 
 def _need_int(qt: QTensor) -> Int:
@@ -86,15 +109,7 @@ def to_mlx(qt: QTensor) -> dict[str, np.ndarray]:
     """``{"weight": uint32, "scales": ..., ["biases": ...]}`` as ``mx.quantize`` lays them out."""
     s = qt.scheme
     if isinstance(s, Int):
-        per_word = 32 // s.bits
-        shifts = (np.arange(per_word, dtype=np.uint32) * s.bits).astype(np.uint32)
-        rows = qt.q.reshape(-1, qt.shape[-1])
-        w = np.empty((rows.shape[0], qt.shape[-1] // per_word), np.uint32)
-        step = max(1, (1 << 24) // qt.shape[-1])  # a block of rows at a time: uint32 temporaries stay ~200 MB
-        for r in range(0, rows.shape[0], step):
-            q = rows[r : r + step].astype(np.uint32).reshape(-1, w.shape[1], per_word)
-            w[r : r + step] = np.bitwise_or.reduce(q << shifts, axis=-1)
-        w = w.reshape(*qt.shape[:-1], w.shape[1])
+        w = np.ascontiguousarray(pack_codes(qt.q, s.bits)).view("<u4").astype(np.uint32, copy=False)
         scale = qt.scale.astype(np.float32)
         return {"weight": w, "scales": scale, "biases": (-qt.zero.astype(np.float32) * scale).astype(np.float32)}
     if isinstance(s, MxFp8):

@@ -12,10 +12,10 @@ the vision tower, which stays float unless a rule names it. Presets are data (``
     scheme = "float"
     [[rule]]
     match = "*.feed_forward.experts.*"
-    scheme = "int4"           # int4 | int8 | fp8 | mxfp8 | float
-    group_size = 64           # int4/int8: 32, 64, 128
-    symmetric = true          # int4/int8
-    accuracy_level = 4        # int4/int8, ONNX only: 0 float activations (exact), 4 int8 activations (fast on CPU)
+    scheme = "int4"           # int2 | int3 | int4 | int5 | int6 | int8 | fp8 | mxfp8 | float
+    group_size = 64           # int: 32, 64, 128
+    symmetric = true          # int (default: true from 4 bits, false below: a zero point pays at 2 and 3 bits)
+    accuracy_level = 4        # int, ONNX only: 0 float activations (exact), 4 int8 activations (fast on CPU)
     # activation = "static"   # fp8 only: per-expert static input scales from calibration (needs --calib)
     # block_size = 128        # fp8 only: 128x128 square tiles instead of per-channel scales
 
@@ -35,11 +35,11 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10: the same parser, packaged (the tomli dependency)
     import tomli as tomllib
 
-from ..capabilities import MXFP8_GROUP, fitting_group
+from ..capabilities import MXFP8_GROUP, fitting_group, int_bits
 from ..errors import CapabilityError, RecipeError
 from ..names import VISION_PREFIXES, canonical_shapes, is_linear_weight, is_vision
 from ..spec import Llama4Spec
-from .schemes import AnyScheme, Fp8, Int, MxFp8
+from .schemes import INT_WIDTHS, AnyScheme, Fp8, Int, MxFp8
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,10 @@ class Rule:
 class Recipe:
     name: str
     rules: tuple[Rule, ...]
+    # mixed precision (``--quant mixed:B`` or a TOML ``budget``): the average bits per weight ("3.0") or the bytes
+    # ("40GB") of the text weights; the rules pin tensors and l4export.mixed allocates the rest, by measurement,
+    # into a recipe of one rule per tensor (budget None). make_plan takes only allocated recipes.
+    budget: str | None = None
 
     def scheme_for(self, name: str) -> AnyScheme | None:
         """The scheme of the first rule matching ``name`` (None: float)."""
@@ -118,6 +122,10 @@ class Recipe:
                     f"recipe {self.name}: accuracy_level = {s.accuracy_level} (int8 activations) is an ONNX Runtime CPU "
                     f"kernel option that {where} cannot run; use accuracy_level = 0 for {where}"
                 )
+            if isinstance(s, Int) and s.bits not in int_bits(fmt, target):
+                where = "MLX" if fmt == "mlx" else f"ONNX Runtime {target.upper()}"
+                raise CapabilityError(f"recipe {self.name}: {s.name} has no {where} kernel; use one of "
+                                      f"{', '.join(f'int{b}' for b in int_bits(fmt, target))} there")
             if isinstance(s, Fp8) and fmt == "mlx" and s.activation == "static":
                 raise CapabilityError(
                     f"recipe {self.name}: MLX has no static FP8 activation scales; use activation = \"dynamic\" for --format mlx"
@@ -266,23 +274,27 @@ def _fit(s: AnyScheme, shapes: list[tuple[int, ...]]) -> AnyScheme | None:
 
 
 # ---- TOML ---------------------------------------------------------------------------------------------
-_TOP_KEYS = {"name", "rule"}
+_TOP_KEYS = {"name", "rule", "budget"}
 _SCHEME_KEYS: dict[str, set[str]] = {
-    "int4": {"group_size", "symmetric", "accuracy_level"},
-    "int8": {"group_size", "symmetric", "accuracy_level"},
+    **{f"int{b}": {"group_size", "symmetric", "accuracy_level"} for b in INT_WIDTHS},
     "fp8": {"activation", "block_size"},
     "mxfp8": set(),
     "float": set(),
 }
 
 
+INT_KINDS = tuple(f"int{b}" for b in INT_WIDTHS)
+
+
 def _scheme(kind: str, opts: dict[str, Any], where: str) -> AnyScheme | None:
     try:
-        if kind in ("int4", "int8"):
-            gs, sym, acc = opts.get("group_size", 32), opts.get("symmetric", True), opts.get("accuracy_level", 0)
+        if kind in INT_KINDS:
+            bits = int(kind[3:])
+            gs, acc = opts.get("group_size", 32), opts.get("accuracy_level", 0)
+            sym = opts.get("symmetric", bits >= 4)  # below 4 bits a zero point pays (asymmetric by default)
             if any(not isinstance(v, int) or isinstance(v, bool) for v in (gs, acc)) or not isinstance(sym, bool):
                 raise RecipeError(f"{where}: group_size and accuracy_level must be integers and symmetric true or false")
-            return Int(bits=4 if kind == "int4" else 8, group_size=gs, symmetric=sym, accuracy_level=acc)
+            return Int(bits=bits, group_size=gs, symmetric=sym, accuracy_level=acc)
         if kind == "fp8":
             block = opts.get("block_size", 0)
             if not isinstance(block, int) or isinstance(block, bool):
@@ -312,8 +324,13 @@ def _reject_unknown(table: dict[str, Any], allowed: set[str] | frozenset[str], a
 
 def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
     _reject_unknown(data, _TOP_KEYS, where, "")
-    rules_in = data.get("rule")
-    if not isinstance(rules_in, list) or not rules_in:
+    rules_in = data.get("rule", [] if "budget" in data else None)
+    budget = data.get("budget")
+    if budget is not None:
+        if not isinstance(budget, (str, int, float)) or isinstance(budget, bool):
+            raise RecipeError(f"{where}: budget must be bits per weight (3.0) or a size (\"40GB\")")
+        parse_budget(str(budget), f"{where}: budget")
+    if not isinstance(rules_in, list) or (not rules_in and budget is None):
         raise RecipeError(f"{where}: no [[rule]] tables; add at least one rule (match = ..., scheme = ...)")
     rules = []
     for n, r in enumerate(rules_in, 1):
@@ -336,16 +353,40 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
     name = data.get("name", Path(where).stem)
     if not isinstance(name, str):
         raise RecipeError(f"{where}: name must be a string")
-    return Recipe(name, tuple(rules))
+    return Recipe(name, tuple(rules), None if budget is None else str(budget))
+
+
+MIXED = "mixed:"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*$", re.IGNORECASE)
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MIN_BPW, MAX_BPW = 2.0, 16.0
+
+
+def parse_budget(value: str, where: str) -> tuple[float | None, int | None]:
+    """``"3.0"`` -> (3.0 bits per weight, None); ``"40GB"`` / ``"512MiB"`` -> (None, bytes)."""
+    size = _SIZE.match(value)
+    if size:
+        return None, int(float(size.group(1)) * _UNITS[size.group(2).lower()])
+    try:
+        bpw = float(value)
+    except ValueError:
+        raise RecipeError(f"{where} {value!r} is neither bits per weight (e.g. 3.0) nor a size (e.g. 40GB)") from None
+    if not MIN_BPW <= bpw <= MAX_BPW:
+        raise RecipeError(f"{where} {value!r}: bits per weight must be between {MIN_BPW:g} and {MAX_BPW:g}")
+    return bpw, None
 
 
 def load_recipe(value: str | Path) -> Recipe:
-    """A preset name (``int4``, ``fp8``) or a TOML recipe file."""
+    """A preset name (``int4``, ``fp8``), ``mixed:B`` / ``mixed:SIZE`` (a budget, no pins), or a TOML recipe file."""
     if isinstance(value, str) and value in PRESETS:
         return PRESETS[value]
+    if isinstance(value, str) and value.startswith(MIXED):
+        parse_budget(value[len(MIXED):], "--quant")
+        return Recipe(value, (), value[len(MIXED):])
     path = Path(value)
     if path.suffix != ".toml" or not path.is_file():
-        raise RecipeError(f"--quant {value}: not a preset ({', '.join(PRESETS)}) nor an existing .toml recipe file")
+        raise RecipeError(f"--quant {value}: not a preset ({', '.join(PRESETS)}), mixed:BITS or mixed:SIZE, nor an "
+                          "existing .toml recipe file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

@@ -179,6 +179,9 @@ def _fp16_exact(scale: np.ndarray) -> np.ndarray:
     return h.astype(np.float32)
 
 
+INT_WIDTHS = (2, 3, 4, 5, 6, 8)  # every width some kernel reads (capabilities.INT_BITS says which reads which)
+
+
 @dataclass(frozen=True)
 class Int(_Base):
     """Integer weights, grouped along the input dim. Symmetric int4 uses ``scale = absmax/8`` and codes
@@ -196,8 +199,8 @@ class Int(_Base):
     accuracy_level: int = 0
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise RecipeError(f"int scheme: bits={self.bits} is not supported; use 4 or 8")
+        if self.bits not in INT_WIDTHS:
+            raise RecipeError(f"int scheme: bits={self.bits} is not supported; use one of {', '.join(map(str, INT_WIDTHS))}")
         if self.group_size not in (16, 32, 64, 128):
             raise RecipeError(f"int{self.bits}: group_size={self.group_size} is not supported; use 32, 64 or 128")
         if self.accuracy_level not in ACCURACY_LEVELS:

@@ -1,0 +1,284 @@
+"""Mixed precision under a byte budget (``--quant mixed:B``, ``mixed:SIZE``, or a TOML recipe with ``budget``).
+
+    units        what may vary together: per layer, attention q/k/v, o, the shared expert, the routed experts'
+                 gate/up and down (ONNX: one QMoE node, one width for the three), a dense MLP, lm_head, the
+                 embedding; the router and the norms stay float, pinned tensors (the recipe's rules) as pinned
+    candidates   every integer width x group the target's kernels run for the unit (capabilities.INT_BITS)
+    measure      each candidate's error per unit (``measure.py``): weights only (relative squared error of
+                 round to nearest), or with --calib the relative output error on the calibration activations (GPTQ
+                 on each tensor's Hessian from the float model's real inputs), routed experts weighted by the
+                 share of tokens routed to them
+    allocate     min sum(error) subject to bytes <= budget: a greedy walk up each unit's lower convex hull of
+                 (bytes, error), best error saved per byte first, then any single step that still fits
+    recipe       one rule per tensor, pins first; make_plan plans it as any recipe, and its bytes are exactly the
+                 allocator's (tests/test_mixed.py)
+
+The budget counts the text weights as written (scales, zero points and the float router and norms included): bits per
+weight = 8 * bytes / text parameters. The vision tower is not in it (it stays as its own rules say).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .capabilities import int_bits
+from .errors import UsageError
+from .names import canonical_shapes, is_vision
+from .plan import Format, tensor_bytes
+from .quant.recipe import MIXED, Recipe, Rule, parse_budget
+from .quant.schemes import Int
+from .spec import Llama4Spec
+
+log = logging.getLogger(__name__)
+
+GROUPS = (32, 64, 128)
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# layer-relative name -> unit kind (None: stays float); ONNX groups the routed experts and the MLPs whole
+_KINDS = {
+    "self_attn.q_proj.weight": "attention.qkv", "self_attn.k_proj.weight": "attention.qkv",
+    "self_attn.v_proj.weight": "attention.qkv", "self_attn.o_proj.weight": "attention.o",
+    "feed_forward.experts.gate_proj": "experts.gate_up", "feed_forward.experts.up_proj": "experts.gate_up",
+    "feed_forward.experts.down_proj": "experts.down",
+    "feed_forward.shared_expert.gate_proj.weight": "shared.gate_up",
+    "feed_forward.shared_expert.up_proj.weight": "shared.gate_up",
+    "feed_forward.shared_expert.down_proj.weight": "shared.down",
+    "feed_forward.gate_proj.weight": "mlp.gate_up", "feed_forward.up_proj.weight": "mlp.gate_up",
+    "feed_forward.down_proj.weight": "mlp.down",
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Tensors that take one scheme together."""
+
+    key: str  # e.g. "layer 3 experts.gate_up", "lm_head"
+    kind: str  # attention.qkv, attention.o, experts.gate_up, experts.down, experts, shared..., mlp..., lm_head, embedding
+    tensors: tuple[str, ...]
+    layer: int | None = None
+
+
+@dataclass
+class Option:
+    scheme: Int
+    nbytes: int
+    error: float = 0.0  # the unit's measured error with this scheme (share-weighted)
+
+
+@dataclass
+class Allocation:
+    """The allocator's answer: a scheme per unit, and the arithmetic (l4export.json quant.allocation)."""
+
+    budget: str
+    budget_bytes: int
+    params: int  # text parameters (the bits-per-weight denominator)
+    fixed_bytes: int  # router, norms and pinned tensors
+    measure: str  # "weights" | "calibration"
+    chosen: dict[str, Option] = field(default_factory=dict)  # unit key -> option
+    units: dict[str, Unit] = field(default_factory=dict)
+    shares: dict[str, float] = field(default_factory=dict)  # unit key -> token share (routed: top-k of 1 per token)
+
+    @property
+    def nbytes(self) -> int:
+        return self.fixed_bytes + sum(o.nbytes for o in self.chosen.values())
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.nbytes / self.params
+
+    def record(self) -> dict[str, Any]:
+        return {"budget": self.budget, "budget_bytes": self.budget_bytes, "bytes": self.nbytes,
+                "bits_per_weight": round(self.bpw, 4), "params": self.params, "fixed_bytes": self.fixed_bytes,
+                "measure": self.measure,
+                "units": [{"unit": k, "tensors": list(self.units[k].tensors), "scheme": o.scheme.name,
+                           "bytes": o.nbytes, "error": o.error, "share": self.shares.get(k, 1.0)}
+                          for k, o in self.chosen.items()]}
+
+
+def units(spec: Llama4Spec, fmt: Format, pinned: set[str]) -> list[Unit]:
+    """The allocatable units of the text model, in model order (pinned tensors and float kinds left out)."""
+    found: dict[str, list[str]] = {}
+    kinds: dict[str, tuple[str, int | None]] = {}
+    for name in canonical_shapes(spec):
+        if name in pinned or is_vision(name):
+            continue
+        m = _LAYER.match(name)
+        if m is None:
+            kind, layer = {"lm_head.weight": "lm_head", "model.embed_tokens.weight": "embedding"}.get(name), None
+        else:
+            kind, layer = _KINDS.get(m.group(2)), int(m.group(1))
+        if kind is None:
+            continue
+        if fmt == "onnx" and kind.split(".")[0] in ("experts", "shared", "mlp"):
+            kind = kind.split(".")[0]  # one QMoE node (routed experts; an int4 MLP) reads the three together
+        key = kind if layer is None else f"layer {layer} {kind}"
+        found.setdefault(key, []).append(name)
+        kinds[key] = (kind, layer)
+    return [Unit(k, kinds[k][0], tuple(v), kinds[k][1]) for k, v in found.items()]
+
+
+def candidates(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, target: str) -> list[Int]:
+    """Every integer scheme the target runs for ``unit``: each width it reads x each group dividing the inputs.
+    ONNX CPU: int8 activations (accuracy_level 4, the int4 preset's speed); symmetric from 4 bits (no zero points
+    to store), asymmetric below (a zero point pays at 2 bits). MLX stores a bias per group anyway: asymmetric."""
+    acc = 4 if fmt == "onnx" and target == "cpu" else 0
+    out = []
+    for bits in int_bits(fmt, target, embedding=unit.kind == "embedding"):
+        for g in GROUPS:
+            if all(shapes[n][-1] % g == 0 for n in unit.tensors):
+                out.append(Int(bits, g, symmetric=fmt == "onnx" and bits >= 4, accuracy_level=acc))
+    return out
+
+
+def options(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, dtype: str, target: str) -> list[Option]:
+    """Each candidate with its exact bytes (what make_plan will count)."""
+    out = []
+    for s in candidates(unit, shapes, fmt, target):
+        qmoe = unit.kind == "experts" or (unit.kind in ("shared", "mlp") and s.bits == 4)  # plan._qmoe_stored
+        out.append(Option(s, sum(tensor_bytes(fmt, n, shapes[n], s, dtype, target, qmoe) for n in unit.tensors)))
+    return out
+
+
+def size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def budget_bytes(recipe: Recipe, params: int) -> int:
+    bpw, size = parse_budget(str(recipe.budget), f"--quant {recipe.name}:")
+    return size if size is not None else int(bpw * params / 8)
+
+
+def choose(opts: dict[str, list[Option]], budget: int) -> dict[str, Option]:
+    """Minimise the summed error under ``budget`` bytes: start every unit at its smallest option; take the upgrade
+    that saves the most error per added byte along each unit's lower convex hull while it fits; then any single
+    step of any unit that still fits, best first. Raises UsageError when even the smallest options do not fit."""
+    hulls = {k: _hull(v) for k, v in opts.items() if v}
+    at = {k: 0 for k in hulls}
+    used = sum(h[0].nbytes for h in hulls.values())
+    if used > budget:
+        raise UsageError(f"the smallest form of every tensor is {size(used)} of weights to place, more than the "
+                         f"{size(budget)} left for them; raise the budget")
+    heap = [(-_gain(h[0], h[1]), k) for k, h in hulls.items() if len(h) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, k = heapq.heappop(heap)
+        h, i = hulls[k], at[k]
+        if used + h[i + 1].nbytes - h[i].nbytes > budget:
+            continue
+        used += h[i + 1].nbytes - h[i].nbytes
+        at[k] = i + 1
+        if i + 2 < len(h):
+            heapq.heappush(heap, (-_gain(h[i + 1], h[i + 2]), k))
+    chosen = {k: hulls[k][i] for k, i in at.items()}
+    return _fill(chosen, opts, budget - used)
+
+
+def _fill(chosen: dict[str, Option], opts: dict[str, list[Option]], left: int) -> dict[str, Option]:
+    """Spend what the hull walk left: the single change (any option) with the most error saved per byte that fits."""
+    while True:
+        best = None
+        for k, cur in chosen.items():
+            for o in opts[k]:
+                extra = o.nbytes - cur.nbytes
+                if 0 < extra <= left and o.error < cur.error:
+                    gain = (cur.error - o.error) / extra
+                    if best is None or gain > best[0]:
+                        best = (gain, k, o, extra)
+        if best is None:
+            return chosen
+        _, k, o, extra = best
+        chosen[k], left = o, left - extra
+
+
+def _gain(a: Option, b: Option) -> float:
+    return (a.error - b.error) / max(b.nbytes - a.nbytes, 1)
+
+
+def _hull(opts: list[Option]) -> list[Option]:
+    """The lower convex hull of (bytes, error), bytes ascending, error strictly falling."""
+    pts: list[Option] = []
+    for o in sorted(opts, key=lambda o: (o.nbytes, o.error)):
+        if pts and o.error >= pts[-1].error:
+            continue  # dominated: more bytes, no less error
+        while len(pts) >= 2 and _gain(pts[-2], pts[-1]) <= _gain(pts[-1], o):
+            pts.pop()  # pts[-1] lies above the segment pts[-2] -> o
+        pts.append(o)
+    return pts
+
+
+def recipe_of(alloc: Allocation, pins: Recipe) -> Recipe:
+    """The allocation as a recipe: the pins first, then the float router and norms, then one rule per tensor."""
+    rules = list(pins.rules) + [Rule("*.feed_forward.router.weight", None), Rule("*norm.weight", None)]
+    for k, o in alloc.chosen.items():
+        rules += [Rule(n, o.scheme) for n in alloc.units[k].tensors]
+    name = pins.name if pins.name.startswith(MIXED) else f"{pins.name} ({MIXED}{pins.budget})"
+    return Recipe(name, tuple(rules))
+
+
+def fixed_bytes(spec: Llama4Spec, pins: Recipe, placed: set[str], fmt: Format, dtype: str, target: str) -> int:
+    """Bytes of the text tensors the allocator does not place: float (router, norms) or pinned."""
+    total = 0
+    for name, shape in canonical_shapes(spec).items():
+        if name not in placed:
+            total += tensor_bytes(fmt, name, shape, pins.scheme_for(name), dtype, target, ".experts." in name)
+    return total
+
+
+def allocate(ckpt: Any, pins: Recipe, fmt: Format, dtype: str, target: str, calib: Any = None,
+             ids: list | None = None) -> tuple[Recipe, Allocation]:
+    """Measure every unit's candidates on ``ckpt`` (weights only, or with ``calib`` options and token ``ids`` on the
+    calibration activations) and allocate ``pins.budget``. Returns the recipe to plan and the allocation."""
+    spec = ckpt.spec
+    shapes = canonical_shapes(spec)
+    text = {n: s for n, s in shapes.items() if not is_vision(n)}
+    params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
+    pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
+    found = units(spec, fmt, pinned)
+    alloc = Allocation(str(pins.budget), budget_bytes(pins, params), params, 0, "weights" if calib is None else "calibration",
+                       units={u.key: u for u in found})
+    alloc.fixed_bytes = fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target)
+    opts = {u.key: options(u, shapes, fmt, dtype, target) for u in found}
+    left = alloc.budget_bytes - alloc.fixed_bytes
+    smallest = sum(min(o.nbytes for o in v) for v in opts.values())
+    if smallest > left:  # before any weight is read
+        least = 8 * (alloc.fixed_bytes + smallest) / params
+        raise UsageError(f"--quant {pins.name}: the smallest form this model takes on {fmt} {dtype} is {least:.2f} bits "
+                         f"per weight ({size(alloc.fixed_bytes + smallest)}); raise the budget to at least that")
+    errors, shares = _measure(ckpt, found, opts, calib, ids)
+    for key, errs in errors.items():
+        for o, e in zip(opts[key], errs):
+            o.error = float(e)
+    alloc.shares = {u.key: _share(u, spec, shares) for u in found}
+    alloc.chosen = choose(opts, left)
+    log.info("mixed %s: %d units placed by %s, %.3f bits per weight (%d of %d bytes)", pins.budget, len(found),
+             alloc.measure, alloc.bpw, alloc.nbytes, alloc.budget_bytes)
+    return recipe_of(alloc, pins), alloc
+
+
+def _measure(ckpt: Any, found: list[Unit], opts: dict[str, list[Option]], calib: Any, ids: list | None):
+    from .quant.measure import output_errors, weight_errors
+
+    names = {u.key: u.tensors for u in found}
+    schemes = {k: [o.scheme for o in v] for k, v in opts.items()}
+    if calib is None:
+        return weight_errors(ckpt, names, schemes), {}
+    return output_errors(ckpt, names, schemes, ids, calib)
+
+
+def _share(u: Unit, spec: Llama4Spec, shares: dict) -> float:
+    """The share of tokens through a unit: a layer's routed experts together take top-k per token."""
+    if u.kind.startswith("experts"):
+        return float(shares[u.layer].sum()) if u.layer in shares else float(spec.top_k)
+    return 1.0
+
+
+__all__ = ["Allocation", "Option", "Unit", "allocate", "budget_bytes", "candidates", "choose", "fixed_bytes",
+           "options", "recipe_of", "units"]

@@ -1,0 +1,155 @@
+"""What each candidate scheme costs a tensor in error, for the mixed-precision allocator (l4export.mixed).
+
+Two measures, one meaning (a relative squared error, weighted by the share of tokens that pass through the tensor;
+a routed expert's share is the fraction of tokens routed to it, so a layer's routed experts sum to top-k):
+
+    weights      ||W - Q(W)||² / ||W||² of round to nearest, on sampled rows: no activations (``weight_errors``)
+    calibration  tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), the relative output error on the calibration activations, with Q the
+                 GPTQ codes on H = Σ xxᵀ of the tensor's real inputs in the float model (``output_errors``; a routed
+                 expert's H from the tokens routed to it, scaled by the router score as the reference does).
+                 lm_head and the embedding are measured on their weights (no input is captured for them).
+
+Rows are sampled (GPTQ and the traces treat rows independently), so memory is one expert's weights and one layer's
+Hessians; every weight is read once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, LazyTensor
+from .gptq import factored, gptq, output_sqnr, sampled_rows
+from .schemes import AnyScheme
+
+log = logging.getLogger(__name__)
+
+ROWS = 256  # sampled output rows per matrix (per expert)
+_INPUT_OF = {"self_attn.k_proj.weight": "self_attn.q_proj.weight", "self_attn.v_proj.weight": "self_attn.q_proj.weight",
+             "feed_forward.up_proj.weight": "feed_forward.gate_proj.weight",
+             "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared_expert.gate_proj.weight",
+             "feed_forward.experts.up_proj": "feed_forward.experts.gate_proj"}  # (calib.hessian._SHARES)
+
+
+def _rows(t: LazyTensor, expert: int | None = None) -> np.ndarray:
+    """Up to ROWS evenly spaced output rows of a matrix (or of one expert of a stack), float32 [r, K]."""
+    if expert is not None:
+        w = t.load(np.float32, experts=slice(expert, expert + 1))[0]
+        return np.ascontiguousarray(w[sampled_rows(w.shape[0], ROWS)])
+    n = t.shape[0]
+    if not t.rows_readable or n <= ROWS:
+        w = t.load(np.float32)
+        return np.ascontiguousarray(w[sampled_rows(n, ROWS)])
+    blocks = 8  # contiguous blocks spread over the rows: a lookup table's rows are not read whole
+    size = ROWS // blocks
+    starts = np.linspace(0, n - size, blocks).astype(np.int64)
+    return np.concatenate([t.load_rows(slice(int(a), int(a) + size), np.float32) for a in starts])
+
+
+def _rel_rtn(w: np.ndarray, s: AnyScheme) -> float:
+    err = float(((w - s.rtn(w)).astype(np.float64) ** 2).sum())
+    return err / max(float((w.astype(np.float64) ** 2).sum()), 1e-30)
+
+
+def weight_errors(ckpt: Checkpoint, units: Mapping[str, Sequence[str]], schemes: Mapping[str, Sequence[AnyScheme]],
+                  shares: Mapping[int, np.ndarray] | None = None) -> dict[str, list[float]]:
+    """unit -> its error under each of its schemes (weights only). ``shares``: MoE layer -> each expert's share of
+    tokens (default top-k / E each)."""
+    spec = ckpt.spec
+    out = {}
+    for key, names in units.items():
+        err = np.zeros(len(schemes[key]))
+        for name in names:
+            t = ckpt.tensors[name]
+            if t.is_experts:
+                layer = int(name.split(".")[2])
+                share = (shares or {}).get(layer, np.full(t.shape[0], spec.top_k / t.shape[0]))
+                for e in range(t.shape[0]):
+                    w = _rows(t, e)
+                    err += share[e] * np.array([_rel_rtn(w, s) for s in schemes[key]])
+            else:
+                w = _rows(t)
+                err += np.array([_rel_rtn(w, s) for s in schemes[key]])
+        out[key] = err.tolist()
+        log.debug("measured %s (weights): %s", key, ", ".join(f"{s.name} {e:.3g}" for s, e in zip(schemes[key], err)))
+    return out
+
+
+class _Inputs:
+    """Observer of a float calibration pass: Σ xxᵀ and the token count per (captured input, expert), one layer at
+    a time; when the next layer starts, ``done(layer, hessians, counts)`` gets the finished one's."""
+
+    def __init__(self, done):
+        self.done, self.layer, self.h, self.n = done, None, {}, {}
+
+    def __call__(self, name: str, e: int, x: Any) -> None:
+        layer = int(name.split(".")[2])
+        if layer != self.layer:
+            self.flush()
+            self.layer = layer
+        x = x.reshape(-1, x.shape[-1]).double()
+        key = (name.split(".", 3)[3], e)
+        self.h[key] = self.h[key] + x.T @ x if key in self.h else x.T @ x
+        self.n[key] = self.n.get(key, 0) + x.shape[0]
+
+    def flush(self) -> None:
+        if self.layer is not None:
+            self.done(self.layer, self.h, self.n)
+        self.h, self.n = {}, {}
+
+
+def _rel_gptq(w: np.ndarray, h: Any, schemes: Sequence[AnyScheme], damp: float) -> np.ndarray:
+    """Relative output error of GPTQ's codes under each scheme, for rows ``w`` [r, K] and inputs' H [K, K]."""
+    hb = h[None].clone()  # factored() makes the H⁻¹ factor in this copy's memory
+    h_np = h[None].numpy()
+    out = []
+    with factored(hb, damp) as factor:
+        for s in schemes:
+            q = gptq(w[None], None, s, factor=factor).dequantize()
+            out.append(10 ** (-float(output_sqnr(w[None], q, h_np)[0]) / 10))
+    return np.array(out)
+
+
+def output_errors(ckpt: Checkpoint, units: Mapping[str, Sequence[str]], schemes: Mapping[str, Sequence[AnyScheme]],
+                  ids: list[np.ndarray], options: Any) -> tuple[dict[str, list[float]], dict[int, np.ndarray]]:
+    """unit -> its error under each of its schemes on the calibration activations, and the routing shares found
+    (MoE layer -> each expert's fraction of tokens). One calibration pass of the float model (nothing quantized)."""
+    from .calib import calibrate
+
+    tokens = sum(len(i) for i in ids)
+    unit_of = {n: k for k, names in units.items() for n in names}
+    out = {k: np.zeros(len(v)) for k, v in schemes.items()}
+    shares: dict[int, np.ndarray] = {}
+
+    def done(layer: int, h: dict, n: dict) -> None:
+        for name, key in unit_of.items():
+            if not name.startswith(f"model.layers.{layer}."):
+                continue
+            local = name.split(".", 3)[3]
+            src, t = _INPUT_OF.get(local, local), ckpt.tensors[name]
+            if t.is_experts:
+                counts = np.array([n.get((src, e), 0) for e in range(t.shape[0])], np.float64)
+                shares[layer] = counts / tokens
+                # the layer's mean input, worth prior_tokens tokens, blended in as calibration does for GPTQ (an
+                # expert with few tokens would otherwise look easy: GPTQ fits its few inputs)
+                prior = sum(h[(src, int(e))] for e in np.flatnonzero(counts)) / max(counts.sum(), 1)
+                for e in np.flatnonzero(counts):
+                    he = h[(src, int(e))] + options.prior_tokens * prior
+                    out[key] += counts[e] / tokens * _rel_gptq(_rows(t, int(e)), he, schemes[key], options.damp)
+            elif (src, -1) in h:
+                out[key] += _rel_gptq(_rows(t), h[(src, -1)], schemes[key], options.damp)
+
+    watch = _Inputs(done)
+    result = calibrate(ckpt, {}, ids, options, observer=watch)
+    watch.flush()
+    result.close()
+    rest = {k: v for k, v in units.items() if not any(n.startswith("model.layers.") for n in v)}
+    for key, err in weight_errors(ckpt, rest, schemes).items():  # lm_head, the embedding: no captured input
+        out[key] += np.array(err)
+    return {k: v.tolist() for k, v in out.items()}, shares
+
+
+__all__ = ["ROWS", "output_errors", "weight_errors"]
