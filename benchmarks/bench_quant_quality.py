@@ -136,7 +136,7 @@ def _sparse_moe_forward(self, hidden_states):
     return out + routed, router_logits
 
 
-def train(out: Path, data: bytes, steps: int, batch: int, lr: float, seed: int = 0) -> dict:
+def train(out: Path, data: bytes, steps: int, batch: int, lr: float, seed: int = 0, config: dict | None = None) -> dict:
     import torch
     from transformers import Llama4ForCausalLM, Llama4TextConfig
     from transformers.models.llama4 import modeling_llama4
@@ -144,7 +144,7 @@ def train(out: Path, data: bytes, steps: int, batch: int, lr: float, seed: int =
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    cfg = Llama4TextConfig(**TEXT_CONFIG)
+    cfg = Llama4TextConfig(**(config or TEXT_CONFIG))
     cfg._attn_implementation = "sdpa"
     model = Llama4ForCausalLM(cfg).float().train()
     n_params = sum(p.numel() for p in model.parameters())

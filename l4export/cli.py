@@ -92,7 +92,8 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--check", is_flag=True, help="Read every tensor; report non-finite values (exit 1 if any).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "mlx"]), default=None, help="Dry run: plan this export.")
-@click.option("--quant", default=None, help="Dry run: plan this recipe (int4, fp8, fp8-block or RECIPE.toml).")
+@click.option("--quant", default=None, help="Dry run: plan this recipe (int4, fp8, fp8-block, mixed:BITS, mixed:SIZE "
+              "or RECIPE.toml).")
 @click.option("--dtype", default=None, help="Dry run: compute dtype (default as convert).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Dry run: ONNX provider.")
 @click.option("--context", type=click.IntRange(1), default=None,
@@ -109,12 +110,11 @@ def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant
         return _inspect_export(checkpoint, as_json, check)
     from .checkpoint import Checkpoint
     from .inspect import check as check_tensors
-    from .inspect import context_memory, format_context, format_plan, format_table, plan_summary, summarize
+    from .inspect import (context_memory, format_context, format_mixed, format_plan, format_table, plan_summary,
+                          summarize)
 
     ckpt = Checkpoint(checkpoint)
     info = summarize(ckpt)
-    if context is not None:
-        info["context"] = context_memory(ckpt.spec, context)
     if fmt is not None or quant is not None:
         from .plan import make_plan
         from .quant.recipe import load_recipe
@@ -123,8 +123,16 @@ def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant
         dtype = dtype or default_dtype(fmt, target)
         recipe = None if quant is None else load_recipe(quant)
         vision = ckpt.spec.vision is not None and not ckpt.vision_missing()
-        info["plan"] = plan_summary(make_plan(ckpt.spec, fmt, dtype, target, recipe, calibrated=True,  # type: ignore[arg-type]
-                                              vision=vision))
+        if recipe is not None and recipe.budget is not None:
+            from .mixed import budget_plan
+
+            info["mixed"] = budget_plan(ckpt.spec, recipe, fmt, dtype, target)  # type: ignore[arg-type]
+        else:
+            info["plan"] = plan_summary(make_plan(ckpt.spec, fmt, dtype, target, recipe, calibrated=True,  # type: ignore[arg-type]
+                                                  vision=vision))
+    if context is not None:
+        weights = info.get("mixed", {}).get("budget_bytes") or info.get("plan", {}).get("total_bytes")
+        info["context"] = context_memory(ckpt.spec, context, weights)
     if check:
         info["check"] = check_tensors(ckpt, progress=not as_json)
     if as_json:
@@ -133,6 +141,8 @@ def inspect(checkpoint: Path, as_json: bool, check: bool, fmt: str | None, quant
         click.echo(format_table(info))
         if "plan" in info:
             click.echo(format_plan(info["plan"]))
+        if "mixed" in info:
+            click.echo(format_mixed(info["mixed"]))
         if "context" in info:
             click.echo(format_context(info["context"]))
         if check:
@@ -195,7 +205,8 @@ def demo_checkpoint(out: Path, seed: int | None, force: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "mlx"]), default="onnx", show_default=True)
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 for cpu/mlx, float16 for cuda).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX execution provider.")
-@click.option("--quant", default=None, help="int4, fp8, fp8-block (CUDA), or a RECIPE.toml file.")
+@click.option("--quant", default=None, help="int4, fp8, fp8-block (CUDA), mixed:BITS (e.g. mixed:3.0: average bits per "
+              "weight) or mixed:SIZE (e.g. mixed:40GB), or a RECIPE.toml file.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt lines or .jsonl 'text').")
 @click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples.")
 @click.option("--calib-seqlen", default=256, show_default=True, type=click.IntRange(1), help="Tokens per calibration sample.")

@@ -59,8 +59,41 @@ def format_plan(info: dict[str, Any]) -> str:
 KV_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
 
 
-def context_memory(spec: Llama4Spec, tokens: int) -> dict[str, Any]:
-    """The memory plan for ``tokens`` tokens of context: KV per layer type and dtype, and weights + KV in total.
+MACHINES_GB = (32, 48, 64, 128, 192)
+# The share of a machine's memory a model may take: Apple's default GPU working set (recommendedMaxWorkingSetSize) is
+# about 75 % of unified memory, and a PC keeps about as much for the OS and its apps. Plus 1 GB for the runtime's
+# activations and buffers.
+USABLE, RUNTIME_BYTES = 0.75, 10**9
+MIXED_BUDGETS = ("2.5", "3.0", "3.5")
+
+
+def max_context(spec: Llama4Spec, weights: int, machine_bytes: int, kv_bytes: int) -> int:
+    """The most tokens of context whose KV cache (``kv_bytes`` per element) fits beside ``weights`` in a machine's usable
+    memory (0: the weights alone do not fit); at most max_position_embeddings."""
+    per = 2 * spec.num_kv_heads * spec.head_dim * kv_bytes  # one token of one layer
+    glob = sum(1 for la in spec.layers if not la.chunked)
+    chunked = len(spec.layers) - glob
+    chunk = spec.attention_chunk_size or 0
+    free = int(USABLE * machine_bytes) - weights - RUNTIME_BYTES
+    if free <= 0:
+        return 0
+    short = free // (per * len(spec.layers))  # below one chunk every layer grows
+    if not chunk or short <= chunk:
+        return int(min(short, spec.max_position_embeddings))
+    n = (free - chunked * chunk * per) // max(per * glob, 1) if glob else spec.max_position_embeddings
+    return int(min(n, spec.max_position_embeddings))
+
+
+def fits(spec: Llama4Spec, weights: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per weights row and machine size: the longest context with a bf16 and an int8 KV cache (0: does not fit)."""
+    return {w: {f"{gb} GB": {dt: max_context(spec, b, gb * 10**9, KV_BYTES[dt]) for dt in ("bfloat16", "int8")}
+                for gb in MACHINES_GB} for w, b in weights.items()}
+
+
+def context_memory(spec: Llama4Spec, tokens: int, plan_bytes: int | None = None) -> dict[str, Any]:
+    """The memory plan for ``tokens`` tokens of context: KV per layer type and dtype, weights + KV in total, and what
+    fits on common machines (``fits``; the planned rows, mixed:2.5/3.0/3.5 at their budgets, and ``plan_bytes``: the
+    dry run's own, when one was asked for).
 
     Chunked (RoPE) layers hold at most one chunk (attention_chunk_size keys); global (NoPE) layers hold every token
     (what both runtimes keep, runtimes/onnx.py and runtimes/mlx.py)."""
@@ -72,10 +105,15 @@ def context_memory(spec: Llama4Spec, tokens: int) -> dict[str, Any]:
     held = {"global": tokens, "chunked": min(tokens, chunk) if chunk else tokens}
     kv = {dt: {t: len(layers) * held[t] * per_token * nb for t, layers in types.items()} for dt, nb in KV_BYTES.items()}
     weights = {k: v for k, v in planned_sizes(spec).items() if isinstance(v, int)}
+    text = spec.total_params  # the mixed budgets' denominator: text parameters (router and norms included)
+    weights |= {f"mixed:{b} (at most)": int(float(b) * text / 8) for b in MIXED_BUDGETS}
+    if plan_bytes:
+        weights["this plan"] = plan_bytes
     return {"tokens": tokens, "layers": {t: len(v) for t, v in types.items()}, "keys_held_per_layer": held,
             "kv_bytes": kv, "weights_bytes": weights,
             "total_bytes": {f"{w} + kv {dt}": wb + sum(kv[dt].values()) for w, wb in weights.items()
-                            for dt in ("bfloat16", "int8")}}
+                            for dt in ("bfloat16", "int8")},
+            "fits": fits(spec, weights), "usable_share": USABLE, "runtime_bytes": RUNTIME_BYTES}
 
 
 def format_context(info: dict[str, Any]) -> str:
@@ -87,6 +125,30 @@ def format_context(info: dict[str, Any]) -> str:
                      f"chunked {human(parts['chunked'])})")
     for k, v in info["total_bytes"].items():
         lines.append(f"  {k:<42} {human(v):>10}")
+    lines.append(f"longest context that fits (weights + KV bf16 / int8 in {info['usable_share']:.0%} of the machine, "
+                 f"{human(info['runtime_bytes'])} for the runtime; '-' does not fit):")
+    lines.append(f"  {'weights':<26}" + "".join(f"{gb:>18}" for gb in info["fits"][next(iter(info["fits"]))]))
+    for w, row in info["fits"].items():
+        cells = "".join(f"{_tokens(c['bfloat16']) + ' / ' + _tokens(c['int8']):>18}" for c in row.values())
+        lines.append(f"  {w[:26]:<26}{cells}")
+    return "\n".join(lines)
+
+
+def _tokens(n: int) -> str:
+    return "-" if n <= 0 else f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n // 1000}k" if n >= 1000 else str(n)
+
+
+def format_mixed(info: dict[str, Any]) -> str:
+    lines = [f"plan: --format {info['format']} --dtype {info['dtype']} --quant {info['recipe']} (placed by measurement)",
+             f"  budget          {human(info['budget_bytes'])} = {info['budget_bpw']:.3f} bits per weight of "
+             f"{info['params']:,} text parameters",
+             f"  float + pinned  {human(info['fixed_bytes'])}",
+             f"  units           {info['units']}, spanning {human(info['smallest_bytes'])} (all smallest) .. "
+             f"{human(info['largest_bytes'])} (all largest)"
+             + ("" if info["feasible"] else "  -- the budget is below the smallest form: raise it")]
+    for kind, what in info["candidates"].items():
+        lines.append(f"  {kind:<16}{what}")
+    lines.append(f"  placement       {info['placement']}")
     return "\n".join(lines)
 
 

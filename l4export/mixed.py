@@ -232,6 +232,32 @@ def fixed_bytes(spec: Llama4Spec, pins: Recipe, placed: set[str], fmt: Format, d
     return total
 
 
+def budget_plan(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str) -> dict[str, Any]:
+    """What ``inspect --quant mixed:B`` prints before any weight is read: the budget's bytes and the range the units can
+    span (all at their smallest and at their largest form); the placement itself needs the measurement convert runs."""
+    shapes = canonical_shapes(spec)
+    text = {n: s for n, s in shapes.items() if not is_vision(n)}
+    params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
+    pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
+    found = units(spec, fmt, pinned)
+    opts = {u.key: options(u, shapes, fmt, dtype, target) for u in found}
+    fixed = fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target)
+    lo = fixed + sum(min(o.nbytes for o in v) for v in opts.values() if v)
+    hi = fixed + sum(max(o.nbytes for o in v) for v in opts.values() if v)
+    kinds: dict[str, str] = {}
+    for u in found:
+        ss = [o.scheme for o in opts[u.key]]
+        kinds.setdefault(u.kind, f"int{'/'.join(str(b) for b in sorted({s.bits for s in ss}))} x groups "
+                                 f"{'/'.join(str(g) for g in sorted({s.group_size for s in ss}))}")
+    budget = budget_bytes(pins, params)
+    return {"recipe": pins.name, "format": fmt, "dtype": dtype, "target": target, "params": params,
+            "budget_bytes": budget, "budget_bpw": round(8 * budget / params, 4), "fixed_bytes": fixed,
+            "smallest_bytes": lo, "largest_bytes": hi, "units": len(found), "candidates": kinds,
+            "feasible": lo <= budget,
+            "placement": "measured by convert: the weights alone, or with --calib the calibration activations "
+                         "(GPTQ at each width, routed experts weighted by their routing share)"}
+
+
 def allocate(ckpt: Any, pins: Recipe, fmt: Format, dtype: str, target: str, calib: Any = None,
              ids: list | None = None) -> tuple[Recipe, Allocation]:
     """Measure every unit's candidates on ``ckpt`` (weights only, or with ``calib`` options and token ``ids`` on the
@@ -280,5 +306,5 @@ def _share(u: Unit, spec: Llama4Spec, shares: dict) -> float:
     return 1.0
 
 
-__all__ = ["Allocation", "Option", "Unit", "allocate", "budget_bytes", "candidates", "choose", "fixed_bytes",
+__all__ = ["Allocation", "Option", "Unit", "allocate", "budget_bytes", "budget_plan", "candidates", "choose", "fixed_bytes",
            "options", "recipe_of", "units"]

@@ -78,6 +78,8 @@ def _first_moved_tie(ref: Reference, p: Any, ids: list[int], factor: float) -> d
 
     best: dict | None = None
     for (layer, exact, k), (_, rounded, _) in zip(ref.routers(ids, p), ref.rounded.routers(ids, p)):
+        if k >= exact.shape[-1]:
+            continue  # every expert is chosen: nothing to flip
         m = margin(exact, k)  # [T]: the exact top-k's lead over the first expert left out
         moved = m - _lead(rounded, exact, k)  # how much of that lead the rounding took (negative: it widened it)
         hit = np.flatnonzero(factor * moved >= m)

@@ -184,3 +184,50 @@ def test_a_damaged_two_bit_export_fails_against_its_rounded_twin(mixed, scout, t
     patch_initializer(broken, f"{pre}.fc1.qzeros", lambda z: (z ^ np.uint8(0b01010101)).astype(np.uint8))
     r = CliRunner().invoke(main, ["verify", str(broken), "--reference", str(scout), "--greedy-tokens", "2"])
     assert "[int2]" in r.output and r.exit_code == 1 and "own rounded weights: KL" in r.output, r.output
+
+
+def test_inspect_prints_the_budget_before_any_weight_is_read(scout):
+    r = CliRunner().invoke(main, ["inspect", str(scout), "--format", "mlx", "--quant", "mixed:3.5", "--context", "64"])
+    assert r.exit_code == 0, r.output
+    assert "placed by measurement" in r.output and "3.500 bits per weight" in r.output
+    assert "longest context that fits" in r.output and "mixed:3.0 (at most)" in r.output
+    r = CliRunner().invoke(main, ["inspect", str(scout), "--quant", "mixed:2.0", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["mixed"]["feasible"] is False
+
+
+def test_max_context_counts_global_and_chunked_layers():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_spec import SCOUT_TEXT
+
+    from l4export.inspect import max_context
+    from l4export.spec import spec_from_config
+
+    spec = spec_from_config({"model_type": "llama4", "text_config": dict(SCOUT_TEXT)})
+    per = 2 * spec.num_kv_heads * spec.head_dim * 2  # bf16, one token of one layer
+    glob = sum(1 for la in spec.layers if not la.chunked)
+    n = max_context(spec, 40 * 10**9, 64 * 10**9, 2)
+    free = int(0.75 * 64e9) - 40 * 10**9 - 10**9
+    chunked = (len(spec.layers) - glob) * spec.attention_chunk_size * per
+    assert n == (free - chunked) // (glob * per)  # past one chunk only the global layers grow
+    assert max_context(spec, 40 * 10**9, 32 * 10**9, 2) == 0  # the weights alone do not fit
+    assert max_context(spec, 40 * 10**9, 64 * 10**9, 1) > n  # an int8 cache holds more
+
+
+def test_wide_inputs_are_measured_on_the_hessian_diagonal(scout, tmp_path, monkeypatch):
+    """Past FULL_K inputs (real widths) the calibrated measure keeps Σ x² per input, not [K, K]: the same convert then
+    holds one layer's diagonals; it still places every unit within the budget."""
+    from l4export.quant import measure
+    from l4export.quant.calib import CalibOptions
+
+    monkeypatch.setattr(measure, "FULL_K", 16)  # every input here is wider than 16
+    (tmp_path / "calib.txt").write_text(CALIB)
+    seen = []
+    real = measure._rel_gptq
+    monkeypatch.setattr(measure, "_rel_gptq", lambda w, h, s, d: seen.append(h.dim()) or real(w, h, s, d))
+    out = convert(scout, tmp_path / "out", ExportOptions(format="onnx", quant=load_recipe("mixed:3.5"), text_only=True,
+                                                          calib=CalibOptions(path=tmp_path / "calib.txt", samples=8,
+                                                                             seqlen=64)))
+    alloc = read_export_info(out).quant.allocation
+    assert seen and set(seen) == {1} and alloc["bytes"] <= alloc["budget_bytes"]

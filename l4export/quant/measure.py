@@ -6,7 +6,10 @@ a routed expert's share is the fraction of tokens routed to it, so a layer's rou
     weights      ||W - Q(W)||² / ||W||² of round to nearest, on sampled rows: no activations (``weight_errors``)
     calibration  tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), the relative output error on the calibration activations, with Q the
                  GPTQ codes on H = Σ xxᵀ of the tensor's real inputs in the float model (``output_errors``; a routed
-                 expert's H from the tokens routed to it, scaled by the router score as the reference does).
+                 expert's H from the tokens routed to it, scaled by the router score as the reference does, plus the
+                 layer's mean input worth prior_tokens tokens, as calibration blends it). Inputs wider than FULL_K
+                 (Llama 4's real widths) keep only H's diagonal: round to nearest, weighted by E[x_k²] (bounded
+                 memory: one layer's diagonals, not 12 GB of [K, K]).
                  lm_head and the embedding are measured on their weights (no input is captured for them).
 
 Rows are sampled (GPTQ and the traces treat rows independently), so memory is one expert's weights and one layer's
@@ -28,6 +31,7 @@ from .schemes import AnyScheme
 log = logging.getLogger(__name__)
 
 ROWS = 256  # sampled output rows per matrix (per expert)
+FULL_K = 4096  # inputs up to this width get the full Hessian and GPTQ; wider ones the diagonal and round to nearest
 _INPUT_OF = {"self_attn.k_proj.weight": "self_attn.q_proj.weight", "self_attn.v_proj.weight": "self_attn.q_proj.weight",
              "feed_forward.up_proj.weight": "feed_forward.gate_proj.weight",
              "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared_expert.gate_proj.weight",
@@ -92,7 +96,10 @@ class _Inputs:
             self.layer = layer
         x = x.reshape(-1, x.shape[-1]).double()
         key = (name.split(".", 3)[3], e)
-        self.h[key] = self.h[key] + x.T @ x if key in self.h else x.T @ x
+        # full Σ xxᵀ (GPTQ) up to FULL_K inputs; beyond, its diagonal Σ x² (a real-width layer's experts would hold
+        # 16 x (5120² + 8192²) float64 = 12 GB; the diagonal is 1.7 MB)
+        add = x.T @ x if x.shape[-1] <= FULL_K else (x * x).sum(0)
+        self.h[key] = self.h[key] + add if key in self.h else add
         self.n[key] = self.n.get(key, 0) + x.shape[0]
 
     def flush(self) -> None:
@@ -102,7 +109,12 @@ class _Inputs:
 
 
 def _rel_gptq(w: np.ndarray, h: Any, schemes: Sequence[AnyScheme], damp: float) -> np.ndarray:
-    """Relative output error of GPTQ's codes under each scheme, for rows ``w`` [r, K] and inputs' H [K, K]."""
+    """Relative output error of GPTQ's codes under each scheme, for rows ``w`` [r, K] and inputs' H [K, K]; with only
+    H's diagonal [K] (past FULL_K), of round to nearest: Σ_k H_kk ΔW_jk² / Σ_k H_kk W_jk²."""
+    if h.dim() == 1:
+        d = h.numpy()
+        sig = float((w.astype(np.float64) ** 2 * d).sum())
+        return np.array([float(((w - s.rtn(w)).astype(np.float64) ** 2 * d).sum()) / max(sig, 1e-30) for s in schemes])
     hb = h[None].clone()  # factored() makes the H⁻¹ factor in this copy's memory
     h_np = h[None].numpy()
     out = []

@@ -1,0 +1,370 @@
+"""Below 4 bits (issue 26): held-out perplexity, KL and top-1 agreement of l4export's mixed:B exports against mlx-lm's
+2/3-bit recipes and llama.cpp's K- and I-quants, on a trained Llama 4 MoE whose widths every peer's kernels take.
+
+    python -m benchmarks low-bit [--steps 1400] [--budgets 2.5,3.0,3.5] [--llama-cpp DIR] [--train-only]
+
+1. The model (trained once, cached in benchmarks/work/low-bit/): Llama4ForCausalLM with hidden 256, expert and
+   shared-expert width 256 (llama.cpp's K-quants need rows that are multiples of 256), 8 layers (NoPE every 4th:
+   chunked RoPE layers and global NoPE layers), 16 experts, top-1 + shared expert, trained by
+   bench_quant_quality.train (sparse top-1 training, 1 thread, deterministic) on the bytes of this Python's standard
+   library sources (PSF license; the same split: every 10th file held out, the next one for calibration).
+2. l4export: MLX (bfloat16 store) mixed:B at the bytes of each peer row (``mixed:<bytes>B``), placed by the weights
+   alone and by calibration (GPTQ at each width on the calibration windows), and the ONNX mixed:3.0; every row is
+   evaluated by our runtimes on the same held-out windows (BOS + 256 bytes) as transformers float, the reference of
+   the KL and top-1 columns.
+3. mlx-lm 0.32 ``mlx_lm convert`` of our float MLX export: 2-bit g64, 2-bit g32, 3-bit g64, 4-bit g64,
+   ``--quant-predicate mixed_2_6`` and ``mixed_3_6``, evaluated by mlx-lm on the same windows.
+4. llama.cpp (``--llama-cpp DIR``: a llama.cpp source tree with build/bin/llama-{quantize,imatrix,perplexity}, e.g. the
+   one vendored in the llama-cpp-python sdist): its converter's bf16 GGUF, an importance matrix from the same
+   calibration text, then Q3_K_S, IQ3_XXS, Q2_K, IQ2_XS, IQ2_S and Q4_K_M, each scored by llama-perplexity on the
+   held-out text against its own bf16 GGUF (``--kl-divergence``). llama.cpp windows its text itself, so its rows are
+   compared by their increase over llama.cpp's own bf16, not by absolute perplexity.
+
+Writes benchmarks/results/low-bit-<date>.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quant_quality import SEQ, THREADS, corpus, nll_from_logits, train, windows  # noqa: E402
+from common import WORK, save_result, table  # noqa: E402
+
+from l4export.demo import BOS, EOS, EOT, PAD  # noqa: E402
+
+log = logging.getLogger("bench_low_bit")
+HERE = WORK / "low-bit"
+
+CONFIG = dict(
+    vocab_size=272, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    intermediate_size=256, intermediate_size_mlp=512, num_hidden_layers=8,  # layers 3 and 7 are NoPE (every 4th)
+    num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, use_qk_norm=True,
+    attention_chunk_size=8192,  # llama.cpp hard-codes Llama 4's chunk to 8192: the same here, so both engines agree
+    max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},  # (no llama3 scaling within 8192 tokens)
+    bos_token_id=BOS, eos_token_id=[EOS, EOT], pad_token_id=PAD, initializer_range=0.02,
+)
+
+
+def model(steps: int, batch: int, lr: float, data: dict) -> Path:
+    ckpt = HERE / f"ckpt-s{steps}-b{batch}-{data['sha256_16']}"
+    if not (ckpt / "config.json").is_file():
+        log.info("training %s on %d bytes (%d steps)", ckpt.name, data["bytes"]["train"], steps)
+        train(ckpt, data["data"]["train"], steps, batch, lr, config=CONFIG)
+    return ckpt
+
+
+# ---- scoring: every engine's log-probabilities on the same windows --------------------------------------
+def _logprobs(logits: np.ndarray) -> np.ndarray:
+    lg = logits[:-1].astype(np.float64)
+    lg -= lg.max(-1, keepdims=True)
+    return (lg - np.log(np.exp(lg).sum(-1, keepdims=True))).astype(np.float32)  # [SEQ, V] for ids[1:]
+
+
+def logprobs_transformers(ckpt: Path, wins: np.ndarray) -> np.ndarray:
+    import torch
+
+    from l4export.runtimes.reference import load_reference
+
+    torch.set_num_threads(1)
+    ref = load_reference(ckpt)
+    with torch.no_grad():
+        return np.stack([_logprobs(ref(input_ids=torch.from_numpy(w)[None]).logits[0].numpy()) for w in wins])
+
+
+def logprobs_export(path: Path, wins: np.ndarray) -> np.ndarray:
+    from l4export.runtimes import load_runtime
+
+    rt = load_runtime(path)
+    return np.stack([_logprobs(np.asarray(rt.logits(w.tolist()), np.float32)) for w in wins])
+
+
+def logprobs_mlx_lm(path: Path, wins: np.ndarray) -> np.ndarray:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    m, _ = load(str(path))
+    return np.stack([_logprobs(np.array(m(mx.array(w)[None])[0].astype(mx.float32))) for w in wins])
+
+
+def score(lp: np.ndarray, ref: np.ndarray | None, wins: np.ndarray) -> dict:
+    """Perplexity of ids[1:], and against the float reference: mean KL(ref || this) and top-1 agreement."""
+    tgt = wins[:, 1:]
+    nll = -np.take_along_axis(lp, tgt[..., None], -1)[..., 0].astype(np.float64)
+    out = {"ppl": float(np.exp(nll.mean()))}
+    if ref is not None:
+        kl = (np.exp(ref.astype(np.float64)) * (ref.astype(np.float64) - lp)).sum(-1)
+        out |= {"kl": float(kl.mean()), "top1": float((ref.argmax(-1) == lp.argmax(-1)).mean())}
+    return out
+
+
+def tensor_bytes(path: Path) -> int:
+    from l4export.folder import export_tensor_bytes
+
+    return export_tensor_bytes(path)
+
+
+def text_bytes(path: Path) -> int:
+    """An MLX folder's text weights (every tensor but a vision tower's: these models have none)."""
+    return tensor_bytes(path)
+
+
+# ---- the exports ---------------------------------------------------------------------------------------
+def run(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **THREADS})
+    if r.returncode != 0:
+        raise RuntimeError((r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout) else f"rc {r.returncode}")
+    return time.perf_counter() - t
+
+
+def l4(ckpt: Path, out: Path, fmt: str, *extra: str) -> float:
+    return run([sys.executable, "-m", "l4export.cli", "convert", str(ckpt), "-o", str(out), "--format", fmt,
+                "--force", *extra])
+
+
+MLX_LM = {"mlx-lm 2-bit g64": ["--q-bits", "2", "--q-group-size", "64"],
+          "mlx-lm 2-bit g32": ["--q-bits", "2", "--q-group-size", "32"],
+          "mlx-lm 3-bit g64": ["--q-bits", "3", "--q-group-size", "64"],
+          "mlx-lm 4-bit g64": ["--q-bits", "4", "--q-group-size", "64"],
+          "mlx-lm mixed_2_6": ["--quant-predicate", "mixed_2_6"],
+          "mlx-lm mixed_3_6": ["--quant-predicate", "mixed_3_6"]}
+
+
+def mlx_lm_convert(src: Path, out: Path, extra: list[str]) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    return run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q", *extra])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1400, help="Training steps (batch 8 x 256 bytes).")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--budgets", default="2.5,3.0,3.5")
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree with build/bin tools.")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for k, v in THREADS.items():
+        os.environ.setdefault(k, v)
+    HERE.mkdir(parents=True, exist_ok=True)
+    data = corpus()
+    ckpt = model(args.steps, args.batch, args.lr, data)
+    if args.train_only:
+        print(json.loads((ckpt / "train_info.json").read_text()))
+        return
+    wins = windows(data["data"]["eval"], args.eval_windows)
+    calib = HERE / "calib.jsonl"
+    cw = windows(data["data"]["calib"], args.calib_samples)
+    calib.write_text("".join(json.dumps({"text": bytes(w[1:].astype(np.uint8)).decode("utf-8", "replace")}) + "\n"
+                             for w in cw))
+    calib_args = ["--calib", str(calib), "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(SEQ + 1)]
+    ref = logprobs_transformers(ckpt, wins)
+    R: dict[str, dict] = {"transformers float": {**score(ref, None, wins), "engine": "transformers"}}
+
+    def row(name: str, make, scorer, **meta) -> dict:
+        t = time.perf_counter()
+        try:
+            path, convert_s = make()
+            R[name] = {**score(scorer(path, wins), ref, wins), "bytes": tensor_bytes(path),
+                       "convert_s": round(convert_s, 1), "eval_s": round(time.perf_counter() - t - convert_s, 1), **meta}
+        except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, not fatal
+            R[name] = {"error": str(e)[:300], **meta}
+        log.info("%s: %s", name, R[name])
+        return R[name]
+
+    float_mlx = HERE / "mlx-float"
+    row("l4export mlx float (bf16)", lambda: (float_mlx, l4(ckpt, float_mlx, "mlx", "--dtype", "bfloat16")),
+        logprobs_export, engine="l4export", fmt="mlx")
+    for name, extra in MLX_LM.items():
+        out = HERE / name.replace(" ", "-")
+        row(name, lambda out=out, extra=extra: (out, mlx_lm_convert(float_mlx, out, extra)), logprobs_mlx_lm,
+            engine="mlx-lm")
+    if args.llama_cpp is not None:
+        R.update(llama_cpp_rows(args.llama_cpp, ckpt, wins, calib))
+    peers = {k: v for k, v in R.items() if k.startswith(("mlx-lm", "llama.cpp")) and "bytes" in v
+             and "4-bit" not in k and "Q4" not in k and "bf16" not in k}
+    for peer, v in peers.items():
+        for how, extra in (("weights", []), ("calibrated", calib_args)):
+            name = f"l4export mixed at {peer} bytes ({how})"
+            out = HERE / name.replace(" ", "-").replace("(", "").replace(")", "")
+            row(name, lambda out=out, extra=extra, b=v["bytes"]: (out, l4(ckpt, out, "mlx", "--dtype", "bfloat16",
+                                                                           "--quant", f"mixed:{b}B", *extra)),
+                logprobs_export, engine="l4export", fmt="mlx", peer=peer, measure=how)
+    for b in [x for x in args.budgets.split(",") if x]:
+        for fmt in ("mlx", "onnx"):
+            name = f"l4export {fmt} mixed:{b} (calibrated)"
+            out = HERE / f"{fmt}-mixed-{b}-calib"
+            dtype = ["--dtype", "bfloat16"] if fmt == "mlx" else []
+            row(name, lambda out=out, fmt=fmt, b=b, dtype=dtype: (out, l4(ckpt, out, fmt, *dtype, "--quant", f"mixed:{b}",
+                                                                          *calib_args)),
+                logprobs_export, engine="l4export", fmt=fmt, budget=b)
+    report(R, ckpt, data, wins, args)
+
+
+# ---- llama.cpp --------------------------------------------------------------------------------------------
+_CONVERT = """import sys, runpy
+src = sys.argv[1]; sys.argv = [src + "/convert_hf_to_gguf.py"] + sys.argv[2:]
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base as base
+# our byte-level tokenizer is not one the converter fingerprints: name its pre-tokenizer
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+LLAMA_CPP = ("Q4_K_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS")
+
+
+def gguf_source(ckpt: Path) -> Path:
+    """The checkpoint as llama.cpp's converter takes it: its BPE reader needs at least one merge, so the tokenizer gains
+    one for two bytes that never meet in text (0x00 0x01, in an unused reserved slot): every byte stays one token."""
+    src = HERE / "gguf-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "tokenizer.json":
+            (src / f.name).symlink_to(f.resolve())
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    slot = tok["added_tokens"][-1]
+    tok["added_tokens"] = tok["added_tokens"][:-1]
+    tok["model"]["vocab"].pop(slot["content"], None)
+    tok["model"]["vocab"]["\u0100\u0101"] = slot["id"]
+    tok["model"]["merges"] = [["\u0100", "\u0101"]]
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    return src
+
+
+def _perplexity(tools: Path, model: Path, text: Path, *extra: str) -> dict:
+    r = subprocess.run([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(SEQ), "-t", "2",
+                        "-b", str(SEQ), *extra], capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(out.strip().splitlines()[-1] if out.strip() else f"rc {r.returncode}")
+    got: dict = {}
+    for line in out.splitlines():
+        if "Final estimate: PPL" in line:
+            got["ppl"] = float(line.split("=")[1].split()[0])
+        elif line.strip().startswith("Mean PPL(Q)"):
+            got["ppl"] = float(line.split(":")[1].split()[0])
+        elif line.strip().startswith("Mean    KLD:"):
+            got["kl"] = float(line.split(":")[1].split()[0])
+        elif line.strip().startswith("Same top p:"):
+            got["top1"] = float(line.split(":")[1].split()[0]) / 100
+    return got
+
+
+def llama_cpp_rows(root: Path, ckpt: Path, wins: np.ndarray, calib: Path) -> dict:
+    """llama.cpp's rows: bf16 GGUF, importance matrix on the calibration text, each quant type scored against the bf16
+    GGUF's own logits (llama-perplexity --kl-divergence) on the held-out windows' text."""
+    tools = root / "build" / "bin"
+    text = HERE / "eval.txt"
+    text.write_bytes(b"\n".join(bytes(w[1:].astype(np.uint8)) for w in wins))
+    ctext = HERE / "calib.txt"
+    ctext.write_text("\n".join(json.loads(line)["text"] for line in calib.read_text().splitlines()))
+    script = HERE / "convert_hf_to_gguf_wrapper.py"
+    script.write_text(_CONVERT)
+    bf16 = HERE / "bf16.gguf"
+    rows: dict = {}
+    t = time.perf_counter()
+    run([sys.executable, str(script), str(root), str(gguf_source(ckpt)), "--outfile", str(bf16), "--outtype", "bf16"])
+    base = HERE / "bf16.kld"
+    rows["llama.cpp bf16"] = {**_perplexity(tools, bf16, text, "--kl-divergence-base", str(base)),
+                              "bytes": gguf_tensor_bytes(root, bf16), "engine": "llama.cpp",
+                              "convert_s": round(time.perf_counter() - t, 1)}
+    imatrix = HERE / "imatrix.gguf"
+    run([str(tools / "llama-imatrix"), "-m", str(bf16), "-f", str(ctext), "-o", str(imatrix), "-c", str(SEQ), "-t", "2"])
+    for q in LLAMA_CPP:
+        out = HERE / f"{q}.gguf"
+        try:
+            run([str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(bf16), str(out), q, "2"])
+            rows[f"llama.cpp {q}"] = {**_perplexity(tools, out, text, "--kl-divergence-base", str(base), "--kl-divergence"),
+                                      "bytes": gguf_tensor_bytes(root, out), "engine": "llama.cpp", "imatrix": True}
+        except Exception as e:  # noqa: BLE001
+            rows[f"llama.cpp {q}"] = {"error": str(e)[:300], "engine": "llama.cpp"}
+        log.info("llama.cpp %s: %s", q, rows[f"llama.cpp {q}"])
+    return rows
+
+
+def gguf_tensor_bytes(root: Path, path: Path) -> int:
+    """The GGUF's tensor data (metadata and tokenizer left out), read with llama.cpp's own gguf-py."""
+    sys.path.insert(0, str(root / "gguf-py"))
+    import gguf
+
+    return int(sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors))
+
+
+def increase(R: dict, name: str) -> float | None:
+    """Perplexity increase (%) over the row's own float: transformers' for ours and mlx-lm's, llama.cpp's bf16 GGUF
+    for llama.cpp's."""
+    v = R.get(name, {})
+    if "ppl" not in v:
+        return None
+    base = R["llama.cpp bf16"]["ppl"] if v.get("engine") == "llama.cpp" else R["transformers float"]["ppl"]
+    return 100 * (v["ppl"] / base - 1)
+
+
+def report(R: dict, ckpt: Path, data: dict, wins: np.ndarray, args) -> None:
+    info = json.loads((ckpt / "train_info.json").read_text())
+    params = info["params"]
+    rows = []
+    for k, v in R.items():
+        inc = increase(R, k)
+        rows.append({"variant": k, "PPL": f"{v['ppl']:.4f}" if "ppl" in v else "n/a",
+                     "vs float": "" if inc is None else f"{inc:+.2f}%",
+                     "KL": f"{v['kl']:.4f}" if "kl" in v else "", "top1": f"{v['top1']:.3f}" if "top1" in v else "",
+                     "bpw": f"{8 * v['bytes'] / params:.3f}" if v.get("bytes") else "",
+                     "note": v.get("error", "")[:60]})
+    print(f"\nmodel: {params / 1e6:.1f}M params, {info['steps']} steps ({info['train_seconds']} s), "
+          f"{wins.shape[0]} x {SEQ} held-out predictions\n")
+    print(table(rows, ["variant", "PPL", "vs float", "KL", "top1", "bpw", "note"]))
+    goals = compute_goals(R)
+    for k, g in goals.items():
+        print(f"{'MET   ' if g['met'] else 'MISSED'} {k}: {g['value']}")
+    result = {"model": {"config": CONFIG, "train": info, "checkpoint": ckpt.name},
+              "data": {k: v for k, v in data.items() if k != "data"},
+              "eval": {"windows": int(wins.shape[0]), "seq": SEQ}, "rows": R, "goals": goals}
+    path = save_result("low-bit", result)
+    print(f"\nwrote {path}")
+
+
+def compute_goals(R: dict) -> dict:
+    """The issue's quality goals, each l4export row at <= its peer's bytes (calibrated placement)."""
+    def best(names):
+        vals = [(increase(R, n), n) for n in names if increase(R, n) is not None]
+        return min(vals) if vals else (None, None)
+
+    def ours(peer):
+        return increase(R, f"l4export mixed at {peer} bytes (calibrated)")
+
+    goals = {}
+    m3 = ours("mlx-lm 3-bit g64")
+    p3 = increase(R, "mlx-lm 3-bit g64")
+    if m3 is not None and p3 is not None:
+        goals["mixed:3.5-class (at mlx-lm 3-bit g64's bytes): <= +0.5 % and <= 1/3 of mlx-lm 3-bit g64's increase"] = {
+            "value": f"{m3:+.2f}% vs mlx-lm {p3:+.2f}%", "met": m3 <= 0.5 and m3 <= p3 / 3}
+    for label, peer_names in (("3.0", ["mlx-lm 2-bit g32", "mlx-lm mixed_2_6", "llama.cpp Q3_K_S", "llama.cpp IQ3_XXS"]),
+                              ("2.5", ["mlx-lm 2-bit g64", "llama.cpp Q2_K", "llama.cpp IQ2_XS", "llama.cpp IQ2_S"])):
+        b, which = best(peer_names)
+        mine = [ours(n) for n in peer_names if ours(n) is not None]
+        if b is not None and mine:
+            worst_mine = max(mine)
+            goals[f"mixed:{label}-class: <= 1/2 of the best peer's increase ({which})"] = {
+                "value": f"ours up to {worst_mine:+.2f}% vs {which} {b:+.2f}%", "met": worst_mine <= b / 2}
+    return goals
+
+
+if __name__ == "__main__":
+    main()
