@@ -54,6 +54,7 @@ class ExportOptions:
     max_shard_bytes: int = 2 * 1024**3
     ray: str | None = None  # a Ray address (local, auto, ray://...): distribute the quantization (--ray)
     tmp_dir: Path | None = None  # where calibration spills (default: inside the output's temporary folder)
+    allocation: dict | None = None  # mixed:B, set by convert: the allocator's record (l4export.json, quant report)
 
 
 def plan_export(ckpt: Checkpoint, options: ExportOptions) -> ExportPlan:
@@ -189,12 +190,13 @@ def _write(ckpt: Checkpoint, tmp: Path, plan: ExportPlan, options: ExportOptions
 
         shapes, vision = report_inputs(ckpt, plan)
         float_bytes = 2 if plan.format == "onnx" else DTYPE_BYTES[plan.dtype]  # (ONNX's reference: bf16)
-        write_report(tmp, calib, shapes, plan.recipe.name, float_bytes, uncalibrated=vision, adapted=plan.adapted)
+        write_report(tmp, calib, shapes, plan.recipe.name, float_bytes, uncalibrated=vision, adapted=plan.adapted,
+                     allocation=options.allocation)
     ran = None if calib is None else {"samples": calib.samples, "tokens": calib.tokens, "method": options.calib.method}
     return section, ran
 
 
-def _allocate(ckpt: Checkpoint, options: ExportOptions) -> tuple[ExportOptions, dict]:
+def _allocate(ckpt: Checkpoint, options: ExportOptions) -> ExportOptions:
     """The mixed-precision budget placed by measurement (l4export.mixed); the allocated recipe replaces it."""
     from .mixed import allocate
 
@@ -205,7 +207,7 @@ def _allocate(ckpt: Checkpoint, options: ExportOptions) -> tuple[ExportOptions, 
         c = options.calib
         ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
     recipe, alloc = allocate(ckpt, options.quant, options.format, options.dtype, options.target, options.calib, ids)
-    return replace(options, quant=recipe), alloc.record()
+    return replace(options, quant=recipe, allocation=alloc.record())
 
 
 def _quant_info(plan: ExportPlan, calibration: dict | None, allocation: dict | None = None) -> QuantInfo | None:
@@ -229,16 +231,15 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
     if options.calib is not None and importlib.util.find_spec("torch") is None:
         raise CapabilityError("--calib runs the model in torch, which is not installed: pip install 'l4export[reference]'"
                               " (with torch==2.13.0 first for the CPU build)")
-    allocation = None
-    if mixed:  # measure, allocate, then plan the allocated recipe
-        options, allocation = _allocate(ckpt, options)
-        plan = plan_export(ckpt, options)
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise UsageError(f"{out}: the output folder must not be the checkpoint folder")
     _check_tmp_dir(options)
     if options.ray is not None and importlib.util.find_spec("ray") is None:
         raise CapabilityError("--ray needs Ray, which is not installed: pip install 'l4export[distributed]'")
+    if mixed:  # measure (reads the weights), allocate, then plan the allocated recipe
+        options = _allocate(ckpt, options)
+        plan = plan_export(ckpt, options)
     check_disk(out, plan, options, bool(_ahead(plan, options)))
     if not (ckpt.path / "tokenizer.json").is_file():
         log.warning("%s has no tokenizer.json: the export will run token ids (run --ids) but not text; copy the "
@@ -251,7 +252,7 @@ def convert(checkpoint: str | Path, out: str | Path, options: ExportOptions, for
         with ExitStack() as stack:  # workers, spilled codes: gone before the manifest is written
             section, calibration = _write(ckpt, tmp, plan, options, writer, stack)
         ExportInfo(options.format, options.dtype, options.target, str(Path(checkpoint).resolve()), ckpt.spec.layout,
-                   copy_files(ckpt.tokenizer_files(), tmp), _quant_info(plan, calibration, allocation),
+                   copy_files(ckpt.tokenizer_files(), tmp), _quant_info(plan, calibration, options.allocation),
                    vision_info(ckpt, options) if plan.vision else None, **{options.format: section}).write(tmp)
         write_manifest(tmp)  # last: the sha256 of every file (l4export inspect OUT --check)
     log.info("wrote %s", out)

@@ -231,3 +231,11 @@ def test_wide_inputs_are_measured_on_the_hessian_diagonal(scout, tmp_path, monke
                                                                              seqlen=64)))
     alloc = read_export_info(out).quant.allocation
     assert seen and set(seen) == {1} and alloc["bytes"] <= alloc["budget_bytes"]
+
+
+def test_the_quant_report_carries_the_allocation(mixed):
+    out = mixed("onnx", "3.5", calib=True)
+    report = json.loads((out / "quant_report.json").read_text())
+    alloc = read_export_info(out).quant.allocation
+    assert report["allocation"] == alloc and {"bytes", "budget_bytes", "units", "measure"} <= set(alloc)
+    assert all({"scheme", "error", "share", "bytes"} <= set(u) for u in alloc["units"])

@@ -65,7 +65,7 @@ def rtn_stats(tensors: Mapping[str, object], schemes: Mapping[str, object]) -> d
 
 def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, tuple[int, ...]],
                  recipe_name: str, float_bytes: int = 2, uncalibrated: Mapping[str, dict] | None = None,
-                 adapted: Mapping[str, str] | None = None) -> Path:
+                 adapted: Mapping[str, str] | None = None, allocation: Mapping | None = None) -> Path:
     """Write the JSON report and the plots into ``out_dir``; returns the JSON path. ``uncalibrated``: entries of
     quantized tensors calibration does not see (``rtn_stats``), reported beside the calibrated ones."""
     import matplotlib
@@ -87,6 +87,8 @@ def write_report(out_dir: str | Path, result: CalibResult, shapes: Mapping[str, 
             for name, qt in result.tensors.items()
         } | dict(uncalibrated or {}),
         "size_bytes": sizes,
+        # mixed:B: the budget arithmetic and each unit's scheme, measured error and routing share (l4export.mixed)
+        "allocation": None if allocation is None else dict(allocation),
         "plots": ["tokens_per_expert.png", "expert_sqnr.png", "size_by_component.png"],
     }
     log.info("calibration: %d samples, %d tokens, %.1f s on %s", result.samples, result.tokens, result.seconds,
