@@ -49,14 +49,14 @@ def digests(folder: Path) -> dict[str, str]:
     return out
 
 
-def _options(fmt: str, calib: Path | None, ray_address: str | None) -> ExportOptions:
+def _options(fmt: str, calib: Path | None, ray_address: str | None, quant: str = "int4") -> ExportOptions:
     c = None if calib is None else CalibOptions(path=calib, samples=4, seqlen=24, expert_batch_bytes=1)
-    return ExportOptions(format=fmt, quant=load_recipe("int4"), calib=c, ray=ray_address)  # type: ignore[arg-type]
+    return ExportOptions(format=fmt, quant=load_recipe(quant), calib=c, ray=ray_address)  # type: ignore[arg-type]
 
 
-def _pair(src: Path, tmp: Path, fmt: str, calib: Path | None) -> tuple[dict, dict]:
-    one = convert(src, tmp / "one", _options(fmt, calib, None))
-    many = convert(src, tmp / "ray", _options(fmt, calib, "auto"))
+def _pair(src: Path, tmp: Path, fmt: str, calib: Path | None, quant: str = "int4") -> tuple[dict, dict]:
+    one = convert(src, tmp / "one", _options(fmt, calib, None, quant))
+    many = convert(src, tmp / "ray", _options(fmt, calib, "auto", quant))
     return digests(one), digests(many)
 
 
@@ -69,6 +69,12 @@ def test_ray_round_to_nearest_is_byte_identical(cluster, qscout, tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["onnx", "mlx"])
 def test_ray_calibration_is_byte_identical(cluster, qscout, tmp_path, calib_text, fmt):
     one, many = _pair(qscout, tmp_path, fmt, calib_text)
+    assert one == many
+
+
+def test_ray_mixed_low_bit_calibration_is_byte_identical(cluster, qscout, tmp_path, calib_text):
+    """mixed:3.5 calibrated: the measurement pass, then GPTQ at 2 to 8 bits as Ray jobs, give the bytes of one process."""
+    one, many = _pair(qscout, tmp_path, "onnx", calib_text, "mixed:3.5")
     assert one == many
 
 
