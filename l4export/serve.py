@@ -165,7 +165,7 @@ class Server:
             stops = [] if req.ignore_eos else self.stop_ids
             stream = TextStream(rt.decode, stops, req.stop)  # the API's and the CLI's rule (runtimes/text.py)
             for tok in rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
-                                   stop=stops, features=features):
+                                   stop=stops, features=features, reuse=True):  # the previous request's prefix
                 if cancel.is_set():
                     return
                 if piece := stream.push(tok):
@@ -175,7 +175,8 @@ class Server:
             if stream.finish is None and (tail := stream.flush()):
                 yield tail, {}
             n = stream.tokens
-            usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+            usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
+                     "prompt_tokens_details": {"cached_tokens": rt.reused}}
             yield "", {"finish_reason": stream.finish or "length", "usage": usage}
 
 

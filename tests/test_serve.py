@@ -106,6 +106,20 @@ def test_image_part_is_preprocessed_like_the_runtime(client, rt):
     assert r.choices[0].message.content == "".join(rt.chat(ours, 6, images=[img], temperature=0))
 
 
+def test_the_next_turn_reuses_the_cached_prefix(client, rt):
+    """Turn 2 of a conversation starts from the cache turn 1 left: usage says how many prompt tokens were cached, and
+    the reply is a cold run's."""
+    turn1 = [{"role": "user", "content": "Tell me about the sea, the waves and the wind over them."}]
+    r1 = client.chat.completions.create(model="tiny-scout", messages=turn1, max_tokens=8, temperature=0)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "And the rain?"}]
+    r2 = client.chat.completions.create(model="tiny-scout", messages=turn2, max_tokens=8, temperature=0)
+    cold = load_runtime(rt.path)  # a fresh runtime: nothing cached
+    assert r2.choices[0].message.content == "".join(cold.chat(turn2, 8, temperature=0)) and cold.reused == 0
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= rt.spec.attention_chunk_size and cached < r2.usage.prompt_tokens, r2.usage
+
+
 def test_concurrent_streams_do_not_share_a_cache(client, rt):
     prompts = [[{"role": "user", "content": f"Count to {n}."}] for n in (3, 9)]
     want = ["".join(rt.chat(m, 16, temperature=0)) for m in prompts]

@@ -58,11 +58,23 @@ class Runtime(ABC):
         self._tokenizer = None
         self.prefill_step = check_prefill_step(prefill_step, self.spec)
         self.pos = 0  # tokens in the cache
+        self.history: list[int] | None = []  # the ids the cache holds (None: not reusable, e.g. image features)
+        self.reused = 0  # tokens the last generate(reuse=True) took from the cache instead of running them
 
     # ---- backend -------------------------------------------------------------------------------
     @abstractmethod
     def _reset(self) -> None:
         """Drop the KV cache."""
+
+    def _truncate(self, pos: int) -> None:
+        """Keep positions [0, pos) of the cache (chunked layers: [chunk start of pos, pos)); ``pos`` is at most
+        ``self.pos`` and either in the current chunk or on a chunk boundary. Backends that can, override it."""
+        raise NotImplementedError
+
+    @property
+    def can_reuse(self) -> bool:
+        """Whether the cache can be cut back to a prefix (``reuse``)."""
+        return True
 
     @abstractmethod
     def _step(self, ids: list[int], n_logits: int, features: np.ndarray | None = None) -> np.ndarray:
@@ -91,7 +103,32 @@ class Runtime(ABC):
     def reset(self) -> None:
         """Forget the sequence (empty KV cache)."""
         self.pos = 0
+        self.history = []
         self._reset()
+
+    def reuse(self, ids: Sequence[int]) -> int:
+        """Keep the longest prefix of the cached sequence that ``ids`` starts with (at most all but its last token,
+        whose logits are needed) and return its length: the tokens of ``ids`` still to run start there.
+
+        Exact: global layers keep every key; a chunked layer holds only the current chunk, so a prefix ending before
+        it is cut back to the start of its own chunk, and that chunk's tokens (< attention_chunk_size) run again."""
+        ids = list(ids)
+        held = self.history if self.can_reuse else None
+        n = 0
+        if held:
+            limit = min(len(held), len(ids) - 1)
+            while n < limit and held[n] == ids[n]:
+                n += 1
+        chunk = self.spec.attention_chunk_size
+        if chunk and n < (self.pos // chunk) * chunk:
+            n = (n // chunk) * chunk  # the chunked layers no longer hold that chunk: run it again from its start
+        if n == 0:
+            self.reset()
+            return 0
+        if n < self.pos:
+            self._truncate(n)
+        self.pos, self.history = n, held[:n]
+        return n
 
     def reserve(self, tokens: int) -> None:
         """A hint: the sequence will reach ``tokens`` tokens (backends may size their caches once)."""
@@ -112,6 +149,8 @@ class Runtime(ABC):
         order (``image_features``); None: every token is embedded as a token."""
         ids = self.check_ids(ids)
         patch = self.check_features(ids, features)
+        if self.history is not None:  # (a <|patch|> embedded from image features is not its id: not reusable)
+            self.history = None if features is not None and len(features) else self.history + ids
         pieces = self.steps(len(ids))
         out, used = [], 0
         for n, (a, b) in enumerate(pieces):
@@ -172,21 +211,27 @@ class Runtime(ABC):
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = 0, stop: Sequence[int] | None = None,
-                 features: np.ndarray | None = None) -> Iterator[int]:
+                 features: np.ndarray | None = None, reuse: bool = False) -> Iterator[int]:
         """Stream up to ``max_new_tokens`` token ids after the prompt ``ids`` (greedy when temperature is 0).
-        ``features``: the prompt's image features (``prompt_ids``); generated tokens are always plain tokens."""
+        ``features``: the prompt's image features (``prompt_ids``); generated tokens are always plain tokens.
+        ``reuse``: start from the longest prefix of ``ids`` the cache already holds (the previous turn of a
+        conversation: ``self.reused`` says how many tokens were not run again); the logits are a cold run's."""
         if not ids:
             raise UsageError("generate needs at least one prompt token")
         rng = np.random.default_rng(seed)
         stop_ids = set(self.spec.eos_token_ids if stop is None else stop)
-        self.reset()
+        ids = list(ids)
+        start = self.reuse(ids) if reuse and features is None else 0
+        if not start:
+            self.reset()
+        self.reused = start
         self.reserve(len(ids) + max_new_tokens)
-        logits = self.forward(list(ids), last_only=True, features=features)[-1]
-        for _ in range(max_new_tokens):
+        logits = self.forward(ids[start:], last_only=True, features=features)[-1]
+        for n in range(max_new_tokens):
             tok = sample(logits, temperature, top_p, rng)
             yield tok
-            if tok in stop_ids:
-                return
+            if tok in stop_ids or n == max_new_tokens - 1:
+                return  # (the last token is not run: nothing would read its logits)
             logits = self.forward([tok])[-1]
 
     # ---- text ------------------------------------------------------------------------------------

@@ -157,4 +157,6 @@ def chat(rt: Runtime, messages: Sequence[dict], images: Sequence[Any] = (), max_
     if prompt.count(IMAGE_PLACEHOLDER) != len(images):
         raise UsageError(f"the conversation has {prompt.count(IMAGE_PLACEHOLDER)} image part(s) but {len(images)} "
                          "image(s) were given")
-    return rt.generate_text(prompt, max_new_tokens, images=images, add_bos=False, stop=sorted(stop_ids(rt)), **sampling)
+    # reuse: a conversation's next turn starts from the cache the previous one left (runtimes/base.Runtime.reuse)
+    return rt.generate_text(prompt, max_new_tokens, images=images, add_bos=False, stop=sorted(stop_ids(rt)),
+                            **{"reuse": True, **sampling})

@@ -231,6 +231,11 @@ class MlxRuntime(Runtime):
         self.cache = [LayerCache(self.spec.attention_chunk_size if la.chunked else None, kv, self.kv_group)
                       for la in self.spec.layers]
 
+    def _truncate(self, pos: int) -> None:
+        chunk = self.spec.attention_chunk_size
+        for la, cache in zip(self.spec.layers, self.cache):
+            cache.length = pos - (pos // chunk) * chunk if la.chunked and chunk else pos
+
     def _encode_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.encoder is None:
             from .mlx_vision import VisionEncoder

@@ -132,6 +132,23 @@ class OnnxRuntime(Runtime):
         shape = (1, s.num_kv_heads, rows, s.head_dim)
         return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
 
+    @property
+    def can_reuse(self) -> bool:
+        return self.kv_quant is None  # an int8/fp8 cache's scales follow everything it has seen
+
+    def _truncate(self, pos: int) -> None:
+        """GroupQueryAttention's buffers: nothing to do (a step attends to the first ``pos`` rows and writes after
+        them). The plain-op attention's cache holds exactly the valid rows: sliced."""
+        if not self.plain:
+            return
+        start = (pos // self.chunk) * self.chunk if self.chunk else 0
+        cut = []
+        for layer, kv in zip(self.spec.layers, self.cache):
+            rows = pos - start if layer.chunked else pos
+            cut.append(tuple(self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a.numpy()[:, :, :rows]),
+                                                                    self.device, 0) for a in kv))
+        self.cache = cut
+
     def _reset(self) -> None:
         self.capacity = 0
         self.cache = [None] * self.spec.num_layers  # (key, value) OrtValues, allocated on first use
