@@ -355,11 +355,27 @@ def chat(export: Path, max_new_tokens: int, temperature: float, top_p: float, se
 @click.option("--name", default=None, help="The model name clients use (default: the export folder's name).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None, help="ONNX Runtime provider.")
 @click.option("--kv-dtype", type=click.Choice(["int8", "fp8"]), default=None, help="Quantize the KV cache.")
-def serve(export: Path, host: str, port: int, name: str | None, provider: str | None, kv_dtype: str | None) -> None:
-    """Serve an export over an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions)."""
+@click.option("--api-key", default=None, envvar="L4EXPORT_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--max-tokens", "max_tokens", default=8192, show_default=True, type=click.IntRange(1),
+              help="The most max_tokens a request may ask.")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0),
+              help="Requests that may wait for the model (429 beyond).")
+@click.option("--max-body-bytes", default=32 << 20, show_default=True, type=click.IntRange(1024),
+              help="Largest request body (413 beyond).")
+def serve(export: Path, host: str, port: int, name: str | None, provider: str | None, kv_dtype: str | None,
+          api_key: str | None, max_tokens: int, max_queue: int, max_body_bytes: int) -> None:
+    """Serve an export over an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions,
+    /health); one log line per request."""
+    import logging
+
+    from .serve import Limits
     from .serve import serve as run_server
 
-    run_server(str(export), host=host, port=port, name=name, provider=provider, kv_dtype=kv_dtype)
+    if logging.getLogger().getEffectiveLevel() <= logging.WARNING:  # the request lines (-q: errors only)
+        logging.getLogger("l4export.serve").setLevel(logging.INFO)
+    run_server(str(export), host=host, port=port, name=name, provider=provider, kv_dtype=kv_dtype,
+               limits=Limits(api_key, max_body_bytes, max_tokens, max_queue))
 
 
 @main.command()

@@ -11,9 +11,13 @@ or up to 4), ``n`` = 1 and vLLM's ``ignore_eos``; answers carry ``usage`` (promp
 an end-of-turn token or a stop string, "length" at max_tokens). Image parts (``image_url`` with a ``data:`` URL) go
 through the same preprocessing as ``rt.generate_text(images=...)``.
 
-One runtime, one KV cache: requests run one at a time (a lock; the others wait their turn), generation runs in a
-worker thread, and a client that disconnects mid-stream stops its generation at the next token and frees the model.
-Bad requests get a 400 with an OpenAI-style error object; the server keeps serving.
+One runtime, one KV cache: requests run one at a time (a lock; the others wait their turn, at most --max-queue of
+them: 429 beyond), generation runs in a worker thread, and a client that disconnects mid-stream stops its generation
+at the next token and frees the model. A request starts from the longest prefix of its prompt the cache holds (the
+previous request's: a conversation's next turn), exactly (``usage.prompt_tokens_details.cached_tokens``). Bad
+requests get a 400 with an OpenAI-style error object (401 without the --api-key, 413 for a body over
+--max-body-bytes); the server keeps serving. ``GET /health`` answers without a key. One log line per request:
+prompt and cached tokens, time to first token, tokens per second.
 """
 
 
@@ -120,15 +124,39 @@ def _messages(body: dict) -> tuple[list[dict], list]:
     return out, images
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts (``l4export serve`` options); beyond them a clear 4xx, never a stalled server."""
+
+    api_key: str | None = None  # checked on every route (Authorization: Bearer KEY); None: open (localhost)
+    max_body_bytes: int = 32 << 20  # 413 beyond (images arrive as base64 in the body)
+    max_tokens: int = 8192  # a request asking more: 400
+    max_queue: int = 16  # requests waiting for the model beyond the running one: 429
+
+
 class Server:
     """The model, its lock and the request logic (no web framework here: create_app wraps it)."""
 
-    def __init__(self, rt: Any, name: str):
+    def __init__(self, rt: Any, name: str, limits: Limits = Limits()):
         from .runtimes.chat import stop_ids
 
-        self.rt, self.name = rt, name
+        self.rt, self.name, self.limits = rt, name, limits
         self.lock = threading.Lock()
         self.stop_ids = sorted(stop_ids(rt))
+        self.waiting = 0  # requests admitted and not finished (the running one included)
+        self.count = threading.Lock()
+
+    def admit(self) -> bool:
+        """Take a place in the queue (False: the queue is full: 429)."""
+        with self.count:
+            if self.waiting > self.limits.max_queue:
+                return False
+            self.waiting += 1
+            return True
+
+    def leave(self) -> None:
+        with self.count:
+            self.waiting -= 1
 
     def parse(self, body: Any, chat: bool) -> Request:
         if not isinstance(body, dict):
@@ -139,7 +167,8 @@ class Server:
         if body.get("n", 1) != 1:
             raise BadRequest("only n = 1 is supported", "n")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        common = dict(max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 256, 1, 1 << 20, integer=True),
+        common = dict(max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 256, 1, self.limits.max_tokens,
+                                         integer=True),
                       temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 1e-9, 1),
                       seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True), stop=_stop(body),
                       stream=bool(body.get("stream", False)), ignore_eos=body.get("ignore_eos") is True)
@@ -160,13 +189,17 @@ class Server:
         """(text piece, info) as decoded; the last item's info has finish_reason and usage. Holds the lock."""
         with self.lock:
             rt = self.rt
+            t0 = time.perf_counter()
             ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
+            first = None
             seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
             stops = [] if req.ignore_eos else self.stop_ids
             stream = TextStream(rt.decode, stops, req.stop)  # the API's and the CLI's rule (runtimes/text.py)
             for tok in rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
                                    stop=stops, features=features, reuse=True):  # the previous request's prefix
+                first = first or time.perf_counter()
                 if cancel.is_set():
+                    _log_request(len(ids), rt.reused, t0, first, stream.tokens, "cancelled")
                     return
                 if piece := stream.push(tok):
                     yield piece, {}
@@ -177,14 +210,27 @@ class Server:
             n = stream.tokens
             usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
                      "prompt_tokens_details": {"cached_tokens": rt.reused}}
+            _log_request(len(ids), rt.reused, t0, first, n, stream.finish or "length")
             yield "", {"finish_reason": stream.finish or "length", "usage": usage}
+
+
+def _log_request(prompt: int, cached: int, t0: float, first: float | None, tokens: int, how: str) -> None:
+    """One line per request, as llama-server prints: prompt and cached tokens, time to first token, tokens/s."""
+    end = time.perf_counter()
+    rate = (tokens - 1) / (end - first) if first and tokens > 1 and end > first else 0.0
+    log.info("request: %d prompt tokens (%d cached), first token %.0f ms, %d tokens at %.1f tok/s, %s", prompt,
+             cached, 1000 * ((first or end) - t0), tokens, rate, how)
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "server_error"}
 
 
 def _error(message: str, param: str | None = None, status: int = 400):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                   "code": None}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                                   "param": param, "code": None}}, status_code=status)
 
 
 def _chunk(kind: str, rid: str, name: str, piece: str, info: dict) -> dict:
@@ -291,20 +337,49 @@ async def _stream(server: Server, req: Request, kind: str, rid: str):
         await asyncio.shield(worker)
 
 
+async def _admitted(server: Server, events):
+    """A stream that holds its queue place until it ends (or the client leaves)."""
+    try:
+        async for e in events:
+            yield e
+    finally:
+        server.leave()
+
+
 def create_app(server: Server):
     from fastapi import FastAPI, Request as HttpRequest
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import StreamingResponse
 
     app = FastAPI(title="l4export", docs_url=None, redoc_url=None)
+    limits = server.limits
+
+    @app.middleware("http")
+    async def guard(http: HttpRequest, call_next):
+        """The API key on every route but /health; the body size before the body is read."""
+        if limits.api_key is not None and http.url.path != "/health":
+            if http.headers.get("authorization", "") != f"Bearer {limits.api_key}":
+                return _error("invalid or missing API key (Authorization: Bearer KEY)", status=401)
+        size = http.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+            return _error(f"the request body is {int(size)} bytes; this server takes at most {limits.max_body_bytes}",
+                          status=413)
+        return await call_next(http)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.name, "waiting": server.waiting}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "l4export"}]}
 
     async def complete(http: HttpRequest, kind: str):
+        raw = await http.body()
+        if len(raw) > limits.max_body_bytes:  # (a body sent without content-length)
+            return _error(f"the request body is over {limits.max_body_bytes} bytes", status=413)
         try:
-            body = json.loads(await http.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error("the request body is not JSON")
         try:
@@ -312,12 +387,17 @@ def create_app(server: Server):
         except BadRequest as err:
             return _error(str(err), err.param)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if not server.admit():
+            return _error(f"{server.waiting} requests are already waiting (--max-queue {limits.max_queue}); "
+                          "retry later", status=429)
         if req.stream:
-            return StreamingResponse(_stream(server, req, kind, rid), media_type="text/event-stream")
+            return StreamingResponse(_admitted(server, _stream(server, req, kind, rid)), media_type="text/event-stream")
         try:
             items = await run_in_threadpool(lambda: list(server.generate(req, threading.Event())))
         except L4ExportError as err:
-            return _error(str(err))
+            return _error(str(err), status=503)
+        finally:
+            server.leave()
         return _whole(kind, rid, server.name, "".join(p for p, _ in items), items[-1][1])
 
     @app.post("/v1/chat/completions")
@@ -331,7 +411,8 @@ def create_app(server: Server):
     return app
 
 
-def serve(export: str, host: str = "127.0.0.1", port: int = 8080, name: str | None = None, **runtime_options) -> None:
+def serve(export: str, host: str = "127.0.0.1", port: int = 8080, name: str | None = None, limits: Limits = Limits(),
+          **runtime_options) -> None:
     """Load the export and serve it until interrupted."""
     from pathlib import Path
 
@@ -342,6 +423,8 @@ def serve(export: str, host: str = "127.0.0.1", port: int = 8080, name: str | No
     from .runtimes import load_runtime
 
     rt = load_runtime(export, **runtime_options)
-    server = Server(rt, name or Path(export).resolve().name)
+    server = Server(rt, name or Path(export).resolve().name, limits)
+    if limits.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who reaches it can use it (--api-key KEY)", host)
     log.warning("serving %s as '%s' on http://%s:%d/v1", export, server.name, host, port)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

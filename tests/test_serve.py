@@ -196,3 +196,73 @@ def test_serve_without_a_real_export_is_one_line(tmp_path):
     r = CliRunner().invoke(main, ["serve", str(tmp_path)])
     assert r.exit_code == 2 and "not an l4export export" in r.stderr
     assert Path(tmp_path).exists()
+
+
+@pytest.fixture(scope="module")
+def guarded(export, scout, tmp_path_factory):
+    """A second server with an API key and small limits: (URL, log file)."""
+    out = export(scout, "onnx")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("guarded") / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "l4export.cli", "serve", str(out), "--port", str(port),
+                                 "--name", "tiny-scout", "--api-key", "sesame", "--max-tokens", "4096",
+                                 "--max-body-bytes", "4096", "--max-queue", "0"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+    yield url, log
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _status(url: str, body: bytes | None = None, key: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_api_key_limits_health_and_the_request_log(guarded):
+    url, log = guarded
+    assert _status(f"{url}/health")[0] == 200  # no key needed
+    code, err = _status(f"{url}/v1/models")
+    assert code == 401 and err["error"]["type"] == "authentication_error"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    code, err = _status(f"{url}/v1/chat/completions", json.dumps({"messages": MESSAGES, "max_tokens": 4097}).encode(),
+                        "sesame")
+    assert code == 400 and err["error"]["param"] == "max_tokens"
+    code, err = _status(f"{url}/v1/chat/completions", json.dumps({"messages": MESSAGES, "pad": "x" * 5000}).encode(),
+                        "sesame")
+    assert code == 413 and "4096" in err["error"]["message"]
+    for _ in range(50):  # the request line is written after the answer
+        if "request:" in log.read_text():
+            break
+        time.sleep(0.1)
+    line = next(ln for ln in log.read_text().splitlines() if "request:" in ln)
+    assert "prompt tokens" in line and "cached" in line and "first token" in line and "tok/s" in line
+
+
+def test_a_full_queue_gets_a_429(guarded):
+    """--max-queue 0: one request runs, a second one at the same time is told to come back."""
+    url, _ = guarded
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0, timeout=120)
+    stream = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=4096, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})  # seconds of tokens
+    first = next(iter(stream))  # the stream holds its place until it ends
+    code, err = _status(f"{url}/v1/chat/completions", json.dumps({"messages": MESSAGES, "max_tokens": 2}).encode(),
+                        "sesame")
+    assert first is not None and code == 429 and err["error"]["type"] == "rate_limit_error"
+    stream.close()
