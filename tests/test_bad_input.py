@@ -218,7 +218,8 @@ def test_damaged_checkpoint_is_refused_and_nothing_written(case, demo, tmp_path)
 RECIPES = {
     "bad-toml": ("name = [", "not valid TOML"),
     "unknown-key": ('[[rule]]\nmatch = "*"\nscheme = "int4"\ncolour = "red"\n', "unknown key 'colour'"),
-    "bad-scheme": ('[[rule]]\nmatch = "*"\nscheme = "int3"\n', "scheme 'int3'"),
+    "bad-scheme": ('[[rule]]\nmatch = "*"\nscheme = "int7"\n', "scheme 'int7'"),
+    "width-onnx-cannot-run": ('[[rule]]\nmatch = "*.experts.*"\nscheme = "int3"\n', "int3-g32-asym has no onnx runtime"),
     "group-does-not-divide": ('[[rule]]\nmatch = "*.experts.*"\nscheme = "int4"\ngroup_size = 128\n', "group size 128"),
     "quantized-router": ('[[rule]]\nmatch = "*.router.weight"\nscheme = "int8"\n', "router"),
     "bad-regex": ('[[rule]]\nmatch = "re:(("\nscheme = "int4"\n', "bad regular expression"),
