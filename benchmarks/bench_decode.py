@@ -8,9 +8,10 @@ initializer 0.02, torch seed 0, saved in bf16 in 500 MB shards (514 M parameters
 byte-level tokenizer. Built once under benchmarks/work/ (deterministic).
 
 Engines, each in its own process, runs interleaved (engine order rotated every run), medians of ``--runs``:
-    l4export ONNX float32 / int4 preset / fp8 preset        (ONNX Runtime CPU)
-    l4export MLX float32 / int4 preset                      (mlx[cpu] on Linux: its CPU backend)
-    mlx-lm float32 / 4-bit g64 (f32 scales) of our float MLX export; mlx-lm on our MLX int4 export (same weights)
+    l4export ONNX float32 / int4 preset / fp8 preset / mixed:3.0   (ONNX Runtime CPU)
+    l4export MLX float32 / int4 preset / mixed:3.5 / mixed:3.0     (mlx[cpu] on Linux: its CPU backend)
+    mlx-lm float32 / 4-bit g64 / 3-bit g64 / 2-bit g32 (f32 scales) of our float MLX export; mlx-lm on our MLX int4
+    export (same weights). mixed:B exports are placed on the weights alone (speed, not quality, is measured here).
     transformers eager float32 (runs every expert for every token)
     llama.cpp f32 / Q4_0 / Q4_K_M through llama-cpp-python, when it is installed (GGUF made with llama.cpp's
     converter, see llama_cpp_gguf)
@@ -38,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, measure, save_result, table  # noqa: E402
 
 MODEL = WORK / "decode-1g"
-ENGINES = ("onnx-fp32", "onnx-int4", "onnx-fp8", "mlx-fp32", "mlx-int4", "mlx-lm-fp32", "mlx-lm-4bit",
-           "mlx-lm-on-l4-int4", "transformers-fp32", "llama.cpp-f32", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
+ENGINES = ("onnx-fp32", "onnx-int4", "onnx-fp8", "onnx-mixed3.0", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
+           "mlx-lm-fp32", "mlx-lm-4bit", "mlx-lm-3bit", "mlx-lm-2bit-g32", "mlx-lm-on-l4-int4", "transformers-fp32",
+           "llama.cpp-f32", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
+MLX_LM_BITS = {"mlx-lm-4bit": ("4", "64"), "mlx-lm-3bit": ("3", "64"), "mlx-lm-2bit-g32": ("2", "32")}
 
 
 # ---- the model and its exports -------------------------------------------------------------------------------
@@ -77,12 +80,12 @@ def l4_export(name: str, fmt: str, *extra: str) -> Path:
     return out
 
 
-def mlx_lm_4bit(src: Path) -> Path:
-    """mlx-lm's own 4-bit g64 of our float32 MLX export (scales in the model dtype: float32)."""
-    out = WORK / "decode-mlx-lm-4bit"
+def mlx_lm_4bit(src: Path, bits: str = "4", group: str = "64") -> Path:
+    """mlx-lm's own ``bits``-bit (default 4-bit g64) of our float32 MLX export (scales in the model dtype: float32)."""
+    out = WORK / ("decode-mlx-lm-4bit" if (bits, group) == ("4", "64") else f"decode-mlx-lm-{bits}bit-g{group}")
     if not (out / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q",
-                        "--q-bits", "4", "--q-group-size", "64"], check=True, capture_output=True)
+                        "--q-bits", bits, "--q-group-size", group], check=True, capture_output=True)
     return out
 
 
@@ -169,8 +172,12 @@ def engine_model(engine: str) -> Path | None:
         return l4_export("mlx-fp32", "mlx")
     if engine in ("mlx-int4", "mlx-lm-on-l4-int4"):
         return l4_export("mlx-int4", "mlx", "--quant", "int4")
-    if engine == "mlx-lm-4bit":
-        return mlx_lm_4bit(l4_export("mlx-fp32", "mlx"))
+    if engine.startswith("onnx-mixed"):  # mixed:B placed on the weights alone (no calibration: speed only)
+        return l4_export(engine, "onnx", "--quant", f"mixed:{engine.removeprefix('onnx-mixed')}")
+    if engine.startswith("mlx-mixed"):
+        return l4_export(engine, "mlx", "--quant", f"mixed:{engine.removeprefix('mlx-mixed')}")
+    if engine in MLX_LM_BITS:
+        return mlx_lm_4bit(l4_export("mlx-fp32", "mlx"), *MLX_LM_BITS[engine])
     if engine == "transformers-fp32":
         return MODEL
     if engine.startswith("llama.cpp"):
@@ -181,14 +188,15 @@ def engine_model(engine: str) -> Path | None:
 # ---- bytes a decode token reads ----------------------------------------------------------------------------------
 def l4_bytes_per_token(export: Path) -> int:
     """From the export plan: every tensor a token reads (routed experts: 1/E of each, the embedding: one row)."""
+    from l4export.folder import read_export_info
     from l4export.plan import make_plan
-    from l4export.quant.recipe import load_recipe
-    from l4export.runtimes.base import read_export_info
+    from l4export.quant.recipe import placed_recipe
     from l4export.spec import load_spec
 
     info, spec = read_export_info(export), load_spec(MODEL)
-    recipe = None if not info.get("quantization") else load_recipe(info["quantization"])
-    plan = make_plan(spec, info["format"], info["dtype"], info.get("target", "cpu"), recipe, calibrated=True)
+    q = info.quant
+    recipe = None if q is None else placed_recipe(q.recipe, q.schemes, q.placement)  # what was written, tensor by tensor
+    plan = make_plan(spec, info.format, info.dtype, info.target, recipe, calibrated=True)
     return _active(plan.by_tensor, spec.num_experts, spec.vocab_size)
 
 
@@ -222,9 +230,9 @@ def safetensors_bytes_per_token(folder: Path) -> int:
 
 
 def bytes_per_token(engine: str, model: Path) -> int | None:
-    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4", "mlx-lm-fp32", "mlx-lm-on-l4")):
+    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4", "mlx-mixed", "mlx-lm-fp32", "mlx-lm-on-l4")):
         return l4_bytes_per_token(model)
-    if engine == "mlx-lm-4bit":
+    if engine in MLX_LM_BITS:
         return safetensors_bytes_per_token(model)
     if engine.startswith("llama.cpp"):
         return gguf_bytes_per_token(model)
@@ -263,7 +271,7 @@ def _timed_decode(step, first: int, n: int) -> tuple[float, int]:
 def run_engine(engine: str, model: Path, prompt: int, new: int, threads: int) -> dict:
     """Prefill ``prompt`` random token ids, then ``new`` greedy decode steps; times in seconds."""
     ids = np.random.default_rng(0).integers(300, 30000, prompt).tolist()
-    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4")):
+    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4", "mlx-mixed")):
         from l4export.runtimes import load_runtime
 
         rt = load_runtime(model)
@@ -414,6 +422,9 @@ def decode_goals(med: dict) -> dict:
     ratio("onnx-int4", "llama.cpp-Q4_0", 0.5, "ONNX int4 decode >= 0.5x llama.cpp Q4_0")
     ratio("onnx-fp8", "onnx-fp32", 1.0, "ONNX fp8 decode >= our ONNX fp32")
     ratio("mlx-int4", "mlx-lm-on-l4-int4", 1.0, "MLX int4 decode >= mlx-lm on the same export")
+    ratio("onnx-mixed3.0", "onnx-int4", 1.0, "ONNX mixed:3.0 decode >= the int4 preset's (issue 26)")
+    ratio("mlx-mixed3.5", "mlx-lm-3bit", 1.0, "MLX mixed:3.5 decode >= mlx-lm 3-bit g64 (3.5 bpw; issue 26)")
+    ratio("mlx-mixed3.0", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 decode >= mlx-lm 2-bit g32 (3.0 bpw; issue 26)")
     if med.get("onnx-int4", {}).get("bandwidth_share") is not None:
         s = med["onnx-int4"]["bandwidth_share"]
         g["ONNX int4 decode >= 25% of the bandwidth ceiling"] = {"value": f"{100 * s:.1f}%", "met": s >= 0.25}

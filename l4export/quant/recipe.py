@@ -316,6 +316,12 @@ def scheme_from_record(record: dict[str, Any], where: str) -> AnyScheme:
     return scheme
 
 
+def placed_recipe(name: str, schemes: Mapping[str, dict], placement: Mapping[str, str]) -> Recipe:
+    """The recipe an export recorded (l4export.json ``quant.schemes`` / ``quant.placement``): one rule per tensor."""
+    made = {k: scheme_from_record(v, f"l4export.json quant.schemes.{k}") for k, v in schemes.items()}
+    return Recipe(name, tuple(Rule(n, made[s]) for n, s in placement.items()))
+
+
 def _reject_unknown(table: dict[str, Any], allowed: set[str] | frozenset[str], at: str, what: str) -> None:
     for key in table:
         if key not in allowed:
