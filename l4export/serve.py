@@ -7,7 +7,9 @@
                                  chunk), then ``data: [DONE]``
 
 Requests take ``max_tokens`` (``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop`` (a string
-or up to 4), ``n`` = 1 and vLLM's ``ignore_eos``; answers carry ``usage`` (prompt and completion tokens) and ``finish_reason`` ("stop" at
+or up to 4), ``n`` = 1, vLLM's ``ignore_eos``, and ``logprobs`` (chat: ``true`` with ``top_logprobs`` 0..20;
+completions: 0..5; the model's own log-probabilities, before temperature); answers carry ``usage`` (prompt, cached
+and completion tokens) and ``finish_reason`` ("stop" at
 an end-of-turn token or a stop string, "length" at max_tokens). Image parts (``image_url`` with a ``data:`` URL) go
 through the same preprocessing as ``rt.generate_text(images=...)``.
 
@@ -61,6 +63,7 @@ class Request:
     stream: bool = False
     add_bos: bool = True
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and its k most likely alternatives
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
@@ -172,6 +175,15 @@ class Server:
                       temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 1e-9, 1),
                       seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True), stop=_stop(body),
                       stream=bool(body.get("stream", False)), ignore_eos=body.get("ignore_eos") is True)
+        if chat:  # logprobs: true (+ top_logprobs 0..20); completions: logprobs 0..5
+            if body.get("logprobs") not in (None, True, False):
+                raise BadRequest("'logprobs' must be true or false", "logprobs")
+            top = _number(body, "top_logprobs", 0, 0, 20, integer=True)
+            if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+                raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            common["logprobs"] = top if body.get("logprobs") is True else None
+        else:
+            common["logprobs"] = _number(body, "logprobs", None, 0, 5, integer=True)
         if chat:
             from .runtimes.chat import render
 
@@ -191,7 +203,7 @@ class Server:
             rt = self.rt
             t0 = time.perf_counter()
             ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
-            first = None
+            first, pending = None, []  # pending: logprob entries of tokens whose text has not gone out yet
             seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
             stops = [] if req.ignore_eos else self.stop_ids
             stream = TextStream(rt.decode, stops, req.stop)  # the API's and the CLI's rule (runtimes/text.py)
@@ -201,17 +213,40 @@ class Server:
                 if cancel.is_set():
                     _log_request(len(ids), rt.reused, t0, first, stream.tokens, "cancelled")
                     return
+                if req.logprobs is not None:
+                    pending.append(_logprob(rt, tok, req.logprobs))
                 if piece := stream.push(tok):
-                    yield piece, {}
+                    yield piece, _with(pending)
                 if stream.finish:
                     break
             if stream.finish is None and (tail := stream.flush()):
-                yield tail, {}
+                yield tail, _with(pending)
             n = stream.tokens
             usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
                      "prompt_tokens_details": {"cached_tokens": rt.reused}}
             _log_request(len(ids), rt.reused, t0, first, n, stream.finish or "length")
-            yield "", {"finish_reason": stream.finish or "length", "usage": usage}
+            yield "", {"finish_reason": stream.finish or "length", "usage": usage, **_with(pending)}
+
+
+def _logprob(rt: Any, tok: int, top: int) -> dict:
+    """A token's log-probability under the model (raw logits, before temperature), and the ``top`` most likely."""
+    import numpy as np
+
+    x = rt.last_logits.astype(np.float64)
+    lp = x - x.max() - np.log(np.exp(x - x.max()).sum())
+    best = np.argsort(-lp, kind="stable")[:top]
+    text = lambda t: rt.decode([int(t)])  # noqa: E731
+    return {"token": text(tok), "logprob": float(lp[tok]), "bytes": list(text(tok).encode()),
+            "top_logprobs": [{"token": text(t), "logprob": float(lp[t]), "bytes": list(text(t).encode())} for t in best]}
+
+
+def _with(pending: list) -> dict:
+    """The pending logprob entries, handed out once (with the text they belong to)."""
+    if not pending:
+        return {}
+    out = {"logprobs": list(pending)}
+    pending.clear()
+    return out
 
 
 def _log_request(prompt: int, cached: int, t0: float, first: float | None, tokens: int, how: str) -> None:
@@ -241,19 +276,36 @@ def _chunk(kind: str, rid: str, name: str, piece: str, info: dict) -> dict:
     else:
         choice = {"index": 0, "text": piece, "finish_reason": finish}
         obj = "text_completion"
+    if "logprobs" in info:
+        choice["logprobs"] = _logprobs(kind, info["logprobs"])
     out = {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": [choice]}
     if "usage" in info:
         out["usage"] = info["usage"]
     return out
 
 
-def _whole(kind: str, rid: str, name: str, text: str, info: dict) -> dict:
+def _logprobs(kind: str, entries: list[dict], offset: int = 0) -> dict:
+    """OpenAI's shapes: chat {"content": [entries]}; completions the legacy parallel lists."""
+    if kind == "chat":
+        return {"content": entries}
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+def _whole(kind: str, rid: str, name: str, text: str, info: dict, logprobs: list | None = None) -> dict:
     if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": info["finish_reason"]}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": info["finish_reason"]}
         obj = "text_completion"
+    if logprobs is not None:
+        choice["logprobs"] = _logprobs(kind, logprobs)
     return {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": [choice],
             "usage": info["usage"]}
 
@@ -303,7 +355,7 @@ async def _stream(server: Server, req: Request, kind: str, rid: str):
     def work() -> None:
         try:
             for item in server.generate(req, cancel):
-                handoff.put(item, last=bool(item[1]))
+                handoff.put(item, last="finish_reason" in item[1])
         except L4ExportError as err:
             handoff.put(("", {"error": str(err)}), last=True)
         finally:
@@ -398,7 +450,8 @@ def create_app(server: Server):
             return _error(str(err), status=503)
         finally:
             server.leave()
-        return _whole(kind, rid, server.name, "".join(p for p, _ in items), items[-1][1])
+        entries = [e for _, info in items for e in info.get("logprobs", [])] if req.logprobs is not None else None
+        return _whole(kind, rid, server.name, "".join(p for p, _ in items), items[-1][1], entries)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):

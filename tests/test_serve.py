@@ -266,3 +266,29 @@ def test_a_full_queue_gets_a_429(guarded):
                         "sesame")
     assert first is not None and code == 429 and err["error"]["type"] == "rate_limit_error"
     stream.close()
+
+
+def test_logprobs_are_the_models_own(client, rt):
+    """Chat logprobs (with top_logprobs) and completions logprobs, streamed and not, against the runtime's logits."""
+    r = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
+    assert all(abs(e.logprob - e.top_logprobs[0].logprob) < 1e-9 for e in content)  # greedy: the best one
+    # the first token's against the runtime: log_softmax of the prompt's last logits
+    ids, _ = rt.prompt_ids(_render(rt), add_bos=False)
+    x = rt.logits(ids)[-1].astype(np.float64)
+    lp = x - x.max() - np.log(np.exp(x - x.max()).sum())
+    assert abs(content[0].logprob - lp.max()) < 1e-4
+    s = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in s if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == [e.logprob for e in content]
+    c = client.completions.create(model="tiny-scout", prompt="def main(", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and "".join(lp.tokens).startswith(c.choices[0].text[:1])
+    code, err = _status(f"{client.base_url}chat/completions".replace("/v1/chat", "/v1/chat"),
+                        json.dumps({"messages": MESSAGES, "top_logprobs": 3}).encode())
+    assert code == 400 and err["error"]["param"] == "top_logprobs"

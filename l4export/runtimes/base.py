@@ -60,6 +60,7 @@ class Runtime(ABC):
         self.pos = 0  # tokens in the cache
         self.history: list[int] | None = []  # the ids the cache holds (None: not reusable, e.g. image features)
         self.reused = 0  # tokens the last generate(reuse=True) took from the cache instead of running them
+        self.last_logits: np.ndarray | None = None  # the logits the last generated token was drawn from
 
     # ---- backend -------------------------------------------------------------------------------
     @abstractmethod
@@ -229,6 +230,7 @@ class Runtime(ABC):
         logits = self.forward(ids[start:], last_only=True, features=features)[-1]
         for n in range(max_new_tokens):
             tok = sample(logits, temperature, top_p, rng)
+            self.last_logits = logits  # what ``tok`` was drawn from (the server's logprobs read it)
             yield tok
             if tok in stop_ids or n == max_new_tokens - 1:
                 return  # (the last token is not run: nothing would read its logits)
