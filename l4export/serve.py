@@ -8,8 +8,10 @@
 
 Requests take ``max_tokens`` (``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop`` (a string
 or up to 4), ``n`` = 1, vLLM's ``ignore_eos``, and ``logprobs`` (chat: ``true`` with ``top_logprobs`` 0..20;
-completions: 0..5; the model's own log-probabilities, before temperature); answers carry ``usage`` (prompt, cached
-and completion tokens) and ``finish_reason`` ("stop" at
+completions: 0..5; the model's own log-probabilities, before temperature), ``response_format`` (``json_object``,
+``json_schema``: enforced token by token with llguidance, runtimes/constrain.py, so the answer parses and validates
+unless max_tokens cuts it); answers carry ``usage`` (prompt, cached and completion tokens) and ``finish_reason``
+("stop" at
 an end-of-turn token or a stop string, "length" at max_tokens). Image parts (``image_url`` with a ``data:`` URL) go
 through the same preprocessing as ``rt.generate_text(images=...)``.
 
@@ -64,6 +66,7 @@ class Request:
     add_bos: bool = True
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and its k most likely alternatives
+    grammar: Any = None  # response_format json_object / json_schema: a runtimes.constrain.JsonGrammar (used once)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
@@ -184,6 +187,7 @@ class Server:
             common["logprobs"] = top if body.get("logprobs") is True else None
         else:
             common["logprobs"] = _number(body, "logprobs", None, 0, 5, integer=True)
+        common["grammar"] = self._grammar(body.get("response_format"), common["ignore_eos"])
         if chat:
             from .runtimes.chat import render
 
@@ -197,6 +201,26 @@ class Server:
             raise BadRequest("'prompt' must be a non-empty string", "prompt")
         return Request(prompt, **common)
 
+    def _grammar(self, fmt: Any, ignore_eos: bool) -> Any:
+        """response_format: text (None), json_object (any object) or json_schema ({"schema": {...}}), compiled now."""
+        if fmt is None or fmt == {"type": "text"}:
+            return None
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            schema = None
+        elif kind == "json_schema" and isinstance(fmt.get("json_schema"), dict) and isinstance(
+                fmt["json_schema"].get("schema", {}), dict):
+            schema = fmt["json_schema"].get("schema") or None
+        else:
+            raise BadRequest("'response_format' must be {type: text}, {type: json_object} or {type: json_schema, "
+                             "json_schema: {name, schema}}", "response_format")
+        from .runtimes.constrain import JsonGrammar
+
+        try:
+            return JsonGrammar(self.rt, schema, [] if ignore_eos else self.stop_ids)
+        except UsageError as err:
+            raise BadRequest(str(err), "response_format") from None
+
     def generate(self, req: Request, cancel: threading.Event) -> Iterator[tuple[str, dict]]:
         """(text piece, info) as decoded; the last item's info has finish_reason and usage. Holds the lock."""
         with self.lock:
@@ -208,7 +232,8 @@ class Server:
             stops = [] if req.ignore_eos else self.stop_ids
             stream = TextStream(rt.decode, stops, req.stop)  # the API's and the CLI's rule (runtimes/text.py)
             for tok in rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
-                                   stop=stops, features=features, reuse=True):  # the previous request's prefix
+                                   stop=stops, features=features, reuse=True,  # the previous request's prefix
+                                   constraint=req.grammar):
                 first = first or time.perf_counter()
                 if cancel.is_set():
                     _log_request(len(ids), rt.reused, t0, first, stream.tokens, "cancelled")
@@ -222,6 +247,8 @@ class Server:
             if stream.finish is None and (tail := stream.flush()):
                 yield tail, _with(pending)
             n = stream.tokens
+            if stream.finish is None and req.grammar is not None and req.grammar.done:
+                stream.finish = "stop"  # the JSON value is complete
             usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
                      "prompt_tokens_details": {"cached_tokens": rt.reused}}
             _log_request(len(ids), rt.reused, t0, first, n, stream.finish or "length")

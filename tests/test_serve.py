@@ -292,3 +292,33 @@ def test_logprobs_are_the_models_own(client, rt):
     code, err = _status(f"{client.base_url}chat/completions".replace("/v1/chat", "/v1/chat"),
                         json.dumps({"messages": MESSAGES, "top_logprobs": 3}).encode())
     assert code == 400 and err["error"]["param"] == "top_logprobs"
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 99},
+                                           "colour": {"enum": ["red", "green", "blue"]}},
+          "required": ["ok", "n", "colour"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_answers_parse_and_validate(client, temperature):
+    """response_format json_schema: the answer is the schema's, greedy or sampled (a random model left to itself
+    writes no JSON at all)."""
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=64, temperature=temperature,
+                                           seed=seed, response_format={"type": "json_schema", "json_schema": {
+                                               "name": "answer", "schema": SCHEMA}})
+        value = json.loads(r.choices[0].message.content)
+        assert set(value) == {"ok", "n", "colour"} and isinstance(value["ok"], bool)
+        assert isinstance(value["n"], int) and 0 <= value["n"] <= 99 and value["colour"] in ("red", "green", "blue")
+        assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=200, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_a_bad_response_format_is_a_400(served):
+    for fmt in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}):
+        code, err = _status(f"{served[0]}/v1/chat/completions",
+                            json.dumps({"messages": MESSAGES, "response_format": fmt}).encode())
+        assert code == 400 and err["error"]["param"] == "response_format", err

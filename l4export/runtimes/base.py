@@ -212,11 +212,12 @@ class Runtime(ABC):
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = 0, stop: Sequence[int] | None = None,
-                 features: np.ndarray | None = None, reuse: bool = False) -> Iterator[int]:
+                 features: np.ndarray | None = None, reuse: bool = False, constraint: Any = None) -> Iterator[int]:
         """Stream up to ``max_new_tokens`` token ids after the prompt ``ids`` (greedy when temperature is 0).
         ``features``: the prompt's image features (``prompt_ids``); generated tokens are always plain tokens.
         ``reuse``: start from the longest prefix of ``ids`` the cache already holds (the previous turn of a
-        conversation: ``self.reused`` says how many tokens were not run again); the logits are a cold run's."""
+        conversation: ``self.reused`` says how many tokens were not run again); the logits are a cold run's.
+        ``constraint``: a grammar (runtimes/constrain.py) every token must follow; generation ends with its value."""
         if not ids:
             raise UsageError("generate needs at least one prompt token")
         rng = np.random.default_rng(seed)
@@ -229,10 +230,12 @@ class Runtime(ABC):
         self.reserve(len(ids) + max_new_tokens)
         logits = self.forward(ids[start:], last_only=True, features=features)[-1]
         for n in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, rng)
+            tok = sample(logits if constraint is None else constraint.mask(logits), temperature, top_p, rng)
             self.last_logits = logits  # what ``tok`` was drawn from (the server's logprobs read it)
             yield tok
-            if tok in stop_ids or n == max_new_tokens - 1:
+            if constraint is not None:
+                constraint.accept(tok)
+            if tok in stop_ids or n == max_new_tokens - 1 or (constraint is not None and constraint.done):
                 return  # (the last token is not run: nothing would read its logits)
             logits = self.forward([tok])[-1]
 
