@@ -29,6 +29,7 @@ class Request:
     add_bos: bool = True
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and its k most likely alternatives
+    tools: list | None = None  # the functions the answer may call (tool_choice not "none"): its calls are parsed
     grammar: Any = None  # response_format json_object / json_schema: a runtimes.constrain.JsonGrammar (used once)
 
 
@@ -74,6 +75,15 @@ def _messages(body: dict) -> tuple[list[dict], list]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"messages[{n}] needs a 'role' string", "messages")
         content = m.get("content")
+        if m["role"] == "assistant" and m.get("tool_calls"):  # the model's earlier calls, as the API returned them
+            calls = m["tool_calls"]
+            if not isinstance(calls, list) or any(not isinstance(c, dict) or not isinstance(c.get("function"), dict)
+                                                  for c in calls):
+                raise BadRequest(f"messages[{n}].tool_calls must be a list of {{function: {{name, arguments}}}}",
+                                 "messages")
+            out.append({"role": "assistant", "content": content if isinstance(content, str) else None,
+                        "tool_calls": calls})
+            continue
         if isinstance(content, str):
             out.append({"role": m["role"], "content": content})
             continue

@@ -117,14 +117,38 @@ class Server:
             from .runtimes.chat import render
 
             messages, images = _messages(body)
+            tools = self._tools(body, common)
             try:
-                return Request(render(self.rt, messages), images, add_bos=False, **common)
+                return Request(render(self.rt, messages, tools=tools), images, add_bos=False, tools=tools, **common)
             except UsageError as err:
                 raise BadRequest(str(err), "messages") from None
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string", "prompt")
         return Request(prompt, **common)
+
+    def _tools(self, body: dict, common: dict) -> list[dict] | None:
+        """``tools`` and ``tool_choice``: the functions to offer (None: none); ``required`` or a named function
+        constrains the answer to a call (common["grammar"])."""
+        if body.get("tools") is None:
+            return None
+        from .runtimes.constrain import JsonGrammar
+        from .runtimes.tools import call_schema, check_tools
+
+        try:
+            tools = check_tools(body["tools"])
+            choice = body.get("tool_choice", "auto")
+            named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+            if choice == "none":
+                return None
+            if choice == "required" or named is not None:
+                common["grammar"] = JsonGrammar(self.rt, call_schema(tools, named), [] if common["ignore_eos"]
+                                                else self.stop_ids)
+            elif choice != "auto":
+                raise UsageError("'tool_choice' must be none, auto, required or {type: function, function: {name}}")
+        except UsageError as err:
+            raise BadRequest(str(err), "tools" if "tools" in str(err) else "tool_choice") from None
+        return tools
 
     def _grammar(self, fmt: Any, ignore_eos: bool) -> Any:
         """response_format: text (None), json_object (any object) or json_schema ({"schema": {...}}), compiled now."""
@@ -276,6 +300,35 @@ async def _admitted(server: Server, events):
         server.leave()
 
 
+def _tool_answer(req: Request, rid: str, name: str, items: list, streaming) -> Any:
+    """A chat answer with tools offered: its calls as ``tool_calls`` (finish_reason "tool_calls"), else its text;
+    streamed as one delta per call (or the text), then the finish chunk."""
+    from .runtimes.tools import parse_calls
+
+    text, info = "".join(p for p, _ in items), dict(items[-1][1])
+    calls = parse_calls(text, req.tools)
+    entries = [e for _, i in items for e in i.get("logprobs", [])] if req.logprobs is not None else None
+    whole = _whole("chat", rid, name, text, info, entries)
+    if calls is not None:
+        made = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": c} for c in calls]
+        whole["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": made}
+        whole["choices"][0]["finish_reason"] = info["finish_reason"] = "tool_calls"
+    if not req.stream:
+        return whole
+
+    def events():
+        head = {k: whole[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+        deltas = ([{"role": "assistant", "tool_calls": [{"index": i, **c}]} for i, c in enumerate(made)]
+                  if calls is not None else [{"role": "assistant", "content": text}])
+        for d in deltas:
+            yield f"data: {json.dumps(head | {'choices': [{'index': 0, 'delta': d, 'finish_reason': None}]})}\n\n"
+        end = {"index": 0, "delta": {}, "finish_reason": info["finish_reason"]}
+        yield f"data: {json.dumps(head | {'choices': [end], 'usage': info['usage']})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return streaming(events(), media_type="text/event-stream")
+
+
 def _guard(limits: Limits):
     """Middleware: the API key on every route but /health; the body size before the body is read."""
 
@@ -327,14 +380,16 @@ def create_app(server: Server):
         if not server.admit():
             return _error(f"{server.waiting} requests are already waiting (--max-queue {limits.max_queue}); "
                           "retry later", status=429)
-        if req.stream:
+        if req.stream and req.tools is None:
             return StreamingResponse(_admitted(server, _stream(server, req, kind, rid)), media_type="text/event-stream")
-        try:
+        try:  # (with tools the whole answer is needed to know whether it is a call: made, then sent)
             items = await run_in_threadpool(lambda: list(server.generate(req, threading.Event())))
         except L4ExportError as err:
             return _error(str(err), status=503)
         finally:
             server.leave()
+        if req.tools is not None:
+            return _tool_answer(req, rid, server.name, items, StreamingResponse)
         entries = [e for _, info in items for e in info.get("logprobs", [])] if req.logprobs is not None else None
         return _whole(kind, rid, server.name, "".join(p for p, _ in items), items[-1][1], entries)
 

@@ -322,3 +322,46 @@ def test_a_bad_response_format_is_a_400(served):
         code, err = _status(f"{served[0]}/v1/chat/completions",
                             json.dumps({"messages": MESSAGES, "response_format": fmt}).encode())
         assert code == 400 and err["error"]["param"] == "response_format", err
+
+
+def test_required_and_named_tool_choice_always_call_a_tool(client):
+    """tool_choice required / a named function: the answer is a call whose arguments match the tool's schema (a
+    random model would never write one), streamed as tool_call deltas too; then a role: tool turn goes back in."""
+    from test_tools import TOOLS
+
+    for choice, want in (("required", {"weather", "time"}), ({"type": "function", "function": {"name": "time"}},
+                                                               {"time"})):
+        for temperature in (0.0, 1.0):
+            r = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, tools=TOOLS, tool_choice=choice,
+                                               max_tokens=64, temperature=temperature, seed=3)
+            call = r.choices[0].message.tool_calls[0]
+            args = json.loads(call.function.arguments)
+            assert r.choices[0].finish_reason == "tool_calls" and call.function.name in want and call.id
+            assert (set(args) == {"city", "days"} and args["city"] in ("Oslo", "Lima") and 1 <= args["days"] <= 7
+                    if call.function.name == "weather" else args["zone"] in ("UTC", "CET"))
+    stream = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                            max_tokens=64, temperature=0, stream=True)
+    chunks = list(stream)
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].function.name in ("weather", "time") and deltas[0].id
+    assert isinstance(json.loads(deltas[0].function.arguments), dict)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    follow = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    r = client.chat.completions.create(model="tiny-scout", messages=follow, tools=TOOLS, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    r = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, tools=TOOLS, tool_choice="none",
+                                       max_tokens=4, temperature=0)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content is not None
+
+
+def test_tool_prompts_carry_the_tools(rt):
+    from test_tools import WEATHER
+
+    from l4export.runtimes.chat import render
+
+    text = render(rt, MESSAGES, tools=[WEATHER])
+    assert '"name": "weather"' in text and text.index("weather") < text.index("Say something.")
+    back = render(rt, MESSAGES + [{"role": "tool", "content": "sunny"}])
+    assert "<|header_start|>ipython<|header_end|>" in back

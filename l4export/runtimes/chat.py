@@ -93,9 +93,26 @@ def bos_text(rt: Runtime) -> str:
     return rt.tokenizer.id_to_token(bid) or ""
 
 
-def render(rt: Runtime, messages: Sequence[dict], add_generation_prompt: bool = True, fallback: bool = True) -> str:
-    """The prompt text of ``messages`` through the export's template (UsageError when it has none or refuses)."""
-    source = template(rt, fallback)
+def render(rt: Runtime, messages: Sequence[dict], add_generation_prompt: bool = True, fallback: bool = True,
+           tools: list[dict] | None = None) -> str:
+    """The prompt text of ``messages`` through the export's template (UsageError when it has none or refuses).
+    ``tools``: function definitions (runtimes/tools.py): to the export's template as ``tools``, or into a system turn
+    of the built-in Llama 4 format."""
+    own = template(rt, fallback=False)
+    source = own if own is not None else template(rt, fallback)
+    extra: dict = {}
+    if tools and own is not None:
+        extra["tools"] = [{"type": "function", "function": f} for f in tools]
+    elif own is None:  # the built-in format: tool turns as Llama 4 writes them, tools in the first system turn
+        from .tools import as_turns, system_turn
+
+        messages = as_turns(list(messages))
+        if tools:
+            sys = system_turn(tools)
+            if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+                sys = {"role": "system", "content": f"{messages[0]['content']}\n\n{sys['content']}"}
+                messages = messages[1:]
+            messages = [sys, *messages]
     if source is None:
         raise UsageError(f"{rt.path}: no chat template (and no Llama 4 header tokens in tokenizer.json); use "
                          "generate_text / l4export run with a plain prompt")
@@ -113,7 +130,7 @@ def render(rt: Runtime, messages: Sequence[dict], add_generation_prompt: bool = 
     check_messages(messages)
     try:
         return env.from_string(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                              bos_token=bos_text(rt))
+                                              bos_token=bos_text(rt), **extra)
     except TemplateError as err:
         raise UsageError(f"{rt.path}: the chat template failed: {err}") from None
 
@@ -126,7 +143,7 @@ def check_messages(messages: Sequence[dict]) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise UsageError(f"message {n}: needs a 'role' string")
         content = m.get("content")
-        if isinstance(content, str):
+        if isinstance(content, str) or (content is None and m.get("tool_calls")):
             continue
         if not isinstance(content, list) or any(not isinstance(c, dict) or c.get("type") not in ("text", "image")
                                                 for c in content):
