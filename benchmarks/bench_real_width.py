@@ -150,6 +150,10 @@ RUNS = {  # name -> (checkpoint, convert arguments)
                                       "--calib-samples", "8", "--calib-seqlen", "128"]),
     "scout2e-onnx-calib-16k": ("scout2e", ["--format", "onnx", "--quant", "EXPERTS_RECIPE", "--calib", "CALIB_16K",
                                            "--calib-samples", "64", "--calib-seqlen", "256"]),
+    # issue 26: mixed:3.0 placed on calibration (a float pass measuring every width of every unit), then GPTQ at the
+    # chosen widths: its peak RSS against the largest slice read + 1 GB
+    "scout2e-onnx-mixed3-calib": ("scout2e", ["--format", "onnx", "--quant", "mixed:3.0", "--calib", "CALIB",
+                                              "--calib-samples", "8", "--calib-seqlen", "128"]),
     "maverick-onnx-int4": ("maverick", ["--format", "onnx", "--quant", "int4"]),
     "maverick-onnx-int4-ray": ("maverick", ["--format", "onnx", "--quant", "int4", "--ray", "local"]),
     "maverick-onnx-calib": ("maverick", ["--format", "onnx", "--quant", "DENSE_RECIPE", "--calib", "CALIB",
