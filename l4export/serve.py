@@ -63,6 +63,46 @@ class Limits:
     max_body_bytes: int = 32 << 20  # 413 beyond (images arrive as base64 in the body)
     max_tokens: int = 8192  # a request asking more: 400
     max_queue: int = 16  # requests waiting for the model beyond the running one: 429
+    prompt_cache: int = 4  # sequences kept beside the live one (conversations that alternate), at most...
+    prompt_cache_bytes: int = 2 << 30  # ...this many bytes of KV copies
+
+
+def _common(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptCache:
+    """Sequences kept beside the runtime's live one, least recently used first out (bounded by count and bytes), so
+    that alternating conversations each find their own prefix: before a request, the runtime holds whichever kept
+    sequence (or the live one) shares the longest prefix with the request's ids; a live sequence that the request
+    would cut back is copied in first."""
+
+    def __init__(self, count: int, nbytes: int):
+        self.count, self.nbytes, self.items = count, nbytes, []
+
+    def pick(self, rt: Any, ids: list[int]) -> None:
+        live = rt.history or []
+        best = max(self.items, key=lambda s: _common(s.ids, ids), default=None)
+        switch = best is not None and _common(best.ids, ids) > _common(live, ids)
+        kept = 0 if switch else _common(live, ids)  # what stays of the live sequence
+        if switch:
+            self.items = [s for s in self.items if s is not best]
+        if self.count and kept < len(live):  # it would be cut back or replaced: keep a copy
+            snap = rt.snapshot()
+            if snap is not None:
+                self._add(snap)
+        if switch:
+            rt.restore(best)
+
+    def _add(self, snap: Any) -> None:
+        self.items = [s for s in self.items if s.ids != snap.ids] + [snap]
+        while self.items and (len(self.items) > self.count or sum(s.nbytes for s in self.items) > self.nbytes):
+            self.items.pop(0)
 
 
 class Server:
@@ -75,6 +115,7 @@ class Server:
         self.lock = threading.Lock()
         self.stop_ids = sorted(stop_ids(rt))
         self.waiting = 0  # requests admitted and not finished (the running one included)
+        self.kept = PromptCache(limits.prompt_cache, limits.prompt_cache_bytes)
         self.count = threading.Lock()
 
     def admit(self) -> bool:
@@ -177,6 +218,8 @@ class Server:
             t0 = time.perf_counter()
             ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
             first, pending = None, []  # pending: logprob entries of tokens whose text has not gone out yet
+            if features is None:
+                self.kept.pick(rt, ids)  # the kept sequence with the longest common prefix becomes the live one
             seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
             stops = [] if req.ignore_eos else self.stop_ids
             stream = TextStream(rt.decode, stops, req.stop)  # the API's and the CLI's rule (runtimes/text.py)

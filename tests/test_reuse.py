@@ -88,3 +88,35 @@ def test_what_cannot_be_reused_is_run_cold(scout, export):
     list(rt.generate(ids, 2, features=rt.image_features(processed)))
     list(rt.generate(ids, 2, reuse=True))
     assert rt.reused == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_snapshot_restores_a_sequence_exactly(fmt, scout, export):
+    rt = load_runtime(export(scout, fmt))
+    list(rt.generate(A, 4, stop=[]))
+    snap = rt.snapshot()
+    held = list(rt.history)
+    list(rt.generate([1, 7, 7, 7, 7], 3, stop=[]))  # another conversation overwrites the cache
+    rt.restore(snap)
+    assert rt.history == held and rt.pos == len(held)
+    new = held + [11, 12, 13]
+    start = rt.reuse(new)
+    assert start == len(held)
+    np.testing.assert_allclose(rt.forward(new[start:]), _cold(rt, new)[start:], rtol=0, atol=1e-5 * 50)
+
+
+def test_the_server_keeps_alternating_conversations(scout, export):
+    """Two conversations taking turns: each finds its own prefix in the prompt cache (the Server, no HTTP)."""
+    from l4export.serve import Limits, PromptCache, Server
+
+    rt = load_runtime(export(scout, "onnx"))
+    server = Server(rt, "x", Limits(prompt_cache=2))
+    one, two = A, [1] + RNG.integers(4, 300, 19).tolist()
+    for ids in (one, two):
+        server.kept.pick(rt, ids)
+        list(rt.generate(ids, 2, reuse=True))
+    server.kept.pick(rt, one + [5, 6])
+    list(rt.generate(one + [5, 6], 2, reuse=True))
+    assert rt.reused == len(one)  # conversation one came back from the cache
+    assert [len(s.ids) for s in server.kept.items] == [len(two) + 1]  # and two waits there
+    assert isinstance(server.kept, PromptCache)

@@ -15,6 +15,7 @@ This module needs numpy only (tokenizers when text is used).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,15 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill step (capped by attention_chunk_size)
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """A runtime's cached sequence, copied out (``Runtime.snapshot``): its ids and the cache's valid rows."""
+
+    ids: tuple[int, ...]
+    state: Any
+    nbytes: int
 
 
 class Runtime(ABC):
@@ -66,6 +76,13 @@ class Runtime(ABC):
     @abstractmethod
     def _reset(self) -> None:
         """Drop the KV cache."""
+
+    def _save(self) -> tuple[Any, int]:
+        """A copy of the cache's valid rows (host memory) and its bytes; ``_load`` puts one back. Override both."""
+        raise NotImplementedError
+
+    def _load(self, state: Any) -> None:
+        raise NotImplementedError
 
     def _truncate(self, pos: int) -> None:
         """Keep positions [0, pos) of the cache (chunked layers: [chunk start of pos, pos)); ``pos`` is at most
@@ -106,6 +123,20 @@ class Runtime(ABC):
         self.pos = 0
         self.history = []
         self._reset()
+
+    def snapshot(self) -> Snapshot | None:
+        """The sequence the cache holds, copied out (None when it cannot be reused: see ``reuse``)."""
+        if not self.history or not self.can_reuse:
+            return None
+        state, nbytes = self._save()
+        return Snapshot(tuple(self.history), state, nbytes)
+
+    def restore(self, snap: Snapshot) -> None:
+        """Make ``snap``'s sequence the cached one (then ``reuse`` starts from it)."""
+        self.reset()
+        self.reserve(len(snap.ids))
+        self._load(snap.state)
+        self.pos, self.history = len(snap.ids), list(snap.ids)
 
     def reuse(self, ids: Sequence[int]) -> int:
         """Keep the longest prefix of the cached sequence that ``ids`` starts with (at most all but its last token,

@@ -231,6 +231,17 @@ class MlxRuntime(Runtime):
         self.cache = [LayerCache(self.spec.attention_chunk_size if la.chunked else None, kv, self.kv_group)
                       for la in self.spec.layers]
 
+    def _save(self) -> tuple[list, int]:
+        state = [(c.length, [np.array(a[:, : c.length]) for a in (c.keys or []) + (c.values or [])]) for c in self.cache]
+        return state, sum(a.nbytes for _, parts in state for a in parts)
+
+    def _load(self, state: list) -> None:
+        for cache, (length, parts) in zip(self.cache, state):
+            if length:
+                arrays = [mx.array(a) for a in parts]
+                half = len(arrays) // 2
+                cache.keys, cache.values, cache.length = arrays[:half], arrays[half:], length
+
     def _truncate(self, pos: int) -> None:
         chunk = self.spec.attention_chunk_size
         for la, cache in zip(self.spec.layers, self.cache):

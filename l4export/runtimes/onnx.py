@@ -149,6 +149,22 @@ class OnnxRuntime(Runtime):
                                                                     self.device, 0) for a in kv))
         self.cache = cut
 
+    def _save(self) -> tuple[list, int]:
+        start = self.chunk_start()
+        rows = [self.pos - start if la.chunked else self.pos for la in self.spec.layers]
+        state = [tuple(a.numpy()[:, :, :n].copy() for a in kv) for kv, n in zip(self.cache, rows)]
+        return state, sum(k.nbytes + v.nbytes for k, v in state)
+
+    def _load(self, state: list) -> None:
+        if self.plain:  # the cache is exactly the valid rows
+            self.cache = [tuple(self.ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in kv) for kv in state]
+            return
+        for buf, kv in zip(self.cache, state):  # (reserve made the buffers)
+            for b, a in zip(buf, kv):
+                dst = b.numpy()
+                dst[:, :, : a.shape[2]] = a
+                b.update_inplace(dst)
+
     def _reset(self) -> None:
         self.capacity = 0
         self.cache = [None] * self.spec.num_layers  # (key, value) OrtValues, allocated on first use
