@@ -239,3 +239,21 @@ def test_the_quant_report_carries_the_allocation(mixed):
     alloc = read_export_info(out).quant.allocation
     assert report["allocation"] == alloc and {"bytes", "budget_bytes", "units", "measure"} <= set(alloc)
     assert all({"scheme", "error", "share", "bytes"} <= set(u) for u in alloc["units"])
+
+
+@pytest.mark.mlx
+def test_mlx_lm_loads_a_mixed_export(mixed):
+    """Widths per module in config.json's quantization: mlx-lm reads every one and computes what our runtime does."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from l4export.runtimes import load_runtime
+
+    out = mixed("mlx", "3.5")
+    info = read_export_info(out)
+    assert len({info.quant.schemes[s]["kind"] for s in info.quant.placement.values()}) >= 2
+    model, _ = load(str(out))
+    ids = [1, 17, 45, 99, 3, 250, 7, 8, 9, 10]
+    got = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    want = load_runtime(out).logits(ids)
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 2e-3
