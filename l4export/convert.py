@@ -206,7 +206,10 @@ def _allocate(ckpt: Checkpoint, options: ExportOptions) -> ExportOptions:
 
         c = options.calib
         ids = read_calibration(c.path, ckpt.spec.vocab_size, ckpt.path, c.samples, c.seqlen)
-    recipe, alloc = allocate(ckpt, options.quant, options.format, options.dtype, options.target, options.calib, ids)
+    calib = options.calib
+    if calib is not None and options.tmp_dir is not None:  # the measurement's float pass spills where asked too
+        calib = replace(calib, spill_dir=options.tmp_dir)
+    recipe, alloc = allocate(ckpt, options.quant, options.format, options.dtype, options.target, calib, ids)
     return replace(options, quant=recipe, allocation=alloc.record())
 
 

@@ -139,7 +139,8 @@ def options(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, dtype: 
     """Each candidate with its exact bytes (what make_plan will count)."""
     out = []
     for s in candidates(unit, shapes, fmt, target):
-        qmoe = unit.kind == "experts" or (unit.kind in ("shared", "mlp") and s.bits == 4)  # plan._qmoe_stored
+        # plan._qmoe_stored: routed experts; an MLP whose gate/up/down are one int4 scheme (the whole unit here)
+        qmoe = unit.kind == "experts" or (unit.kind in ("shared", "mlp") and len(unit.tensors) == 3 and s.bits == 4)
         out.append(Option(s, sum(tensor_bytes(fmt, n, shapes[n], s, dtype, target, qmoe) for n in unit.tensors)))
     return out
 
@@ -232,18 +233,42 @@ def fixed_bytes(spec: Llama4Spec, pins: Recipe, placed: set[str], fmt: Format, d
     return total
 
 
-def budget_plan(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str) -> dict[str, Any]:
-    """What ``inspect --quant mixed:B`` prints before any weight is read: the budget's bytes and the range the units can
-    span (all at their smallest and at their largest form); the placement itself needs the measurement convert runs."""
+@dataclass
+class Layout:
+    """What may be placed: the units with at least one candidate (a unit no group divides stays float, as the
+    presets leave such tensors), their options, and the bytes of everything else (float, pinned)."""
+
+    params: int
+    units: list[Unit]
+    options: dict[str, list[Option]]
+    fixed: int
+
+
+def layout(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str) -> Layout:
     shapes = canonical_shapes(spec)
     text = {n: s for n, s in shapes.items() if not is_vision(n)}
     params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
     pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
-    found = units(spec, fmt, pinned)
+    found = [u for u in units(spec, fmt, pinned) if candidates(u, shapes, fmt, target)]
     opts = {u.key: options(u, shapes, fmt, dtype, target) for u in found}
-    fixed = fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target)
-    lo = fixed + sum(min(o.nbytes for o in v) for v in opts.values() if v)
-    hi = fixed + sum(max(o.nbytes for o in v) for v in opts.values() if v)
+    return Layout(params, found, opts, fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target))
+
+
+def text_bytes(spec: Llama4Spec, recipe: Recipe, fmt: Format, dtype: str, target: str) -> int:
+    """The text weights' bytes of the plan of ``recipe``: exactly what convert writes for them."""
+    from .plan import make_plan
+
+    plan = make_plan(spec, fmt, dtype, target, recipe, calibrated=True)
+    return sum(t.nbytes for n, t in plan.tensors.items() if not is_vision(n))
+
+
+def budget_plan(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str) -> dict[str, Any]:
+    """What ``inspect --quant mixed:B`` prints before any weight is read: the budget's bytes and the range the units can
+    span (all at their smallest and at their largest form); the placement itself needs the measurement convert runs."""
+    lay = layout(spec, pins, fmt, dtype, target)
+    found, opts, fixed, params = lay.units, lay.options, lay.fixed, lay.params
+    lo = fixed + sum(min(o.nbytes for o in v) for v in opts.values())
+    hi = fixed + sum(max(o.nbytes for o in v) for v in opts.values())
     kinds: dict[str, str] = {}
     for u in found:
         ss = [o.scheme for o in opts[u.key]]
@@ -261,32 +286,46 @@ def budget_plan(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target:
 def allocate(ckpt: Any, pins: Recipe, fmt: Format, dtype: str, target: str, calib: Any = None,
              ids: list | None = None) -> tuple[Recipe, Allocation]:
     """Measure every unit's candidates on ``ckpt`` (weights only, or with ``calib`` options and token ``ids`` on the
-    calibration activations) and allocate ``pins.budget``. Returns the recipe to plan and the allocation."""
+    calibration activations) and allocate ``pins.budget``. Returns the recipe to plan and the allocation, whose bytes
+    are the plan's (a unit whose storage depends on its neighbours' schemes is settled by planning, and stepped down
+    while the plan is over the budget)."""
     spec = ckpt.spec
-    shapes = canonical_shapes(spec)
-    text = {n: s for n, s in shapes.items() if not is_vision(n)}
-    params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
-    pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
-    found = units(spec, fmt, pinned)
-    alloc = Allocation(str(pins.budget), budget_bytes(pins, params), params, 0, "weights" if calib is None else "calibration",
-                       units={u.key: u for u in found})
-    alloc.fixed_bytes = fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target)
-    opts = {u.key: options(u, shapes, fmt, dtype, target) for u in found}
+    lay = layout(spec, pins, fmt, dtype, target)
+    alloc = Allocation(str(pins.budget), budget_bytes(pins, lay.params), lay.params, lay.fixed,
+                       "weights" if calib is None else "calibration", units={u.key: u for u in lay.units})
     left = alloc.budget_bytes - alloc.fixed_bytes
-    smallest = sum(min(o.nbytes for o in v) for v in opts.values())
+    smallest = sum(min(o.nbytes for o in v) for v in lay.options.values())
     if smallest > left:  # before any weight is read
-        least = 8 * (alloc.fixed_bytes + smallest) / params
+        least = 8 * (alloc.fixed_bytes + smallest) / lay.params
         raise UsageError(f"--quant {pins.name}: the smallest form this model takes on {fmt} {dtype} is {least:.2f} bits "
                          f"per weight ({size(alloc.fixed_bytes + smallest)}); raise the budget to at least that")
-    errors, shares = _measure(ckpt, found, opts, calib, ids)
+    errors, shares = _measure(ckpt, lay.units, lay.options, calib, ids)
     for key, errs in errors.items():
-        for o, e in zip(opts[key], errs):
+        for o, e in zip(lay.options[key], errs):
             o.error = float(e)
-    alloc.shares = {u.key: _share(u, spec, shares) for u in found}
-    alloc.chosen = choose(opts, left)
-    log.info("mixed %s: %d units placed by %s, %.3f bits per weight (%d of %d bytes)", pins.budget, len(found),
+    alloc.shares = {u.key: _share(u, spec, shares) for u in lay.units}
+    alloc.chosen = choose(lay.options, left)
+    recipe = _within(alloc, lay, pins, spec, (fmt, dtype, target))
+    log.info("mixed %s: %d units placed by %s, %.3f bits per weight (%d of %d bytes)", pins.budget, len(lay.units),
              alloc.measure, alloc.bpw, alloc.nbytes, alloc.budget_bytes)
-    return recipe_of(alloc, pins), alloc
+    return recipe, alloc
+
+
+def _within(alloc: Allocation, lay: Layout, pins: Recipe, spec: Llama4Spec, how: tuple) -> Recipe:
+    """Plan the allocation; while its text bytes are over the budget, step down the unit that loses the least error
+    per byte saved. The allocation's fixed bytes are then set so that its bytes are the plan's."""
+    while True:
+        recipe = recipe_of(alloc, pins)
+        planned = text_bytes(spec, recipe, *how)
+        if planned <= alloc.budget_bytes:
+            alloc.fixed_bytes = planned - sum(o.nbytes for o in alloc.chosen.values())
+            return recipe
+        downs = [((o.error - cur.error) / (cur.nbytes - o.nbytes), k, o) for k, cur in alloc.chosen.items()
+                 for o in lay.options[k] if o.nbytes < cur.nbytes]
+        if not downs:
+            raise UsageError(f"--quant {pins.name}: no placement fits the budget once planned; raise the budget")
+        _, k, o = min(downs, key=lambda d: d[0])
+        alloc.chosen[k] = o
 
 
 def _measure(ckpt: Any, found: list[Unit], opts: dict[str, list[Option]], calib: Any, ids: list | None):
@@ -306,5 +345,5 @@ def _share(u: Unit, spec: Llama4Spec, shares: dict) -> float:
     return 1.0
 
 
-__all__ = ["Allocation", "Option", "Unit", "allocate", "budget_bytes", "budget_plan", "candidates", "choose", "fixed_bytes",
+__all__ = ["Allocation", "Layout", "Option", "Unit", "allocate", "budget_bytes", "budget_plan", "layout", "text_bytes", "candidates", "choose", "fixed_bytes",
            "options", "recipe_of", "units"]

@@ -3,6 +3,7 @@ parameter), answers and stream chunks built, logprobs in both APIs' forms. serve
 
 import base64
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,10 +78,9 @@ def _messages(body: dict) -> tuple[list[dict], list]:
         content = m.get("content")
         if m["role"] == "assistant" and m.get("tool_calls"):  # the model's earlier calls, as the API returned them
             calls = m["tool_calls"]
-            if not isinstance(calls, list) or any(not isinstance(c, dict) or not isinstance(c.get("function"), dict)
-                                                  for c in calls):
-                raise BadRequest(f"messages[{n}].tool_calls must be a list of {{function: {{name, arguments}}}}",
-                                 "messages")
+            if not isinstance(calls, list) or any(not _is_call(c) for c in calls):
+                raise BadRequest(f"messages[{n}].tool_calls must be a list of {{function: {{name, arguments}}}} with "
+                                 "arguments a JSON object in a string", "messages")
             out.append({"role": "assistant", "content": content if isinstance(content, str) else None,
                         "tool_calls": calls})
             continue
@@ -101,6 +101,16 @@ def _messages(body: dict) -> tuple[list[dict], list]:
                 raise BadRequest(f"messages[{n}] has a part that is not text or image_url", "messages")
         out.append({"role": m["role"], "content": parts})
     return out, images
+
+
+def _is_call(c: Any) -> bool:
+    f = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments", "{}"), str):
+        return False
+    try:
+        return isinstance(json.loads(f.get("arguments") or "{}"), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _logprob(rt: Any, tok: int, top: int) -> dict:

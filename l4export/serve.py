@@ -179,7 +179,10 @@ class Server:
         try:
             tools = check_tools(body["tools"])
             choice = body.get("tool_choice", "auto")
-            named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+            fn = choice.get("function") if isinstance(choice, dict) else None
+            named = fn.get("name") if isinstance(fn, dict) else None
+            if isinstance(choice, dict) and not isinstance(named, str):
+                raise UsageError("'tool_choice' as an object must be {type: function, function: {name}}")
             if choice == "none":
                 return None
             if choice == "required" or named is not None:

@@ -257,3 +257,29 @@ def test_mlx_lm_loads_a_mixed_export(mixed):
     got = np.array(model(mx.array([ids]))[0].astype(mx.float32))
     want = load_runtime(out).logits(ids)
     assert float(np.abs(got - want).max() / np.abs(want).max()) <= 2e-3
+
+
+def test_a_unit_no_group_divides_stays_float_and_is_counted(tmp_path):
+    """head_dim 20 x 4 heads: o_proj's input is 80 wide, which no group of 32/64/128 divides: it stays float, counted
+    in the fixed bytes, and the plan's bytes are the allocation's."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from builders import build
+
+    src = build(tmp_path / "ckpt", "scout", head_dim=20, intermediate_size=64, initializer_range=0.05)
+    out = convert(src, tmp_path / "out", ExportOptions(format="onnx", quant=load_recipe("mixed:5.0"), text_only=True))
+    q = read_export_info(out).quant
+    assert not any("o_proj" in n for n in q.placement)
+    assert export_tensor_bytes(out) == q.allocation["bytes"] <= q.allocation["budget_bytes"]
+
+
+def test_pinned_shared_expert_bytes_are_the_plans(scout, tmp_path):
+    """A pin that splits an ONNX shared expert (down int8, gate/up placed): its storage then depends on the
+    neighbours' schemes; the allocation's bytes are still exactly the written ones and within the budget."""
+    recipe = tmp_path / "pins.toml"
+    recipe.write_text('budget = "4.0"\n[[rule]]\nmatch = "*.shared_expert.down_proj.weight"\nscheme = "int8"\n'
+                      'group_size = 32\naccuracy_level = 4\n')
+    out = convert(scout, tmp_path / "out", ExportOptions(format="onnx", quant=load_recipe(str(recipe)), text_only=True))
+    q = read_export_info(out).quant
+    assert export_tensor_bytes(out) == q.allocation["bytes"] <= q.allocation["budget_bytes"]

@@ -120,3 +120,29 @@ def test_the_server_keeps_alternating_conversations(scout, export):
     assert rt.reused == len(one)  # conversation one came back from the cache
     assert [len(s.ids) for s in server.kept.items] == [len(two) + 1]  # and two waits there
     assert isinstance(server.kept, PromptCache)
+
+
+@pytest.mark.mlx
+def test_a_bfloat16_mlx_snapshot_round_trips(scout, export):
+    """The MLX runtime's default dtype for a bf16 checkpoint is bf16, which numpy cannot hold: snapshots stay in MLX."""
+    rt = load_runtime(export(scout, "mlx", dtype="bfloat16"))
+    list(rt.generate(A, 3, stop=[]))
+    snap = rt.snapshot()
+    assert snap is not None and snap.nbytes > 0
+    list(rt.generate([1, 9, 9], 2, stop=[]))
+    rt.restore(snap)
+    assert rt.reuse(list(snap.ids) + [4]) == len(snap.ids)
+
+
+def test_a_failed_step_leaves_history_and_cache_agreeing(scout, export, monkeypatch):
+    rt = load_runtime(export(scout, "onnx"))
+    list(rt.generate(A, 2, stop=[]))
+    held = list(rt.history)
+
+    def boom(*a, **k):
+        raise RuntimeError("engine failure")
+
+    monkeypatch.setattr(rt, "_step", boom)
+    with pytest.raises(Exception, match="engine failure"):  # (an ExportError line for the caller)
+        rt.forward([5, 6, 7])
+    assert rt.history == held and rt.pos == len(held)

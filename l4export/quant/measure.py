@@ -94,7 +94,7 @@ class _Inputs:
         if layer != self.layer:
             self.flush()
             self.layer = layer
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).double().cpu()  # (calibration may run on a GPU; the sums live here)
         key = (name.split(".", 3)[3], e)
         # full Σ xxᵀ (GPTQ) up to FULL_K inputs; beyond, its diagonal Σ x² (a real-width layer's experts would hold
         # 16 x (5120² + 8192²) float64 = 12 GB; the diagonal is 1.7 MB)

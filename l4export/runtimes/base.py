@@ -148,7 +148,7 @@ class Runtime(ABC):
         held = self.history if self.can_reuse else None
         n = 0
         if held:
-            limit = min(len(held), len(ids) - 1)
+            limit = min(len(held), len(ids) - 1, self.pos)
             while n < limit and held[n] == ids[n]:
                 n += 1
         chunk = self.spec.attention_chunk_size
@@ -181,8 +181,8 @@ class Runtime(ABC):
         order (``image_features``); None: every token is embedded as a token."""
         ids = self.check_ids(ids)
         patch = self.check_features(ids, features)
-        if self.history is not None:  # (a <|patch|> embedded from image features is not its id: not reusable)
-            self.history = None if features is not None and len(features) else self.history + ids
+        if features is not None and len(features):  # a <|patch|> embedded from image features is not its id
+            self.history = None
         pieces = self.steps(len(ids))
         out, used = [], 0
         for n, (a, b) in enumerate(pieces):
@@ -192,6 +192,8 @@ class Runtime(ABC):
                 logits = self._step(ids[a:b], want, None if features is None else features[used : used + rows])
             used += rows
             self.pos += b - a
+            if self.history is not None:  # what the cache holds, step by step (a failed step adds nothing)
+                self.history.extend(ids[a:b])
             if not last_only or n == len(pieces) - 1:
                 out.append(logits)
         return out[0] if len(out) == 1 else np.concatenate(out, axis=0)

@@ -232,7 +232,9 @@ class MlxRuntime(Runtime):
                       for la in self.spec.layers]
 
     def _save(self) -> tuple[list, int]:
-        state = [(c.length, [np.array(a[:, : c.length]) for a in (c.keys or []) + (c.values or [])]) for c in self.cache]
+        # copies as mx arrays (bf16 has no numpy form); the cache's later in-place writes do not reach them
+        state = [(c.length, [mx.array(a[:, : c.length]) for a in (c.keys or []) + (c.values or [])]) for c in self.cache]
+        mx.eval([a for _, parts in state for a in parts])
         return state, sum(a.nbytes for _, parts in state for a in parts)
 
     def _load(self, state: list) -> None:
