@@ -8,10 +8,12 @@
    chunked RoPE layers and global NoPE layers), 16 experts, top-1 + shared expert, trained by
    bench_quant_quality.train (sparse top-1 training, 1 thread, deterministic) on the bytes of this Python's standard
    library sources (PSF license; the same split: every 10th file held out, the next one for calibration).
-2. l4export: MLX (bfloat16 store) mixed:B at the bytes of each peer row (``mixed:<bytes>B``), placed by the weights
-   alone and by calibration (GPTQ at each width on the calibration windows), and the ONNX mixed:3.0; every row is
-   evaluated by our runtimes on the same held-out windows (BOS + 256 bytes) as transformers float, the reference of
-   the KL and top-1 columns.
+2. l4export: MLX (bfloat16 store) mixed:B at the bytes of each peer row (``mixed:<bytes>B``), placed by calibration
+   (GPTQ at each width on the calibration windows; for two peers also by the weights alone), and the ONNX mixed:3.0;
+   every row is evaluated on the same held-out windows (BOS + 256 bytes) as transformers float, the reference of the
+   KL and top-1 columns. MLX rows (ours and mlx-lm's) are scored with their weights dequantized to float32 by
+   ``mx.dequantize`` and run by mlx-lm's float path (``dequantized``): mlx[cpu]'s quantized kernels take minutes
+   per row on this machine, and the maths is the same weights'.
 3. mlx-lm 0.32 ``mlx_lm convert`` of our float MLX export: 2-bit g64, 2-bit g32, 3-bit g64, 4-bit g64,
    ``--quant-predicate mixed_2_6`` and ``mixed_3_6``, evaluated by mlx-lm on the same windows.
 4. llama.cpp (``--llama-cpp DIR``: a llama.cpp source tree with build/bin/llama-{quantize,imatrix,perplexity}, e.g. the
@@ -98,6 +100,44 @@ def logprobs_mlx_lm(path: Path, wins: np.ndarray) -> np.ndarray:
     return np.stack([_logprobs(np.array(m(mx.array(w)[None])[0].astype(mx.float32))) for w in wins])
 
 
+def dequantized(folder: Path) -> Path:
+    """An MLX folder (ours or mlx-lm's: the same layout) with every quantized module dequantized to float32 and the
+    quantization dropped from config.json: the same weights, evaluated by mlx-lm's float path. (mlx[cpu]'s gather_qmm
+    takes ~6 min per 48 windows on 2 cores here, the float path ~40 s: the dequantized maths is the quantized model's
+    up to the order of float sums.)"""
+    import mlx.core as mx
+
+    out = folder.with_name(folder.name + "-dequantized")
+    if (out / "config.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    cfg = json.loads((folder / "config.json").read_text())
+    q = cfg.pop("quantization", None) or {}
+    cfg.pop("quantization_config", None)
+    weights = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        weights.update(mx.load(str(f)))
+    for name in [n for n in weights if n.endswith(".scales")]:
+        base = name[: -len(".scales")]
+        entry = q.get(base, q) if isinstance(q.get(base, q), dict) else q
+        w = weights.pop(base + ".weight")
+        scales, biases = weights.pop(name), weights.pop(base + ".biases", None)
+        weights[base + ".weight"] = mx.dequantize(w, scales, biases, group_size=entry.get("group_size", 64),
+                                                  bits=entry.get("bits", 4), mode=entry.get("mode", "affine"))
+    weights = {k: v.astype(mx.float32) for k, v in weights.items()}
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in folder.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json" and f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def logprobs_dequantized(path: Path, wins: np.ndarray) -> np.ndarray:
+    return logprobs_mlx_lm(dequantized(path), wins)
+
+
 def score(lp: np.ndarray, ref: np.ndarray | None, wins: np.ndarray) -> dict:
     """Perplexity of ids[1:], and against the float reference: mean KL(ref || this) and top-1 agreement."""
     tgt = wins[:, 1:]
@@ -153,8 +193,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--train-only", action="store_true")
-    ap.add_argument("--budgets", default="2.5,3.0,3.5")
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--budgets", default="3.0", help="mixed:B rows of their own (besides those at each peer's bytes)")
+    ap.add_argument("--budget-formats", default="onnx", help="formats of the --budgets rows")
+    ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree with build/bin tools.")
     args = ap.parse_args()
@@ -192,21 +233,22 @@ def main() -> None:
         logprobs_export, engine="l4export", fmt="mlx")
     for name, extra in MLX_LM.items():
         out = HERE / name.replace(" ", "-")
-        row(name, lambda out=out, extra=extra: (out, mlx_lm_convert(float_mlx, out, extra)), logprobs_mlx_lm,
+        row(name, lambda out=out, extra=extra: (out, mlx_lm_convert(float_mlx, out, extra)), logprobs_dequantized,
             engine="mlx-lm")
     if args.llama_cpp is not None:
         R.update(llama_cpp_rows(args.llama_cpp, ckpt, wins, calib))
     peers = {k: v for k, v in R.items() if k.startswith(("mlx-lm", "llama.cpp")) and "bytes" in v
              and "4-bit" not in k and "Q4" not in k and "bf16" not in k}
     for peer, v in peers.items():
-        for how, extra in (("weights", []), ("calibrated", calib_args)):
+        hows = (("weights", []), ("calibrated", calib_args)) if peer in WEIGHTS_TOO else (("calibrated", calib_args),)
+        for how, extra in hows:
             name = f"l4export mixed at {peer} bytes ({how})"
             out = HERE / name.replace(" ", "-").replace("(", "").replace(")", "")
             row(name, lambda out=out, extra=extra, b=v["bytes"]: (out, l4(ckpt, out, "mlx", "--dtype", "bfloat16",
                                                                            "--quant", f"mixed:{b}B", *extra)),
-                logprobs_export, engine="l4export", fmt="mlx", peer=peer, measure=how)
+                logprobs_dequantized, engine="l4export", fmt="mlx", peer=peer, measure=how)
     for b in [x for x in args.budgets.split(",") if x]:
-        for fmt in ("mlx", "onnx"):
+        for fmt in args.budget_formats.split(","):
             name = f"l4export {fmt} mixed:{b} (calibrated)"
             out = HERE / f"{fmt}-mixed-{b}-calib"
             dtype = ["--dtype", "bfloat16"] if fmt == "mlx" else []
@@ -226,6 +268,7 @@ base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 LLAMA_CPP = ("Q4_K_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS")
+WEIGHTS_TOO = ("mlx-lm 3-bit g64", "mlx-lm 2-bit g32")  # peers whose bytes also get a weights-only placement row
 
 
 def gguf_source(ckpt: Path) -> Path:
