@@ -244,8 +244,9 @@ def main() -> None:
         for how, extra in hows:
             name = f"l4export mixed at {peer} bytes ({how})"
             out = HERE / name.replace(" ", "-").replace("(", "").replace(")", "")
-            row(name, lambda out=out, extra=extra, b=v["bytes"]: (out, l4(ckpt, out, "mlx", "--dtype", "bfloat16",
-                                                                           "--quant", f"mixed:{b}B", *extra)),
+            cache = ["--measurements", str(HERE / f"measure-mlx-{how}.json")]  # measured once, every budget reads it
+            row(name, lambda out=out, extra=extra + cache, b=v["bytes"]: (out, l4(ckpt, out, "mlx", "--dtype", "bfloat16",
+                                                                                  "--quant", f"mixed:{b}B", *extra)),
                 logprobs_dequantized, engine="l4export", fmt="mlx", peer=peer, measure=how)
     for b in [x for x in args.budgets.split(",") if x]:
         for fmt in args.budget_formats.split(","):

@@ -216,10 +216,13 @@ def demo_checkpoint(out: Path, seed: int | None, force: bool) -> None:
               help="Quantize and calibrate on a Ray cluster: local, auto, or ray://HOST:PORT (the distributed extra).")
 @click.option("--tmp-dir", type=click.Path(path_type=Path), default=None,
               help="Where calibration spills its codes (default: inside the output's temporary folder).")
+@click.option("--measurements", type=click.Path(path_type=Path), default=None,
+              help="mixed:B: a measurements file, read when it fits this checkpoint and calibration, else written "
+                   "(measure once, export at several budgets).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: str, quant: str | None,
             calib: Path | None, calib_samples: int, calib_seqlen: int, text_only: bool, max_images: int,
-            ray_address: str | None, tmp_dir: Path | None, force: bool) -> None:
+            ray_address: str | None, tmp_dir: Path | None, measurements: Path | None, force: bool) -> None:
     """Convert a Hugging Face Llama 4 checkpoint to ONNX or MLX (with its vision path, unless --text-only)."""
     from .convert import ExportOptions
     from .convert import convert as run_convert
@@ -227,7 +230,7 @@ def convert(checkpoint: Path, out: Path, fmt: str, dtype: str | None, target: st
     if dtype is None:
         dtype = default_dtype(fmt, target)
     options = ExportOptions(format=fmt, dtype=dtype, target=target, text_only=text_only,  # type: ignore[arg-type]
-                            max_images=max_images, ray=ray_address, tmp_dir=tmp_dir)
+                            max_images=max_images, ray=ray_address, tmp_dir=tmp_dir, measurements=measurements)
     if quant is not None:
         from .quant.recipe import load_recipe
 

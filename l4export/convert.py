@@ -55,6 +55,7 @@ class ExportOptions:
     ray: str | None = None  # a Ray address (local, auto, ray://...): distribute the quantization (--ray)
     tmp_dir: Path | None = None  # where calibration spills (default: inside the output's temporary folder)
     allocation: dict | None = None  # mixed:B, set by convert: the allocator's record (l4export.json, quant report)
+    measurements: Path | None = None  # mixed:B: the measurements file (read when it matches, else written)
 
 
 def plan_export(ckpt: Checkpoint, options: ExportOptions) -> ExportPlan:
@@ -209,7 +210,8 @@ def _allocate(ckpt: Checkpoint, options: ExportOptions) -> ExportOptions:
     calib = options.calib
     if calib is not None and options.tmp_dir is not None:  # the measurement's float pass spills where asked too
         calib = replace(calib, spill_dir=options.tmp_dir)
-    recipe, alloc = allocate(ckpt, options.quant, options.format, options.dtype, options.target, calib, ids)
+    recipe, alloc = allocate(ckpt, options.quant, options.format, options.dtype, options.target, calib, ids,
+                             options.measurements)
     return replace(options, quant=recipe, allocation=alloc.record())
 
 

@@ -19,10 +19,13 @@ weight = 8 * bytes / text parameters. The vision tower is not in it (it stays as
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import json
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -284,7 +287,7 @@ def budget_plan(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target:
 
 
 def allocate(ckpt: Any, pins: Recipe, fmt: Format, dtype: str, target: str, calib: Any = None,
-             ids: list | None = None) -> tuple[Recipe, Allocation]:
+             ids: list | None = None, measurements: Path | None = None) -> tuple[Recipe, Allocation]:
     """Measure every unit's candidates on ``ckpt`` (weights only, or with ``calib`` options and token ``ids`` on the
     calibration activations) and allocate ``pins.budget``. Returns the recipe to plan and the allocation, whose bytes
     are the plan's (a unit whose storage depends on its neighbours' schemes is settled by planning, and stepped down
@@ -299,7 +302,7 @@ def allocate(ckpt: Any, pins: Recipe, fmt: Format, dtype: str, target: str, cali
         least = 8 * (alloc.fixed_bytes + smallest) / lay.params
         raise UsageError(f"--quant {pins.name}: the smallest form this model takes on {fmt} {dtype} is {least:.2f} bits "
                          f"per weight ({size(alloc.fixed_bytes + smallest)}); raise the budget to at least that")
-    errors, shares = _measure(ckpt, lay.units, lay.options, calib, ids)
+    errors, shares = _measure(ckpt, lay.units, lay.options, calib, ids, measurements)
     for key, errs in errors.items():
         for o, e in zip(lay.options[key], errs):
             o.error = float(e)
@@ -328,14 +331,48 @@ def _within(alloc: Allocation, lay: Layout, pins: Recipe, spec: Llama4Spec, how:
         alloc.chosen[k] = o
 
 
-def _measure(ckpt: Any, found: list[Unit], opts: dict[str, list[Option]], calib: Any, ids: list | None):
+def _measure(ckpt: Any, found: list[Unit], opts: dict[str, list[Option]], calib: Any, ids: list | None,
+             cache: Path | None = None):
+    """Each unit's error under each option, and the routing shares; ``cache``: a measurements file (as llama.cpp's
+    importance matrix: measure once, export at several budgets) read when it was made for the same checkpoint,
+    measure, candidates and calibration tokens, else written."""
     from .quant.measure import output_errors, weight_errors
 
     names = {u.key: u.tensors for u in found}
     schemes = {k: [o.scheme for o in v] for k, v in opts.items()}
+    key = _measure_key(ckpt, schemes, calib, ids)
+    if cache is not None and cache.is_file():
+        try:
+            data = json.loads(cache.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = {}
+        if data.get("key") == key:
+            log.info("mixed: measurements read from %s", cache)
+            return data["errors"], {int(k): np.array(v) for k, v in data["shares"].items()}
+        log.warning("%s was measured for another checkpoint, target or calibration: measuring again", cache)
     if calib is None:
-        return weight_errors(ckpt, names, schemes), {}
-    return output_errors(ckpt, names, schemes, ids, calib)
+        errors, shares = weight_errors(ckpt, names, schemes), {}
+    else:
+        errors, shares = output_errors(ckpt, names, schemes, ids, calib)
+    if cache is not None:
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        tmp.write_text(json.dumps({"key": key, "errors": errors, "shares": {str(k): v.tolist() for k, v in shares.items()}}))
+        tmp.replace(cache)
+    return errors, shares
+
+
+def _measure_key(ckpt: Any, schemes: dict, calib: Any, ids: list | None) -> str:
+    """What a measurement depends on: the checkpoint's tensors (their names, shapes and stored bytes' sizes), the
+    candidates, and for calibration its token ids and options."""
+    h = hashlib.sha256()
+    for n, t in ckpt.tensors.items():
+        h.update(f"{n}{t.shape}{t.nbytes}".encode())
+    h.update(json.dumps({k: [s.name for s in v] for k, v in schemes.items()}).encode())
+    if calib is not None:
+        h.update(f"{calib.method}{calib.damp}{calib.prior_tokens}".encode())
+        for a in ids or []:
+            h.update(np.asarray(a, np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _share(u: Unit, spec: Llama4Spec, shares: dict) -> float:

@@ -283,3 +283,30 @@ def test_pinned_shared_expert_bytes_are_the_plans(scout, tmp_path):
     out = convert(scout, tmp_path / "out", ExportOptions(format="onnx", quant=load_recipe(str(recipe)), text_only=True))
     q = read_export_info(out).quant
     assert export_tensor_bytes(out) == q.allocation["bytes"] <= q.allocation["budget_bytes"]
+
+
+def test_a_measurements_file_is_reused_across_budgets(scout, tmp_path, caplog):
+    """--measurements: measured once, read by the next convert of the same checkpoint and measure (another budget),
+    measured again (and rewritten) for another calibration."""
+    import logging
+
+    from l4export.quant.calib import CalibOptions
+
+    (tmp_path / "calib.txt").write_text(CALIB)
+    m = tmp_path / "m.json"
+
+    def run(budget: str, samples: int) -> Path:
+        c = CalibOptions(path=tmp_path / "calib.txt", samples=samples, seqlen=32)
+        return convert(scout, tmp_path / f"out-{budget}-{samples}", ExportOptions(
+            format="onnx", quant=load_recipe(f"mixed:{budget}"), text_only=True, calib=c, measurements=m))
+
+    run("3.5", 4)
+    first = json.loads(m.read_text())
+    with caplog.at_level(logging.INFO, logger="l4export.mixed"):
+        out = run("5.0", 4)
+    assert "measurements read from" in caplog.text and json.loads(m.read_text()) == first
+    assert read_export_info(out).quant.allocation["bytes"] <= read_export_info(out).quant.allocation["budget_bytes"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="l4export.mixed"):
+        run("3.5", 2)
+    assert "measuring again" in caplog.text and json.loads(m.read_text())["key"] != first["key"]
