@@ -295,18 +295,19 @@ def _perplexity(tools: Path, model: Path, text: Path, *extra: str) -> dict:
     r = subprocess.run([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(SEQ), "-t", "2",
                         "-b", str(SEQ), *extra], capture_output=True, text=True)
     out = r.stdout + r.stderr
+    if r.returncode < 0 or r.returncode > 128:
+        raise RuntimeError(f"llama-perplexity crashed (signal {abs(r.returncode) % 128}) on this model")
     if r.returncode != 0:
         raise RuntimeError(out.strip().splitlines()[-1] if out.strip() else f"rc {r.returncode}")
     got: dict = {}
     for line in out.splitlines():
+        key, _, value = line.partition(":")
+        key = " ".join(key.split())
         if "Final estimate: PPL" in line:
             got["ppl"] = float(line.split("=")[1].split()[0])
-        elif line.strip().startswith("Mean PPL(Q)"):
-            got["ppl"] = float(line.split(":")[1].split()[0])
-        elif line.strip().startswith("Mean    KLD:"):
-            got["kl"] = float(line.split(":")[1].split()[0])
-        elif line.strip().startswith("Same top p:"):
-            got["top1"] = float(line.split(":")[1].split()[0]) / 100
+        elif key in ("Mean PPL(Q)", "Mean KLD", "Same top p"):
+            v = float(value.split()[0])
+            got[{"Mean PPL(Q)": "ppl", "Mean KLD": "kl", "Same top p": "top1"}[key]] = v / 100 if key == "Same top p" else v
     return got
 
 
