@@ -38,22 +38,29 @@ def _free_port() -> int:
 def served(export, scout, tmp_path_factory):
     """(base URL, model name, export) of a server running in its own process for the module."""
     out = export(scout, "onnx")
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "l4export.cli", "serve", str(out), "--port", str(port),
-                                 "--name", "tiny-scout"], stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{url}/v1/models", timeout=1)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
+    proc, url = _start(out, log)
     yield url, "tiny-scout", out
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _start(out: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``l4export serve`` on a free port in its own process, once it answers /health."""
+    port = _free_port()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "l4export.cli", "serve", str(out), "--port", str(port),
+                                 "--name", "tiny-scout", *extra], stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return proc, url
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the server did not start: {log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -201,22 +208,9 @@ def test_serve_without_a_real_export_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def guarded(export, scout, tmp_path_factory):
     """A second server with an API key and small limits: (URL, log file)."""
-    out = export(scout, "onnx")
-    port = _free_port()
     log = tmp_path_factory.mktemp("guarded") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "l4export.cli", "serve", str(out), "--port", str(port),
-                                 "--name", "tiny-scout", "--api-key", "sesame", "--max-tokens", "4096",
-                                 "--max-body-bytes", "4096", "--max-queue", "0"],
-                                stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
+    proc, url = _start(export(scout, "onnx"), log, "--api-key", "sesame", "--max-tokens", "4096",
+                       "--max-body-bytes", "4096", "--max-queue", "0")
     yield url, log
     proc.terminate()
     proc.wait(timeout=30)
