@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -84,6 +86,14 @@ def _range(index: slice, size: int, name: str) -> tuple[int, int]:
     return a, max(a, b)
 
 
+def _ints(values: Any, n: int | None = None) -> tuple[int, ...]:
+    """A header's list of integers (not floats, not booleans), of length ``n`` if given; TypeError otherwise."""
+    if not isinstance(values, list) or (n is not None and len(values) != n) or any(
+            not isinstance(v, int) or isinstance(v, bool) for v in values):
+        raise TypeError("not a list of integers")
+    return tuple(values)
+
+
 def read_header(path: Path) -> dict[str, SourceTensor]:
     """Parse a safetensors header and check every tensor's byte range against the file."""
     size = path.stat().st_size
@@ -94,15 +104,15 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
             continue
         try:
             dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape = _ints(info["shape"])
+            begin, end = _ints(info["data_offsets"], 2)
         except KeyError as e:
             raise CheckpointError(f"{path}: tensor {name} has unsupported or missing {e} in its header") from None
         except (TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name} has a malformed shape or data_offsets in its header") from None
         if min(shape, default=0) < 0 or not 0 <= begin <= end:
             raise CheckpointError(f"{path}: tensor {name} has a negative dimension or offsets out of order")
-        want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        want = math.prod(shape) * dtype.itemsize  # (Python ints: a huge header shape cannot overflow here)
         if end - begin != want:
             raise CheckpointError(f"{path}: tensor {name} {list(shape)} {info['dtype']} needs {want} bytes, header gives {end - begin}")
         if base + end > size:
