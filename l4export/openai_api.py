@@ -161,11 +161,11 @@ def _chunk(kind: str, rid: str, name: str, piece: str, info: dict) -> dict:
     return out
 
 
-def _logprobs(kind: str, entries: list[dict], offset: int = 0) -> dict:
+def _logprobs(kind: str, entries: list[dict]) -> dict:
     """OpenAI's shapes: chat {"content": [entries]}; completions the legacy parallel lists."""
     if kind == "chat":
         return {"content": entries}
-    offsets, at = [], offset
+    offsets, at = [], 0
     for e in entries:
         offsets.append(at)
         at += len(e["token"])

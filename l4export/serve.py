@@ -50,6 +50,7 @@ from .openai_api import (
     _whole,
     _with,
 )
+from .runtimes.base import common_prefix
 from .runtimes.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,6 @@ class Limits:
     prompt_cache_bytes: int = 2 << 30  # ...this many bytes of KV copies
 
 
-def _common(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class PromptCache:
     """Sequences kept beside the runtime's live one, least recently used first out (bounded by count and bytes), so
     that alternating conversations each find their own prefix: before a request, the runtime holds whichever kept
@@ -87,9 +79,9 @@ class PromptCache:
 
     def pick(self, rt: Any, ids: list[int]) -> None:
         live = rt.history or []
-        best = max(self.items, key=lambda s: _common(s.ids, ids), default=None)
-        switch = best is not None and _common(best.ids, ids) > _common(live, ids)
-        kept = 0 if switch else _common(live, ids)  # what stays of the live sequence
+        best = max(self.items, key=lambda s: common_prefix(s.ids, ids), default=None)
+        switch = best is not None and common_prefix(best.ids, ids) > common_prefix(live, ids)
+        kept = 0 if switch else common_prefix(live, ids)  # what stays of the live sequence
         if switch:
             self.items = [s for s in self.items if s is not best]
         if self.count and kept < len(live):  # it would be cut back or replaced: keep a copy

@@ -27,7 +27,7 @@ class Reference:
         """Load the model again with every text weight the export quantizes replaced by its scheme's round trip
         (l4export.json's ``quant.placement``)."""
         from .checkpoint import Checkpoint
-        from .quant.recipe import scheme_from_record
+        from .quant.recipe import placed_schemes
         from .runtimes.reference import set_canonical_weight
 
         if info.quant is None or not info.quant.tensors:
@@ -37,11 +37,10 @@ class Reference:
                              "it predates this l4export: convert it again")
         twin = Reference(path, self.vision is not None)
         ckpt = Checkpoint(path)
-        schemes = {k: scheme_from_record(v, f"l4export.json quant.schemes.{k}") for k, v in info.quant.schemes.items()}
         model = (twin.vision or twin.text).text_model
-        for name, scheme in info.quant.placement.items():
+        for name, scheme in placed_schemes(info.quant.schemes, info.quant.placement).items():
             if name.startswith(("model.", "lm_head.")):  # the text model's (the vision tower is not routed)
-                set_canonical_weight(model, name, schemes[scheme].rtn(ckpt.tensors[name].load(np.float32)))
+                set_canonical_weight(model, name, scheme.rtn(ckpt.tensors[name].load(np.float32)))
         self.rounded = twin
 
     def logits(self, p: Any) -> np.ndarray:

@@ -32,11 +32,6 @@ log = logging.getLogger(__name__)
 
 ROWS = 256  # sampled output rows per matrix (per expert)
 FULL_K = 4096  # inputs up to this width get the full Hessian and GPTQ; wider ones the diagonal and round to nearest
-_INPUT_OF = {"self_attn.k_proj.weight": "self_attn.q_proj.weight", "self_attn.v_proj.weight": "self_attn.q_proj.weight",
-             "feed_forward.up_proj.weight": "feed_forward.gate_proj.weight",
-             "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared_expert.gate_proj.weight",
-             "feed_forward.experts.up_proj": "feed_forward.experts.gate_proj"}  # (calib.hessian._SHARES)
-
 
 def _rows(t: LazyTensor, expert: int | None = None) -> np.ndarray:
     """Up to ROWS evenly spaced output rows of a matrix (or of one expert of a stack), float32 [r, K]."""
@@ -130,6 +125,7 @@ def output_errors(ckpt: Checkpoint, units: Mapping[str, Sequence[str]], schemes:
     """unit -> its error under each of its schemes on the calibration activations, and the routing shares found
     (MoE layer -> each expert's fraction of tokens). One calibration pass of the float model (nothing quantized)."""
     from .calib import calibrate
+    from .calib.hessian import _SHARES  # which captured input feeds which linear (k/v read q's, up reads gate's)
 
     tokens = sum(len(i) for i in ids)
     unit_of = {n: k for k, names in units.items() for n in names}
@@ -141,7 +137,7 @@ def output_errors(ckpt: Checkpoint, units: Mapping[str, Sequence[str]], schemes:
             if not name.startswith(f"model.layers.{layer}."):
                 continue
             local = name.split(".", 3)[3]
-            src, t = _INPUT_OF.get(local, local), ckpt.tensors[name]
+            src, t = _SHARES.get(local, local), ckpt.tensors[name]
             if t.is_experts:
                 counts = np.array([n.get((src, e), 0) for e in range(t.shape[0])], np.float64)
                 shares[layer] = counts / tokens

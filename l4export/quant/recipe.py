@@ -316,10 +316,15 @@ def scheme_from_record(record: dict[str, Any], where: str) -> AnyScheme:
     return scheme
 
 
-def placed_recipe(name: str, schemes: Mapping[str, dict], placement: Mapping[str, str]) -> Recipe:
-    """The recipe an export recorded (l4export.json ``quant.schemes`` / ``quant.placement``): one rule per tensor."""
+def placed_schemes(schemes: Mapping[str, dict], placement: Mapping[str, str]) -> dict[str, AnyScheme]:
+    """Each quantized tensor's scheme as an export recorded it (l4export.json ``quant.schemes`` / ``quant.placement``)."""
     made = {k: scheme_from_record(v, f"l4export.json quant.schemes.{k}") for k, v in schemes.items()}
-    return Recipe(name, tuple(Rule(n, made[s]) for n, s in placement.items()))
+    return {n: made[s] for n, s in placement.items()}
+
+
+def placed_recipe(name: str, schemes: Mapping[str, dict], placement: Mapping[str, str]) -> Recipe:
+    """The recipe an export recorded: one rule per tensor."""
+    return Recipe(name, tuple(Rule(n, s) for n, s in placed_schemes(schemes, placement).items()))
 
 
 def _reject_unknown(table: dict[str, Any], allowed: set[str] | frozenset[str], at: str, what: str) -> None:

@@ -146,11 +146,7 @@ class Runtime(ABC):
         it is cut back to the start of its own chunk, and that chunk's tokens (< attention_chunk_size) run again."""
         ids = list(ids)
         held = self.history if self.can_reuse else None
-        n = 0
-        if held:
-            limit = min(len(held), len(ids) - 1, self.pos)
-            while n < limit and held[n] == ids[n]:
-                n += 1
+        n = common_prefix(held, ids[: min(len(ids) - 1, self.pos)]) if held else 0
         chunk = self.spec.attention_chunk_size
         if chunk and n < (self.pos // chunk) * chunk:
             n = (n // chunk) * chunk  # the chunked layers no longer hold that chunk: run it again from its start
@@ -386,6 +382,16 @@ class Runtime(ABC):
         for p, text in zip(processed, pieces[1:]):
             ids += image_token_ids(p.grid, per_tile, tok) + self.encode(text, add_bos=False)
         return ids, self.image_features(processed)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def require_tokenizer(path: Path) -> Path:
