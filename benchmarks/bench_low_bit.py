@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant_quality import SEQ, THREADS, corpus, nll_from_logits, train, windows  # noqa: E402
+from bench_quant_quality import SEQ, THREADS, corpus, train, windows  # noqa: E402
 from common import WORK, save_result, table  # noqa: E402
 
 from l4export.demo import BOS, EOS, EOT, PAD  # noqa: E402
@@ -195,6 +195,10 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--budgets", default="3.0", help="mixed:B rows of their own (besides those at each peer's bytes)")
     ap.add_argument("--budget-formats", default="onnx", help="formats of the --budgets rows")
+    ap.add_argument("--placements", default="projection",
+                    help="placements of the ONNX --budgets rows: projection, expert (mixed:B:per-expert), or both")
+    ap.add_argument("--no-peers", action="store_true", help="only the --budgets rows (and the float reference)")
+    ap.add_argument("--tag", default="", help="results/low-bit[-TAG]-DATE.json")
     ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree with build/bin tools.")
@@ -229,6 +233,24 @@ def main() -> None:
         return R[name]
 
     float_mlx = HERE / "mlx-float"
+    if not args.no_peers:
+        peer_rows(args, row, R, ckpt, wins, calib, calib_args, float_mlx)
+    for b in [x for x in args.budgets.split(",") if x]:
+        for fmt in args.budget_formats.split(","):
+            for how in args.placements.split(",") if fmt == "onnx" else ["projection"]:
+                suffix = ":per-expert" if how == "expert" else ""
+                name = f"l4export {fmt} mixed:{b}{suffix} (calibrated)"
+                out = HERE / f"{fmt}-mixed-{b}{'-per-expert' if suffix else ''}-calib"
+                dtype = ["--dtype", "bfloat16"] if fmt == "mlx" else []
+                cache = ["--measurements", str(HERE / f"measure-{fmt}-{how}-calibrated.json")]
+                row(name, lambda out=out, fmt=fmt, q=f"mixed:{b}{suffix}", extra=dtype + cache:
+                    (out, l4(ckpt, out, fmt, *extra, "--quant", q, *calib_args)),
+                    logprobs_export, engine="l4export", fmt=fmt, budget=b, placement=how)
+    report(R, ckpt, data, wins, args)
+
+
+def peer_rows(args, row, R: dict, ckpt: Path, wins: np.ndarray, calib: Path, calib_args: list, float_mlx: Path) -> None:
+    """mlx-lm's and llama.cpp's rows, and l4export's MLX mixed rows at each peer's bytes."""
     row("l4export mlx float (bf16)", lambda: (float_mlx, l4(ckpt, float_mlx, "mlx", "--dtype", "bfloat16")),
         logprobs_export, engine="l4export", fmt="mlx")
     for name, extra in MLX_LM.items():
@@ -248,15 +270,6 @@ def main() -> None:
             row(name, lambda out=out, extra=extra + cache, b=v["bytes"]: (out, l4(ckpt, out, "mlx", "--dtype", "bfloat16",
                                                                                   "--quant", f"mixed:{b}B", *extra)),
                 logprobs_dequantized, engine="l4export", fmt="mlx", peer=peer, measure=how)
-    for b in [x for x in args.budgets.split(",") if x]:
-        for fmt in args.budget_formats.split(","):
-            name = f"l4export {fmt} mixed:{b} (calibrated)"
-            out = HERE / f"{fmt}-mixed-{b}-calib"
-            dtype = ["--dtype", "bfloat16"] if fmt == "mlx" else []
-            row(name, lambda out=out, fmt=fmt, b=b, dtype=dtype: (out, l4(ckpt, out, fmt, *dtype, "--quant", f"mixed:{b}",
-                                                                          *calib_args)),
-                logprobs_export, engine="l4export", fmt=fmt, budget=b)
-    report(R, ckpt, data, wins, args)
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------------------
@@ -378,11 +391,30 @@ def report(R: dict, ckpt: Path, data: dict, wins: np.ndarray, args) -> None:
     goals = compute_goals(R)
     for k, g in goals.items():
         print(f"{'MET   ' if g['met'] else 'MISSED'} {k}: {g['value']}")
+    placement = compare_placements(R)
+    for b, c in placement.items():
+        print(f"mixed:{b} ONNX per expert vs per projection: {c}")
     result = {"model": {"config": CONFIG, "train": info, "checkpoint": ckpt.name},
               "data": {k: v for k, v in data.items() if k != "data"},
-              "eval": {"windows": int(wins.shape[0]), "seq": SEQ}, "rows": R, "goals": goals}
-    path = save_result("low-bit", result)
+              "eval": {"windows": int(wins.shape[0]), "seq": SEQ}, "rows": R, "goals": goals, "placement": placement}
+    path = save_result("low-bit" + (f"-{args.tag}" if args.tag else ""), result)
     print(f"\nwrote {path}")
+
+
+def compare_placements(R: dict) -> dict:
+    """Per budget, the ONNX rows placed per expert and per projection side by side (increase, KL, top-1, bytes)."""
+    out = {}
+    for k, v in R.items():
+        if v.get("placement") != "expert" or "ppl" not in v:
+            continue
+        proj = R.get(k.replace(":per-expert", ""), {})
+        if "ppl" not in proj:
+            continue
+        pick = lambda r, n: {"increase_pct": round(increase(R, n), 3), "kl": round(r["kl"], 5),  # noqa: E731
+                             "top1": round(r["top1"], 4), "bytes": r["bytes"]}
+        out[v["budget"]] = {"projection": pick(proj, k.replace(":per-expert", "")), "expert": pick(v, k),
+                            "expert_better": v["kl"] < proj["kl"]}
+    return out
 
 
 def compute_goals(R: dict) -> dict:

@@ -35,7 +35,7 @@ from .errors import UsageError
 from .names import canonical_shapes, is_vision
 from .plan import Format, tensor_bytes
 from .quant.recipe import MIXED, Recipe, Rule, parse_budget
-from .quant.schemes import Int
+from .quant.schemes import Int, PerExpert
 from .spec import Llama4Spec
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Unit:
     kind: str  # attention.qkv, attention.o, experts.gate_up, experts.down, experts, shared..., mlp..., lm_head, embedding
     tensors: tuple[str, ...]
     layer: int | None = None
+    expert: int | None = None  # per-expert placement: this routed expert of the stacks in ``tensors``
 
 
 @dataclass
@@ -98,13 +99,29 @@ class Allocation:
         return {"budget": self.budget, "budget_bytes": self.budget_bytes, "bytes": self.nbytes,
                 "bits_per_weight": round(self.bpw, 4), "params": self.params, "fixed_bytes": self.fixed_bytes,
                 "measure": self.measure,
+                "placement": "expert" if any(u.expert is not None for u in self.units.values()) else "projection",
                 "units": [{"unit": k, "tensors": list(self.units[k].tensors), "scheme": o.scheme.name,
                            "bytes": o.nbytes, "error": o.error, "share": self.shares.get(k, 1.0)}
                           for k, o in self.chosen.items()]}
 
 
-def units(spec: Llama4Spec, fmt: Format, pinned: set[str]) -> list[Unit]:
-    """The allocatable units of the text model, in model order (pinned tensors and float kinds left out)."""
+def units(spec: Llama4Spec, fmt: Format, pinned: set[str], per_expert: bool = False) -> list[Unit]:
+    """The allocatable units of the text model, in model order (pinned tensors and float kinds left out);
+    ``per_expert`` (ONNX): each routed expert of a layer a unit of its own (gate, up and down together)."""
+    found = _units(spec, fmt, pinned)
+    if not per_expert:
+        return found
+    out = []
+    for u in found:
+        if u.kind != "experts":
+            out.append(u)
+            continue
+        n = spec.num_experts
+        out += [Unit(f"layer {u.layer} expert {e}", "expert", u.tensors, u.layer, e) for e in range(n)]
+    return out
+
+
+def _units(spec: Llama4Spec, fmt: Format, pinned: set[str]) -> list[Unit]:
     found: dict[str, list[str]] = {}
     kinds: dict[str, tuple[str, int | None]] = {}
     for name in canonical_shapes(spec):
@@ -134,7 +151,9 @@ def candidates(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, targ
     for bits in int_bits(fmt, target, embedding=unit.kind == "embedding"):
         for g in GROUPS:
             if all(shapes[n][-1] % g == 0 for n in unit.tensors):
-                out.append(Int(bits, g, symmetric=fmt == "onnx" and bits >= 4, accuracy_level=acc))
+                # one routed expert: asymmetric at every width (a stack's experts share the zero-point form)
+                sym = fmt == "onnx" and bits >= 4 and unit.kind != "expert"
+                out.append(Int(bits, g, symmetric=sym, accuracy_level=acc))
     return out
 
 
@@ -143,8 +162,10 @@ def options(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, dtype: 
     out = []
     for s in candidates(unit, shapes, fmt, target):
         # plan._qmoe_stored: routed experts; an MLP whose gate/up/down are one int4 scheme (the whole unit here)
-        qmoe = unit.kind == "experts" or (unit.kind in ("shared", "mlp") and len(unit.tensors) == 3 and s.bits == 4)
-        out.append(Option(s, sum(tensor_bytes(fmt, n, shapes[n], s, dtype, target, qmoe) for n in unit.tensors)))
+        qmoe = unit.kind in ("experts", "expert") or (unit.kind in ("shared", "mlp") and len(unit.tensors) == 3
+                                                      and s.bits == 4)
+        one = (lambda n: shapes[n][1:]) if unit.expert is not None else (lambda n: shapes[n])  # noqa: E731
+        out.append(Option(s, sum(tensor_bytes(fmt, n, one(n), s, dtype, target, qmoe) for n in unit.tensors)))
     return out
 
 
@@ -221,8 +242,16 @@ def _hull(opts: list[Option]) -> list[Option]:
 def recipe_of(alloc: Allocation, pins: Recipe) -> Recipe:
     """The allocation as a recipe: the pins first, then the float router and norms, then one rule per tensor."""
     rules = list(pins.rules) + [Rule("*.feed_forward.router.weight", None), Rule("*norm.weight", None)]
+    stacks: dict[str, dict[int, Int]] = {}  # per-expert units: stack name -> expert -> scheme
     for k, o in alloc.chosen.items():
-        rules += [Rule(n, o.scheme) for n in alloc.units[k].tensors]
+        u = alloc.units[k]
+        if u.expert is None:
+            rules += [Rule(n, o.scheme) for n in u.tensors]
+        for n in u.tensors if u.expert is not None else ():
+            stacks.setdefault(n, {})[u.expert] = o.scheme
+    for n, by in stacks.items():
+        each = tuple(by[e] for e in sorted(by))
+        rules.append(Rule(n, each[0] if len(set(each)) == 1 else PerExpert(each)))
     name = pins.name if pins.name.startswith(MIXED) else f"{pins.name} ({MIXED}{pins.budget})"
     return Recipe(name, tuple(rules))
 
@@ -252,7 +281,11 @@ def layout(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str)
     text = {n: s for n, s in shapes.items() if not is_vision(n)}
     params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
     pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
-    found = [u for u in units(spec, fmt, pinned) if candidates(u, shapes, fmt, target)]
+    if pins.placement == "expert" and fmt != "onnx":
+        raise UsageError(f"--quant {pins.name}: per-expert placement is for --format onnx (mlx-lm's SwitchGLU reads one "
+                         "width per projection per layer); use mixed:B for MLX")
+    per_expert = pins.placement == "expert"
+    found = [u for u in units(spec, fmt, pinned, per_expert) if candidates(u, shapes, fmt, target)]
     opts = {u.key: options(u, shapes, fmt, dtype, target) for u in found}
     return Layout(params, found, opts, fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target))
 
@@ -307,11 +340,32 @@ def allocate(ckpt: Any, pins: Recipe, fmt: Format, dtype: str, target: str, cali
         for o, e in zip(lay.options[key], errs):
             o.error = float(e)
     alloc.shares = {u.key: _share(u, spec, shares) for u in lay.units}
-    alloc.chosen = choose(lay.options, left)
+    alloc.chosen, lay.options = _choose_placement(lay, left)
     recipe = _within(alloc, lay, pins, spec, (fmt, dtype, target))
     log.info("mixed %s: %d units placed by %s, %.3f bits per weight (%d of %d bytes)", pins.budget, len(lay.units),
              alloc.measure, alloc.bpw, alloc.nbytes, alloc.budget_bytes)
     return recipe, alloc
+
+
+def _choose_placement(lay: Layout, left: int) -> tuple[dict[str, Option], dict[str, list[Option]]]:
+    """``choose`` over the layout; with per-expert units, the routed experts share one group size (a stack's scales
+    keep one shape): each group size is tried for all of them and the least summed error kept. Returns the choice
+    and the options it chose from."""
+    experts = {u.key for u in lay.units if u.expert is not None}
+    if not experts:
+        return choose(lay.options, left), lay.options
+    best = None
+    for g in GROUPS:
+        opts = {k: [o for o in v if k not in experts or o.scheme.group_size == g] for k, v in lay.options.items()}
+        if any(not v for v in opts.values()) or sum(min(o.nbytes for o in v) for v in opts.values()) > left:
+            continue
+        chosen = choose(opts, left)
+        err = sum(o.error for o in chosen.values())
+        if best is None or err < best[0]:
+            best = (err, chosen, opts)
+    if best is None:
+        raise UsageError("no group size fits every routed expert into the budget; raise the budget")
+    return best[1], best[2]
 
 
 def _within(alloc: Allocation, lay: Layout, pins: Recipe, spec: Llama4Spec, how: tuple) -> Recipe:
@@ -339,6 +393,7 @@ def _measure(ckpt: Any, found: list[Unit], opts: dict[str, list[Option]], calib:
     from .quant.measure import output_errors, weight_errors
 
     names = {u.key: u.tensors for u in found}
+    experts = {u.key: u.expert for u in found if u.expert is not None}
     schemes = {k: [o.scheme for o in v] for k, v in opts.items()}
     key = _measure_key(ckpt, schemes, calib, ids)
     if cache is not None and cache.is_file():
@@ -351,9 +406,9 @@ def _measure(ckpt: Any, found: list[Unit], opts: dict[str, list[Option]], calib:
             return data["errors"], {int(k): np.array(v) for k, v in data["shares"].items()}
         log.warning("%s was measured for another checkpoint, target or calibration: measuring again", cache)
     if calib is None:
-        errors, shares = weight_errors(ckpt, names, schemes), {}
+        errors, shares = weight_errors(ckpt, names, schemes, experts=experts), {}
     else:
-        errors, shares = output_errors(ckpt, names, schemes, ids, calib)
+        errors, shares = output_errors(ckpt, names, schemes, ids, calib, experts)
     if cache is not None:
         tmp = cache.with_name(f".{cache.name}.tmp")
         tmp.write_text(json.dumps({"key": key, "errors": errors, "shares": {str(k): v.tolist() for k, v in shares.items()}}))
@@ -377,6 +432,8 @@ def _measure_key(ckpt: Any, schemes: dict, calib: Any, ids: list | None) -> str:
 
 def _share(u: Unit, spec: Llama4Spec, shares: dict) -> float:
     """The share of tokens through a unit: a layer's routed experts together take top-k per token."""
+    if u.expert is not None:
+        return float(shares[u.layer][u.expert]) if u.layer in shares else spec.top_k / spec.num_experts
     if u.kind.startswith("experts"):
         return float(shares[u.layer].sum()) if u.layer in shares else float(spec.top_k)
     return 1.0

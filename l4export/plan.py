@@ -40,7 +40,7 @@ from .capabilities import DTYPE_BYTES, attention_form, check_dtype, int_bits
 from .errors import CapabilityError, UsageError
 from .names import COMPONENTS, canonical_shapes, component, is_vision, vision_shapes
 from .quant.recipe import PRESETS, Recipe, Rule, for_model
-from .quant.schemes import AnyScheme, Fp8, Int, MxFp8
+from .quant.schemes import AnyScheme, Fp8, Int, MxFp8, PerExpert
 from .spec import Llama4Spec
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,10 @@ def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme |
         if name == "model.embed_tokens.weight" and not (isinstance(s, Int) and s.bits in int_bits("onnx", "cpu", True)):
             raise CapabilityError(f"recipe {recipe.name}: {s.name} for {name} has no ONNX Runtime gather kernel; "
                                   "use int4 or int8 (GatherBlockQuantized), or float")
-        if not isinstance(s, (Int, Fp8)):
+        if isinstance(s, PerExpert) and ".feed_forward.experts." not in name:
+            raise CapabilityError(f"recipe {recipe.name}: {name} is not a stack of routed experts; per-expert widths "
+                                  "are for routed experts only")
+        if not isinstance(s, (Int, Fp8, PerExpert)):
             raise CapabilityError(f"recipe {recipe.name}: {s.name} for {name} has no ONNX Runtime kernel; use int4, int8 or fp8")
     for la in spec.layers:
         if not la.is_moe:
@@ -154,6 +157,11 @@ def _check_onnx(spec: Llama4Spec, recipe: Recipe, schemes: dict[str, AnyScheme |
         pre = f"model.layers.{la.index}.feed_forward.experts"
         gate, up, down = (schemes.get(f"{pre}.{p}") for p in EXPERTS)
         if gate is None and up is None and down is None:
+            continue
+        if isinstance(gate, PerExpert) or isinstance(down, PerExpert):  # one QMoE node per width: the three agree
+            if not gate == up == down:
+                raise CapabilityError(f"recipe {recipe.name}: {pre} gate/up/down have per-expert widths that differ; "
+                                      "the experts' QMoE nodes need one width per expert for all three")
             continue
         ok = (gate is not None and gate == up and down is not None and type(down) is type(gate)
               and (not isinstance(gate, Int) or (down.bits == gate.bits and down.group_size == gate.group_size))
@@ -196,6 +204,8 @@ def _onnx_bytes(name: str, shape: tuple[int, ...], s: AnyScheme | None, dt: int,
     if isinstance(s, Int):
         scale_bytes = (2 if dt == 4 else dt) if qmoe else dt
         return _int_bytes(shape, s, scale_bytes, 1, not s.symmetric)
+    if isinstance(s, PerExpert):  # one QMoE node per width: each expert's own bytes
+        return sum(_onnx_bytes(name, shape[1:], e, dt, target, qmoe) for e in s.schemes)
     return _fp8_onnx_bytes(name, shape, s, target)
 
 
@@ -212,6 +222,8 @@ def _mlx_bytes(shape: tuple[int, ...], s: AnyScheme | None, dt: int) -> int:
         return numel * dt
     if isinstance(s, Int):
         return _int_bytes(shape, s, dt, 2, False)
+    if isinstance(s, PerExpert):
+        return sum(_mlx_bytes(shape[1:], e, dt) for e in s.schemes)
     return numel + numel // 32  # mxfp8: e4m3 codes + one e8m0 byte per 32 inputs
 
 

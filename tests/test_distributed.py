@@ -72,9 +72,17 @@ def test_ray_calibration_is_byte_identical(cluster, qscout, tmp_path, calib_text
     assert one == many
 
 
-def test_ray_mixed_low_bit_calibration_is_byte_identical(cluster, qscout, tmp_path, calib_text):
-    """mixed:3.5 calibrated: the measurement pass, then GPTQ at 2 to 8 bits as Ray jobs, give the bytes of one process."""
-    one, many = _pair(qscout, tmp_path, "onnx", calib_text, "mixed:3.5")
+@pytest.mark.parametrize("quant", ["mixed:3.5", "mixed:3.5:per-expert"])
+def test_ray_mixed_low_bit_calibration_is_byte_identical(cluster, qscout, tmp_path, calib_text, quant):
+    """mixed:3.5 calibrated: the measurement pass, then GPTQ at 2 to 8 bits as Ray jobs, give the bytes of one
+    process; per expert too (a batch's experts at several widths, appended to one stack)."""
+    one, many = _pair(qscout, tmp_path, "onnx", calib_text, quant)
+    assert one == many
+
+
+def test_ray_per_expert_round_to_nearest_is_byte_identical(cluster, qscout, tmp_path):
+    """Round to nearest ahead of the writer: jobs of one width each, stacked again in the spill."""
+    one, many = _pair(qscout, tmp_path, "onnx", None, "mixed:3.5:per-expert")
     assert one == many
 
 

@@ -291,6 +291,30 @@ def test_slice_wise_rtn_equals_whole_tensor_rtn(qscout):
                 assert (a is None and b is None) or np.array_equal(a, b), name
 
 
+def test_per_expert_widths_round_trip_expert_by_expert(qscout):
+    """PerExpert: expert e is exactly its own width's round trip; sliced reads (ahead.rtn, QTensor.lead) see plain
+    Int schemes; the l4export.json record reads back; widths that differ in more than their bits are refused."""
+    from l4export.checkpoint import Checkpoint
+    from l4export.quant.ahead import quant_runs, rtn
+    from l4export.quant.recipe import scheme_from_record
+    from l4export.quant.schemes import PerExpert, scheme_record
+
+    t = Checkpoint(qscout)["model.layers.0.feed_forward.experts.down_proj"]
+    n = t.shape[0]
+    each = PerExpert(tuple(Int((2, 4, 8)[e % 3], 32, symmetric=False) for e in range(n)))
+    w = t.load(np.float32)
+    whole, sliced = each.quantize(w), rtn(t, each, slice_bytes=3000)
+    for e in range(n):
+        one = each.schemes[e].quantize(w[e : e + 1])
+        assert np.array_equal(whole.q[e], one.q[0]) and np.array_equal(sliced.q[e], one.q[0])
+        assert np.array_equal(each.dequantize(whole)[e], each.schemes[e].dequantize(one)[0])
+        assert whole.lead(e, e + 1).scheme == each.schemes[e]
+    assert all(len({each.schemes[e] for e in range(a, b)}) == 1 for a, b in quant_runs(t, each))
+    assert scheme_from_record(scheme_record(each), "x") == each
+    with pytest.raises(RecipeError, match="differ in more than their bits"):
+        PerExpert((Int(2, 32, symmetric=False), Int(4, 64, symmetric=False)))
+
+
 ASYMMETRIC = """name = "asym"
 [[rule]]
 match = "*.router.weight"

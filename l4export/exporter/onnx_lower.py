@@ -39,7 +39,7 @@ from ..checkpoint import SLICE_BYTES, LazyTensor
 from ..outputs import Columns
 from ..quant import pack
 from ..quant.ahead import quant_runs, rtn
-from ..quant.schemes import FP8, AnyScheme, Fp8, Int, QTensor
+from ..quant.schemes import FP8, AnyScheme, Fp8, Int, PerExpert, QTensor
 from ..quant.stream import Run, Streamed
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
 
@@ -121,7 +121,7 @@ class Lowering:
 
 
 def kind(scheme: AnyScheme | None) -> str:
-    return "float" if scheme is None else "int" if isinstance(scheme, Int) else "fp8"
+    return "float" if scheme is None else "int" if isinstance(scheme, (Int, PerExpert)) else "fp8"
 
 
 def _base(name: str) -> str:
@@ -336,9 +336,52 @@ def float_experts(lo: Lowering, route: Route, names: tuple[str, ...], base: str,
     return per_rank(lo, route, lambda x, probs: moe(lo.g, x, probs, w1, w2))
 
 
-def int_experts(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: Int) -> ir.Value:
+def int_experts(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: Int | PerExpert) -> ir.Value:
+    if isinstance(scheme, PerExpert):
+        return per_width(lo, route, names, base, scheme)
+    return per_rank(lo, route, _qmoe(lo, names, base, scheme, None))
+
+
+def per_width(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: PerExpert) -> ir.Value:
+    """Routed experts at several widths (the mixed allocator's per-expert placement): one QMoE node per width over
+    its own experts. Each token's rows go to the node of its expert's width (Compress), and come back in place
+    (ScatterND); a token is computed once, by one node.
+
+        probs [T, E] -> ArgMax -> expert [T] -> width [T] --+--> rows of width w: x [n_w, H], probs [n_w, E_w] -> QMoE_w
+                                                            +--> ... each width -> ScatterND into [T, H] zeros
+
+    Why the routing stays the single node's, bit for bit: the node of width w sees the same router_probs, only its
+    experts' columns, in ascending order; the token's expert (the first largest column, as ArgMax and the single
+    node take it) is the largest of those columns too, and the first of them."""
+    g = lo.g
+    widths = scheme.widths()
+    of = np.zeros(len(scheme.schemes), np.int64)
+    for w, (_, experts) in enumerate(widths):
+        of[list(experts)] = w
+    nodes = [_qmoe(lo, names, f"{base}.int{s.bits}", s, experts) for s, experts in widths]
+
+    def node(x: ir.Value, probs: ir.Value) -> ir.Value:
+        width = g.op("Gather", g.const(of), g.op("ArgMax", probs, axis=1, keepdims=0))  # [T]
+        out = g.op("Expand", g.const(np.zeros((1, 1), g.np_dtype)), g.op("Shape", x))  # [T, H] zeros
+        for w, (_, experts) in enumerate(widths):
+            at = g.op("Transpose", g.op("NonZero", g.op("Equal", width, g.i64(w))), perm=[1, 0])  # [n_w, 1]
+            rows = g.op("Reshape", at, g.i64(-1))  # [n_w]
+            mine = g.op("Gather", g.op("Gather", probs, rows, axis=0), g.const(np.array(experts, np.int64)), axis=1)
+            out = g.op("ScatterND", out, at, nodes[w](g.op("Gather", x, rows, axis=0), mine))
+        return out
+
+    return per_rank(lo, route, node)
+
+
+def _qmoe(lo: Lowering, names: tuple[str, ...], base: str, scheme: Int,
+          experts: tuple[int, ...] | None) -> Callable[[ir.Value, ir.Value], ir.Value]:
+    """A QMoE node maker over the routed experts ``experts`` (None: all) of one width: its weights, streamed a few
+    experts at a time, and ``node(x, probs)``."""
     gate_n, up_n, down_n = names
     e, i, h = _experts_shape(lo, gate_n)
+    runs = _expert_runs(lo, gate_n)
+    if experts is not None:  # the runs' parts that hold these experts, in order
+        e, runs = len(experts), [r for a, b in runs for r in _member_runs(experts, a, b)]
     bits, blk = scheme.bits, scheme.group_size
     if bits == 8 and scheme.accuracy_level == 0:
         log.warning("%s: block-wise int8 QMoE computes with int8 activations on ORT CPU (~5e-2 error)", base)
@@ -353,7 +396,7 @@ def int_experts(lo: Lowering, route: Route, names: tuple[str, ...], base: str, s
             return {"w": pack.qmoe_weights(*qts), "s": pack.qmoe_scales(*qts, dtype=sdt),
                     "z": None if scheme.symmetric else pack.qmoe_zero_points(*qts)}
 
-        layout = lambda: lo.quant.streamed(f"{base}.{key}", _expert_runs(lo, names[0]), make, "w")  # noqa: E731
+        layout = lambda: lo.quant.streamed(f"{base}.{key}", runs, make, "w")  # noqa: E731
         w = lo.weight(f"{base}.{key}.qweight", (e, n, k * bits // 8), np.uint8, lambda: layout().chunks())
         s = lo.weight(f"{base}.{key}.scales", (e, n, k // blk), sdt, lambda: layout().part("s"))
         z = None if scheme.symmetric else lo.weight(f"{base}.{key}.qzeros", (e, n, (k // blk * bits + 7) // 8),
@@ -370,7 +413,19 @@ def int_experts(lo: Lowering, route: Route, names: tuple[str, ...], base: str, s
                        domain=MS_DOMAIN, k=1, normalize_routing_weights=1, activation_type="swiglu", swiglu_fusion=1,
                        expert_weight_bits=bits, block_size=blk, **attrs)
 
-    return per_rank(lo, route, node)
+    return node
+
+
+def _member_runs(experts: tuple[int, ...], a: int, b: int) -> list[Run]:
+    """The runs of consecutive ``experts`` inside [a, b)."""
+    out: list[list[int]] = []
+    for x in experts:
+        if a <= x < b:
+            if out and out[-1][1] == x:
+                out[-1][1] = x + 1
+            else:
+                out.append([x, x + 1])
+    return [(p, q) for p, q in out]
 
 
 def _experts_input_qdq(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> Route:

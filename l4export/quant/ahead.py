@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import Checkpoint, LazyTensor
-from .schemes import AnyScheme, Int, QTensor, assembled
+from .schemes import AnyScheme, Int, PerExpert, QTensor, assembled, plain
 from .spill import Part, SpilledTensors, save_part
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ def sliceable(t: LazyTensor, scheme: AnyScheme) -> bool:
 def quant_runs(t: LazyTensor, scheme: AnyScheme) -> list[tuple[int, int]]:
     """The leading-axis runs ``rtn(t, scheme, run)`` is asked for by a streaming writer: one slice of float32
     each, or the whole tensor when the scheme does not quantize its rows on their own."""
+    if isinstance(scheme, PerExpert):
+        return scheme.runs(t.runs())  # one width per run
     return t.runs() if sliceable(t, scheme) else [(0, t.shape[0])]
 
 
@@ -45,9 +47,12 @@ def rtn(t: LazyTensor, scheme: AnyScheme, lead: tuple[int, int] | None = None,
     if not sliceable(t, scheme):
         return scheme.quantize(t.load(np.float32))
     if lead is not None:
-        return scheme.quantize(t.lead(lead, np.float32))
-    parts = ((slice(a, b), scheme.quantize(t.lead((a, b), np.float32))) for a, b in t.runs(slice_bytes))
-    return assembled(parts, t.shape[0], 0)  # one slice's float32 beside the codes at a time
+        return plain(scheme, *lead).quantize(t.lead(lead, np.float32))
+    runs = t.runs(slice_bytes)
+    runs = scheme.runs(runs) if isinstance(scheme, PerExpert) else runs
+    parts = ((slice(a, b), plain(scheme, a, b).quantize(t.lead((a, b), np.float32))) for a, b in runs)
+    qt = assembled(parts, t.shape[0], 0)  # one slice's float32 beside the codes at a time
+    return QTensor(scheme, qt.q, qt.scale, qt.zero)
 
 
 def rtn_job(t: LazyTensor, scheme: AnyScheme, experts: tuple[int, int] | None, folder: str) -> Part:
@@ -58,7 +63,7 @@ def rtn_job(t: LazyTensor, scheme: AnyScheme, experts: tuple[int, int] | None, f
 def _jobs(ckpt: Checkpoint, todo: Mapping[str, AnyScheme], folder: str) -> Iterator[tuple[str, tuple]]:
     for name, scheme in todo.items():
         t = ckpt[name]
-        for run in t.runs() if t.is_experts else [None]:
+        for run in quant_runs(t, scheme) if t.is_experts else [None]:
             yield name, (t, scheme, run, folder)
 
 

@@ -54,9 +54,11 @@ def _rel_rtn(w: np.ndarray, s: AnyScheme) -> float:
 
 
 def weight_errors(ckpt: Checkpoint, units: Mapping[str, Sequence[str]], schemes: Mapping[str, Sequence[AnyScheme]],
-                  shares: Mapping[int, np.ndarray] | None = None) -> dict[str, list[float]]:
+                  shares: Mapping[int, np.ndarray] | None = None,
+                  experts: Mapping[str, int] | None = None) -> dict[str, list[float]]:
     """unit -> its error under each of its schemes (weights only). ``shares``: MoE layer -> each expert's share of
-    tokens (default top-k / E each)."""
+    tokens (default top-k / E each); ``experts``: unit -> the one routed expert of its stacks it is (per-expert
+    placement; default all of them)."""
     spec = ckpt.spec
     out = {}
     for key, names in units.items():
@@ -66,7 +68,7 @@ def weight_errors(ckpt: Checkpoint, units: Mapping[str, Sequence[str]], schemes:
             if t.is_experts:
                 layer = int(name.split(".")[2])
                 share = (shares or {}).get(layer, np.full(t.shape[0], spec.top_k / t.shape[0]))
-                for e in range(t.shape[0]):
+                for e in _experts_of(key, experts, t.shape[0]):
                     w = _rows(t, e)
                     err += share[e] * np.array([_rel_rtn(w, s) for s in schemes[key]])
             else:
@@ -75,6 +77,10 @@ def weight_errors(ckpt: Checkpoint, units: Mapping[str, Sequence[str]], schemes:
         out[key] = err.tolist()
         log.debug("measured %s (weights): %s", key, ", ".join(f"{s.name} {e:.3g}" for s, e in zip(schemes[key], err)))
     return out
+
+
+def _experts_of(key: str, experts: Mapping[str, int] | None, n: int) -> list[int]:
+    return [experts[key]] if experts and key in experts else list(range(n))
 
 
 class _Inputs:
@@ -121,34 +127,40 @@ def _rel_gptq(w: np.ndarray, h: Any, schemes: Sequence[AnyScheme], damp: float) 
 
 
 def output_errors(ckpt: Checkpoint, units: Mapping[str, Sequence[str]], schemes: Mapping[str, Sequence[AnyScheme]],
-                  ids: list[np.ndarray], options: Any) -> tuple[dict[str, list[float]], dict[int, np.ndarray]]:
+                  ids: list[np.ndarray], options: Any,
+                  experts: Mapping[str, int] | None = None) -> tuple[dict[str, list[float]], dict[int, np.ndarray]]:
     """unit -> its error under each of its schemes on the calibration activations, and the routing shares found
     (MoE layer -> each expert's fraction of tokens). One calibration pass of the float model (nothing quantized)."""
     from .calib import calibrate
     from .calib.hessian import _SHARES  # which captured input feeds which linear (k/v read q's, up reads gate's)
 
     tokens = sum(len(i) for i in ids)
-    unit_of = {n: k for k, names in units.items() for n in names}
+    unit_of: dict[str, list[str]] = {}  # tensor -> its units (per-expert placement: one per expert)
+    for k, names in units.items():
+        for n in names:
+            unit_of.setdefault(n, []).append(k)
     out = {k: np.zeros(len(v)) for k, v in schemes.items()}
     shares: dict[int, np.ndarray] = {}
 
     def done(layer: int, h: dict, n: dict) -> None:
-        for name, key in unit_of.items():
+        for name, keys in unit_of.items():
             if not name.startswith(f"model.layers.{layer}."):
                 continue
             local = name.split(".", 3)[3]
             src, t = _SHARES.get(local, local), ckpt.tensors[name]
-            if t.is_experts:
-                counts = np.array([n.get((src, e), 0) for e in range(t.shape[0])], np.float64)
-                shares[layer] = counts / tokens
-                # the layer's mean input, worth prior_tokens tokens, blended in as calibration does for GPTQ (an
-                # expert with few tokens would otherwise look easy: GPTQ fits its few inputs)
-                prior = sum(h[(src, int(e))] for e in np.flatnonzero(counts)) / max(counts.sum(), 1)
-                for e in np.flatnonzero(counts):
+            if not t.is_experts:
+                for key in keys if (src, -1) in h else ():
+                    out[key] += _rel_gptq(_rows(t), h[(src, -1)], schemes[key], options.damp)
+                continue
+            counts = np.array([n.get((src, e), 0) for e in range(t.shape[0])], np.float64)
+            shares[layer] = counts / tokens
+            # the layer's mean input, worth prior_tokens tokens, blended in as calibration does for GPTQ (an
+            # expert with few tokens would otherwise look easy: GPTQ fits its few inputs)
+            prior = sum(h[(src, int(e))] for e in np.flatnonzero(counts)) / max(counts.sum(), 1)
+            for key in keys:
+                for e in (e for e in _experts_of(key, experts, t.shape[0]) if counts[e]):
                     he = h[(src, int(e))] + options.prior_tokens * prior
                     out[key] += counts[e] / tokens * _rel_gptq(_rows(t, int(e)), he, schemes[key], options.damp)
-            elif (src, -1) in h:
-                out[key] += _rel_gptq(_rows(t), h[(src, -1)], schemes[key], options.damp)
 
     watch = _Inputs(done)
     result = calibrate(ckpt, {}, ids, options, observer=watch)

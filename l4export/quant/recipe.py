@@ -39,7 +39,7 @@ from ..capabilities import MXFP8_GROUP, fitting_group, int_bits
 from ..errors import CapabilityError, RecipeError
 from ..names import VISION_PREFIXES, canonical_shapes, is_linear_weight, is_vision
 from ..spec import Llama4Spec
-from .schemes import INT_WIDTHS, AnyScheme, Fp8, Int, MxFp8
+from .schemes import INT_WIDTHS, AnyScheme, Fp8, Int, MxFp8, PerExpert
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class Recipe:
     # ("40GB") of the text weights; the rules pin tensors and l4export.mixed allocates the rest, by measurement,
     # into a recipe of one rule per tensor (budget None). make_plan takes only allocated recipes.
     budget: str | None = None
+    # where the allocator may vary widths: "projection" (one width per projection per layer: what mlx-lm reads) or
+    # "expert" (ONNX: each routed expert its own width, one QMoE node per width; ``mixed:B:per-expert``)
+    placement: str = "projection"
 
     def scheme_for(self, name: str) -> AnyScheme | None:
         """The scheme of the first rule matching ``name`` (None: float)."""
@@ -111,6 +114,10 @@ class Recipe:
         tensor a rule hits: per-channel FP8 routed experts on ``--target cuda`` (QMoE fp8 takes square blocks
         only) and static FP8 activation scales without calibration or where calibration computes none."""
         schemes = {r.scheme for r in self.rules if r.scheme is not None}
+        if any(isinstance(s, PerExpert) for s in schemes) and fmt == "mlx":
+            raise CapabilityError(f"recipe {self.name}: per-expert widths are written for --format onnx only (mlx-lm's "
+                                  "SwitchGLU reads one width per projection per layer); place per projection for MLX")
+        schemes = {e for s in schemes for e in (s.schemes if isinstance(s, PerExpert) else (s,))}
         for s in schemes:
             if isinstance(s, MxFp8) and fmt == "onnx":
                 raise CapabilityError(
@@ -274,7 +281,8 @@ def _fit(s: AnyScheme, shapes: list[tuple[int, ...]]) -> AnyScheme | None:
 
 
 # ---- TOML ---------------------------------------------------------------------------------------------
-_TOP_KEYS = {"name", "rule", "budget"}
+_TOP_KEYS = {"name", "rule", "budget", "placement"}
+PLACEMENTS = ("projection", "expert")
 _SCHEME_KEYS: dict[str, set[str]] = {
     **{f"int{b}": {"group_size", "symmetric", "accuracy_level"} for b in INT_WIDTHS},
     "fp8": {"activation", "block_size"},
@@ -310,6 +318,15 @@ def _scheme(kind: str, opts: dict[str, Any], where: str) -> AnyScheme | None:
 def scheme_from_record(record: dict[str, Any], where: str) -> AnyScheme:
     """The scheme ``schemes.scheme_record`` wrote (l4export.json ``quant.schemes``)."""
     opts = {k: v for k, v in record.items() if k != "kind"}
+    if record.get("kind") == "per-expert":
+        bits = opts.pop("bits", None)
+        if not isinstance(bits, list) or not bits or not all(isinstance(b, int) and not isinstance(b, bool) for b in bits):
+            raise RecipeError(f"{where}: a per-expert scheme needs bits, one integer per expert; convert the export again")
+        made = [_scheme(f"int{b}", opts, where) for b in bits]
+        try:
+            return PerExpert(tuple(made))  # type: ignore[arg-type]
+        except RecipeError as err:
+            raise RecipeError(f"{where}: {err}") from None
     scheme = _scheme(str(record.get("kind")), opts, where)
     if scheme is None:
         raise RecipeError(f"{where}: unknown scheme kind {record.get('kind')!r}; convert the export again")
@@ -364,10 +381,14 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
     name = data.get("name", Path(where).stem)
     if not isinstance(name, str):
         raise RecipeError(f"{where}: name must be a string")
-    return Recipe(name, tuple(rules), None if budget is None else str(budget))
+    placement = data.get("placement", "projection")
+    if placement not in PLACEMENTS or budget is None and "placement" in data:
+        raise RecipeError(f"{where}: placement must be \"projection\" or \"expert\", beside a budget")
+    return Recipe(name, tuple(rules), None if budget is None else str(budget), placement)
 
 
 MIXED = "mixed:"
+PER_EXPERT = ":per-expert"  # mixed:3.0:per-expert
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 MIN_BPW, MAX_BPW = 2.0, 16.0
@@ -392,8 +413,10 @@ def load_recipe(value: str | Path) -> Recipe:
     if isinstance(value, str) and value in PRESETS:
         return PRESETS[value]
     if isinstance(value, str) and value.startswith(MIXED):
-        parse_budget(value[len(MIXED):], "--quant")
-        return Recipe(value, (), value[len(MIXED):])
+        budget, per_expert = value[len(MIXED):], value.endswith(PER_EXPERT)
+        budget = budget.removesuffix(PER_EXPERT)
+        parse_budget(budget, "--quant")
+        return Recipe(value, (), budget, "expert" if per_expert else "projection")
     path = Path(value)
     if path.suffix != ".toml" or not path.is_file():
         raise RecipeError(f"--quant {value}: not a preset ({', '.join(PRESETS)}), mixed:BITS or mixed:SIZE, nor an "

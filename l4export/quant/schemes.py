@@ -51,8 +51,8 @@ class QTensor:
         return tuple(self.q.shape)
 
     def lead(self, a: int, b: int) -> QTensor:
-        """Rows (experts of a stack) [a, b): views, nothing copied."""
-        return QTensor(self.scheme, self.q[a:b], self.scale[a:b], None if self.zero is None else self.zero[a:b])
+        """Rows (experts of a stack) [a, b): views, nothing copied (a ``PerExpert`` scheme sliced with them)."""
+        return QTensor(plain(self.scheme, a, b), self.q[a:b], self.scale[a:b], None if self.zero is None else self.zero[a:b])
 
     def rows(self, r: slice | np.ndarray) -> QTensor:
         """Output rows ``r`` (axis -2) of every leading entry: scales and zero points are per row as well."""
@@ -350,7 +350,97 @@ class MxFp8(_Base):
         return (qg * qt.scale[..., None]).reshape(qt.q.shape).astype(np.float32)
 
 
-AnyScheme = Union[Int, Fp8, MxFp8]
+@dataclass(frozen=True)
+class PerExpert:
+    """A stack of routed experts [E, out, in] at their own widths: ``schemes[e]`` quantizes expert e (the mixed
+    allocator's per-expert placement, ``mixed.allocate(per_expert=True)``). One group size, zero-point form and
+    accuracy level for all, only the bits differ, so the stack's codes, scales and zero points keep one shape and
+    every reader of a run of experts of one width (``at``) sees a plain ``Int``."""
+
+    schemes: tuple[Int, ...]
+
+    def __post_init__(self) -> None:
+        first = self.schemes[0]
+        for s in self.schemes:
+            if (s.group_size, s.symmetric, s.accuracy_level) != (first.group_size, first.symmetric, first.accuracy_level):
+                raise RecipeError(f"per-expert widths: {s.name} and {first.name} differ in more than their bits; "
+                                  "experts of one tensor share the group size, zero points and accuracy level")
+
+    @property
+    def name(self) -> str:
+        f = self.schemes[0]
+        acc = f"-acc{f.accuracy_level}" if f.accuracy_level else ""
+        return f"experts-g{f.group_size}-{'sym' if f.symmetric else 'asym'}{acc}:{''.join(str(s.bits) for s in self.schemes)}"
+
+    @property
+    def group_size(self) -> int:
+        return self.schemes[0].group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.schemes[0].symmetric
+
+    @property
+    def accuracy_level(self) -> int:
+        return self.schemes[0].accuracy_level
+
+    @property
+    def bits(self) -> int:
+        """The widest expert's width (what a reader that takes one width must run)."""
+        return max(s.bits for s in self.schemes)
+
+    def group_for(self, in_dim: int) -> int:
+        return self.group_size
+
+    def at(self, a: int, b: int) -> "Int | PerExpert":
+        """The scheme of experts [a, b): an ``Int`` when they share one width."""
+        part = self.schemes[a:b]
+        return part[0] if len(set(part)) == 1 else PerExpert(part)
+
+    def runs(self, runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``runs`` split where the width changes (each run: one ``Int``)."""
+        out = []
+        for a, b in runs:
+            start = a
+            for e in range(a + 1, b):
+                if self.schemes[e] != self.schemes[start]:
+                    out.append((start, e))
+                    start = e
+            out.append((start, b))
+        return out
+
+    def widths(self) -> list[tuple[Int, tuple[int, ...]]]:
+        """Each width's scheme and its experts (ascending), narrowest first."""
+        found: dict[Int, list[int]] = {}
+        for e, s in enumerate(self.schemes):
+            found.setdefault(s, []).append(e)
+        return [(s, tuple(found[s])) for s in sorted(found, key=lambda s: s.bits)]
+
+    def quantize(self, w: np.ndarray) -> QTensor:
+        """w [E, out, in], expert e by schemes[e]; codes, scales, zero points stacked, the scheme this one."""
+        if w.ndim != 3 or w.shape[0] != len(self.schemes):
+            raise ValueError(f"{self.name}: expects [{len(self.schemes)}, out, in] experts, got {list(w.shape)}")
+        parts = ((slice(a, b), self.at(a, b).quantize(w[a:b])) for a, b in self.runs([(0, w.shape[0])]))
+        qt = assembled(parts, w.shape[0], 0)
+        return QTensor(self, qt.q, qt.scale, qt.zero)
+
+    def dequantize(self, qt: QTensor) -> np.ndarray:
+        out = np.empty(qt.q.shape, np.float32)
+        for a, b in self.runs([(0, qt.q.shape[0])]):
+            s = self.at(a, b)
+            out[a:b] = s.dequantize(QTensor(s, qt.q[a:b], qt.scale[a:b], None if qt.zero is None else qt.zero[a:b]))
+        return out
+
+    def rtn(self, w: np.ndarray) -> np.ndarray:
+        return self.dequantize(self.quantize(w))
+
+
+def plain(scheme: "AnyScheme", a: int, b: int) -> "AnyScheme":
+    """The scheme experts [a, b) of a stack take (a ``PerExpert`` sliced; any other scheme as it is)."""
+    return scheme.at(a, b) if isinstance(scheme, PerExpert) else scheme
+
+
+AnyScheme = Union[Int, Fp8, MxFp8, PerExpert]
 
 
 def scheme_record(s: AnyScheme) -> dict[str, Any]:
@@ -360,6 +450,9 @@ def scheme_record(s: AnyScheme) -> dict[str, Any]:
                 "accuracy_level": s.accuracy_level}
     if isinstance(s, Fp8):
         return {"kind": "fp8", "activation": s.activation, "block_size": s.block_size}
+    if isinstance(s, PerExpert):
+        return {"kind": "per-expert", "bits": [e.bits for e in s.schemes], "group_size": s.group_size,
+                "symmetric": s.symmetric, "accuracy_level": s.accuracy_level}
     return {"kind": "mxfp8"}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .schemes import QTensor
+from .schemes import Int, PerExpert, QTensor
 
 
 _SUFFIXES = ("q", "scale", "zero")
@@ -65,6 +65,20 @@ def save_part(folder: str | Path, qt: QTensor) -> Part:
                                  for suffix, a in zip(_SUFFIXES, (qt.q, qt.scale, qt.zero))))
 
 
+def stacked(name: str, first: Any, n1: int, then: Any, n2: int) -> PerExpert:
+    """The scheme of ``n1`` experts of scheme ``first`` followed by ``n2`` of ``then`` (integer widths only)."""
+    def each(s: Any, n: int) -> tuple:
+        if isinstance(s, PerExpert) and len(s.schemes) == n:
+            return s.schemes
+        if isinstance(s, Int):
+            return (s,) * n
+        raise ValueError(f"{name}: appended part does not match the earlier parts")
+    try:
+        return PerExpert(each(first, n1) + each(then, n2))
+    except Exception as err:  # RecipeError: the widths differ in more than their bits
+        raise ValueError(f"{name}: appended part does not match the earlier parts ({err})") from None
+
+
 class SpilledTensors(Mapping[str, QTensor]):
     """Calibrated tensors, spilled to disk as they are produced and mapped back read-only on access.
 
@@ -90,8 +104,10 @@ class SpilledTensors(Mapping[str, QTensor]):
             meta = self._meta[name] = [len(self._meta), qt.scheme,
                                        *(None if a is None else (a.dtype, tuple(a.shape)) for a in parts)]
         else:
-            if meta[1] != qt.scheme or any((m is None) != (a is None) or (a is not None and m[1][1:] != a.shape[1:])
-                                           for m, a in zip(meta[2:], parts)):
+            if meta[1] != qt.scheme:  # experts at several widths (PerExpert), or an error
+                meta[1] = stacked(name, meta[1], meta[2][1][0], qt.scheme, qt.q.shape[0])
+            if any((m is None) != (a is None) or (a is not None and m[1][1:] != a.shape[1:])
+                   for m, a in zip(meta[2:], parts)):
                 raise ValueError(f"{name}: appended part does not match the earlier parts")
             for j, a in enumerate(parts):
                 if a is not None:

@@ -159,13 +159,13 @@ def _quantize_dense(layer: int, W: _Weights, lazy: dict, dense_plan: dict[str, A
         full = f"model.layers.{layer}.{n}"
         key = _SHARES.get(n, n)
         acc = accs[key]
-        qt, stats = _rows_quantized(lazy[n], scheme, acc.blended(1.0, 0.0), run.options)
+        stats = _rows_quantized(lazy[n], scheme, acc.blended(1.0, 0.0), run.options,
+                                lambda part, full=full: run.result.tensors.append(full, part))
         run.result.stats[full] = {**stats, "tokens": acc.n.tolist()}
         if isinstance(scheme, Fp8) and scheme.activation == "static":
             run.result.act_scales[full] = _static_scales(acc.amax, acc.n)
-        run.result.tensors.append(full, qt)
-        # the codes, not the float weights: at Maverick width its dense MLP's three are 0.5 GB in bf16
-        W.raw[n] = _Dequantized(qt, run.dev)
+        # the codes (spilled, mapped), not the float weights: at Maverick width its dense MLP's three are 0.5 GB in bf16
+        W.raw[n] = _Dequantized(run.result.tensors[full], run.dev)
         _log_tensor(full, scheme, stats, run.options.method)
         if all(_SHARES.get(m, m) != key for m, _ in todo[i + 1:]):
             del accs[key], acc  # [K, K]: 0.1 GB at K = 5120 (a tiled one's files go with it)
@@ -194,5 +194,5 @@ def _global_tensors(X: Samples, run: _Run) -> None:
             for x in X:
                 acc.add(-1, rms(x, norm, ckpt.spec.rms_norm_eps))
             hess = acc.blended(1.0, 0.0)
-        qt, run.result.stats[name] = _rows_quantized(t, scheme, hess, run.options)
-        run.result.tensors.append(name, qt)
+        run.result.stats[name] = _rows_quantized(t, scheme, hess, run.options,
+                                                 lambda part, name=name: run.result.tensors.append(name, part))

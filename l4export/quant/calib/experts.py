@@ -12,7 +12,7 @@ import numpy as np
 from ...heap import ACTIVATIONS, WEIGHTS, give_back, mapped_from
 from ...torch_llama4 import RowBuffer, expert_hidden
 from ..gptq import F64_MAX_K, gptq, one_thread
-from ..schemes import AnyScheme, QTensor
+from ..schemes import AnyScheme, PerExpert, QTensor, assembled, plain
 from ..spill import ArrayFile, Part, save_part
 from .hessian import _SHARES, _Acc
 from .options import CalibOptions, Observer
@@ -85,7 +85,8 @@ def run_expert_batch(job: ExpertBatch, observe: Observer | None = None) -> Batch
             acc = accs[key]
             prior = job.priors[key]
             hb = acc.blended(_torch(prior.load(), dev) if isinstance(prior, ArrayFile) else prior, job.alpha)
-            qt = _quantize(lambda n=n: load(n), hb, job.plan[n], job.options, res.stats[n], fresh=True)
+            qt = _quantize(lambda n=n: load(n), hb, plain(job.plan[n], job.a, job.b), job.options, res.stats[n],
+                           fresh=True)
             res.amax[n] = acc.amax
             res.parts[n] = save_part(job.folder, qt)
             del qt, hb
@@ -124,7 +125,13 @@ def _quantize(load: Callable[[], np.ndarray], hb, scheme: AnyScheme, options: Ca
               stats: dict[str, list[float]], fresh: bool = False) -> QTensor:
     """RTN and (GPTQ or RTN) of w = load() [B, N, K] on the blended Hessians hb [B, K, K]; extends ``stats`` per
     entry. ``fresh``: load() reads w anew each time (from the checkpoint); GPTQ then works in w itself, and the
-    statistics read it again (one [N, K] less at the peak)."""
+    statistics read it again (one [N, K] less at the peak). Experts of several widths (``PerExpert``): each width's
+    run on its own, stacked."""
+    if isinstance(scheme, PerExpert):
+        parts = [(slice(a, b), _quantize(lambda a=a, b=b: load()[a:b], hb[a:b], scheme.at(a, b), options, stats))
+                 for a, b in scheme.runs([(0, len(scheme.schemes))])]
+        qt = assembled(parts, len(scheme.schemes), 0)
+        return QTensor(scheme, qt.q, qt.scale, qt.zero)
     h_np = hb.cpu().numpy()
     w = load()
     rtn = scheme.quantize(w)

@@ -5,7 +5,7 @@ embedding)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from ...heap import WEIGHTS, mapped_from
 from ...torch_llama4 import RowBuffer
 from .. import tiles
 from ..gptq import factored, gptq, output_sqnr, sampled_rows
-from ..schemes import AnyScheme, QTensor, assembled, db
+from ..schemes import AnyScheme, QTensor, db, plain
 from .options import CalibOptions
 from .stats import _square_sums
 
@@ -79,19 +79,21 @@ class _Dequantized:
 
 def _entry(qt: QTensor, i: int = 0) -> QTensor:
     """Entry ``i`` of a stack [B, N, K] as an [N, K] tensor."""
-    return type(qt)(qt.scheme, qt.q[i], qt.scale[i], None if qt.zero is None else qt.zero[i])
+    return type(qt)(plain(qt.scheme, i, i + 1), qt.q[i], qt.scale[i], None if qt.zero is None else qt.zero[i])
 
 
 ROW_BLOCK = 64 << 20  # _rows_quantized's step: output rows of at most 64 MB in float32
 
 
 @mapped_from(WEIGHTS)
-def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions) -> tuple[QTensor, dict]:
+def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions,
+                    sink: Callable[[QTensor], None]) -> dict:
     """RTN, and GPTQ on ``hess`` (in memory or ``tiles.Tiles``) unless the method is RTN, of a 2-D tensor (``t``:
-    its ``shape`` and ``load_rows``) in blocks of ``ROW_BLOCK`` bytes: GPTQ treats rows independently (one H), so
-    the codes are those of the whole matrix, which is never float32 whole (Scout's lm_head [202048, 5120]: 4.1 GB).
-    Statistics (one entry each): weight SQNRs over every row, output SQNRs on ``sampled_rows`` when there is a
-    Hessian."""
+    its ``shape`` and ``load_rows``) in blocks of ``ROW_BLOCK`` bytes, each block's codes handed to ``sink`` (the
+    spill: appended along the rows) as it is made: GPTQ treats rows independently (one H), so the codes are those of
+    the whole matrix, which is never float32 whole (Scout's lm_head [202048, 5120]: 4.1 GB), nor its codes (1 GB).
+    Returns the statistics (one entry each): weight SQNRs over every row, output SQNRs on ``sampled_rows`` when
+    there is a Hessian."""
     n, k = t.shape
     rows = max(1, ROW_BLOCK // (4 * k))
     sums = {"sig": 0.0, "weight_sqnr_rtn": 0.0, "weight_sqnr_calibrated": 0.0}
@@ -115,16 +117,18 @@ def _rows_quantized(t: Any, scheme: AnyScheme, hess: Any, options: CalibOptions)
             yield slice(a, a + rows), _entry(qt)
 
     if hess is None or options.method != "gptq":
-        qt = assembled(parts(None), n, 0)
+        for _, part in parts(None):
+            sink(part)
     else:
         with factored(hess, options.damp, options.spill_dir) as factor:  # one factor for every row block
-            qt = assembled(parts(factor), n, 0)
+            for _, part in parts(factor):
+                sink(part)
     stats = {key: [float(db(sums["sig"], sums[key]))] for key in ("weight_sqnr_rtn", "weight_sqnr_calibrated")}
     if hess is not None:  # (after ``factored``: H is whole again)
         w = np.concatenate(kept.pop("w"), axis=1)
         for key, v in kept.items():
             stats[f"output_sqnr_{key}"] = output_sqnr(w, np.concatenate(v, axis=1), _numpy(hess)).tolist()
-    return qt, stats
+    return stats
 
 
 def _numpy(hess: Any) -> Any:
