@@ -107,17 +107,18 @@ class Allocation:
 
 def units(spec: Llama4Spec, fmt: Format, pinned: set[str], per_expert: bool = False) -> list[Unit]:
     """The allocatable units of the text model, in model order (pinned tensors and float kinds left out);
-    ``per_expert`` (ONNX): each routed expert of a layer a unit of its own (gate, up and down together)."""
+    ``per_expert``: each routed expert of a layer a unit of its own (ONNX: gate, up and down together; MLX: gate/up
+    and down, as its per-projection units)."""
     found = _units(spec, fmt, pinned)
     if not per_expert:
         return found
     out = []
     for u in found:
-        if u.kind != "experts":
+        if not u.kind.startswith("experts"):
             out.append(u)
             continue
-        n = spec.num_experts
-        out += [Unit(f"layer {u.layer} expert {e}", "expert", u.tensors, u.layer, e) for e in range(n)]
+        kind = u.kind.replace("experts", "expert")  # ONNX: expert (gate, up, down); MLX: expert.gate_up, expert.down
+        out += [Unit(f"layer {u.layer} {kind} {e}", kind, u.tensors, u.layer, e) for e in range(spec.num_experts)]
     return out
 
 
@@ -152,7 +153,7 @@ def candidates(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, targ
         for g in GROUPS:
             if all(shapes[n][-1] % g == 0 for n in unit.tensors):
                 # one routed expert: asymmetric at every width (a stack's experts share the zero-point form)
-                sym = fmt == "onnx" and bits >= 4 and unit.kind != "expert"
+                sym = fmt == "onnx" and bits >= 4 and unit.expert is None
                 out.append(Int(bits, g, symmetric=sym, accuracy_level=acc))
     return out
 
@@ -163,7 +164,7 @@ def options(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, dtype: 
     for s in candidates(unit, shapes, fmt, target):
         # plan._qmoe_stored: routed experts; an MLP whose gate/up/down are one int4 scheme (the whole unit here)
         qmoe = unit.kind in ("experts", "expert") or (unit.kind in ("shared", "mlp") and len(unit.tensors) == 3
-                                                      and s.bits == 4)
+                                                      and s.bits == 4)  # (MLX: no QMoE, the flag is not read)
         one = (lambda n: shapes[n][1:]) if unit.expert is not None else (lambda n: shapes[n])  # noqa: E731
         out.append(Option(s, sum(tensor_bytes(fmt, n, one(n), s, dtype, target, qmoe) for n in unit.tensors)))
     return out
@@ -281,9 +282,6 @@ def layout(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str)
     text = {n: s for n, s in shapes.items() if not is_vision(n)}
     params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
     pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
-    if pins.placement == "expert" and fmt != "onnx":
-        raise UsageError(f"--quant {pins.name}: per-expert placement is for --format onnx (mlx-lm's SwitchGLU reads one "
-                         "width per projection per layer); use mixed:B for MLX")
     per_expert = pins.placement == "expert"
     found = [u for u in units(spec, fmt, pinned, per_expert) if candidates(u, shapes, fmt, target)]
     opts = {u.key: options(u, shapes, fmt, dtype, target) for u in found}

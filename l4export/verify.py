@@ -109,8 +109,9 @@ def threshold_for(info: ExportInfo) -> tuple[str, Threshold]:
 
 
 def width_key(records) -> str:
-    """The THRESHOLDS row of the lowest width among scheme records (kind: int2..int8, fp8, mxfp8)."""
-    bits = sorted(int(r["kind"][3:]) for r in records if r["kind"].startswith("int"))
+    """The THRESHOLDS row of the lowest width among scheme records (kind: int2..int8, per-expert, fp8, mxfp8)."""
+    bits = sorted([int(r["kind"][3:]) for r in records if r["kind"].startswith("int")]
+                  + [b for r in records if r["kind"] == "per-expert" for b in r["bits"]])
     if not bits:
         return "fp8"
     return {2: "int2", 3: "int3", 4: "int4", 5: "int4", 6: "int4", 8: "int8"}[bits[0]]

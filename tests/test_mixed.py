@@ -370,8 +370,23 @@ def test_per_width_routing_is_the_single_nodes(scout, tmp_path, dtype):
         assert list(rt.generate(ids, 4)) == ref.rounded.greedy(p, 4)
 
 
-def test_per_expert_placement_is_onnx_only(scout, tmp_path):
-    r = CliRunner().invoke(main, ["convert", str(scout), "-o", str(tmp_path / "o"), "--format", "mlx",
-                                  "--quant", "mixed:3.0:per-expert"])
-    assert r.exit_code != 0 and "per-expert placement is for --format onnx" in r.output
-    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+@pytest.mark.mlx
+def test_mlx_per_expert_widths_run_in_our_runtime_and_mlx_lm_refuses_them(scout, tmp_path):
+    """The MLX opt-in: each width's experts a stack of their own; our runtime sends each routed row to its width's
+    stack and equals transformers on the same rounded weights (the twin); mlx-lm cannot read the layout and says so
+    (an error, not a wrong answer), and l4export.json records why."""
+    from mlx_lm import load
+
+    out = convert(scout, tmp_path / "pe", ExportOptions(format="mlx", quant=load_recipe("mixed:3.5:per-expert"),
+                                                        text_only=True))
+    info = read_export_info(out)
+    kinds = [info.quant.schemes[s] for n, s in info.quant.placement.items() if ".experts." in n]
+    assert any(r["kind"] == "per-expert" and len(set(r["bits"])) > 1 for r in kinds)
+    assert export_tensor_bytes(out) == info.quant.allocation["bytes"] <= info.quant.allocation["budget_bytes"]
+    assert any("per-expert widths" in d for d in json.loads((out / "l4export.json").read_text())["mlx"]["mlx_lm"]["differences"])
+    r = CliRunner().invoke(main, ["verify", str(out), "--reference", str(scout), "--greedy-tokens", "4"])
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
+    twin = [float(line.split()[1]) for line in r.output.splitlines() if line.strip().startswith("twin")]
+    assert twin and max(twin) <= 1e-5, r.output  # rel: the lowering is exact, only the widths' rounding is lost
+    with pytest.raises(Exception, match="per_expert_bits"):
+        load(str(out))

@@ -46,8 +46,8 @@ from ..outputs import PendingTensor, write_sharded
 from ..plan import ExportPlan
 from ..quant.ahead import quant_runs, rtn
 from ..quant.pack import mlx_config_entry, to_mlx
-from ..quant.schemes import Fp8, Int, QTensor
-from ..quant.stream import Run, Streamed
+from ..quant.schemes import Fp8, Int, PerExpert, QTensor
+from ..quant.stream import Run, Streamed, member_runs
 from ..spec import Llama4Spec
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,21 @@ def mlx_module(canonical: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def _entries(name: str, s: Any) -> dict[str, Any]:
+    """A module's "quantization" entries; per-expert widths: one sub-module per width (``{module}.int{bits}``, the
+    stack of that width's experts), and on the module itself each expert's bits (l4export's runtime reads them)."""
+    module = mlx_module(name)
+    if not isinstance(s, PerExpert):
+        return {module: mlx_config_entry(s)}
+    out = {f"{module}.int{w.bits}": mlx_config_entry(w) for w, _ in s.widths()}
+    return {**out, module: {"group_size": s.group_size, "bits": s.bits, "mode": "affine",
+                            "per_expert_bits": [e.bits for e in s.schemes]}}
+
+
 def quantization_config(shapes: dict[str, tuple[int, ...]], plan: dict[str, Any]) -> dict[str, Any]:
     """config.json "quantization": the most common entry as the global default, then one explicit entry per
     module path: the quantized ones, and ``false`` for every other linear/embedding (router, norms excluded)."""
-    entries = {mlx_module(n): mlx_config_entry(s) for n, s in plan.items()}
+    entries = {k: v for n, s in plan.items() for k, v in _entries(n, s).items()}
     counts: dict[str, int] = {}
     for e in entries.values():
         counts[json.dumps(e, sort_keys=True)] = counts.get(json.dumps(e, sort_keys=True), 0) + 1
@@ -194,7 +205,7 @@ def quantization_config(shapes: dict[str, tuple[int, ...]], plan: dict[str, Any]
         if not is_linear_weight(n, shape):
             continue
         cfg[mlx_module(n)] = entries.get(mlx_module(n), False)
-    return cfg
+    return {**cfg, **{k: v for k, v in entries.items() if k not in cfg}}  # (per-width sub-modules)
 
 
 def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype,
@@ -227,6 +238,29 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype,
     return [PendingTensor(f"{module}.{k}", s, d, part(k)) for k, s, d in specs]
 
 
+def _per_width_pending(t: LazyTensor, scheme: PerExpert, dtype: np.dtype,
+                       calibrated: Callable[[], QTensor] | None) -> list[PendingTensor]:
+    """Per-expert widths: each width's experts as a stack of their own, ``{module}.int{bits}`` (its uint32 codes
+    have their own row width), written a run of consecutive experts at a time."""
+    out = []
+    for w, experts in scheme.widths():
+        runs = [r for a, b in quant_runs(t, scheme) for r in member_runs(experts, a, b)]
+
+        def make(run: Run, w=w) -> dict[str, np.ndarray]:
+            qt = calibrated().lead(*run) if calibrated is not None else rtn(t, w, run)
+            arrays = to_mlx(qt)
+            return {k: v.astype(dtype) if k != "weight" else v for k, v in arrays.items()}
+
+        layout = Streamed(runs, make, "weight")
+        module, shape = f"{mlx_module(t.name)}.int{w.bits}", (len(experts),) + tuple(t.shape[1:])
+        g, lead = w.group_size, (len(experts),) + tuple(t.shape[1:-1])
+        specs = [("weight", lead + (shape[-1] * w.bits // 32,), np.dtype(np.uint32)),
+                 ("scales", lead + (shape[-1] // g,), dtype), ("biases", lead + (shape[-1] // g,), dtype)]
+        out += [PendingTensor(f"{module}.{k}", s, d, layout.chunks if k == "weight" else (lambda k=k, lay=layout: lay.part(k)))
+                for k, s, d in specs]
+    return out
+
+
 def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None,
                ready: Any = None) -> dict[str, Any]:
     """Write the MLX export of ``ckpt`` into ``out`` (already the temporary folder). Returns l4export.json's "mlx" section.
@@ -235,6 +269,9 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
     spec = ckpt.spec
     dtype = NP_DTYPES[plan.dtype]
     differences = mlx_lm_differences(spec)
+    if any(isinstance(s, PerExpert) for s in plan.quantized.values()):
+        differences.append("per-expert widths: mlx-lm's SwitchGLU reads one width per projection per layer and will "
+                           "not load this export")
     for why in differences:
         log.warning("%s (the l4export MLX runtime runs it as transformers does)", why)
     tensors = list(ckpt) + (list(ckpt.vision.values()) if plan.vision else [])
@@ -262,7 +299,9 @@ def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cali
     for t in tensors:
         if t.name in quantized:
             lookup = (lambda n=t.name: made[n]) if t.name in made else None
-            pending += _quantized_pending(t, quantized[t.name], dtype, lookup)
+            scheme = quantized[t.name]
+            make = _per_width_pending if isinstance(scheme, PerExpert) else _quantized_pending
+            pending += make(t, scheme, dtype, lookup)
         else:
             pending.append(_pending(t, dtype))
     done = 0

@@ -40,7 +40,7 @@ from ..outputs import Columns
 from ..quant import pack
 from ..quant.ahead import quant_runs, rtn
 from ..quant.schemes import FP8, AnyScheme, Fp8, Int, PerExpert, QTensor
-from ..quant.stream import Run, Streamed
+from ..quant.stream import Run, Streamed, member_runs
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ def _qmoe(lo: Lowering, names: tuple[str, ...], base: str, scheme: Int,
     e, i, h = _experts_shape(lo, gate_n)
     runs = _expert_runs(lo, gate_n)
     if experts is not None:  # the runs' parts that hold these experts, in order
-        e, runs = len(experts), [r for a, b in runs for r in _member_runs(experts, a, b)]
+        e, runs = len(experts), [r for a, b in runs for r in member_runs(experts, a, b)]
     bits, blk = scheme.bits, scheme.group_size
     if bits == 8 and scheme.accuracy_level == 0:
         log.warning("%s: block-wise int8 QMoE computes with int8 activations on ORT CPU (~5e-2 error)", base)
@@ -414,18 +414,6 @@ def _qmoe(lo: Lowering, names: tuple[str, ...], base: str, scheme: Int,
                        expert_weight_bits=bits, block_size=blk, **attrs)
 
     return node
-
-
-def _member_runs(experts: tuple[int, ...], a: int, b: int) -> list[Run]:
-    """The runs of consecutive ``experts`` inside [a, b)."""
-    out: list[list[int]] = []
-    for x in experts:
-        if a <= x < b:
-            if out and out[-1][1] == x:
-                out[-1][1] = x + 1
-            else:
-                out.append([x, x + 1])
-    return [(p, q) for p, q in out]
 
 
 def _experts_input_qdq(lo: Lowering, route: Route, names: tuple[str, ...], base: str, scheme: Fp8) -> Route:

@@ -114,9 +114,6 @@ class Recipe:
         tensor a rule hits: per-channel FP8 routed experts on ``--target cuda`` (QMoE fp8 takes square blocks
         only) and static FP8 activation scales without calibration or where calibration computes none."""
         schemes = {r.scheme for r in self.rules if r.scheme is not None}
-        if any(isinstance(s, PerExpert) for s in schemes) and fmt == "mlx":
-            raise CapabilityError(f"recipe {self.name}: per-expert widths are written for --format onnx only (mlx-lm's "
-                                  "SwitchGLU reads one width per projection per layer); place per projection for MLX")
         schemes = {e for s in schemes for e in (s.schemes if isinstance(s, PerExpert) else (s,))}
         for s in schemes:
             if isinstance(s, MxFp8) and fmt == "onnx":

@@ -43,3 +43,15 @@ class Streamed:
                 pass
         assert self.kept is not None
         return self.kept.pop(key)
+
+
+def member_runs(experts: tuple[int, ...], a: int, b: int) -> list[Run]:
+    """The runs of consecutive ``experts`` (ascending) inside [a, b): how a subset of a stack is read and written."""
+    out: list[list[int]] = []
+    for x in experts:
+        if a <= x < b:
+            if out and out[-1][1] == x:
+                out[-1][1] = x + 1
+            else:
+                out.append([x, x + 1])
+    return [(p, q) for p, q in out]

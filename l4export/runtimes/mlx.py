@@ -205,6 +205,13 @@ class MlxRuntime(Runtime):
         missing = [n for n in need if n not in w] + ([] if "lm_head.weight" in w or "lm_head" in self.q else ["lm_head.weight"])
         if missing:
             raise CheckpointError(f"{self.path}: export lacks {PREFIX}{missing[0]}; re-run 'l4export convert --format mlx'")
+        # per-expert widths (mixed:B:per-expert): module -> each expert's bits and its row in its width's stack
+        self.widths: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for path, entry in qcfg.items():
+            if isinstance(entry, dict) and "per_expert_bits" in entry:
+                bits = np.array(entry["per_expert_bits"], np.int64)
+                local = np.array([int((bits[:e] == b).sum()) for e, b in enumerate(bits)], np.int64)
+                self.widths[path[len(PREFIX):] if path.startswith(PREFIX) else path] = (bits, local)
         if self.q:
             log.info("MLX runtime: %d quantized modules (%s)", len(self.q),
                      ", ".join(sorted({f"{m}{b}" for _, _, _, _, b, m in self.q.values()})))
@@ -220,10 +227,32 @@ class MlxRuntime(Runtime):
 
     def _gather(self, x, name: str, idx):
         """Stacked experts [E, out, in]: row (s, j) of x times expert idx[s, j] (gather_mm / gather_qmm)."""
+        if name in self.widths:
+            return self._gather_widths(x, name, idx)
         if name in self.q:
             wq, scales, biases, g, bits, mode = self.q[name]
             return mx.gather_qmm(x, wq, scales, biases, rhs_indices=idx, transpose=True, group_size=g, bits=bits, mode=mode)
         return mx.gather_mm(x, self.w[name + ".weight"].swapaxes(-1, -2), rhs_indices=idx)
+
+    def _gather_widths(self, x, name: str, idx):
+        """Per-expert widths: each width's stack takes the rows routed to its experts (gather_qmm at its bits), and
+        the rows come back in place. Which rows go where is read from the evaluated routing (one sync per MoE
+        projection: the price of the opt-in; the stacks' codes have different row widths, so no single kernel
+        reads them)."""
+        bits, local = self.widths[name]
+        s, k = idx.shape
+        flat = np.array(idx).reshape(-1)  # (S·k,) experts, evaluated here
+        rows_x = x.reshape(s * k, 1, 1, x.shape[-1])
+        order, parts = [], []
+        for b in sorted(set(bits[flat].tolist())):
+            rows = np.flatnonzero(bits[flat] == b)
+            wq, scales, biases, g, nb, mode = self.q[f"{name}.int{b}"]
+            at = mx.array(local[flat[rows]].reshape(-1, 1).astype(np.uint32))
+            parts.append(mx.gather_qmm(rows_x[mx.array(rows)], wq, scales, biases, rhs_indices=at, transpose=True,
+                                       group_size=g, bits=nb, mode=mode))
+            order.append(rows)
+        out = mx.concatenate(parts, axis=0)[mx.array(np.argsort(np.concatenate(order)))]  # (S·k, 1, 1, out)
+        return out.reshape(s, k, 1, out.shape[-1])
 
     # ---- Runtime API ---------------------------------------------------------------------------
     def _reset(self) -> None:
