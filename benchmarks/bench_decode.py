@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, measure, save_result, table  # noqa: E402
 
 MODEL = WORK / "decode-1g"
-ENGINES = ("onnx-fp32", "onnx-int4", "onnx-fp8", "onnx-mixed3.0", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
+ENGINES = ("onnx-fp32", "onnx-int4", "onnx-fp8", "onnx-mixed3.0", "onnx-mixed3.0-pe", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
            "mlx-lm-fp32", "mlx-lm-4bit", "mlx-lm-3bit", "mlx-lm-2bit-g32", "mlx-lm-on-l4-int4", "transformers-fp32",
            "llama.cpp-f32", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
 MLX_LM_BITS = {"mlx-lm-4bit": ("4", "64"), "mlx-lm-3bit": ("3", "64"), "mlx-lm-2bit-g32": ("2", "32")}
@@ -172,10 +172,10 @@ def engine_model(engine: str) -> Path | None:
         return l4_export("mlx-fp32", "mlx")
     if engine in ("mlx-int4", "mlx-lm-on-l4-int4"):
         return l4_export("mlx-int4", "mlx", "--quant", "int4")
-    if engine.startswith("onnx-mixed"):  # mixed:B placed on the weights alone (no calibration: speed only)
-        return l4_export(engine, "onnx", "--quant", f"mixed:{engine.removeprefix('onnx-mixed')}")
-    if engine.startswith("mlx-mixed"):
-        return l4_export(engine, "mlx", "--quant", f"mixed:{engine.removeprefix('mlx-mixed')}")
+    if engine.startswith(("onnx-mixed", "mlx-mixed")):  # mixed:B placed on the weights alone (no calibration:
+        fmt, budget = engine.split("-mixed")                # speed only); -pe: mixed:B:per-expert
+        quant = f"mixed:{budget.removesuffix('-pe')}" + (":per-expert" if budget.endswith("-pe") else "")
+        return l4_export(engine, fmt, "--quant", quant)
     if engine in MLX_LM_BITS:
         return mlx_lm_4bit(l4_export("mlx-fp32", "mlx"), *MLX_LM_BITS[engine])
     if engine == "transformers-fp32":
@@ -423,6 +423,7 @@ def decode_goals(med: dict) -> dict:
     ratio("onnx-fp8", "onnx-fp32", 1.0, "ONNX fp8 decode >= our ONNX fp32")
     ratio("mlx-int4", "mlx-lm-on-l4-int4", 1.0, "MLX int4 decode >= mlx-lm on the same export")
     ratio("onnx-mixed3.0", "onnx-int4", 1.0, "ONNX mixed:3.0 decode >= the int4 preset's (issue 26)")
+    ratio("onnx-mixed3.0-pe", "onnx-mixed3.0", 1.0, "ONNX mixed:3.0 per expert decode vs per projection (issue 26)")
     ratio("mlx-mixed3.5", "mlx-lm-3bit", 1.0, "MLX mixed:3.5 decode >= mlx-lm 3-bit g64 (3.5 bpw; issue 26)")
     ratio("mlx-mixed3.0", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 decode >= mlx-lm 2-bit g32 (3.0 bpw; issue 26)")
     if med.get("onnx-int4", {}).get("bandwidth_share") is not None:
