@@ -172,8 +172,20 @@ def engine_model(engine: str) -> Path | None:
         return l4_export("mlx-fp32", "mlx")
     if engine in ("mlx-int4", "mlx-lm-on-l4-int4"):
         return l4_export("mlx-int4", "mlx", "--quant", "int4")
+    if engine.startswith("mlx-uniform-"):  # every linear and the embedding at one width, as mlx-lm's -q --q-bits
+        bits, group = engine.removeprefix("mlx-uniform-").split("-g")
+        recipe = WORK / f"uniform-{bits}-g{group}.toml"
+        recipe.write_text(f'name = "uniform-{bits}-g{group}"\n[[rule]]\nmatch = "*.router.weight"\nscheme = "float"\n'
+                          f'[[rule]]\nmatch = "*norm.weight"\nscheme = "float"\n[[rule]]\nmatch = "*"\n'
+                          f'scheme = "int{bits}"\ngroup_size = {group}\nsymmetric = false\n')
+        return l4_export(engine, "mlx", "--quant", str(recipe))
     if engine.startswith(("onnx-mixed", "mlx-mixed")):  # mixed:B placed on the weights alone (no calibration:
-        fmt, budget = engine.split("-mixed")                # speed only); -pe: mixed:B:per-expert
+        fmt, budget = engine.split("-mixed")                # speed only); -pe: mixed:B:per-expert; -w2468: only
+        if "-w" in budget:                                   # widths 2, 4, 6, 8 (a recipe's widths = [...])
+            budget, ws = budget.split("-w")
+            recipe = WORK / f"mixed-{budget}-w{ws}.toml"
+            recipe.write_text(f'budget = "{budget}"\nwidths = [{", ".join(ws)}]\n')
+            return l4_export(engine, fmt, "--quant", str(recipe))
         quant = f"mixed:{budget.removesuffix('-pe')}" + (":per-expert" if budget.endswith("-pe") else "")
         return l4_export(engine, fmt, "--quant", quant)
     if engine in MLX_LM_BITS:
@@ -271,7 +283,7 @@ def _timed_decode(step, first: int, n: int) -> tuple[float, int]:
 def run_engine(engine: str, model: Path, prompt: int, new: int, threads: int) -> dict:
     """Prefill ``prompt`` random token ids, then ``new`` greedy decode steps; times in seconds."""
     ids = np.random.default_rng(0).integers(300, 30000, prompt).tolist()
-    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4", "mlx-mixed")):
+    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4", "mlx-mixed", "mlx-uniform")):
         from l4export.runtimes import load_runtime
 
         rt = load_runtime(model)
@@ -350,6 +362,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--tag", default="", help="results/decode[-TAG]-DATE.json (a second run of the day keeps the first)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -405,7 +418,7 @@ def report(runs: dict, models: dict, bw: float, args) -> None:
         print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
     out = {"bandwidth_gbs": bw, "prompt": args.prompt, "new": args.new, "runs": args.runs,
            "threads": args.threads, "medians": med, "all_runs": runs, "goals": goals}
-    path = save_result("decode", out, png=lambda png: plot(med, png))
+    path = save_result("decode" + (f"-{args.tag}" if args.tag else ""), out, png=lambda png: plot(med, png))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
 
 
@@ -426,6 +439,9 @@ def decode_goals(med: dict) -> dict:
     ratio("onnx-mixed3.0-pe", "onnx-mixed3.0", 1.0, "ONNX mixed:3.0 per expert decode vs per projection (issue 26)")
     ratio("mlx-mixed3.5", "mlx-lm-3bit", 1.0, "MLX mixed:3.5 decode >= mlx-lm 3-bit g64 (3.5 bpw; issue 26)")
     ratio("mlx-mixed3.0", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 decode >= mlx-lm 2-bit g32 (3.0 bpw; issue 26)")
+    ratio("mlx-mixed3.0-w2468", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 widths 2/4/6/8 decode >= mlx-lm 2-bit g32")
+    ratio("mlx-uniform-2-g32", "mlx-lm-2bit-g32", 1.0, "MLX int2 g32 everywhere: our runtime >= mlx-lm 2-bit g32")
+    ratio("mlx-uniform-3-g64", "mlx-lm-3bit", 1.0, "MLX int3 g64 everywhere: our runtime >= mlx-lm 3-bit g64")
     if med.get("onnx-int4", {}).get("bandwidth_share") is not None:
         s = med["onnx-int4"]["bandwidth_share"]
         g["ONNX int4 decode >= 25% of the bandwidth ceiling"] = {"value": f"{100 * s:.1f}%", "met": s >= 0.25}

@@ -198,6 +198,8 @@ def main() -> None:
     ap.add_argument("--placements", default="projection",
                     help="placements of the ONNX --budgets rows: projection, expert (mixed:B:per-expert), or both")
     ap.add_argument("--no-peers", action="store_true", help="only the --budgets rows (and the float reference)")
+    ap.add_argument("--widths", default="", help="also a row per budget and format placing only these widths "
+                    "(e.g. 2,4,6,8: the recipe's widths = [...])")
     ap.add_argument("--tag", default="", help="results/low-bit[-TAG]-DATE.json")
     ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -243,9 +245,20 @@ def main() -> None:
                 out = HERE / f"{fmt}-mixed-{b}{'-per-expert' if suffix else ''}-calib"
                 dtype = ["--dtype", "bfloat16"] if fmt == "mlx" else []
                 cache = ["--measurements", str(HERE / f"measure-{fmt}-{how}-calibrated.json")]
+                scorer = logprobs_dequantized if fmt == "mlx" else logprobs_export
                 row(name, lambda out=out, fmt=fmt, q=f"mixed:{b}{suffix}", extra=dtype + cache:
                     (out, l4(ckpt, out, fmt, *extra, "--quant", q, *calib_args)),
-                    logprobs_export, engine="l4export", fmt=fmt, budget=b, placement=how)
+                    scorer, engine="l4export", fmt=fmt, budget=b, placement=how)
+            if args.widths:
+                ws = [int(w) for w in args.widths.split(",")]
+                recipe = HERE / f"widths-{b}-{'-'.join(map(str, ws))}.toml"
+                recipe.write_text(f'budget = "{b}"\nwidths = {ws}\n')
+                name = f"l4export {fmt} mixed:{b} widths {args.widths} (calibrated)"
+                out = HERE / f"{fmt}-mixed-{b}-w{'-'.join(map(str, ws))}-calib"
+                row(name, lambda out=out, fmt=fmt, recipe=recipe, extra=dtype:
+                    (out, l4(ckpt, out, fmt, *extra, "--quant", str(recipe), *calib_args)),
+                    logprobs_dequantized if fmt == "mlx" else logprobs_export, engine="l4export", fmt=fmt, budget=b,
+                    widths=ws)
     report(R, ckpt, data, wins, args)
 
 

@@ -3,9 +3,9 @@
 default device (here: mlx's CPU backend). Why MLX mixed:B is as fast as the kernels of the widths it picks, not as
 its bytes: on a CPU backend the kernels are compute-bound, so a width's speed is its unpacking, not its bytes.
 
-    python -m benchmarks mlx-widths [--repeats 200]
+    python -m benchmarks mlx-widths [--repeats 200] [--dtype float32|bfloat16|float16]
 
-Medians of 5 rounds of ``--repeats`` calls each (one mx.eval per call). Writes results/mlx-widths-DATE.json.
+Medians of 5 rounds of ``--repeats`` calls each (one mx.eval per call). Writes results/mlx-widths-DTYPE-DATE.json.
 """
 
 from __future__ import annotations
@@ -41,12 +41,15 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--dtype", default="float32", help="activations, scales and biases (bfloat16: mlx's CPU backend "
+                    "runs it far slower)")
     args = ap.parse_args()
     mx.random.seed(0)
     rows, out = [], {}
     for label, (n, k, experts) in SHAPES.items():
-        w = mx.random.normal((experts or 1, n, k)).astype(mx.bfloat16)
-        x = mx.random.normal((1, 1, 1, k)).astype(mx.bfloat16)
+        dt = getattr(mx, args.dtype)
+        w = mx.random.normal((experts or 1, n, k)).astype(dt)
+        x = mx.random.normal((1, 1, 1, k)).astype(dt)
         idx = mx.array([[3]], dtype=mx.uint32)
         for bits in (2, 3, 4, 5, 6, 8):
             for g in (32, 64, 128):
@@ -59,9 +62,9 @@ def main() -> None:
                 out[f"{label} int{bits} g{g}"] = round(us, 2)
                 rows.append({"matrix": label, "width": f"int{bits} g{g}", "us per call": f"{us:.1f}",
                              "GB/s": f"{(n * k * bits / 8 + 2 * n * k / g * 2) / us / 1e3:.2f}"})
-    print(f"device: {mx.default_device()}\n")
+    print(f"device: {mx.default_device()}, {args.dtype}\n")
     print(table(rows, ["matrix", "width", "us per call", "GB/s"]))
-    print(f"\nwrote {save_result('mlx-widths', {'device': str(mx.default_device()), 'us_per_call': out})}")
+    print(f"\nwrote {save_result(f'mlx-widths-{args.dtype}', {'device': str(mx.default_device()), 'dtype': args.dtype, 'us_per_call': out})}")
 
 
 if __name__ == "__main__":

@@ -143,13 +143,17 @@ def _units(spec: Llama4Spec, fmt: Format, pinned: set[str]) -> list[Unit]:
     return [Unit(k, kinds[k][0], tuple(v), kinds[k][1]) for k, v in found.items()]
 
 
-def candidates(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, target: str) -> list[Int]:
-    """Every integer scheme the target runs for ``unit``: each width it reads x each group dividing the inputs.
+def candidates(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, target: str,
+               widths: tuple[int, ...] | None = None) -> list[Int]:
+    """Every integer scheme the target runs for ``unit`` (of ``widths``, the recipe's choice, when given): each width
+    it reads x each group dividing the inputs.
     ONNX CPU: int8 activations (accuracy_level 4, the int4 preset's speed); symmetric from 4 bits (no zero points
     to store), asymmetric below (a zero point pays at 2 bits). MLX stores a bias per group anyway: asymmetric."""
     acc = 4 if fmt == "onnx" and target == "cpu" else 0
     out = []
     for bits in int_bits(fmt, target, embedding=unit.kind == "embedding"):
+        if widths is not None and bits not in widths:
+            continue
         for g in GROUPS:
             if all(shapes[n][-1] % g == 0 for n in unit.tensors):
                 # one routed expert: asymmetric at every width (a stack's experts share the zero-point form)
@@ -158,10 +162,11 @@ def candidates(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, targ
     return out
 
 
-def options(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, dtype: str, target: str) -> list[Option]:
+def options(unit: Unit, shapes: dict[str, tuple[int, ...]], fmt: Format, dtype: str, target: str,
+            widths: tuple[int, ...] | None = None) -> list[Option]:
     """Each candidate with its exact bytes (what make_plan will count)."""
     out = []
-    for s in candidates(unit, shapes, fmt, target):
+    for s in candidates(unit, shapes, fmt, target, widths):
         # plan._qmoe_stored: routed experts; an MLP whose gate/up/down are one int4 scheme (the whole unit here)
         qmoe = unit.kind in ("experts", "expert") or (unit.kind in ("shared", "mlp") and len(unit.tensors) == 3
                                                       and s.bits == 4)  # (MLX: no QMoE, the flag is not read)
@@ -283,8 +288,8 @@ def layout(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str)
     params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
     pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
     per_expert = pins.placement == "expert"
-    found = [u for u in units(spec, fmt, pinned, per_expert) if candidates(u, shapes, fmt, target)]
-    opts = {u.key: options(u, shapes, fmt, dtype, target) for u in found}
+    found = [u for u in units(spec, fmt, pinned, per_expert) if candidates(u, shapes, fmt, target, pins.widths)]
+    opts = {u.key: options(u, shapes, fmt, dtype, target, pins.widths) for u in found}
     return Layout(params, found, opts, fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target))
 
 

@@ -390,3 +390,18 @@ def test_mlx_per_expert_widths_run_in_our_runtime_and_mlx_lm_refuses_them(scout,
     assert twin and max(twin) <= 1e-5, r.output  # rel: the lowering is exact, only the widths' rounding is lost
     with pytest.raises(Exception, match="per_expert_bits"):
         load(str(out))
+
+
+def test_a_recipe_can_limit_the_widths_placed(scout, tmp_path):
+    """``widths = [2, 8]`` beside a budget: only those widths are placed (e.g. the widths whose kernels run fastest
+    on a device); a width no kernel reads, or widths without a budget, is a one-line RecipeError."""
+    recipe = tmp_path / "w.toml"
+    recipe.write_text('budget = "4.0"\nwidths = [2, 8]\n')
+    out = convert(scout, tmp_path / "out", ExportOptions(format="mlx", quant=load_recipe(str(recipe)), text_only=True))
+    q = read_export_info(out).quant
+    assert {q.schemes[s]["kind"] for s in q.placement.values()} <= {"int2", "int8"}
+    assert export_tensor_bytes(out) == q.allocation["bytes"] <= q.allocation["budget_bytes"]
+    for bad in ('budget = "4.0"\nwidths = [7]\n', 'widths = [2]\n[[rule]]\nmatch = "*"\nscheme = "int4"\n'):
+        recipe.write_text(bad)
+        with pytest.raises(RecipeError, match="widths must be a list"):
+            load_recipe(str(recipe))
