@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, measure, save_result, table  # noqa: E402
 
 MODEL = WORK / "decode-1g"
-ENGINES = ("onnx-fp32", "onnx-int4", "onnx-fp8", "onnx-mixed3.0", "onnx-mixed3.0-pe", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
+ENGINES = ("onnx-fp32", "onnx-int4", "genai-int4", "onnx-fp8", "onnx-mixed3.0", "onnx-mixed3.0-pe", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
            "mlx-lm-fp32", "mlx-lm-4bit", "mlx-lm-3bit", "mlx-lm-2bit-g32", "mlx-lm-on-l4-int4", "transformers-fp32",
            "llama.cpp-f32", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
 MLX_LM_BITS = {"mlx-lm-4bit": ("4", "64"), "mlx-lm-3bit": ("3", "64"), "mlx-lm-2bit-g32": ("2", "32")}
@@ -166,6 +166,8 @@ def engine_model(engine: str) -> Path | None:
     """The file or folder an engine runs (made on first use); None when the engine is not installed."""
     if engine == "onnx-fp32":
         return l4_export("onnx-fp32", "onnx")
+    if engine == "genai-int4":  # onnxruntime-genai's own generator on our int4 export
+        return l4_export("onnx-int4", "onnx", "--quant", "int4")
     if engine in ("onnx-int4", "onnx-fp8"):
         return l4_export(engine, "onnx", "--quant", engine.split("-")[1])
     if engine in ("mlx-fp32", "mlx-lm-fp32"):
@@ -242,7 +244,7 @@ def safetensors_bytes_per_token(folder: Path) -> int:
 
 
 def bytes_per_token(engine: str, model: Path) -> int | None:
-    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4", "mlx-mixed", "mlx-lm-fp32", "mlx-lm-on-l4")):
+    if engine.startswith(("onnx", "genai", "mlx-fp32", "mlx-int4", "mlx-mixed", "mlx-lm-fp32", "mlx-lm-on-l4")):
         return l4_bytes_per_token(model)
     if engine in MLX_LM_BITS:
         return safetensors_bytes_per_token(model)
@@ -293,6 +295,24 @@ def run_engine(engine: str, model: Path, prompt: int, new: int, threads: int) ->
         logits = rt.forward(ids, last_only=True)[-1]
         pre = time.perf_counter() - t
         dec, _ = _timed_decode(lambda tok: rt.forward([tok])[-1], int(np.argmax(logits)), new)
+    elif engine.startswith("genai"):
+        import onnxruntime_genai as og
+
+        cfg = og.Config(str(model))
+        cfg.clear_providers()  # CPU
+        m = og.Model(cfg)
+        params = og.GeneratorParams(m)
+        params.set_search_options(max_length=prompt + new + 1, do_sample=False)
+        gen = og.Generator(m, params)
+        t = time.perf_counter()
+        gen.append_tokens(np.array(ids, dtype=np.int32))
+        pre = time.perf_counter() - t
+
+        def step(_tok):
+            gen.generate_next_token()
+            return gen.get_logits()[0, -1]
+
+        dec, _ = _timed_decode(step, 0, new)
     elif engine.startswith("mlx-lm"):
         import mlx.core as mx
         from mlx_lm import load
@@ -430,6 +450,7 @@ def decode_goals(med: dict) -> dict:
         if a in d and b in d:
             g[text] = {"value": f"{d[a]:.1f} / {d[b]:.1f} = {d[a] / d[b]:.2f}x", "met": d[a] / d[b] >= goal}
 
+    ratio("genai-int4", "onnx-int4", 0.95, "onnxruntime-genai on our int4 export >= 0.95x our runtime (issue 27)")
     ratio("onnx-int4", "mlx-lm-4bit", 10, "ONNX int4 decode >= 10x mlx-lm 4-bit")
     ratio("onnx-int4", "onnx-fp32", 2.5, "ONNX int4 decode >= 2.5x our ONNX fp32")
     ratio("onnx-int4", "llama.cpp-Q4_0", 0.5, "ONNX int4 decode >= 0.5x llama.cpp Q4_0")

@@ -6,6 +6,7 @@ Real onnxruntime and transformers throughout. Run with OMP_NUM_THREADS=1 on shar
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -211,7 +212,6 @@ def test_cuda_target_graph_is_half_precision(tmp_path, scout):
     out = _export(scout, tmp_path / "cuda_bf16", "bfloat16", "cuda")
     g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     assert g.input[3].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
-    import json
 
     cfg = json.loads((out / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
@@ -233,17 +233,20 @@ def test_onnxruntime_genai_greedy_equals_ours(tmp_path):
     out = _export(ckpt, tmp_path / "demo_onnx")
     rt = load_runtime(out)
     ids = rt.encode("Hello, Llama 4! " * 3)
-    assert len(ids) > rt.spec.attention_chunk_size  # prefill crosses a chunk boundary
+    assert len(ids) > rt.spec.attention_chunk_size  # prefill crosses a chunk boundary, and so does decode:
+    new = 2 * rt.spec.attention_chunk_size
+    # genai appends in place to one max_length buffer per layer (GroupQueryAttention's shared past/present)
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
     model = og.Model(str(out))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 16, do_sample=False)
+    params.set_search_options(max_length=len(ids) + new, do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(np.array(ids, dtype=np.int32))
     theirs: list[int] = []
     while not gen.is_done():
         gen.generate_next_token()
         theirs.append(int(gen.get_next_tokens()[0]))
-    assert theirs
+    assert len(theirs) == new
     assert theirs == list(rt.generate(ids, len(theirs), stop=[]))
 
 

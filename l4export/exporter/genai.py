@@ -63,8 +63,11 @@ def _genai_text_config(spec: Llama4Spec, target: str, decoder_file: str) -> dict
             "do_sample": False,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # Off: present = concat(past, new) (genai keeps every layer's whole cache; cache_start stays 0)
-            "past_present_share_buffer": False,
+            # On: one [B, Hkv, max_length, D] buffer per layer that GroupQueryAttention appends to in place (as our
+            # runtime does; off, genai copies every layer's cache into a new present each step). genai keeps every
+            # layer's whole cache, chunked ones included (cache_start stays 0; the chunk bias keeps each query in its
+            # chunk), and passes attention_mask [B, T] with T the tokens so far, which is what the graph counts.
+            "past_present_share_buffer": True,
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,

@@ -58,7 +58,8 @@ from ..spec import LayerSpec, Llama4Spec
 from . import onnx_lower
 from .genai import genai_config
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder, save_model
-from .onnx_lower import Route
+from . import onnx_experts
+from .onnx_experts import Route
 from .onnx_variants import (
     KV_VARIANTS,
     write_embedding_model,
@@ -274,7 +275,7 @@ class DecoderBuilder:
         g, x = self.g, self.g.cast(flat, self.dt)
         names = tuple(f"{pre}.{p}_proj.weight" for p in ("gate", "up", "down"))
         if self.plan.mlp_fused(pre):
-            return onnx_lower.experts(self.lo, Route(None, (probs1,), (x,)), names, pre, self.plan.scheme(names[0]))
+            return onnx_experts.experts(self.lo, Route(None, (probs1,), (x,)), names, pre, self.plan.scheme(names[0]))
         if self.plan.gate_up_fused(pre):
             width = self.ckpt[names[0]].shape[0]
             gate, up = g.op("Split", self.linear(x, *names[:2], base=f"{pre}.gate_up_proj.weight"), g.i64(width, width),
@@ -305,7 +306,7 @@ class DecoderBuilder:
                 route, top = self.route(flat, logits)
             with g.scope("experts"):  # [T, H]: QMoE, MoE, or the routed FP8 experts dequantized -> MoE
                 names = tuple(f"{pre}.experts.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
-                routed = onnx_lower.experts(self.lo, route, names, f"{pre}.experts", self.plan.expert_scheme(layer.index))
+                routed = onnx_experts.experts(self.lo, route, names, f"{pre}.experts", self.plan.expert_scheme(layer.index))
             with g.scope("shared_expert"):
                 shared = self.mlp(flat, g.cast(top, self.dt), f"{pre}.shared_expert")
             return g.op("Reshape", g.op("Add", shared, routed), g.op("Shape", x))
