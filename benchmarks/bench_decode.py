@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, measure, save_result, table  # noqa: E402
 
 MODEL = WORK / "decode-1g"
+CHUNK = 256  # attention_chunk_size of the model (--chunk: 8192 is Llama 4's, and what llama.cpp hard-codes)
 ENGINES = ("onnx-fp32", "onnx-int4", "genai-int4", "onnx-fp8", "onnx-mixed3.0", "onnx-mixed3.0-pe", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
            "mlx-lm-fp32", "mlx-lm-4bit", "mlx-lm-3bit", "mlx-lm-2bit-g32", "mlx-lm-on-l4-int4", "transformers-fp32",
            "llama.cpp-f32", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
@@ -60,7 +61,7 @@ def build_model(out: Path = MODEL) -> Path:
     cfg = Llama4TextConfig(
         hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
         num_local_experts=16, num_experts_per_tok=1, intermediate_size=1024, intermediate_size_mlp=2048,
-        vocab_size=32000, attention_chunk_size=256, interleave_moe_layer_step=1, use_qk_norm=True,
+        vocab_size=32000, attention_chunk_size=CHUNK, interleave_moe_layer_step=1, use_qk_norm=True,
         initializer_range=0.02, max_position_embeddings=262144, bos_token_id=256, eos_token_id=[257, 261],
         pad_token_id=262, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -73,7 +74,7 @@ def build_model(out: Path = MODEL) -> Path:
 
 
 def l4_export(name: str, fmt: str, *extra: str) -> Path:
-    out = WORK / f"decode-{name}"
+    out = WORK / (f"decode-{name}" if CHUNK == 256 else f"decode-c{CHUNK}-{name}")
     if not (out / "l4export.json").is_file():
         subprocess.run([sys.executable, "-m", "l4export.cli", "convert", str(MODEL), "-o", str(out), "--format", fmt,
                         "--force", *extra], check=True, capture_output=True)
@@ -282,6 +283,22 @@ def _timed_decode(step, first: int, n: int) -> tuple[float, int]:
     return float(np.median(times)), tok
 
 
+def _genai_threads(model: Path, threads: int) -> Path:
+    """The export as genai sees it, pinned to ``threads`` intra-op threads like every other engine (genai's default is
+    ORT's: every core the machine reports, more than the 2 this VM lets us use): a folder of links beside it with
+    its own genai_config.json."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="genai-", dir=WORK))
+    for f in model.iterdir():
+        (tmp / f.name).symlink_to(f)
+    cfg = json.loads((model / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    (tmp / "genai_config.json").unlink()
+    (tmp / "genai_config.json").write_text(json.dumps(cfg))
+    return tmp
+
+
 def run_engine(engine: str, model: Path, prompt: int, new: int, threads: int) -> dict:
     """Prefill ``prompt`` random token ids, then ``new`` greedy decode steps; times in seconds."""
     ids = np.random.default_rng(0).integers(300, 30000, prompt).tolist()
@@ -298,6 +315,7 @@ def run_engine(engine: str, model: Path, prompt: int, new: int, threads: int) ->
     elif engine.startswith("genai"):
         import onnxruntime_genai as og
 
+        model = _genai_threads(model, threads)
         cfg = og.Config(str(model))
         cfg.clear_providers()  # CPU
         m = og.Model(cfg)
@@ -370,7 +388,8 @@ def run_engine(engine: str, model: Path, prompt: int, new: int, threads: int) ->
 def available(engine: str) -> bool:
     import importlib.util
 
-    need = {"llama.cpp": "llama_cpp", "mlx": "mlx", "transformers": "transformers", "onnx": "onnxruntime"}
+    need = {"llama.cpp": "llama_cpp", "mlx": "mlx", "transformers": "transformers", "onnx": "onnxruntime",
+            "genai": "onnxruntime_genai"}
     return importlib.util.find_spec(need[next(k for k in need if engine.startswith(k))]) is not None
 
 
@@ -381,15 +400,19 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=256, help="the model's attention_chunk_size (8192: Llama 4's)")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--tag", default="", help="results/decode[-TAG]-DATE.json (a second run of the day keeps the first)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global MODEL, CHUNK
+    CHUNK = args.chunk
+    MODEL = WORK / ("decode-1g" if CHUNK == 256 else f"decode-1g-c{CHUNK}")
     if args.worker:
         print(json.dumps(run_engine(args.worker, Path(args.model), args.prompt, args.new, args.threads)))
         return
-    build_model()
+    build_model(MODEL)
     engines = [e for e in args.engines.split(",") if e]
     models = {}
     for e in engines:
