@@ -145,7 +145,9 @@ def _error(message: str, param: str | None = None, status: int = 400):
                                    "param": param, "code": None}}, status_code=status)
 
 
-def _chunk(kind: str, rid: str, name: str, piece: str, info: dict) -> dict:
+def _chunk(kind: str, rid: str, name: str, piece: str, info: dict, offset: int = 0) -> dict:
+    """One streamed chunk; ``offset``: the length of the tokens' text streamed before it (completions' text_offset
+    counts from the start of the answer, across chunks)."""
     finish = info.get("finish_reason")
     if kind == "chat":
         choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
@@ -154,18 +156,19 @@ def _chunk(kind: str, rid: str, name: str, piece: str, info: dict) -> dict:
         choice = {"index": 0, "text": piece, "finish_reason": finish}
         obj = "text_completion"
     if "logprobs" in info:
-        choice["logprobs"] = _logprobs(kind, info["logprobs"])
+        choice["logprobs"] = _logprobs(kind, info["logprobs"], offset)
     out = {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": [choice]}
     if "usage" in info:
         out["usage"] = info["usage"]
     return out
 
 
-def _logprobs(kind: str, entries: list[dict]) -> dict:
-    """OpenAI's shapes: chat {"content": [entries]}; completions the legacy parallel lists."""
+def _logprobs(kind: str, entries: list[dict], offset: int = 0) -> dict:
+    """OpenAI's shapes: chat {"content": [entries]}; completions the legacy parallel lists (text_offset: each
+    token's start in the answer's text, from ``offset``)."""
     if kind == "chat":
         return {"content": entries}
-    offsets, at = [], 0
+    offsets, at = [], offset
     for e in entries:
         offsets.append(at)
         at += len(e["token"])

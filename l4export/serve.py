@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -301,10 +302,14 @@ async def _stream(server: Server, req: Request, kind: str, rid: str):
         finally:
             handoff.put(None, last=True)
 
+    streamed = [0]  # the length of the tokens' text sent so far (completions' text_offset runs across chunks)
+
     def event(piece: str, info: dict) -> str:
         if "error" in info:
             return f"data: {json.dumps({'error': {'message': info['error'], 'type': 'invalid_request_error'}})}\n\n"
-        return f"data: {json.dumps(_chunk(kind, rid, server.name, piece, info))}\n\n"
+        chunk = _chunk(kind, rid, server.name, piece, info, streamed[0])
+        streamed[0] += sum(len(e["token"]) for e in info.get("logprobs", []))
+        return f"data: {json.dumps(chunk)}\n\n"
 
     worker = loop.run_in_executor(None, work)
     try:
@@ -329,13 +334,36 @@ async def _stream(server: Server, req: Request, kind: str, rid: str):
         await asyncio.shield(worker)
 
 
-async def _admitted(server: Server, events):
-    """A stream that holds its queue place until it ends (or the client leaves)."""
-    try:
-        async for e in events:
-            yield e
-    finally:
-        server.leave()
+class _Place:
+    """One admitted request's queue place, given back once: when its stream ends, or, for a stream never started
+    (the client left before the response was sent), when the stream is garbage collected."""
+
+    def __init__(self, server: Server):
+        self.server, self.held = server, True
+        self.lock = threading.Lock()
+
+    def release(self) -> None:
+        with self.lock:
+            held, self.held = self.held, False
+        if held:
+            self.server.leave()
+
+
+def admitted_stream(server: Server, events):
+    """``events`` holding the queue place ``server.admit()`` took, until the stream ends, the client leaves, or the
+    stream is dropped unstarted (an async generator that never ran has no ``finally`` to run)."""
+    place = _Place(server)
+
+    async def stream():
+        try:
+            async for e in events:
+                yield e
+        finally:
+            place.release()
+
+    gen = stream()
+    weakref.finalize(gen, place.release)
+    return gen
 
 
 def _tool_answer(req: Request, rid: str, name: str, items: list, streaming) -> Any:
@@ -419,7 +447,7 @@ def create_app(server: Server):
             return _error(f"{server.waiting} requests are already waiting (--max-queue {limits.max_queue}); "
                           "retry later", status=429)
         if req.stream and req.tools is None:
-            return StreamingResponse(_admitted(server, _stream(server, req, kind, rid)), media_type="text/event-stream")
+            return StreamingResponse(admitted_stream(server, _stream(server, req, kind, rid)), media_type="text/event-stream")
         try:  # (with tools the whole answer is needed to know whether it is a call: made, then sent)
             items = await run_in_threadpool(lambda: list(server.generate(req, threading.Event())))
         except L4ExportError as err:

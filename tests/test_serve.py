@@ -278,11 +278,20 @@ def test_logprobs_are_the_models_own(client, rt):
     s = client.chat.completions.create(model="tiny-scout", messages=MESSAGES, max_tokens=5, temperature=0,
                                        logprobs=True, top_logprobs=3, stream=True)
     streamed = [e for c in s if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [e.logprob for e in streamed] == [e.logprob for e in content]
+    # (the second request reuses the first one's prompt from the prompt cache: the same logits within 1e-5)
+    assert np.allclose([e.logprob for e in streamed], [e.logprob for e in content], rtol=0, atol=1e-5)
     c = client.completions.create(model="tiny-scout", prompt="def main(", max_tokens=4, temperature=0, logprobs=2)
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
     assert all(len(t) <= 2 for t in lp.top_logprobs) and "".join(lp.tokens).startswith(c.choices[0].text[:1])
+    # streamed, each token's text_offset continues from the chunks before it: the same offsets as the whole answer
+    # (JSON keeps this random model to one-byte characters, so its tokens stream as chunks of their own)
+    ask = dict(model="tiny-scout", prompt="def main(", max_tokens=12, temperature=0, logprobs=1,
+               extra_body={"response_format": {"type": "json_object"}})
+    whole = client.completions.create(**ask)
+    s = client.completions.create(**ask, stream=True)
+    chunks = [c.choices[0].logprobs for c in s if c.choices and c.choices[0].logprobs]
+    assert len(chunks) >= 2 and [o for ch in chunks for o in ch.text_offset] == whole.choices[0].logprobs.text_offset
     code, err = _status(f"{client.base_url}chat/completions".replace("/v1/chat", "/v1/chat"),
                         json.dumps({"messages": MESSAGES, "top_logprobs": 3}).encode())
     assert code == 400 and err["error"]["param"] == "top_logprobs"
@@ -359,3 +368,35 @@ def test_tool_prompts_carry_the_tools(rt):
     assert '"name": "weather"' in text and text.index("weather") < text.index("Say something.")
     back = render(rt, MESSAGES + [{"role": "tool", "content": "sunny"}])
     assert "<|header_start|>ipython<|header_end|>" in back
+
+
+def test_a_stream_gives_its_queue_place_back_once_even_unstarted(rt):
+    """A streamed request holds its queue place until its stream ends; a stream never started (the client left
+    before the response was sent: an async generator that never ran has no finally) gives it back when dropped,
+    and a finished one gives it back exactly once."""
+    import asyncio
+    import gc
+
+    from l4export.serve import Server, admitted_stream
+
+    server = Server(rt, "demo")
+
+    async def events():
+        yield "a"
+        yield "b"
+
+    assert server.admit() and server.waiting == 1
+    dropped = admitted_stream(server, events())
+    del dropped
+    gc.collect()
+    assert server.waiting == 0
+
+    async def drain(gen) -> list:
+        return [e async for e in gen]
+
+    assert server.admit()
+    gen = admitted_stream(server, events())
+    assert asyncio.run(drain(gen)) == ["a", "b"] and server.waiting == 0
+    del gen
+    gc.collect()
+    assert server.waiting == 0  # not given back twice
