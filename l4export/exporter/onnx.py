@@ -188,20 +188,19 @@ class DecoderBuilder:
         pre = f"model.layers.{layer.index}.self_attn"
         with g.scope("self_attn"):
             names = tuple(f"{pre}.{p}_proj.weight" for p in "qkv")
-            if self.plan.qkv_fused(layer.index):
+            if self.plan.qkv_fused(layer.index) and (layer.qk_norm or layer.uses_rope):
+                # q and k heads side by side [B,S,(Hq+Hkv)*D]: one qk-norm and one RoPE node over both (per head,
+                # the same maths), then split: 6 nodes a layer where q and k apart took 9
+                qkv = self.linear(x, *names, base=f"{pre}.qkv_proj.weight")
+                qk, v = g.op("Split", qkv, g.i64((hq + hkv) * d, hkv * d), axis=-1, outputs=2)
+                qk = self.qk_rope(qk, hq + hkv, layer)
+                q, k = g.op("Split", qk, g.i64(hq * d, hkv * d), axis=-1, outputs=2)
+            elif self.plan.qkv_fused(layer.index):
                 qkv = self.linear(x, *names, base=f"{pre}.qkv_proj.weight")
                 q, k, v = g.op("Split", qkv, g.i64(hq * d, hkv * d, hkv * d), axis=-1, outputs=3)
             else:
                 q, k, v = (self.linear(x, n) for n in names)
-            if layer.qk_norm:
-                # Why: Llama 4's qk-norm is a weightless RMS per head over head_dim, eps=rms_norm_eps, applied after
-                # RoPE in transformers; a rotation keeps each head's norm, so it is applied first here.
-                with g.scope("qk_norm"):
-                    q, k = self.head_rms(q, hq), self.head_rms(k, hkv)
-            if layer.uses_rope:
-                with g.scope("rope"):
-                    # IMPORTANT: interleaved ("traditional") pairs (2i, 2i+1), as Llama 4's complex RoPE.
-                    q, k = (g.op("RotaryEmbedding", t, self.cos, self.sin, interleaved=1, num_heads=n) for t, n in ((q, hq), (k, hkv)))
+                q, k = self.qk_rope(q, hq, layer), self.qk_rope(k, hkv, layer)
             if layer.temperature_tuning:
                 with g.scope("temperature"):
                     q = g.op("Mul", q, self.temperature)
@@ -259,6 +258,21 @@ class DecoderBuilder:
         bias = g.f32(0.0) if chunk_bias is None else g.cast(chunk_bias, FP32)
         return g.op("Where", g.op("Unsqueeze", visible, g.i64(0, 1)), bias, g.f32(NEG))
 
+    def qk_rope(self, x: ir.Value, heads: int, layer: LayerSpec) -> ir.Value:
+        """qk-norm (if the layer has it), then RoPE (if it uses it), of ``heads`` heads [B, S, heads*D]: q's, k's, or
+        both side by side (each head on its own, so one node serves both)."""
+        g = self.g
+        if layer.qk_norm:
+            # Why: Llama 4's qk-norm is a weightless RMS per head over head_dim, eps=rms_norm_eps, applied after
+            # RoPE in transformers; a rotation keeps each head's norm, so it is applied first here.
+            with g.scope("qk_norm"):
+                x = self.head_rms(x, heads)
+        if layer.uses_rope:
+            with g.scope("rope"):
+                # IMPORTANT: interleaved ("traditional") pairs (2i, 2i+1), as Llama 4's complex RoPE.
+                x = g.op("RotaryEmbedding", x, self.cos, self.sin, interleaved=1, num_heads=heads)
+        return x
+
     def head_rms(self, x: ir.Value, heads: int) -> ir.Value:
         """Weightless RMS over head_dim of [B, S, heads*D] (computed in float32, as transformers' L2Norm)."""
         g, d = self.g, self.spec.head_dim
@@ -309,7 +323,7 @@ class DecoderBuilder:
                 routed = onnx_experts.experts(self.lo, route, names, f"{pre}.experts", self.plan.expert_scheme(layer.index))
             with g.scope("shared_expert"):
                 shared = self.mlp(flat, g.cast(top, self.dt), f"{pre}.shared_expert")
-            return g.op("Reshape", g.op("Add", shared, routed), g.op("Shape", x))
+            return g.op("Reshape", g.op("Add", shared, routed), self.hidden_shape)
 
     def route(self, flat: ir.Value, logits: ir.Value) -> tuple[Route, ir.Value]:
         """The routing ranks (each: input x * sigmoid(its logit), router_probs picking its expert) and the top
@@ -362,6 +376,8 @@ class DecoderBuilder:
             name = "model.embed_tokens.weight"
             embeds = onnx_lower.embedding(self.lo, input_ids, name, self.plan.scheme(name))  # [B, S, H] compute dtype
         h = g.cast(embeds, FP32)
+        with g.scope("model.hidden"):  # [B, S, H], for every layer's MLP output (one Shape node, not one a layer)
+            self.hidden_shape = g.op("Shape", h)
         ff, presents = None, []
         for layer in s.layers:
             pre = f"model.layers.{layer.index}"
@@ -375,7 +391,7 @@ class DecoderBuilder:
                     with g.scope("feed_forward"):
                         flat = g.op("Reshape", normed, g.i64(-1, s.hidden_size))
                         one = g.cast(g.op("Slice", flat, g.i64(0), g.i64(1), g.i64(-1)), self.dt)  # [T, 1]: any value
-                        ff = g.op("Reshape", self.mlp(flat, one, f"{pre}.feed_forward"), g.op("Shape", normed))
+                        ff = g.op("Reshape", self.mlp(flat, one, f"{pre}.feed_forward"), self.hidden_shape)
             presents.append((pk, pv))
         with g.scope("model.norm"):
             h, _ = self.add_norm(ff, h, "model.norm.weight")
