@@ -167,6 +167,8 @@ def engine_model(engine: str) -> Path | None:
     """The file or folder an engine runs (made on first use); None when the engine is not installed."""
     if engine == "onnx-fp32":
         return l4_export("onnx-fp32", "onnx")
+    if engine.startswith("path:"):  # any export folder, run by our runtime (e.g. one made by an earlier commit)
+        return Path(engine.removeprefix("path:"))
     if engine == "genai-int4":  # onnxruntime-genai's own generator on our int4 export
         return l4_export("onnx-int4", "onnx", "--quant", "int4")
     if engine in ("onnx-int4", "onnx-fp8"):
@@ -245,7 +247,7 @@ def safetensors_bytes_per_token(folder: Path) -> int:
 
 
 def bytes_per_token(engine: str, model: Path) -> int | None:
-    if engine.startswith(("onnx", "genai", "mlx-fp32", "mlx-int4", "mlx-mixed", "mlx-lm-fp32", "mlx-lm-on-l4")):
+    if engine.startswith(("onnx", "genai", "mlx-fp32", "mlx-int4", "mlx-mixed", "mlx-lm-fp32", "mlx-lm-on-l4", "path:")):
         return l4_bytes_per_token(model)
     if engine in MLX_LM_BITS:
         return safetensors_bytes_per_token(model)
@@ -302,7 +304,7 @@ def _genai_threads(model: Path, threads: int) -> Path:
 def run_engine(engine: str, model: Path, prompt: int, new: int, threads: int) -> dict:
     """Prefill ``prompt`` random token ids, then ``new`` greedy decode steps; times in seconds."""
     ids = np.random.default_rng(0).integers(300, 30000, prompt).tolist()
-    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4", "mlx-mixed", "mlx-uniform")):
+    if engine.startswith(("onnx", "mlx-fp32", "mlx-int4", "mlx-mixed", "mlx-uniform", "path:")):
         from l4export.runtimes import load_runtime
 
         rt = load_runtime(model)
@@ -389,7 +391,7 @@ def available(engine: str) -> bool:
     import importlib.util
 
     need = {"llama.cpp": "llama_cpp", "mlx": "mlx", "transformers": "transformers", "onnx": "onnxruntime",
-            "genai": "onnxruntime_genai"}
+            "genai": "onnxruntime_genai", "path:": "l4export"}
     return importlib.util.find_spec(need[next(k for k in need if engine.startswith(k))]) is not None
 
 
