@@ -366,6 +366,21 @@ class _Context:
     threshold: Any = None
 
 
+def _midway(src: Path, fmt: str, quant: str) -> str:
+    """``mixed:mid[:per-expert]``: a budget halfway between the smallest and the largest form this config's units
+    take (a fixed bits-per-weight budget is below most drawn configs' float-only floor); other quants as they are."""
+    if not quant.startswith("mixed:mid"):
+        return quant
+    from l4export.mixed import budget_plan
+    from l4export.quant.recipe import Recipe
+    from l4export.spec import load_spec
+
+    rest = quant.removeprefix("mixed:mid")
+    plan = budget_plan(load_spec(src), Recipe(quant, (), "3.0", "expert" if rest else "projection"), fmt, "float32",
+                       "cpu")
+    return f"mixed:{(plan['smallest_bytes'] + plan['largest_bytes']) // 2}B{rest}"
+
+
 def _convert_step(src: Path, out: Path, shape: Shape, fmt: str, quant: str | None, res: Outcome) -> bool:
     """Convert; False (with res set) when it refused or failed."""
     from l4export.convert import ExportOptions, convert
@@ -375,7 +390,7 @@ def _convert_step(src: Path, out: Path, shape: Shape, fmt: str, quant: str | Non
     warned = _Capture()
     logging.getLogger("l4export").addHandler(warned)
     try:
-        recipe = load_recipe(quant) if quant else None
+        recipe = load_recipe(_midway(src, fmt, quant)) if quant else None
         convert(src, out, ExportOptions(format=fmt, quant=recipe))
         return True
     except (CapabilityError, RecipeError, UsageError) as e:
@@ -558,6 +573,15 @@ def _mlx_lm(out: Path, ids, ref, ours, quant, thr, notes: list[str]) -> tuple[st
     if why:
         notes.append(f"mlx-lm not run: {why}")
         return "ok", ""
+    if quant and quant.endswith(":per-expert"):  # the opt-in layout mlx-lm's SwitchGLU cannot read: it must refuse it
+        try:
+            mlx_lm.load(str(out))
+        except TypeError as e:
+            notes.append(f"mlx-lm refuses per-expert widths, as it should: {e}")
+            return "ok", ""
+        if '"per_expert_bits"' in (out / "config.json").read_text():
+            return "mlx-lm", "mlx_lm.load took an export with per-expert widths it cannot compute"
+        notes.append("mlx-lm loads it: no stack got several widths")
     try:
         model, _tokenizer = mlx_lm.load(str(out))
     except Exception as e:

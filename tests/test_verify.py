@@ -56,6 +56,15 @@ def test_thresholds_table():
     assert threshold_for(ExportInfo("mlx", "float32", "any", quant=placed))[0] == "int2"
     fp8 = QuantInfo("mystery", tensors=1, schemes={"f": {"kind": "fp8"}}, placement={"x": "f"})
     assert threshold_for(ExportInfo("onnx", "float32", "cpu", quant=fp8))[0] == "fp8"
+    # per-expert widths count by their narrowest expert; a mixed export at 4+ bits by int3's row (it puts 4 bits where
+    # the int4 preset keeps 8); a budget that placed nothing is judged as the float export it is
+    each = QuantInfo("mixed:3.0:per-expert", tensors=1, allocation={"units": []},
+                     schemes={"e": {"kind": "per-expert", "bits": [4, 2, 4]}}, placement={"x": "e"})
+    assert threshold_for(ExportInfo("onnx", "float32", "cpu", quant=each))[0] == "int2"
+    four = QuantInfo("mixed:5.0", tensors=1, allocation={"units": []}, schemes={"a": {"kind": "int4"}}, placement={"x": "a"})
+    assert threshold_for(ExportInfo("onnx", "float32", "cpu", quant=four))[0] == "int3"
+    none = QuantInfo("mixed:17888B", allocation={"units": []})
+    assert threshold_for(ExportInfo("onnx", "float32", "cpu", quant=none))[0] == "float32"
 
 
 def test_prompts_file(tmp_path, scout_export):
