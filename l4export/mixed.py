@@ -288,6 +288,9 @@ def layout(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str)
     params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
     pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
     per_expert = pins.placement == "expert"
+    if per_expert and target == "cuda":  # asymmetric QMoE nodes per width: never run on a GPU here
+        raise UsageError(f"--quant {pins.name}: per-expert widths are built and verified for ONNX Runtime CPU and MLX, "
+                         "not for --target cuda (no GPU has checked them); use mixed:B (per projection) there")
     found = [u for u in units(spec, fmt, pinned, per_expert) if candidates(u, shapes, fmt, target, pins.widths)]
     opts = {u.key: options(u, shapes, fmt, dtype, target, pins.widths) for u in found}
     return Layout(params, found, opts, fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target))

@@ -405,3 +405,10 @@ def test_a_recipe_can_limit_the_widths_placed(scout, tmp_path):
         recipe.write_text(bad)
         with pytest.raises(RecipeError, match="widths must be a list"):
             load_recipe(str(recipe))
+
+
+def test_per_expert_widths_are_refused_for_cuda_before_any_write(scout, tmp_path):
+    r = CliRunner().invoke(main, ["convert", str(scout), "-o", str(tmp_path / "o"), "--target", "cuda", "--dtype",
+                                  "float16", "--quant", "mixed:3.0:per-expert"])
+    assert r.exit_code != 0 and "not for --target cuda" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
