@@ -467,27 +467,30 @@ def report(runs: dict, models: dict, bw: float, args) -> None:
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
 
 
+RATIO_GOALS = (  # (engine, against, at least, what it says): a goal reported when both engines ran
+    ("genai-int4", "onnx-int4", 0.95, "onnxruntime-genai on our int4 export >= 0.95x our runtime (issue 27)"),
+    ("onnx-int4", "mlx-lm-4bit", 10, "ONNX int4 decode >= 10x mlx-lm 4-bit"),
+    ("onnx-int4", "onnx-fp32", 2.5, "ONNX int4 decode >= 2.5x our ONNX fp32"),
+    ("onnx-int4", "llama.cpp-Q4_0", 0.5, "ONNX int4 decode >= 0.5x llama.cpp Q4_0"),
+    ("onnx-fp8", "onnx-fp32", 1.0, "ONNX fp8 decode >= our ONNX fp32"),
+    ("mlx-int4", "mlx-lm-on-l4-int4", 1.0, "MLX int4 decode >= mlx-lm on the same export"),
+    ("onnx-mixed3.0", "onnx-int4", 1.0, "ONNX mixed:3.0 decode >= the int4 preset's (issue 26)"),
+    ("onnx-mixed3.0-pe", "onnx-mixed3.0", 1.0, "ONNX mixed:3.0 per expert decode vs per projection (issue 26)"),
+    ("mlx-mixed3.5", "mlx-lm-3bit", 1.0, "MLX mixed:3.5 decode >= mlx-lm 3-bit g64 (3.5 bpw; issue 26)"),
+    ("mlx-mixed3.0", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 decode >= mlx-lm 2-bit g32 (3.0 bpw; issue 26)"),
+    ("mlx-mixed3.0-w2468", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 widths 2/4/6/8 decode >= mlx-lm 2-bit g32"),
+    ("mlx-uniform-2-g32", "mlx-lm-2bit-g32", 1.0, "MLX int2 g32 everywhere: our runtime >= mlx-lm 2-bit g32"),
+    ("mlx-uniform-3-g64", "mlx-lm-3bit", 1.0, "MLX int3 g64 everywhere: our runtime >= mlx-lm 3-bit g64"),
+)
+
+
 def decode_goals(med: dict) -> dict:
     g: dict = {}
     d = {e: m["decode_tok_s"] for e, m in med.items()}
 
-    def ratio(a: str, b: str, goal: float, text: str) -> None:
+    for a, b, goal, text in RATIO_GOALS:
         if a in d and b in d:
             g[text] = {"value": f"{d[a]:.1f} / {d[b]:.1f} = {d[a] / d[b]:.2f}x", "met": d[a] / d[b] >= goal}
-
-    ratio("genai-int4", "onnx-int4", 0.95, "onnxruntime-genai on our int4 export >= 0.95x our runtime (issue 27)")
-    ratio("onnx-int4", "mlx-lm-4bit", 10, "ONNX int4 decode >= 10x mlx-lm 4-bit")
-    ratio("onnx-int4", "onnx-fp32", 2.5, "ONNX int4 decode >= 2.5x our ONNX fp32")
-    ratio("onnx-int4", "llama.cpp-Q4_0", 0.5, "ONNX int4 decode >= 0.5x llama.cpp Q4_0")
-    ratio("onnx-fp8", "onnx-fp32", 1.0, "ONNX fp8 decode >= our ONNX fp32")
-    ratio("mlx-int4", "mlx-lm-on-l4-int4", 1.0, "MLX int4 decode >= mlx-lm on the same export")
-    ratio("onnx-mixed3.0", "onnx-int4", 1.0, "ONNX mixed:3.0 decode >= the int4 preset's (issue 26)")
-    ratio("onnx-mixed3.0-pe", "onnx-mixed3.0", 1.0, "ONNX mixed:3.0 per expert decode vs per projection (issue 26)")
-    ratio("mlx-mixed3.5", "mlx-lm-3bit", 1.0, "MLX mixed:3.5 decode >= mlx-lm 3-bit g64 (3.5 bpw; issue 26)")
-    ratio("mlx-mixed3.0", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 decode >= mlx-lm 2-bit g32 (3.0 bpw; issue 26)")
-    ratio("mlx-mixed3.0-w2468", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 widths 2/4/6/8 decode >= mlx-lm 2-bit g32")
-    ratio("mlx-uniform-2-g32", "mlx-lm-2bit-g32", 1.0, "MLX int2 g32 everywhere: our runtime >= mlx-lm 2-bit g32")
-    ratio("mlx-uniform-3-g64", "mlx-lm-3bit", 1.0, "MLX int3 g64 everywhere: our runtime >= mlx-lm 3-bit g64")
     if med.get("onnx-int4", {}).get("bandwidth_share") is not None:
         s = med["onnx-int4"]["bandwidth_share"]
         g["ONNX int4 decode >= 25% of the bandwidth ceiling"] = {"value": f"{100 * s:.1f}%", "met": s >= 0.25}

@@ -208,11 +208,12 @@ def quantization_config(shapes: dict[str, tuple[int, ...]], plan: dict[str, Any]
     return {**cfg, **{k: v for k, v in entries.items() if k not in cfg}}  # (per-width sub-modules)
 
 
-def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype,
-                       calibrated: Callable[[], QTensor] | None) -> list[PendingTensor]:
+def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype, calibrated: Callable[[], QTensor] | None,
+                       experts: tuple[int, ...] | None = None, suffix: str = "") -> list[PendingTensor]:
     """``.weight`` (uint32), ``.scales`` [, ``.biases``] of one quantized module, quantized a run of rows (experts)
     at a time as ``.weight`` is written (quant/stream.py). ``calibrated``: the made tensor, looked up per run (a
-    spilled store maps it afresh, so a run's pages leave the resident set with it)."""
+    spilled store maps it afresh, so a run's pages leave the resident set with it). ``experts``: only these experts
+    of the stack, as the module ``{module}{suffix}`` (a width's stack of per-expert widths)."""
 
     def make(run: Run) -> dict[str, np.ndarray]:
         arrays = to_mlx(calibrated().lead(*run) if calibrated is not None else rtn(t, scheme, run))
@@ -221,12 +222,16 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype,
                 arrays[k] = arrays[k].astype(dtype)
         return arrays
 
-    layout = Streamed(quant_runs(t, scheme), make, "weight")
+    runs = quant_runs(t, scheme)
+    if experts is not None:
+        runs = [r for a, b in runs for r in member_runs(experts, a, b)]
+    layout = Streamed(runs, make, "weight")
 
     def part(key: str):
         return layout.chunks if key == "weight" else lambda: layout.part(key)
 
-    module, shape = mlx_module(t.name), tuple(t.shape)
+    module = mlx_module(t.name) + suffix
+    shape = tuple(t.shape) if experts is None else (len(experts),) + tuple(t.shape[1:])
     g = scheme.group_for(shape[-1])
     lead = shape[:-1]
     if isinstance(scheme, Int):
@@ -241,24 +246,9 @@ def _quantized_pending(t: LazyTensor, scheme: Any, dtype: np.dtype,
 def _per_width_pending(t: LazyTensor, scheme: PerExpert, dtype: np.dtype,
                        calibrated: Callable[[], QTensor] | None) -> list[PendingTensor]:
     """Per-expert widths: each width's experts as a stack of their own, ``{module}.int{bits}`` (its uint32 codes
-    have their own row width), written a run of consecutive experts at a time."""
-    out = []
-    for w, experts in scheme.widths():
-        runs = [r for a, b in quant_runs(t, scheme) for r in member_runs(experts, a, b)]
-
-        def make(run: Run, w=w) -> dict[str, np.ndarray]:
-            qt = calibrated().lead(*run) if calibrated is not None else rtn(t, w, run)
-            arrays = to_mlx(qt)
-            return {k: v.astype(dtype) if k != "weight" else v for k, v in arrays.items()}
-
-        layout = Streamed(runs, make, "weight")
-        module, shape = f"{mlx_module(t.name)}.int{w.bits}", (len(experts),) + tuple(t.shape[1:])
-        g, lead = w.group_size, (len(experts),) + tuple(t.shape[1:-1])
-        specs = [("weight", lead + (shape[-1] * w.bits // 32,), np.dtype(np.uint32)),
-                 ("scales", lead + (shape[-1] // g,), dtype), ("biases", lead + (shape[-1] // g,), dtype)]
-        out += [PendingTensor(f"{module}.{k}", s, d, layout.chunks if k == "weight" else (lambda k=k, lay=layout: lay.part(k)))
-                for k, s, d in specs]
-    return out
+    have their own row width)."""
+    return [p for w, experts in scheme.widths()
+            for p in _quantized_pending(t, w, dtype, calibrated, experts, f".int{w.bits}")]
 
 
 def export_mlx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, calib: Any = None,

@@ -55,11 +55,10 @@ from ..checkpoint import Checkpoint
 from ..folder import DATA_FILE, EMBEDS_FILE, GENAI_CONFIG, MODEL_FILE
 from ..plan import ExportPlan
 from ..spec import LayerSpec, Llama4Spec
-from . import onnx_lower
+from . import onnx_experts, onnx_lower
 from .genai import genai_config
-from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder, save_model
-from . import onnx_experts
 from .onnx_experts import Route
+from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder, save_model
 from .onnx_variants import (
     KV_VARIANTS,
     write_embedding_model,
@@ -188,16 +187,15 @@ class DecoderBuilder:
         pre = f"model.layers.{layer.index}.self_attn"
         with g.scope("self_attn"):
             names = tuple(f"{pre}.{p}_proj.weight" for p in "qkv")
-            if self.plan.qkv_fused(layer.index) and (layer.qk_norm or layer.uses_rope):
-                # q and k heads side by side [B,S,(Hq+Hkv)*D]: one qk-norm and one RoPE node over both (per head,
-                # the same maths), then split: 6 nodes a layer where q and k apart took 9
+            if self.plan.qkv_fused(layer.index):
                 qkv = self.linear(x, *names, base=f"{pre}.qkv_proj.weight")
-                qk, v = g.op("Split", qkv, g.i64((hq + hkv) * d, hkv * d), axis=-1, outputs=2)
-                qk = self.qk_rope(qk, hq + hkv, layer)
-                q, k = g.op("Split", qk, g.i64(hq * d, hkv * d), axis=-1, outputs=2)
-            elif self.plan.qkv_fused(layer.index):
-                qkv = self.linear(x, *names, base=f"{pre}.qkv_proj.weight")
-                q, k, v = g.op("Split", qkv, g.i64(hq * d, hkv * d, hkv * d), axis=-1, outputs=3)
+                if layer.qk_norm or layer.uses_rope:
+                    # q and k heads side by side [B,S,(Hq+Hkv)*D]: one qk-norm and one RoPE node over both (per
+                    # head, the same maths), then split: 6 nodes a layer where q and k apart took 9
+                    qk, v = g.op("Split", qkv, g.i64((hq + hkv) * d, hkv * d), axis=-1, outputs=2)
+                    q, k = g.op("Split", self.qk_rope(qk, hq + hkv, layer), g.i64(hq * d, hkv * d), axis=-1, outputs=2)
+                else:
+                    q, k, v = g.op("Split", qkv, g.i64(hq * d, hkv * d, hkv * d), axis=-1, outputs=3)
             else:
                 q, k, v = (self.linear(x, n) for n in names)
                 q, k = self.qk_rope(q, hq, layer), self.qk_rope(k, hkv, layer)

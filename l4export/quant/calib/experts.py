@@ -128,7 +128,8 @@ def _quantize(load: Callable[[], np.ndarray], hb, scheme: AnyScheme, options: Ca
     statistics read it again (one [N, K] less at the peak). Experts of several widths (``PerExpert``): each width's
     run on its own, stacked."""
     if isinstance(scheme, PerExpert):
-        parts = [(slice(a, b), _quantize(lambda a=a, b=b: load()[a:b], hb[a:b], scheme.at(a, b), options, stats))
+        whole = load()  # read once; each width's run quantized from its slice
+        parts = [(slice(a, b), _quantize(lambda a=a, b=b: whole[a:b], hb[a:b], scheme.at(a, b), options, stats))
                  for a, b in scheme.runs([(0, len(scheme.schemes))])]
         qt = assembled(parts, len(scheme.schemes), 0)
         return QTensor(scheme, qt.q, qt.scale, qt.zero)
