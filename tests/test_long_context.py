@@ -144,6 +144,39 @@ def test_onnx_int8_scales_only_grow_and_requantize(demo):
     assert all(np.all(s[0] >= f) for s, f in zip(rt.scales, first))
 
 
+def test_onnx_int8_prefill_runs_each_step_once_and_decode_appends_in_place(demo):
+    """A multi-token step attends over the dequantized cache and its own float keys (the graph's float path) and
+    runs once; the runtime quantizes its rows into the cache with the scales grown to fit them. A one-token step
+    appends in place through the int8 node, inside the If (ORT hands the bound buffer down)."""
+    rt = load_runtime(demo["onnx"], kv_dtype="int8")
+    assert rt.host_cache
+    runs, real = [0], rt.session.run_with_iobinding
+    rt.session.run_with_iobinding = lambda io: (runs.__setitem__(0, runs[0] + 1), real(io))[1]
+    ids = np.random.default_rng(1).integers(4, 256, 40).tolist()
+    rt.reset()
+    steps = len(rt.steps(20))
+    rt.forward(ids[:20])
+    steps += len(rt.steps(20))
+    rt.forward(ids[20:])  # the second prompt's keys outgrow some scales: the cached rows are requantized, no rerun
+    assert runs[0] == steps
+    chunk = rt.spec.attention_chunk_size
+    for layer in rt.spec.layers:  # every held row is written; a global layer's later rows untouched (a chunked
+        k = rt.host[layer.index][0][0]  # layer's buffer still has the last chunk's rows after them)
+        held = 40 - (40 // chunk) * chunk if layer.chunked else 40
+        assert np.abs(k[:, :held]).max(axis=(0, 2)).min() > 0
+        assert layer.chunked or not k[:, held:].any()
+    g = next(la for la in rt.spec.layers if not la.chunked)
+    arrays, before = [a[0] for a in rt.host], rt.host[g.index][0][0, :, :40].copy()
+    runs[0] = 0
+    rt.forward([7])  # decode: the int8 node writes row 40 of the same arrays
+    assert all(a is b[0] for a, b in zip(arrays, rt.host))
+    assert np.abs(rt.host[g.index][0][0, :, 40]).max() > 0
+    if runs[0] == 1:  # (a rerun grows the scales and requantizes the rows before)
+        assert np.array_equal(rt.host[g.index][0][0, :, :40], before)
+    ref = load_runtime(demo["onnx"]).logits(ids + [7])
+    assert compare(ref, rt.logits(ids + [7]))["kl"] <= 1e-3
+
+
 def test_kv_dtype_refusals(demo):
     with pytest.raises(CapabilityError, match="FP8 cache"):
         load_runtime(demo["onnx"], kv_dtype="fp8")

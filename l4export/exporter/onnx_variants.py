@@ -62,9 +62,87 @@ def write_kv_variant(out: Path, spec: Llama4Spec, kv_dtype: str, dtype: str, bas
         for src, name in ((node.input[1], f"new_key.{i}"), (node.input[2], f"new_value.{i}")):
             g.node.append(helper.make_node("Identity", [src], [name], name=f"outputs/{name}"))
             g.output.append(helper.make_tensor_value_info(name, ELEM[dtype], None))
+    if kv_dtype == "int8":
+        _dequantized_prefill(g, gqa, dtype)
+        helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props}, KV_PREFILL_KEY: "dequantized"})
     name = kv_variant_file(kv_dtype, base)
     onnx.save(m, str(out / name))
     return name
+
+
+KV_PREFILL_KEY = "l4export.kv_prefill"  # metadata of an int8 graph whose multi-token steps leave the cache to the caller
+
+
+def _dequantized_prefill(g: onnx.GraphProto, gqa: list[onnx.NodeProto], dtype: str) -> None:
+    """Each int8 GroupQueryAttention becomes If(this step has more than one token):
+
+    - one token (decode): the int8 node as it was, appending to the cache in place (past and present are one buffer;
+      ORT hands the If's bound output down to the node);
+    - several (prefill): a float GroupQueryAttention over the cached rows dequantized (cast x per-channel scale) and
+      the step's float keys and values. It writes nothing to the cache (present: 0 rows): the runtime quantizes the
+      step's keys and values (``new_key`` / ``new_value``) into it afterwards, growing the scales first if they do
+      not fit, so no step runs twice. Why: ORT's CPU kernel attends over an int8 cache 3.6x slower than over a float
+      one when a step has many queries (benchmarks/bench_kv_prefill.py); dequantizing the cached rows once per step
+      costs one pass over them."""
+    elem = ELEM[dtype]
+    g.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                          (("kv_prefill/one", 1), ("kv_prefill/zero", [0]), ("kv_prefill/axis", [2]),
+                           ("kv_prefill/index1", 1))])
+    for n in reversed([  # S, the step's tokens, from position_ids [1, S] (both decoders have it); first in order
+        helper.make_node("Shape", ["position_ids"], ["kv_prefill/shape"], name="kv_prefill/Shape_0"),
+        helper.make_node("Gather", ["kv_prefill/shape", "kv_prefill/index1"], ["kv_prefill/S"], axis=0,
+                         name="kv_prefill/Gather_0"),
+        helper.make_node("Greater", ["kv_prefill/S", "kv_prefill/one"], ["kv_prefill/many"], name="kv_prefill/Greater_0"),
+    ]):
+        g.node.insert(0, n)
+    for i, node in enumerate(gqa):
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.insert(at, helper.make_node("If", ["kv_prefill/many"], list(node.output), name=f"{node.name}/If",
+                                           then_branch=_float_branch(node, i, elem), else_branch=_int8_branch(node, i, elem)))
+
+
+def _int8_branch(node: onnx.NodeProto, i: int, elem: int) -> onnx.GraphProto:
+    inner = onnx.NodeProto()
+    inner.CopyFrom(node)
+    outs = [f"kv_prefill/{i}/int8/{j}" for j in range(3)]
+    del inner.output[:]
+    inner.output.extend(outs)
+    types = (elem, onnx.TensorProto.INT8, onnx.TensorProto.INT8)
+    return helper.make_graph([inner], f"kv_prefill_{i}_int8", [],
+                             [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)])
+
+
+def _float_branch(node: onnx.NodeProto, i: int, elem: int) -> onnx.GraphProto:
+    p = f"kv_prefill/{i}/float"
+    seqlens, scales = node.input[5], node.input[12:14]
+    nodes = [  # rows held before this step: seqlens_k + 1 - S (seqlens_k counts this step's rows, minus one)
+        helper.make_node("Cast", [seqlens], [f"{p}/seqlens"], to=onnx.TensorProto.INT64),
+        helper.make_node("Add", [f"{p}/seqlens", "kv_prefill/one"], [f"{p}/total"]),
+        helper.make_node("Sub", [f"{p}/total", "kv_prefill/S"], [f"{p}/held"]),
+    ]
+    past = []
+    for j, (cache, scale) in enumerate(zip(node.input[3:5], scales)):
+        q = f"{p}/{j}"
+        nodes += [helper.make_node("Slice", [cache, "kv_prefill/zero", f"{p}/held", "kv_prefill/axis"], [f"{q}/rows"]),
+                  helper.make_node("Cast", [f"{q}/rows"], [f"{q}/f32"], to=onnx.TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"{q}/f32", scale], [f"{q}/deq"])]
+        if elem != onnx.TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [f"{q}/deq"], [f"{q}/past"], to=elem))
+        past.append(nodes[-1].output[0])
+        nodes.append(helper.make_node("Slice", [cache, "kv_prefill/zero", "kv_prefill/zero", "kv_prefill/axis"],
+                                      [f"{q}/none"]))  # present: no rows (the runtime writes them)
+    inputs = list(node.input[:12])
+    inputs[3:5] = past
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    attrs = [a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")]
+    gqa = helper.make_node("GroupQueryAttention", inputs, [f"{p}/out", f"{p}/k_all", f"{p}/v_all"],
+                           domain="com.microsoft", name=f"{p}/GroupQueryAttention")
+    gqa.attribute.extend(attrs)
+    nodes.append(gqa)
+    outs = [(f"{p}/out", elem), (f"{p}/0/none", onnx.TensorProto.INT8), (f"{p}/1/none", onnx.TensorProto.INT8)]
+    return helper.make_graph(nodes, f"kv_prefill_{i}_float", [], [helper.make_tensor_value_info(o, t, None) for o, t in outs])
 
 
 GENAI_CONSTANTS = ("cache_start", "num_logits_to_keep")  # our runtime's inputs that onnxruntime-genai does not feed

@@ -6,11 +6,17 @@ new keys, never the cache. Chunked (RoPE) layers hold at most one chunk: their b
 rows, and when a step starts a new chunk it starts at row 0 again (``cache_start`` tells the graph where that
 chunk begins). Global (NoPE) layers hold the whole sequence in a buffer sized by ``reserve`` (or grown by doubling).
 
-``kv_dtype="int8"`` runs the export's ``model.kv-int8.onnx``: GroupQueryAttention quantizes what it appends with
-per-channel static scales, which this runtime chooses as tokens arrive. Each step also returns its new float keys
-and values; when they exceed a layer's range (always on the first step), that layer's scales grow (x1.25 headroom),
-its cached rows are requantized to them, and the step runs again. Scales only grow, so this is rare after the first
-step; the cache holds one byte per element (plus a few scales per layer).
+``kv_dtype="int8"`` runs the export's ``model.kv-int8.onnx``, whose cache holds one byte per element with
+per-channel static scales (a few per layer) that this runtime chooses as tokens arrive; scales only grow (x1.25
+headroom, at least doubling). Each step also returns its new float keys and values.
+- A step of several tokens (prefill) attends over the cached rows dequantized and its own float keys and values,
+  and writes nothing to the cache; this runtime then grows the scales where the new rows do not fit (requantizing
+  the cached rows) and quantizes the new rows into the cache, which is numpy memory that ORT reads in place. No step
+  runs twice.
+- A step of one token (decode): GroupQueryAttention quantizes what it appends with the current scales, in place;
+  when the new key or value exceeds its layer's range, the scales grow as above and the step runs again (rare after
+  a prompt).
+Exports older than the prefill path run every step the decode way.
 
 Exports with the vision path run three graphs: ``vision.onnx`` (image tiles -> image features, on demand),
 ``embedding.onnx`` (token embeddings with the image features at the <|patch|> tokens) and ``model.embeds.onnx`` (the
@@ -90,6 +96,9 @@ class OnnxRuntime(Runtime):
         kv = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_dtype = KV_DTYPES.get(kv.type, np.float16)
         self.kv_quant = kv_dtype  # None: the cache is in the compute dtype
+        meta = self.session.get_modelmeta().custom_metadata_map
+        # int8 graphs with the float prefill path (exporter/onnx_variants.py): the cache is numpy memory we write
+        self.host_cache = provider == "cpu" and meta.get("l4export.kv_prefill") == "dequantized"
         self.scales: list[list[np.ndarray]] = []  # per layer [key, value] int8 scales [1, Hkv, 1, D]
         self.chunk = self.spec.attention_chunk_size
         self.capacity = 0  # rows of the global layers' buffers
@@ -130,7 +139,10 @@ class OnnxRuntime(Runtime):
     def _buffer(self, rows: int):
         s = self.spec
         shape = (1, s.num_kv_heads, rows, s.head_dim)
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+        if self.host_cache:  # ORT reads and writes this numpy array in place
+            a = np.zeros(shape, self.kv_dtype)
+            return self.ort.OrtValue.ortvalue_from_numpy(a), a
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0), None
 
     @property
     def can_reuse(self) -> bool:
@@ -168,6 +180,7 @@ class OnnxRuntime(Runtime):
     def _reset(self) -> None:
         self.capacity = 0
         self.cache = [None] * self.spec.num_layers  # (key, value) OrtValues, allocated on first use
+        self.host = [(None, None)] * self.spec.num_layers  # (key, value) numpy arrays behind them (host_cache)
         s = self.spec
         self.scales = [[np.zeros((1, s.num_kv_heads, 1, s.head_dim), np.float32) for _ in range(2)] for _ in s.layers]
 
@@ -193,17 +206,20 @@ class OnnxRuntime(Runtime):
                     rows = min(self.chunk, new)
             else:
                 rows = new
-            self.cache[layer.index] = tuple(self._copy(old[j] if old else None, rows) for j in range(2))
+            pairs = [self._copy(old[j] if old else None, rows) for j in range(2)]
+            self.cache[layer.index] = tuple(b for b, _ in pairs)
+            self.host[layer.index] = tuple(a for _, a in pairs)
         self.capacity = new
 
     def _copy(self, old, rows: int):
-        buf = self._buffer(rows)
+        buf, host = self._buffer(rows)
         if old is not None and self.pos:  # keep the valid rows (only the global layers' ever grow past a chunk)
             valid = min(old.shape()[2], rows)
-            dst, src = buf.numpy(), old.numpy()
+            dst, src = buf.numpy() if host is None else host, old.numpy()
             dst[:, :, :valid] = src[:, :, :valid]
-            buf.update_inplace(dst)
-        return buf
+            if host is None:
+                buf.update_inplace(dst)
+        return buf, host
 
     def chunk_start(self) -> int:
         """Absolute position of the first key the chunked layers' buffers hold: the start of the current chunk."""
@@ -235,16 +251,20 @@ class OnnxRuntime(Runtime):
     def _step(self, ids: list[int], n_logits: int, features: np.ndarray | None = None) -> np.ndarray:
         self._grow(self.pos + len(ids))
         embeds = self._embeds(ids, features) if self.embedding is not None else None
+        prefill = self.host_cache and len(ids) > 1  # the graph's float path: we write the cache (module docstring)
         while True:
-            io = self._bind(ids, n_logits, embeds)
+            io = self._bind(ids, n_logits, embeds, prefill)
             self.session.run_with_iobinding(io)
             outs = io.get_outputs()
             if self.plain:  # the plain-op attention writes a new buffer: it becomes the cache
                 self.cache = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.spec.num_layers)]
-            if self.kv_quant is None or not self._rescale([o.numpy() for o in outs[1:]]):
-                return outs[0].numpy()[0].astype(np.float32, copy=False)
+            if prefill:
+                self._absorb([o.numpy() for o in outs[1: 1 + 2 * self.spec.num_layers]])
+            elif self.kv_quant is not None and self._rescale([o.numpy() for o in outs[1:]]):
+                continue
+            return outs[0].numpy()[0].astype(np.float32, copy=False)
 
-    def _bind(self, ids: list[int], n_logits: int, embeds: np.ndarray | None = None):
+    def _bind(self, ids: list[int], n_logits: int, embeds: np.ndarray | None = None, prefill: bool = False):
         n, total = len(ids), self.pos + len(ids)
         io = self.session.io_binding()
         feeds = {
@@ -270,34 +290,57 @@ class OnnxRuntime(Runtime):
             io.bind_ortvalue_input(f"past_key_values.{i}.key", k)
             io.bind_ortvalue_input(f"past_key_values.{i}.value", v)
             for name, buf in ((f"present.{i}.key", k), (f"present.{i}.value", v)):
-                if self.plain:  # not in place: ORT's plain ops may read the buffer they write
-                    io.bind_output(name, self.device)
+                if self.plain or prefill:  # not in place: ORT's plain ops may read the buffer they write; the
+                    io.bind_output(name, self.device)  # prefill path returns no rows
                 else:
                     io.bind_ortvalue_output(name, buf)
         return io
+
+    def _held(self, layer) -> int:
+        """Rows a layer's buffer held before this step."""
+        return self.pos - self.chunk_start() if layer.chunked else self.pos
 
     def _rescale(self, new: list[np.ndarray]) -> bool:
         """Grow the int8 scales of the layers whose new keys/values did not fit; requantize their cached rows.
         True when the step must run again."""
         s, again = self.spec, False
         for layer in s.layers:
-            held = self.pos - self.chunk_start() if layer.chunked else self.pos  # rows cached before this step
             for j in range(2):
                 x = new[2 * layer.index + j].reshape(-1, s.num_kv_heads, s.head_dim)  # [S, Hkv, D]
-                amax = np.abs(x).max(axis=0).reshape(1, s.num_kv_heads, 1, s.head_dim)
-                old = self.scales[layer.index][j]
-                if np.all(amax <= 127 * old):
-                    continue
-                # at least double: a range that creeps up costs a few reruns, not one per step
-                scale = np.maximum(2 * old, amax * HEADROOM / 127).astype(np.float32)
-                if held:
-                    self._requantize(self.cache[layer.index][j], held, old, scale)
-                self.scales[layer.index][j] = scale
-                again = True
+                again |= self._fit(layer.index, j, x, self._held(layer))
         return again
 
-    @staticmethod
-    def _requantize(buf, rows: int, old: np.ndarray, new: np.ndarray) -> None:
-        a = buf.numpy()
+    def _absorb(self, new: list[np.ndarray]) -> None:
+        """After a prefill step: fit the scales to its new keys/values, then quantize them into the cache."""
+        s = self.spec
+        for layer in s.layers:
+            held = self._held(layer)
+            for j in range(2):
+                x = new[2 * layer.index + j].reshape(-1, s.num_kv_heads, s.head_dim).astype(np.float32, copy=False)
+                self._fit(layer.index, j, x, held)
+                rows = x.transpose(1, 0, 2)[None] / self.scales[layer.index][j]  # [1, Hkv, S, D]
+                dst = self.host[layer.index][j][:, :, held: held + x.shape[0]]
+                np.clip(np.rint(rows, out=rows), -127, 127, out=rows)
+                dst[...] = rows
+
+    def _fit(self, i: int, j: int, x: np.ndarray, held: int) -> bool:
+        """Grow layer ``i``'s key (j=0) or value (j=1) scales where ``x`` [S, Hkv, D] exceeds them, requantizing the
+        ``held`` cached rows; True when they grew."""
+        s = self.spec
+        amax = np.abs(x).max(axis=0).reshape(1, s.num_kv_heads, 1, s.head_dim)
+        old = self.scales[i][j]
+        if np.all(amax <= 127 * old):
+            return False
+        # at least double: a range that creeps up costs a few reruns, not one per step
+        scale = np.maximum(2 * old, amax * HEADROOM / 127).astype(np.float32)
+        if held:
+            self._requantize(i, j, held, old, scale)
+        self.scales[i][j] = scale
+        return True
+
+    def _requantize(self, i: int, j: int, rows: int, old: np.ndarray, new: np.ndarray) -> None:
+        buf, host = self.cache[i][j], self.host[i][j]
+        a = buf.numpy() if host is None else host
         a[:, :, :rows] = np.clip(np.rint(a[:, :, :rows] * (old / new)), -127, 127).astype(np.int8)
-        buf.update_inplace(a)
+        if host is None:
+            buf.update_inplace(a)
