@@ -92,7 +92,7 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--check", is_flag=True, help="Read every tensor; report non-finite values (exit 1 if any).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "mlx"]), default=None, help="Dry run: plan this export.")
-@click.option("--quant", default=None, help="Dry run: plan this recipe (int4, fp8, fp8-block, mixed:BITS, mixed:SIZE "
+@click.option("--quant", default=None, help="Dry run: plan this recipe (int4, int8, fp8, fp8-block, mixed:BITS, mixed:SIZE "
               "or RECIPE.toml).")
 @click.option("--dtype", default=None, help="Dry run: compute dtype (default as convert).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Dry run: ONNX provider.")
@@ -205,7 +205,7 @@ def demo_checkpoint(out: Path, seed: int | None, force: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "mlx"]), default="onnx", show_default=True)
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 for cpu/mlx, float16 for cuda).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX execution provider.")
-@click.option("--quant", default=None, help="int4, fp8, fp8-block (CUDA), mixed:BITS (e.g. mixed:3.0: average bits per "
+@click.option("--quant", default=None, help="int4, int8, fp8, fp8-block (CUDA), mixed:BITS (e.g. mixed:3.0: average bits per "
               "weight) or mixed:SIZE (e.g. mixed:40GB), :per-expert after either for a width per routed expert, or a "
               "RECIPE.toml file.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt lines or .jsonl 'text').")

@@ -77,7 +77,8 @@ THRESHOLDS: dict[str, Threshold] = {
     # (tests/test_onnx_quant.py): int4 preset KL 1.1e-3..6.0e-3, top-1 0.68 (Scout, flat random logits) / 0.93
     # (Maverick) over all tokens; fp8 preset KL 2e-5..2.3e-4, top-1 0.98. Gates ~3-4x above the worst KL seen.
     "int4": Threshold(kl=2e-2, top1=0.5),
-    "int8": Threshold(kl=1e-2, top1=0.8),  # not measured yet (no int8-only preset); a starting point
+    # int8 preset (2026-12-07, same models and way): KL 3.2e-5..2.8e-4, top-1 0.917 over all tokens
+    "int8": Threshold(kl=1e-3, top1=0.8),
     # Below 4 bits (the export's lowest width; mixed exports by theirs), measured the same way on the tiny quant
     # models (qscout, qmaverick, qtop2; ONNX and MLX; 2026-12-07): experts int2 g32 + int4 attention KL 4.6e-3..1.0e-2,
     # mixed:3.0-4.5 with some int2 KL 5e-4..2.2e-2, overall top-1 0.44-0.61; int2 experts + int3 down + int5
@@ -99,11 +100,12 @@ def threshold_for(info: ExportInfo) -> tuple[str, Threshold]:
         quant = None  # a budget that placed nothing (no tensor of this model fits a scheme): judged as float
     if quant is not None and quant.placement:
         key = width_key(quant.schemes.values())
-        if quant.allocation and key == "int4":
+        if quant.allocation and key in ("int4", "int8"):
             # A mixed export at 4 bits and above still puts 4 bits where the int4 preset keeps 8 (attention,
             # lm_head, the shared expert): the shape fuzz (2026-12-07, mixed budgets halfway between a config's
             # smallest and largest form) measured KL up to 1.5e-2 and overall top-1 0.46 on a random flat model, past
-            # the preset's gate and within int3's. The rounded twin (KL <= 1e-3) still judges its lowering.
+            # the preset's gate and within int3's. The rounded twin (KL <= 1e-3) still judges its lowering. (The int8
+            # row is the int8 preset's, measured on the test models only: mixed exports at 8 bits take int3's too.)
             key = "int3"
         return key, THRESHOLDS[key]
     if quant is not None:

@@ -125,6 +125,29 @@ def test_int4_exact_equals_transformers_on_the_same_dequantized_weights(model, q
         assert m["kl"] > 0  # the weights really are quantized
 
 
+@pytest.mark.parametrize("model", ["scout", "maverick"])
+def test_int8_preset_is_8_bits_everywhere_and_near_lossless(model, export, request):
+    """The int8 preset (issue 27's 8-bit path): every QMoE and MatMulNBits 8-bit at int8 activations, the embedding
+    int8; KL against float transformers well under the int4 preset's and within verify's int8 gate."""
+    src = request.getfixturevalue(model)
+    out = export(src, quant="int8")
+    g = _graph(out).graph
+    bits = {n.op_type: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            for n in g.node if n.op_type in ("QMoE", "MatMulNBits")}
+    assert bits["QMoE"]["expert_weight_bits"] == 8 and bits["QMoE"]["accuracy_level"] == 4
+    assert bits["MatMulNBits"]["bits"] == 8 and bits["MatMulNBits"]["accuracy_level"] == 4
+    assert "GatherBlockQuantized" in _ops(out)
+    rt, ref = load_runtime(out), ReferenceRunner(src)
+    worst = 0.0
+    for name, ids in default_prompts(rt.spec):
+        m = compare(ref.logits(ids), rt.logits(ids))
+        log.info("%s int8 preset %s: KL %.2e top1 %.3f", model, name, m["kl"], m["top1"])
+        worst = max(worst, m["kl"])
+    assert 0 < worst <= THRESHOLDS["int8"].kl
+    r = CliRunner().invoke(main, ["verify", str(out), "--reference", str(src), "--greedy-tokens", "4"])
+    assert r.exit_code == 0, r.output
+
+
 def test_fp8_export_stores_e4m3_and_dequantizes_once_at_load(qexports, scout):
     export = qexports["scout_fp8"]
     g = _graph(export).graph

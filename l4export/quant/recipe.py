@@ -198,12 +198,32 @@ def _int4_preset(name: str, level: int) -> Recipe:
     ))
 
 
+def _int8_preset(name: str, level: int) -> Recipe:
+    """Every linear and the input embedding int8, groups of 64, symmetric; router and norms float: the near-lossless
+    8-bit path (issue 27). On ORT CPU at accuracy_level 4 MatMulNBits and QMoE run 8-bit weights against int8
+    activations (per block), as llama.cpp's Q8_0 runs its blocks against q8 activations. Groups of 64 with float32
+    scales (QMoE: float16) are 8.5 (8.25) bits per weight, Q8_0's 8.5 (blocks of 32, float16 scales)."""
+    int8 = Int(bits=8, group_size=64, symmetric=True, accuracy_level=level)
+    return Recipe(name, (
+        Rule("*.feed_forward.router.weight", None),
+        Rule("*norm.weight", None),
+        Rule("*.feed_forward.experts.*", int8),
+        Rule("*.feed_forward.shared_expert.*", int8),
+        Rule("*.self_attn.*_proj.weight", int8),
+        Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", int8),
+        Rule("lm_head.weight", int8),
+        Rule("model.embed_tokens.weight", int8),
+    ))
+
+
 PRESETS: dict[str, Recipe] = {
     # Fast on ONNX Runtime CPU (int8 activations); MLX and CUDA read the same weights with float activations.
     "int4": _int4_preset("int4", 4),
     # The same weights with float activations on ONNX Runtime too: exact with respect to the dequantized weights
     # (parity studies; 3-5x slower decode on CPU).
     "int4-exact": _int4_preset("int4-exact", 0),
+    # 8 bits everywhere, int8 activations on ONNX Runtime CPU: the near-lossless path beside llama.cpp's Q8_0.
+    "int8": _int8_preset("int8", 4),
     # Routed experts only, per expert per output channel (Meta fp8_mixed); the rest float.
     "fp8": Recipe("fp8", _FLOAT_FIRST + (
         Rule("*.feed_forward.experts.*", Fp8()),
