@@ -15,6 +15,9 @@ Engines, each in its own process, runs interleaved (engine order rotated every r
     transformers eager float32 (runs every expert for every token)
     llama.cpp f32 / Q4_0 / Q4_K_M through llama-cpp-python, when it is installed (GGUF made with llama.cpp's
     converter, see llama_cpp_gguf)
+    llama-bench-KIND (KIND: f32, BF16, Q8_0, Q4_0, Q4_K_M): llama.cpp's own llama-bench -t THREADS -fa 1 (f16 cache),
+    prefill as pp PROMPT, decode as tg NEW at depth PROMPT (-d), from a llama.cpp build in $L4_LLAMA_BIN (default
+    benchmarks/work/llama.cpp-bin: llama-bench and llama-quantize; its source tree, two folders up, has the converter)
 
 Reported per engine: prefill and decode tokens/s, peak RSS of the process, weight bytes read per decode token (the
 export's tensor bytes for everything a token touches: one routed expert per layer, one embedding row), and that
@@ -38,11 +41,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, measure, save_result, table  # noqa: E402
 
+LLAMA_BIN = Path(__import__("os").environ.get("L4_LLAMA_BIN", WORK / "llama.cpp-bin"))
+
 MODEL = WORK / "decode-1g"
 CHUNK = 256  # attention_chunk_size of the model (--chunk: 8192 is Llama 4's, and what llama.cpp hard-codes)
-ENGINES = ("onnx-fp32", "onnx-int4", "genai-int4", "onnx-fp8", "onnx-mixed3.0", "onnx-mixed3.0-pe", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
+ENGINES = ("onnx-fp32", "onnx-int4", "onnx-int8", "genai-int4", "onnx-fp8", "onnx-mixed3.0", "onnx-mixed3.0-pe", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
            "mlx-lm-fp32", "mlx-lm-4bit", "mlx-lm-3bit", "mlx-lm-2bit-g32", "mlx-lm-on-l4-int4", "transformers-fp32",
-           "llama.cpp-f32", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
+           "llama.cpp-f32", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M", "llama-bench-Q4_0", "llama-bench-Q4_K_M",
+           "llama-bench-Q8_0", "llama-bench-BF16")
 MLX_LM_BITS = {"mlx-lm-4bit": ("4", "64"), "mlx-lm-3bit": ("3", "64"), "mlx-lm-2bit-g32": ("2", "32")}
 
 
@@ -93,6 +99,8 @@ def mlx_lm_4bit(src: Path, bits: str = "4", group: str = "64") -> Path:
 def llama_cpp_converter() -> Path | None:
     """llama.cpp's convert_hf_to_gguf.py and gguf-py from the llama-cpp-python source distribution of the installed
     version (downloaded once into benchmarks/work; run, never copied into the project)."""
+    if (LLAMA_BIN / "llama-bench").is_file() and (LLAMA_BIN.resolve().parents[1] / "convert_hf_to_gguf.py").is_file():
+        return LLAMA_BIN.resolve().parents[1]  # the build's own source tree
     try:
         from importlib.metadata import version
 
@@ -151,6 +159,8 @@ def llama_cpp_gguf(kind: str) -> Path | None:
     if kind == "f32":
         return f32
     out = WORK / f"decode-gguf-{kind}.gguf"
+    if not out.is_file() and (LLAMA_BIN / "llama-quantize").is_file():
+        subprocess.run([str(LLAMA_BIN / "llama-quantize"), str(f32), str(out), kind, "2"], check=True, capture_output=True)
     if not out.is_file():
         import ctypes
 
@@ -171,7 +181,7 @@ def engine_model(engine: str) -> Path | None:
         return Path(engine.removeprefix("path:"))
     if engine == "genai-int4":  # onnxruntime-genai's own generator on our int4 export
         return l4_export("onnx-int4", "onnx", "--quant", "int4")
-    if engine in ("onnx-int4", "onnx-fp8"):
+    if engine in ("onnx-int4", "onnx-fp8", "onnx-int8"):
         return l4_export(engine, "onnx", "--quant", engine.split("-")[1])
     if engine in ("mlx-fp32", "mlx-lm-fp32"):
         return l4_export("mlx-fp32", "mlx")
@@ -199,6 +209,8 @@ def engine_model(engine: str) -> Path | None:
         return MODEL
     if engine.startswith("llama.cpp"):
         return llama_cpp_gguf(engine.split("-", 1)[1])
+    if engine.startswith("llama-bench-"):
+        return llama_cpp_gguf(engine.removeprefix("llama-bench-"))
     raise ValueError(engine)
 
 
@@ -251,7 +263,7 @@ def bytes_per_token(engine: str, model: Path) -> int | None:
         return l4_bytes_per_token(model)
     if engine in MLX_LM_BITS:
         return safetensors_bytes_per_token(model)
-    if engine.startswith("llama.cpp"):
+    if engine.startswith(("llama.cpp", "llama-bench")):
         return gguf_bytes_per_token(model)
     if engine == "transformers-fp32":
         return 4 * 514475008  # eager MoE runs every expert on every token
@@ -370,26 +382,51 @@ def run_engine(engine: str, model: Path, prompt: int, new: int, threads: int) ->
                 return o.logits[0, -1].numpy()
 
             dec, _ = _timed_decode(step, int(out.logits[0, -1].argmax()), new)
+    elif engine.startswith("llama-bench"):
+        return {"prefill_tok_s": llama_bench(model, threads, prompt, 0, 0), "decode_tok_s": llama_bench(model, threads, 0, new, prompt),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     else:  # llama.cpp
-        from llama_cpp import Llama
-
-        llm = Llama(model_path=str(model), n_ctx=prompt + new + 8, n_threads=threads, n_batch=512, verbose=False)
+        llm = llama_cpp(model, prompt + new + 8, threads)
         t = time.perf_counter()
         llm.eval(ids)
         pre = time.perf_counter() - t
 
         def step(tok):
             llm.eval([tok])
-            return llm.scores[llm.n_tokens - 1]
+            return llama_cpp_logits(llm)
 
-        dec, _ = _timed_decode(step, int(np.argmax(llm.scores[prompt - 1])), new)
+        dec, _ = _timed_decode(step, int(np.argmax(llama_cpp_logits(llm))), new)
     return {"prefill_tok_s": prompt / pre, "decode_tok_s": 1.0 / dec,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def llama_bench(model: Path, threads: int, prompt: int, new: int, depth: int) -> float:
+    """tokens/s of one llama-bench test (pp PROMPT, or tg NEW at depth DEPTH), one repetition (the runs repeat)."""
+    out = subprocess.run([str(LLAMA_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-fa", "1",
+                          "-p", str(prompt), "-n", str(new), "-d", str(depth), "-r", "1", "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def llama_cpp(model: Path, n_ctx: int, threads: int):
+    """llama.cpp through llama-cpp-python, set as llama-bench -t THREADS -fa 1 runs it: flash attention, an f16
+    cache, the same threads for batches and for single tokens, batches of 512."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                 n_ubatch=512, flash_attn=True, verbose=False)
+
+
+def llama_cpp_logits(llm) -> np.ndarray:
+    """The last token's logits (llama-cpp-python keeps them in its scores only with logits_all)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
 
 
 def available(engine: str) -> bool:
     import importlib.util
 
+    if engine.startswith("llama-bench"):
+        return (LLAMA_BIN / "llama-bench").is_file()
     need = {"llama.cpp": "llama_cpp", "mlx": "mlx", "transformers": "transformers", "onnx": "onnxruntime",
             "genai": "onnxruntime_genai", "path:": "l4export"}
     return importlib.util.find_spec(need[next(k for k in need if engine.startswith(k))]) is not None
@@ -443,7 +480,8 @@ def report(runs: dict, models: dict, bw: float, args) -> None:
         b = bytes_per_token(e, models[e])
         m["bytes_per_token"] = b
         m["bandwidth_share"] = None if b is None else m["decode_tok_s"] * b / (bw * 1e9)
-    ref = {"mlx-lm-4bit": "vs mlx-lm 4-bit", "onnx-fp32": "vs our ONNX fp32", "llama.cpp-Q4_0": "vs llama.cpp Q4_0"}
+    ref = {"mlx-lm-4bit": "vs mlx-lm 4-bit", "onnx-fp32": "vs our ONNX fp32", "llama.cpp-Q4_0": "vs llama.cpp Q4_0",
+           "llama-bench-Q4_0": "vs llama.cpp Q4_0", "llama-bench-Q8_0": "vs llama.cpp Q8_0"}
     rows = []
     for e, m in med.items():
         row = {"engine": e, "decode tok/s": f"{m['decode_tok_s']:.1f}", "prefill tok/s": f"{m['prefill_tok_s']:.1f}",
@@ -472,6 +510,10 @@ RATIO_GOALS = (  # (engine, against, at least, what it says): a goal reported wh
     ("onnx-int4", "mlx-lm-4bit", 10, "ONNX int4 decode >= 10x mlx-lm 4-bit"),
     ("onnx-int4", "onnx-fp32", 2.5, "ONNX int4 decode >= 2.5x our ONNX fp32"),
     ("onnx-int4", "llama.cpp-Q4_0", 0.5, "ONNX int4 decode >= 0.5x llama.cpp Q4_0"),
+    ("onnx-int4", "llama-bench-Q4_0", 1.0, "ONNX int4 decode >= llama.cpp Q4_0 (llama-bench; issue 27)"),
+    ("onnx-int4", "llama-bench-Q4_K_M", 1.0, "ONNX int4 decode >= llama.cpp Q4_K_M (llama-bench; issue 27)"),
+    ("onnx-int8", "llama-bench-Q8_0", 1.0, "ONNX int8 decode >= llama.cpp Q8_0 (llama-bench; issue 27)"),
+    ("onnx-int8", "llama-bench-BF16", 1.0, "ONNX int8 decode >= llama.cpp BF16 (llama-bench; issue 27)"),
     ("onnx-fp8", "onnx-fp32", 1.0, "ONNX fp8 decode >= our ONNX fp32"),
     ("mlx-int4", "mlx-lm-on-l4-int4", 1.0, "MLX int4 decode >= mlx-lm on the same export"),
     ("onnx-mixed3.0", "onnx-int4", 1.0, "ONNX mixed:3.0 decode >= the int4 preset's (issue 26)"),

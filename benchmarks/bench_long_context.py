@@ -3,8 +3,10 @@ speed, peak memory and KV bytes against context length (CPU, 2 threads).
 
     python benchmarks/bench_long_context.py [--lengths 1024,2048,4096,16384,32768,131072] [--budget 900]
 
-Engines, each prompt length in its own process: l4export ONNX int4 (float and int8 KV cache), l4export MLX int4, and
-mlx-lm on the same MLX export. An engine stops at the first length whose prefill is predicted (from its rate at the
+Engines, each prompt length in its own process: l4export ONNX int4 (float and int8 KV cache), l4export MLX int4,
+mlx-lm on the same MLX export, and llama.cpp Q4_0 / Q4_K_M through its own llama-bench (-fa 1, f16 cache; prefill
+as pp LENGTH, decode as tg 16 at depth LENGTH; bench_decode.LLAMA_BIN). ``--chunk 8192``: the model with Llama 4's
+chunk, which llama.cpp hard-codes. An engine stops at the first length whose prefill is predicted (from its rate at the
 previous length) to take longer than ``--budget`` seconds; that is said in the table. The 1 GB model: 8 layers, 2 of
 them global (NoPE), 6 chunked with attention_chunk_size 256, so KV grows with the prompt in 2 layers only.
 
@@ -23,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import MODEL, bandwidth_gbs, build_model, engine_model, l4_bytes_per_token  # noqa: E402
+import bench_decode  # noqa: E402
+from bench_decode import bandwidth_gbs, engine_model, l4_bytes_per_token  # noqa: E402
 from common import measure, save_result, table  # noqa: E402
 
-ENGINES = ("onnx-int4", "onnx-int4-kv8", "mlx-int4", "mlx-lm-on-l4-int4")
+ENGINES = ("onnx-int4", "onnx-int4-kv8", "mlx-int4", "mlx-lm-on-l4-int4", "llama-bench-Q4_0", "llama-bench-Q4_K_M")
 NEW = 16  # decode steps timed after each prompt
 
 
@@ -55,6 +58,10 @@ def run(engine: str, model: Path, length: int) -> dict:
             times.append(time.perf_counter() - t)
             tok = int(np.argmax(np.array(o)))
         kv = sum(sum(getattr(a, "nbytes", 0) for a in c.state) for c in cache)
+    elif engine.startswith("llama-bench"):  # llama.cpp's own: pp LENGTH, then tg NEW at depth LENGTH (f16 cache)
+        pp = bench_decode.llama_bench(model, 2, length, 0, 0)
+        ttft, times = length / pp, [1 / bench_decode.llama_bench(model, 2, 0, NEW, length)]
+        kv = 0  # (not reported)
     else:
         from l4export.runtimes import load_runtime
 
@@ -81,15 +88,19 @@ def main() -> None:
                     help="Comma-separated; ENGINE:N runs that engine up to N tokens only (e.g. onnx-int4-kv8:32768).")
     ap.add_argument("--budget", type=float, default=900.0, help="Largest predicted prefill time (s) an engine is run.")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=256, help="the model's attention_chunk_size (8192: Llama 4's, and "
+                    "what llama.cpp hard-codes)")
     ap.add_argument("--tag", default="", help="results/long-context[-TAG]-DATE.json")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    bench_decode.CHUNK = args.chunk
+    bench_decode.MODEL = bench_decode.WORK / ("decode-1g" if args.chunk == 256 else f"decode-1g-c{args.chunk}")
     if args.worker:
         print(json.dumps(run(args.worker, Path(args.model), args.length)))
         return
-    build_model()
+    bench_decode.build_model(bench_decode.MODEL)
     name = "long-context" + (f"-{args.tag}" if args.tag else "")
     lengths = [int(n) for n in args.lengths.split(",")]
     env = {"OMP_NUM_THREADS": str(args.threads)}
@@ -104,7 +115,8 @@ def main() -> None:
                 results[engine].append({"length": n, "skipped": f"predicted prefill over {args.budget:.0f} s"})
                 print(f"{engine} {n}: skipped (predicted over {args.budget:.0f} s)")
                 continue
-            m = measure([sys.executable, __file__, "--worker", engine, "--model", str(model), "--length", str(n)], env=env)
+            m = measure([sys.executable, __file__, "--chunk", str(args.chunk), "--worker", engine, "--model", str(model),
+                         "--length", str(n)], env=env)
             r = json.loads(m["output_tail"].strip().splitlines()[-1])
             r["process_peak_rss_mb"] = m["peak_rss_mb"]
             results[engine].append(r)
@@ -119,7 +131,7 @@ def kv_read_bytes(length: int, itemsize: int) -> int:
     every chunked layer those of its current chunk ((length % C) + 1)."""
     from l4export.spec import load_spec
 
-    s = load_spec(MODEL)
+    s = load_spec(bench_decode.MODEL)
     keys = sum((length % s.attention_chunk_size) + 1 if la.chunked and s.attention_chunk_size else length + 1
                for la in s.layers)
     return 2 * keys * s.num_kv_heads * s.head_dim * itemsize
@@ -150,7 +162,7 @@ def report(results: dict, args, name: str) -> None:
                          "prefill tok/s": f"{r['prefill_tok_s']:.0f}" if "ttft_s" in r else r.get("skipped", ""),
                          "decode tok/s": f"{r['decode_tok_s']:.1f}" if "ttft_s" in r else "",
                          "peak RSS MB": f"{r['process_peak_rss_mb']:.0f}" if "ttft_s" in r else "",
-                         "KV MB": f"{r['kv_bytes'] / 1e6:.1f}" if "ttft_s" in r else ""})
+                         "KV MB": f"{r['kv_bytes'] / 1e6:.1f}" if r.get("kv_bytes") else ""})
     print()
     print(table(rows, ["engine", "prompt", "TTFT s", "prefill tok/s", "decode tok/s", "MB/token", "% bandwidth",
                        "peak RSS MB", "KV MB"]))
