@@ -1,9 +1,10 @@
 """Server overhead: streamed tokens/s through ``l4export serve`` (the official openai client, /v1/completions,
 stream=True) against ``rt.generate`` in a process of its own, on the demo and on the 1 GB benchmark model (int4 ONNX);
 and a conversation's turn 2: its time to first token with a --history token history cached against the same request
-cold (issue 28's goal: <= 0.1x).
+cold (issue 28's goal: <= 0.1x). ``--peers``: our server beside llama-cpp-python's (``python -m llama_cpp.server``)
+on the same 1 GB model (chunk 8192) as GGUF Q4_0 / Q4_K_M: one stream, four at once, turn 2's first token.
 
-    python benchmarks/bench_serve.py [--runs 3] [--new 128] [--history 4096] [--turn2-only]
+    python benchmarks/bench_serve.py [--runs 3] [--new 128] [--history 4096] [--turn2-only] [--peers]
 
 Rate = tokens / (time of the last token - time the request was made), prefill included on both sides (the server
 streams a token only once its text is whole UTF-8, and the 1 GB model's random tokens often decode to nothing, so
@@ -133,6 +134,108 @@ def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the server for {model} did not start")
 
 
+# ---- against llama-cpp-python's OpenAI-compatible server (issue 28) ---------------------------------------------
+PEERS = ("llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
+
+
+def start_peer(gguf: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m llama_cpp.server`` on a GGUF, set as llama-bench runs: 2 threads, flash attention, f16 cache."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "m",
+                             "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "8192", "--flash_attn", "true",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"llama_cpp.server for {gguf} did not start")
+
+
+def streamed(url: str, new: int, prompt: str = PROMPT) -> tuple[int, float]:
+    """Tokens of one streamed completion (events with a choice: one token each for both servers; ours also says
+    usage) and its seconds."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
+    t0, events, usage = time.perf_counter(), 0, None
+    for chunk in client.completions.create(model="m", prompt=prompt, max_tokens=new, temperature=0, stream=True):
+        events += bool(chunk.choices)
+        usage = chunk.usage.completion_tokens if chunk.usage is not None else usage
+    return usage or events, time.perf_counter() - t0
+
+
+def concurrent(url: str, clients: int, new: int) -> float:
+    """Aggregate tokens/s of ``clients`` streams at once (different prompts)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        got = list(pool.map(lambda i: streamed(url, new, f"{PROMPT}# client {i}\n    ")[0], range(clients)))
+    return sum(got) / (time.perf_counter() - t0)
+
+
+def peers(args) -> dict:
+    """Our server on the chunk-8192 int4 export against llama-cpp-python's on the same model's GGUF Q4_0 / Q4_K_M:
+    single-stream and 4-client tokens/s, turn-2 time to first token. All servers up at once (idle ones cost no CPU),
+    requests interleaved, medians."""
+    import bench_decode
+
+    bench_decode.CHUNK, bench_decode.MODEL = 8192, WORK / "decode-1g-c8192"
+    bench_decode.build_model(bench_decode.MODEL)
+    models = {"l4export int4": bench_decode.l4_export("onnx-int4", "onnx", "--quant", "int4")}
+    models |= {p: bench_decode.llama_cpp_gguf(p.split("-", 1)[1]) for p in PEERS}
+    procs, urls = [], {}
+    try:
+        for name, m in models.items():
+            proc, urls[name] = start_server(m) if name.startswith("l4export") else start_peer(m)
+            procs.append(proc)
+            streamed(urls[name], 8)  # warm-up
+        runs: dict = {n: {"single": [], "four": [], "cold": [], "turn2": []} for n in urls}
+        conv, other = history(args.history), [{"role": "user", "content": "Something else entirely, " * 40}]
+        for r in range(args.runs):
+            for name, url in urls.items():
+                n, t = streamed(url, args.new)
+                runs[name]["single"].append(n / t)
+                runs[name]["four"].append(concurrent(url, 4, args.new))
+                ttft(url, other)
+                runs[name]["cold"].append(ttft(url, conv)[0])
+                runs[name]["turn2"].append(ttft(url, conv[:-1] + [{"role": "user", "content": "And after that?"}])[0])
+                print(f"run {r + 1}/{args.runs} {name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs[name].items()))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+    med = {n: {k: float(np.median(v)) for k, v in r.items()} for n, r in runs.items()}
+    rows = [{"server": n, "1 stream tok/s": f"{m['single']:.1f}", "4 streams tok/s": f"{m['four']:.1f}",
+             "cold TTFT s": f"{m['cold']:.2f}", "turn-2 TTFT s": f"{m['turn2']:.3f}"} for n, m in med.items()]
+    print(table(rows, list(rows[0])))
+    goals = peer_goals(med)
+    for k, v in goals.items():
+        print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
+    return {"history_tokens": args.history, "new_tokens": args.new, "runs": args.runs, "medians": med, "all_runs": runs,
+            "goals": goals}
+
+
+def peer_goals(med: dict) -> dict:
+    ours, goals = med["l4export int4"], {}
+    for p in [p for p in PEERS if p in med]:
+        for key, label, higher in (("single", "single-stream tok/s >= 1.0x", True), ("four", "4-client tok/s >= 1.0x", True),
+                                   ("turn2", "turn-2 time to first token <= 1.0x", False)):
+            ratio = ours[key] / med[p][key]
+            goals[f"{label} llama-cpp-python {p.split('-', 1)[1]}"] = {
+                "value": f"{ours[key]:.3f} / {med[p][key]:.3f} = {ratio:.2f}x", "met": ratio >= 1 if higher else ratio <= 1}
+    return goals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -140,9 +243,14 @@ def main() -> None:
     ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--history", type=int, default=4096, help="tokens of conversation before turn 2")
     ap.add_argument("--turn2-only", action="store_true", help="only the turn-2 time-to-first-token measurement")
+    ap.add_argument("--peers", action="store_true", help="only the comparison with llama-cpp-python's server "
+                    "(the chunk-8192 1 GB model; bench_decode makes the GGUFs)")
     args = ap.parse_args()
     if args.direct:
         return _direct_worker(args.direct, args.new)
+    if args.peers:
+        print(f"wrote {save_result('serve-peers', peers(args))}")
+        return
     rows, result = [], {}
     for name, model in models().items():  # issue 28: the next turn reuses the cached history
         proc, url = start_server(model, "--prompt-cache", "0")
