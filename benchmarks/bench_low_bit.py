@@ -204,6 +204,13 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree with build/bin tools.")
+    ap.add_argument("--llama-bin", type=Path, default=None, help="its tools' folder, if not build/bin (e.g. a build "
+                    "without AMX: the -march=native one crashes on any batch on this VM)")
+    ap.add_argument("--llama-types", default=",".join(LLAMA_CPP), help="llama.cpp quant types to score")
+    ap.add_argument("--no-mlx-lm", action="store_true", help="peers: llama.cpp only")
+    ap.add_argument("--no-mixed-at-peers", action="store_true", help="no l4export mixed rows at the peers' bytes")
+    ap.add_argument("--presets", default="", help="ONNX preset rows (e.g. int4,int8: issue 27's quality against "
+                    "llama.cpp Q4_K_M / Q8_0)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for k, v in THREADS.items():
@@ -237,6 +244,13 @@ def main() -> None:
     float_mlx = HERE / "mlx-float"
     if not args.no_peers:
         peer_rows(args, row, R, ckpt, wins, calib, calib_args, float_mlx)
+    for preset in [x for x in args.presets.split(",") if x]:  # issue 27: the int4 / int8 presets (PRESET:calib: GPTQ
+        name, _, calibrated = preset.partition(":")          # on the calibration text, as llama.cpp's imatrix rows)
+        out = HERE / f"onnx-{name}{'-calib' if calibrated else ''}"
+        extra = calib_args if calibrated else []
+        row(f"l4export onnx {name} preset{' (calibrated)' if calibrated else ''}",
+            lambda out=out, q=name, extra=extra: (out, l4(ckpt, out, "onnx", "--quant", q, *extra)),
+            logprobs_export, engine="l4export", fmt="onnx", preset=preset)
     for b in [x for x in args.budgets.split(",") if x]:
         for fmt in args.budget_formats.split(","):
             for how in args.placements.split(",") if fmt == "onnx" else ["projection"]:
@@ -266,15 +280,15 @@ def peer_rows(args, row, R: dict, ckpt: Path, wins: np.ndarray, calib: Path, cal
     """mlx-lm's and llama.cpp's rows, and l4export's MLX mixed rows at each peer's bytes."""
     row("l4export mlx float (bf16)", lambda: (float_mlx, l4(ckpt, float_mlx, "mlx", "--dtype", "bfloat16")),
         logprobs_export, engine="l4export", fmt="mlx")
-    for name, extra in MLX_LM.items():
+    for name, extra in ({} if args.no_mlx_lm else MLX_LM).items():
         out = HERE / name.replace(" ", "-")
         row(name, lambda out=out, extra=extra: (out, mlx_lm_convert(float_mlx, out, extra)), logprobs_dequantized,
             engine="mlx-lm")
     if args.llama_cpp is not None:
-        R.update(llama_cpp_rows(args.llama_cpp, ckpt, wins, calib))
+        R.update(llama_cpp_rows(args.llama_cpp, ckpt, wins, calib, args.llama_bin, args.llama_types.split(",")))
     peers = {k: v for k, v in R.items() if k.startswith(("mlx-lm", "llama.cpp")) and "bytes" in v
-             and "4-bit" not in k and "Q4" not in k and "bf16" not in k}
-    for peer, v in peers.items():
+             and "4-bit" not in k and "Q4" not in k and "Q8" not in k and "bf16" not in k}
+    for peer, v in ({} if args.no_mixed_at_peers else peers).items():
         hows = (("weights", []), ("calibrated", calib_args)) if peer in WEIGHTS_TOO else (("calibrated", calib_args),)
         for how, extra in hows:
             name = f"l4export mixed at {peer} bytes ({how})"
@@ -294,7 +308,7 @@ import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
-LLAMA_CPP = ("Q4_K_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS")
+LLAMA_CPP = ("Q8_0", "Q4_0", "Q4_K_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS")
 WEIGHTS_TOO = ("mlx-lm 3-bit g64", "mlx-lm 2-bit g32")  # peers whose bytes also get a weights-only placement row
 
 
@@ -337,10 +351,11 @@ def _perplexity(tools: Path, model: Path, text: Path, *extra: str) -> dict:
     return got
 
 
-def llama_cpp_rows(root: Path, ckpt: Path, wins: np.ndarray, calib: Path) -> dict:
+def llama_cpp_rows(root: Path, ckpt: Path, wins: np.ndarray, calib: Path, tools: Path | None = None,
+                   types=LLAMA_CPP) -> dict:
     """llama.cpp's rows: bf16 GGUF, importance matrix on the calibration text, each quant type scored against the bf16
     GGUF's own logits (llama-perplexity --kl-divergence) on the held-out windows' text."""
-    tools = root / "build" / "bin"
+    tools = tools or root / "build" / "bin"
     text = HERE / "eval.txt"
     text.write_bytes(b"\n".join(bytes(w[1:].astype(np.uint8)) for w in wins))
     ctext = HERE / "calib.txt"
@@ -357,7 +372,7 @@ def llama_cpp_rows(root: Path, ckpt: Path, wins: np.ndarray, calib: Path) -> dic
                               "convert_s": round(time.perf_counter() - t, 1)}
     imatrix = HERE / "imatrix.gguf"
     run([str(tools / "llama-imatrix"), "-m", str(bf16), "-f", str(ctext), "-o", str(imatrix), "-c", str(SEQ), "-t", "2"])
-    for q in LLAMA_CPP:
+    for q in types:
         out = HERE / f"{q}.gguf"
         try:
             run([str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(bf16), str(out), q, "2"])
@@ -453,6 +468,12 @@ def compute_goals(R: dict) -> dict:
             worst_mine = max(mine)
             goals[f"mixed:{label}-class: <= 1/2 of the best peer's increase ({which})"] = {
                 "value": f"ours up to {worst_mine:+.2f}% vs {which} {b:+.2f}%", "met": worst_mine <= b / 2}
+    for preset, peer in (("int4", "llama.cpp Q4_K_M"), ("int8", "llama.cpp Q8_0")):  # issue 27
+        for how in ("", " (calibrated)"):
+            mine, theirs = R.get(f"l4export onnx {preset} preset{how}", {}), R.get(peer, {})
+            if "kl" in mine and "kl" in theirs:
+                goals[f"{preset} preset{how} KL <= {peer}'s (issue 27)"] = {
+                    "value": f"{mine['kl']:.5f} vs {theirs['kl']:.5f}", "met": mine["kl"] <= theirs["kl"]}
     return goals
 
 
