@@ -116,13 +116,18 @@ def turn_two(url: str, tokens: int, runs: int) -> dict:
 
 
 def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    return _started(lambda port: [sys.executable, "-m", "l4export.cli", "serve", str(model), "--port", str(port),
+                                  "--name", "m", *extra], f"the server for {model}")
+
+
+def _started(command, what: str) -> tuple[subprocess.Popen, str]:
+    """Start ``command(port)`` on a free local port; return it and its URL once /v1/models answers."""
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "l4export.cli", "serve", str(model), "--port", str(port), "--name", "m",
-                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:
@@ -131,7 +136,7 @@ def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"the server for {model} did not start")
+    raise RuntimeError(f"{what} did not start")
 
 
 # ---- against llama-cpp-python's OpenAI-compatible server (issue 28) ---------------------------------------------
@@ -140,24 +145,9 @@ PEERS = ("llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
 
 def start_peer(gguf: Path) -> tuple[subprocess.Popen, str]:
     """``python -m llama_cpp.server`` on a GGUF, set as llama-bench runs: 2 threads, flash attention, f16 cache."""
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "m",
-                             "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "8192", "--flash_attn", "true",
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            urllib.request.urlopen(f"{url}/v1/models", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"llama_cpp.server for {gguf} did not start")
+    return _started(lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "m",
+                                  "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "8192", "--flash_attn",
+                                  "true", "--host", "127.0.0.1", "--port", str(port)], f"llama_cpp.server for {gguf}")
 
 
 def streamed(url: str, new: int, prompt: str = PROMPT) -> tuple[int, float]:
