@@ -8,7 +8,7 @@ chunk begins). Global (NoPE) layers hold the whole sequence in a buffer sized by
 
 ``kv_dtype="int8"`` runs the export's ``model.kv-int8.onnx``, whose cache holds one byte per element with
 per-channel static scales (a few per layer) that this runtime chooses as tokens arrive; scales only grow (x1.25
-headroom, at least doubling). Each step also returns its new float keys and values.
+headroom, by at least GROWTH = 1.5). Each step also returns its new float keys and values.
 - A step of several tokens (prefill) attends over the cached rows dequantized and its own float keys and values,
   and writes nothing to the cache; this runtime then grows the scales where the new rows do not fit (requantizing
   the cached rows) and quantizes the new rows into the cache, which is numpy memory that ORT reads in place. No step
