@@ -26,6 +26,8 @@ EMBEDDING_FILE = "embedding.onnx"  # input_ids + image features -> inputs_embeds
 VISION_FILE = "vision.onnx"  # the vision encoder + projector (+ VISION_DATA)
 VISION_DATA = "vision.onnx.data"
 GENAI_CONFIG = "genai_config.json"  # onnxruntime-genai's
+# metadata of an int8-KV decoder whose multi-token steps leave the cache to the runtime (exporter/onnx_variants.py)
+KV_PREFILL_KEY = "l4export.kv_prefill"
 QUANT_REPORT = "quant_report.json"  # calibrated exports: per-tensor error, routing, sizes (+ its plots)
 
 _GRAPH_CONSTANT = re.compile(r"const_\d+")  # GraphBuilder.const: shape/axis constants, inv_freq (not weights)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..folder import EMBEDDING_FILE, EMBEDS_FILE, MODEL_FILE
+from ..folder import EMBEDDING_FILE, EMBEDS_FILE, KV_PREFILL_KEY, MODEL_FILE
 from ..spec import Llama4Spec
 
 EMBED_SCOPE = "model.embed_tokens/"  # node-name prefix of the decoder's embedding lookup (DecoderBuilder.build)
@@ -68,9 +68,6 @@ def write_kv_variant(out: Path, spec: Llama4Spec, kv_dtype: str, dtype: str, bas
     name = kv_variant_file(kv_dtype, base)
     onnx.save(m, str(out / name))
     return name
-
-
-KV_PREFILL_KEY = "l4export.kv_prefill"  # metadata of an int8 graph whose multi-token steps leave the cache to the caller
 
 
 def _dequantized_prefill(g: onnx.GraphProto, gqa: list[onnx.NodeProto], dtype: str) -> None:

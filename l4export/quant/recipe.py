@@ -173,6 +173,21 @@ _ROUTER_NORMS_EMBED = (
 )
 _FLOAT_FIRST = _ROUTER_NORMS_EMBED + (Rule("lm_head.weight", None),)
 
+def _int_preset(name: str, experts: Int, rest: Int) -> Recipe:
+    """Routed and shared experts at ``experts``; attention, Maverick's dense MLPs, lm_head and the input embedding
+    at ``rest``; router and norms float."""
+    return Recipe(name, (
+        Rule("*.feed_forward.router.weight", None),  # routing decisions stay exact (every toolkit keeps it float)
+        Rule("*norm.weight", None),
+        Rule("*.feed_forward.experts.*", experts),
+        Rule("*.feed_forward.shared_expert.*", experts),
+        Rule("*.self_attn.*_proj.weight", rest),
+        Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", rest),
+        Rule("lm_head.weight", rest),
+        Rule("model.embed_tokens.weight", rest),
+    ))
+
+
 def _int4_preset(name: str, level: int) -> Recipe:
     """Routed and shared experts int4 g64 (Meta's int4_mixed covers both); attention, Maverick's dense MLPs, lm_head
     and the input embedding int8 g128; router and norms float. ``level``: ONNX Runtime's accuracy_level.
@@ -184,18 +199,8 @@ def _int4_preset(name: str, level: int) -> Recipe:
     is a lookup (GatherBlockQuantized): int8 halves its bytes at no speed cost and brings the export under 0.32x
     bf16 on the 1 GB benchmark model. mlx-lm quantizes everything to 4 bits; llama.cpp's Q4_K_M keeps
     output.weight at 6."""
-    int4 = Int(bits=4, group_size=64, symmetric=True, accuracy_level=level)
-    int8 = Int(bits=8, group_size=128, symmetric=True, accuracy_level=level)
-    return Recipe(name, (
-        Rule("*.feed_forward.router.weight", None),  # routing decisions stay exact (every toolkit keeps it float)
-        Rule("*norm.weight", None),
-        Rule("*.feed_forward.experts.*", int4),
-        Rule("*.feed_forward.shared_expert.*", int4),
-        Rule("*.self_attn.*_proj.weight", int8),
-        Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", int8),
-        Rule("lm_head.weight", int8),
-        Rule("model.embed_tokens.weight", int8),
-    ))
+    return _int_preset(name, Int(bits=4, group_size=64, symmetric=True, accuracy_level=level),
+                       Int(bits=8, group_size=128, symmetric=True, accuracy_level=level))
 
 
 def _int8_preset(name: str, level: int) -> Recipe:
@@ -204,16 +209,7 @@ def _int8_preset(name: str, level: int) -> Recipe:
     activations (per block), as llama.cpp's Q8_0 runs its blocks against q8 activations. Groups of 64 with float32
     scales (QMoE: float16) are 8.5 (8.25) bits per weight, Q8_0's 8.5 (blocks of 32, float16 scales)."""
     int8 = Int(bits=8, group_size=64, symmetric=True, accuracy_level=level)
-    return Recipe(name, (
-        Rule("*.feed_forward.router.weight", None),
-        Rule("*norm.weight", None),
-        Rule("*.feed_forward.experts.*", int8),
-        Rule("*.feed_forward.shared_expert.*", int8),
-        Rule("*.self_attn.*_proj.weight", int8),
-        Rule("re:model\\.layers\\.\\d+\\.feed_forward\\.(gate|up|down)_proj\\.weight", int8),
-        Rule("lm_head.weight", int8),
-        Rule("model.embed_tokens.weight", int8),
-    ))
+    return _int_preset(name, int8, int8)
 
 
 PRESETS: dict[str, Recipe] = {

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CapabilityError, ExportError, UsageError
-from ..folder import MODEL_FILE
+from ..folder import KV_PREFILL_KEY, MODEL_FILE
 from .base import Runtime
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class OnnxRuntime(Runtime):
         self.kv_quant = kv_dtype  # None: the cache is in the compute dtype
         meta = self.session.get_modelmeta().custom_metadata_map
         # int8 graphs with the float prefill path (exporter/onnx_variants.py): the cache is numpy memory we write
-        self.host_cache = provider == "cpu" and meta.get("l4export.kv_prefill") == "dequantized"
+        self.host_cache = provider == "cpu" and meta.get(KV_PREFILL_KEY) == "dequantized"
         self.scales: list[list[np.ndarray]] = []  # per layer [key, value] int8 scales [1, Hkv, 1, D]
         self.chunk = self.spec.attention_chunk_size
         self.capacity = 0  # rows of the global layers' buffers
