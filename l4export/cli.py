@@ -371,9 +371,13 @@ def chat(export: Path, max_new_tokens: int, temperature: float, top_p: float, se
               help="Sequences kept beside the live one for prompt reuse (alternating conversations).")
 @click.option("--prompt-cache-bytes", default=2 << 30, show_default=True, type=click.IntRange(0),
               help="Bytes of KV the kept sequences may take.")
+@click.option("--parallel", "-np", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Sequences decoded together (continuous batching; each slot keeps its own prompt cache).")
+@click.option("--ctx-size", "-c", default=None, type=click.IntRange(2),
+              help="Tokens each --parallel slot holds, prompt and answer [default: max_position_embeddings, <= 8192].")
 def serve(export: Path, host: str, port: int, name: str | None, provider: str | None, kv_dtype: str | None,
           api_key: str | None, max_tokens: int, max_queue: int, max_body_bytes: int, prompt_cache: int,
-          prompt_cache_bytes: int) -> None:
+          prompt_cache_bytes: int, parallel: int, ctx_size: int | None) -> None:
     """Serve an export over an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions,
     /health); one log line per request."""
     import logging
@@ -384,7 +388,8 @@ def serve(export: Path, host: str, port: int, name: str | None, provider: str | 
     if logging.getLogger().getEffectiveLevel() <= logging.WARNING:  # the request lines (-q: errors only)
         logging.getLogger("l4export.serve").setLevel(logging.INFO)
     run_server(str(export), host=host, port=port, name=name, provider=provider, kv_dtype=kv_dtype,
-               limits=Limits(api_key, max_body_bytes, max_tokens, max_queue, prompt_cache, prompt_cache_bytes))
+               limits=Limits(api_key, max_body_bytes, max_tokens, max_queue, prompt_cache, prompt_cache_bytes, parallel,
+                             ctx_size))
 
 
 @main.command()

@@ -22,6 +22,7 @@ EXPORT_INFO = "l4export.json"  # written into every export: format, dtype, targe
 MODEL_FILE = "model.onnx"  # the ONNX decoder (+ DATA_FILE: every text weight, shared by the graphs cut from it)
 DATA_FILE = "model.onnx.data"
 EMBEDS_FILE = "model.embeds.onnx"  # the decoder on inputs_embeds (exports with the vision path)
+BATCH_FILE = "model.batch.onnx"  # one decode step of several sequences, each at its own length (serve --parallel)
 EMBEDDING_FILE = "embedding.onnx"  # input_ids + image features -> inputs_embeds
 VISION_FILE = "vision.onnx"  # the vision encoder + projector (+ VISION_DATA)
 VISION_DATA = "vision.onnx.data"

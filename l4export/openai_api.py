@@ -113,11 +113,11 @@ def _is_call(c: Any) -> bool:
         return False
 
 
-def _logprob(rt: Any, tok: int, top: int) -> dict:
+def _logprob(rt: Any, logits: Any, tok: int, top: int) -> dict:
     """A token's log-probability under the model (raw logits, before temperature), and the ``top`` most likely."""
     import numpy as np
 
-    x = rt.last_logits.astype(np.float64)
+    x = logits.astype(np.float64)
     lp = x - x.max() - np.log(np.exp(x - x.max()).sum())
     best = np.argsort(-lp, kind="stable")[:top]
     text = lambda t: rt.decode([int(t)])

@@ -15,10 +15,13 @@ unless max_tokens cuts it); answers carry ``usage`` (prompt, cached and completi
 an end-of-turn token or a stop string, "length" at max_tokens). Image parts (``image_url`` with a ``data:`` URL) go
 through the same preprocessing as ``rt.generate_text(images=...)``.
 
-One runtime, one KV cache: requests run one at a time (a lock; the others wait their turn, at most --max-queue of
-them: 429 beyond), generation runs in a worker thread, and a client that disconnects mid-stream stops its generation
-at the next token and frees the model. A request starts from the longest prefix of its prompt the cache holds (the
-previous request's: a conversation's next turn), exactly (``usage.prompt_tokens_details.cached_tokens``). Bad
+By default one runtime, one KV cache: requests run one at a time (a lock; the others wait their turn, at most
+--max-queue of them: 429 beyond), generation runs in a worker thread, and a client that disconnects mid-stream stops
+its generation at the next token and frees the model. A request starts from the longest prefix of its prompt the
+cache holds (the previous request's, or one of --prompt-cache kept sequences: a conversation's next turn), exactly
+(``usage.prompt_tokens_details.cached_tokens``). With ``--parallel N`` (continuous batching, runtimes/batch.py) N
+requests decode together in one batched step, each in a slot of --ctx-size tokens that keeps its sequence for the
+next turn; new requests join between steps, a long prompt runs in pieces between them. Bad
 requests get a 400 with an OpenAI-style error object (401 without the --api-key, 413 for a body over
 --max-body-bytes); the server keeps serving. ``GET /health`` answers without a key. One log line per request:
 prompt and cached tokens, time to first token, tokens per second.
@@ -51,7 +54,7 @@ from .openai_api import (
     _whole,
     _with,
 )
-from .runtimes.base import common_prefix
+from .runtimes.prompt_cache import PromptCache
 from .runtimes.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -67,35 +70,8 @@ class Limits:
     max_queue: int = 16  # requests waiting for the model beyond the running one: 429
     prompt_cache: int = 4  # sequences kept beside the live one (conversations that alternate), at most...
     prompt_cache_bytes: int = 2 << 30  # ...this many bytes of KV copies
-
-
-class PromptCache:
-    """Sequences kept beside the runtime's live one, least recently used first out (bounded by count and bytes), so
-    that alternating conversations each find their own prefix: before a request, the runtime holds whichever kept
-    sequence (or the live one) shares the longest prefix with the request's ids; a live sequence that the request
-    would cut back is copied in first."""
-
-    def __init__(self, count: int, nbytes: int):
-        self.count, self.nbytes, self.items = count, nbytes, []
-
-    def pick(self, rt: Any, ids: list[int]) -> None:
-        live = rt.history or []
-        best = max(self.items, key=lambda s: common_prefix(s.ids, ids), default=None)
-        switch = best is not None and common_prefix(best.ids, ids) > common_prefix(live, ids)
-        kept = 0 if switch else common_prefix(live, ids)  # what stays of the live sequence
-        if switch:
-            self.items = [s for s in self.items if s is not best]
-        if self.count and kept < len(live):  # it would be cut back or replaced: keep a copy
-            snap = rt.snapshot()
-            if snap is not None:
-                self._add(snap)
-        if switch:
-            rt.restore(best)
-
-    def _add(self, snap: Any) -> None:
-        self.items = [s for s in self.items if s.ids != snap.ids] + [snap]
-        while self.items and (len(self.items) > self.count or sum(s.nbytes for s in self.items) > self.nbytes):
-            self.items.pop(0)
+    parallel: int = 1  # sequences decoded together (> 1: continuous batching, runtimes/batch.py)
+    ctx_size: int | None = None  # tokens each of those sequences may hold (None: max_position_embeddings, <= 8192)
 
 
 class Server:
@@ -110,11 +86,18 @@ class Server:
         self.waiting = 0  # requests admitted and not finished (the running one included)
         self.kept = PromptCache(limits.prompt_cache, limits.prompt_cache_bytes)
         self.count = threading.Lock()
+        self.engine = None  # with --parallel N > 1: N slots decoded together, each keeping its own prompt cache
+        if limits.parallel > 1:
+            from .runtimes.batch import BatchEngine
+
+            ctx = limits.ctx_size or min(rt.spec.max_position_embeddings, 8192)
+            self.engine = BatchEngine(rt, limits.parallel, ctx)
+            log.info("%d slots of %d tokens: %.1f MB of KV cache", limits.parallel, ctx, self.engine.cache_bytes / 1e6)
 
     def admit(self) -> bool:
         """Take a place in the queue (False: the queue is full: 429)."""
         with self.count:
-            if self.waiting > self.limits.max_queue:
+            if self.waiting >= self.limits.max_queue + self.limits.parallel:
                 return False
             self.waiting += 1
             return True
@@ -208,39 +191,61 @@ class Server:
             raise BadRequest(str(err), "response_format") from None
 
     def generate(self, req: Request, cancel: threading.Event) -> Iterator[tuple[str, dict]]:
-        """(text piece, info) as decoded; the last item's info has finish_reason and usage. Holds the lock."""
+        """(text piece, info) as decoded; the last item's info has finish_reason and usage. One request at a time
+        holds the runtime (the lock), or with --parallel, the batch engine's worker runs them together."""
+        if self.engine is not None:
+            yield from self._answer(req, cancel, self._batched)
+            return
         with self.lock:
-            rt = self.rt
-            t0 = time.perf_counter()
-            ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
-            first, pending = None, []  # pending: logprob entries of tokens whose text has not gone out yet
-            if features is None:
-                self.kept.pick(rt, ids)  # the kept sequence with the longest common prefix becomes the live one
-            seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-            stops = [] if req.ignore_eos else self.stop_ids
-            stream = TextStream(rt.decode, stops, req.stop)  # the API's and the CLI's rule (runtimes/text.py)
-            for tok in rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
-                                   stop=stops, features=features, reuse=True,  # the previous request's prefix
-                                   constraint=req.grammar):
-                first = first or time.perf_counter()
-                if cancel.is_set():
-                    _log_request(len(ids), rt.reused, t0, first, stream.tokens, "cancelled")
-                    return
-                if req.logprobs is not None:
-                    pending.append(_logprob(rt, tok, req.logprobs))
-                if piece := stream.push(tok):
-                    yield piece, _with(pending)
-                if stream.finish:
-                    break
-            if stream.finish is None and (tail := stream.flush()):
-                yield tail, _with(pending)
-            n = stream.tokens
-            if stream.finish is None and req.grammar is not None and req.grammar.done:
-                stream.finish = "stop"  # the JSON value is complete
-            usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
-                     "prompt_tokens_details": {"cached_tokens": rt.reused}}
-            _log_request(len(ids), rt.reused, t0, first, n, stream.finish or "length")
-            yield "", {"finish_reason": stream.finish or "length", "usage": usage, **_with(pending)}
+            yield from self._answer(req, cancel, self._serial)
+
+    def _serial(self, req: Request, ids: list[int], features: Any, seed: int, stops: list[int], cancel: Any):
+        """(token, logits) from the runtime itself, after the prompt cache picked the sequence it starts from."""
+        rt = self.rt
+        if features is None:
+            self.kept.pick(rt, ids)  # the kept sequence with the longest common prefix becomes the live one
+        tokens = rt.generate(ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed, stop=stops,
+                             features=features, reuse=True, constraint=req.grammar)  # the previous request's prefix
+        return ((tok, rt.last_logits) for tok in tokens), lambda: rt.reused
+
+    def _batched(self, req: Request, ids: list[int], features: Any, seed: int, stops: list[int], cancel: Any):
+        """(token, logits) from the batch engine (a slot of its own; ``cancel`` frees it)."""
+        from .runtimes.batch import Job
+
+        job = self.engine.submit(Job(ids, req.max_tokens, req.temperature, req.top_p, seed, frozenset(stops),
+                                     req.grammar, features, cancel))
+        return job.tokens(), lambda: job.reused
+
+    def _answer(self, req: Request, cancel: threading.Event, source: Any) -> Iterator[tuple[str, dict]]:
+        rt = self.rt
+        t0 = time.perf_counter()
+        ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
+        first, pending = None, []  # pending: logprob entries of tokens whose text has not gone out yet
+        seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+        stops = [] if req.ignore_eos else self.stop_ids
+        stream = TextStream(rt.decode, stops, req.stop)  # the API's and the CLI's rule (runtimes/text.py)
+        tokens, reused = source(req, ids, features, seed, stops, cancel)
+        for tok, logits in tokens:
+            first = first or time.perf_counter()
+            if cancel.is_set():
+                _log_request(len(ids), reused(), t0, first, stream.tokens, "cancelled")
+                return
+            if req.logprobs is not None:
+                pending.append(_logprob(rt, logits, tok, req.logprobs))
+            if piece := stream.push(tok):
+                yield piece, _with(pending)
+            if stream.finish:
+                break
+        cancel.set()  # (a stop string ended it early: the batch engine frees the slot)
+        if stream.finish is None and (tail := stream.flush()):
+            yield tail, _with(pending)
+        n = stream.tokens
+        if stream.finish is None and req.grammar is not None and req.grammar.done:
+            stream.finish = "stop"  # the JSON value is complete
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
+                 "prompt_tokens_details": {"cached_tokens": reused()}}
+        _log_request(len(ids), reused(), t0, first, n, stream.finish or "length")
+        yield "", {"finish_reason": stream.finish or "length", "usage": usage, **_with(pending)}
 
 
 def _log_request(prompt: int, cached: int, t0: float, first: float | None, tokens: int, how: str) -> None:
@@ -450,6 +455,8 @@ def create_app(server: Server):
             return StreamingResponse(admitted_stream(server, _stream(server, req, kind, rid)), media_type="text/event-stream")
         try:  # (with tools the whole answer is needed to know whether it is a call: made, then sent)
             items = await run_in_threadpool(lambda: list(server.generate(req, threading.Event())))
+        except UsageError as err:  # the request's own (a prompt longer than the context): 400
+            return _error(str(err))
         except L4ExportError as err:
             return _error(str(err), status=503)
         finally:

@@ -64,6 +64,7 @@ from .onnx_variants import (
     write_embedding_model,
     write_embeds_decoder,
     write_genai_decoder,
+    write_batch_decoder,
     write_kv_variant,
 )
 
@@ -437,6 +438,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, plan: ExportPlan, options: Any, cal
         info["embedding"] = write_embedding_model(out, ckpt.spec, plan.dtype)
         info["embeds_decoder"] = write_embeds_decoder(out, ckpt.spec, plan.dtype)
         info["embeds_kv_variants"] = {kv: write_kv_variant(out, ckpt.spec, kv, plan.dtype, EMBEDS_FILE) for kv in kv_variants}
+    if plan.attention == "gqa":  # GroupQueryAttention's per-row key counts (the plain-op form has one length)
+        info["batch_decoder"] = write_batch_decoder(out)
     info["genai_decoder"] = write_genai_decoder(out, info["embeds_decoder"] if plan.vision else MODEL_FILE)
     cfg = genai_config(ckpt.spec, plan.target, info["genai_decoder"], plan.vision)
     (out / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2))

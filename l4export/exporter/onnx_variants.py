@@ -4,6 +4,7 @@
     embedding.onnx           input_ids + image_features -> inputs_embeds: the decoder's embedding lookup, then the
                              image features written over the <|patch|> positions, in order (exports with vision)
     model.embeds.onnx        the decoder reading inputs_embeds instead of input_ids (and its KV variants)
+    model.batch.onnx         one decode token for each of B sequences, each at its own length (continuous batching)
 
 The surgery works on the ONNX protos without loading external data: initializers keep their references into
 model.onnx.data (same folder), so each file is a few kilobytes of graph.
@@ -17,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..folder import EMBEDDING_FILE, EMBEDS_FILE, KV_PREFILL_KEY, MODEL_FILE
+from ..folder import BATCH_FILE, EMBEDDING_FILE, EMBEDS_FILE, KV_PREFILL_KEY, MODEL_FILE
 from ..spec import Llama4Spec
 
 EMBED_SCOPE = "model.embed_tokens/"  # node-name prefix of the decoder's embedding lookup (DecoderBuilder.build)
@@ -140,6 +141,61 @@ def _float_branch(node: onnx.NodeProto, i: int, elem: int) -> onnx.GraphProto:
     nodes.append(gqa)
     outs = [(f"{p}/out", elem), (f"{p}/0/none", onnx.TensorProto.INT8), (f"{p}/1/none", onnx.TensorProto.INT8)]
     return helper.make_graph(nodes, f"kv_prefill_{i}_float", [], [helper.make_tensor_value_info(o, t, None) for o, t in outs])
+
+
+BATCH_INPUTS = ("seqlens_k", "total_sequence_length", "seqlens_k.chunked", "total_sequence_length.chunked")
+
+
+def write_batch_decoder(out: Path) -> str:
+    """``model.batch.onnx``: the decoder for a step of one token in each of B sequences of different lengths, their
+    caches the rows of one [B, Hkv, R, D] buffer per layer (runtimes/batch.py). Why its own graph: the decoder derives
+    every sequence's key count from one attention_mask width and one cache_start, so all rows would share a length.
+    Here GroupQueryAttention's per-row key counts are inputs, as int32 (keys held after this step, minus one):
+
+        seqlens_k [B], total_sequence_length []                  global (NoPE) layers: all of a row's tokens
+        seqlens_k.chunked [B], total_sequence_length.chunked []  chunked layers: a row's tokens since its chunk began
+
+    A chunked layer's buffer holds only the current chunk (the runtime starts it again at each chunk boundary), so
+    the chunk bias is dropped: every held key is in the query's chunk. The NoPE layers' attention temperature comes
+    from position_ids [B, 1] (each row's own position; in the decoder, the shared cache position: the same number).
+    attention_mask, cache_start and num_logits_to_keep go (the last is 0: a step's one position)."""
+    m = _load(out, MODEL_FILE)
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    for node in (n for n in g.node if n.op_type == "GroupQueryAttention"):
+        chunked = producer[node.input[5]].name.startswith("chunks/")
+        node.input[5], node.input[6] = BATCH_INPUTS[2:] if chunked else BATCH_INPUTS[:2]
+        if len(node.input) > 10:
+            node.input[10] = ""  # the chunk bias
+        while node.input and not node.input[-1]:
+            node.input.pop()
+    temperature = [n for n in g.node if n.name.startswith("temperature/")]
+    if temperature:  # Cast(q_pos) ... Reshape([1, S, 1]) -> Cast(position_ids) ... Reshape([B, S, 1])
+        temperature[0].input[0] = "position_ids"
+        temperature[-1].input[1] = "batch/temperature_shape"
+        g.initializer.append(numpy_helper.from_array(np.array([0, -1, 1], np.int64), "batch/temperature_shape"))
+    g.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "num_logits_to_keep"))
+    g.input.remove(next(v for v in g.input if v.name == "num_logits_to_keep"))
+    for i, name in enumerate(BATCH_INPUTS):
+        g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT32, ["batch_size"] if i % 2 == 0 else []))
+    _prune(g)
+    onnx.save(m, str(out / BATCH_FILE))
+    return BATCH_FILE
+
+
+def _prune(g: onnx.GraphProto) -> None:
+    """Drop the nodes whose outputs nothing reads, then the inputs and initializers nothing reads."""
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    for v in [v for v in g.input if v.name not in used]:
+        g.input.remove(v)
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
 
 
 GENAI_CONSTANTS = ("cache_start", "num_logits_to_keep")  # our runtime's inputs that onnxruntime-genai does not feed

@@ -146,10 +146,7 @@ class Runtime(ABC):
         it is cut back to the start of its own chunk, and that chunk's tokens (< attention_chunk_size) run again."""
         ids = list(ids)
         held = self.history if self.can_reuse else None
-        n = common_prefix(held, ids[: min(len(ids) - 1, self.pos)]) if held else 0
-        chunk = self.spec.attention_chunk_size
-        if chunk and n < (self.pos // chunk) * chunk:
-            n = (n // chunk) * chunk  # the chunked layers no longer hold that chunk: run it again from its start
+        n = reusable(held, ids, self.pos, self.spec.attention_chunk_size) if held else 0
         if n == 0:
             self.reset()
             return 0
@@ -259,7 +256,7 @@ class Runtime(ABC):
         self.reserve(len(ids) + max_new_tokens)
         logits = self.forward(ids[start:], last_only=True, features=features)[-1]
         for n in range(max_new_tokens):
-            tok = sample(logits if constraint is None else constraint.mask(logits), temperature, top_p, rng)
+            tok = pick(logits, constraint, temperature, top_p, rng)
             self.last_logits = logits  # what ``tok`` was drawn from (the server's logprobs read it)
             yield tok
             if constraint is not None:
@@ -394,6 +391,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def reusable(held: Sequence[int], ids: Sequence[int], pos: int, chunk: int | None) -> int:
+    """How many leading ``ids`` a cache holding ``held`` (``pos`` tokens) can keep, exactly: their common prefix, but
+    never the last id (its logits are needed), and cut back to a chunk start when it ends before the current chunk
+    (a chunked layer holds only the current chunk; that chunk's tokens run again)."""
+    n = common_prefix(held, list(ids[: min(len(ids) - 1, pos)]))
+    if chunk and n < (pos // chunk) * chunk:
+        n = (n // chunk) * chunk
+    return n
+
+
 def require_tokenizer(path: Path) -> Path:
     """The export's tokenizer.json; a one-line error when there is none (text was asked of it)."""
     tj = Path(path) / "tokenizer.json"
@@ -420,6 +427,11 @@ def check_prefill_step(step: int | None, spec: Llama4Spec) -> int:
         raise UsageError(f"prefill step {step} is larger than attention_chunk_size {chunk}: a step never crosses a chunk "
                          f"boundary; use a step of at most {chunk}")
     return step
+
+
+def pick(logits: np.ndarray, constraint: Any, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """The next token: ``sample`` over the tokens ``constraint`` (a grammar, or None) allows."""
+    return sample(logits if constraint is None else constraint.mask(logits), temperature, top_p, rng)
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
