@@ -3,8 +3,10 @@ stream=True) against ``rt.generate`` in a process of its own, on the demo and on
 and a conversation's turn 2: its time to first token with a --history token history cached against the same request
 cold (issue 28's goal: <= 0.1x). ``--peers``: our server beside llama-cpp-python's (``python -m llama_cpp.server``)
 on the same 1 GB model (chunk 8192) as GGUF Q4_0 / Q4_K_M: one stream, four at once, turn 2's first token.
+``--batching``: continuous batching (``serve --parallel 8``) on that model: aggregate tokens/s of 1, 2, 4 and 8
+streamed clients, beside the serial server (``--parallel 1``), and whether each client's greedy text is its solo text.
 
-    python benchmarks/bench_serve.py [--runs 3] [--new 128] [--history 4096] [--turn2-only] [--peers]
+    python benchmarks/bench_serve.py [--runs 3] [--new 128] [--history 4096] [--turn2-only] [--peers] [--batching]
 
 Rate = tokens / (time of the last token - time the request was made), prefill included on both sides (the server
 streams a token only once its text is whole UTF-8, and the 1 GB model's random tokens often decode to nothing, so
@@ -150,27 +152,84 @@ def start_peer(gguf: Path) -> tuple[subprocess.Popen, str]:
                                   "true", "--host", "127.0.0.1", "--port", str(port)], f"llama_cpp.server for {gguf}")
 
 
-def streamed(url: str, new: int, prompt: str = PROMPT) -> tuple[int, float]:
+def streamed(url: str, new: int, prompt: str = PROMPT, text: list | None = None) -> tuple[int, float]:
     """Tokens of one streamed completion (events with a choice: one token each for both servers; ours also says
-    usage) and its seconds."""
+    usage) and its seconds; its text appended to ``text``."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
-    t0, events, usage = time.perf_counter(), 0, None
+    t0, events, usage, pieces = time.perf_counter(), 0, None, []
     for chunk in client.completions.create(model="m", prompt=prompt, max_tokens=new, temperature=0, stream=True):
         events += bool(chunk.choices)
+        pieces += [c.text for c in chunk.choices]
         usage = chunk.usage.completion_tokens if chunk.usage is not None else usage
+    if text is not None:
+        text.append("".join(pieces))
     return usage or events, time.perf_counter() - t0
 
 
-def concurrent(url: str, clients: int, new: int) -> float:
-    """Aggregate tokens/s of ``clients`` streams at once (different prompts)."""
+def client_prompt(i: int) -> str:
+    return f"{PROMPT}# client {i}\n    "
+
+
+def concurrent(url: str, clients: int, new: int, texts: dict | None = None) -> float:
+    """Aggregate tokens/s of ``clients`` streams at once (different prompts); their texts into ``texts`` by client."""
     from concurrent.futures import ThreadPoolExecutor
 
+    out = [[] for _ in range(clients)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        got = list(pool.map(lambda i: streamed(url, new, f"{PROMPT}# client {i}\n    ")[0], range(clients)))
+        got = list(pool.map(lambda i: streamed(url, new, client_prompt(i), out[i])[0], range(clients)))
+    if texts is not None:
+        texts.update({i: t[0] for i, t in enumerate(out)})
     return sum(got) / (time.perf_counter() - t0)
+
+
+def batching(args) -> dict:
+    """``serve --parallel 8`` against ``serve --parallel 1`` on the chunk-8192 int4 export: aggregate tokens/s of 1,
+    2, 4, 8 clients (both servers up at once, requests interleaved, medians), and each batched client's greedy text
+    against the text that prompt gets alone from the same server."""
+    import bench_decode
+
+    bench_decode.CHUNK, bench_decode.MODEL = 8192, WORK / "decode-1g-c8192"
+    bench_decode.build_model(bench_decode.MODEL)
+    model = bench_decode.l4_export("onnx-int4", "onnx", "--quant", "int4")
+    servers = {"parallel 8": ("--parallel", "8", "--ctx-size", "1024"), "serial": ()}
+    counts = {"parallel 8": (1, 2, 4, 8), "serial": (1, 4)}
+    procs, urls = [], {}
+    try:
+        for name, extra in servers.items():
+            proc, urls[name] = start_server(model, *extra)
+            procs.append(proc)
+            streamed(urls[name], 8)  # warm-up
+        solo: dict = {}
+        for i in range(8):  # each prompt alone: the text every batched run must give
+            streamed(urls["parallel 8"], args.new, client_prompt(i), solo.setdefault(i, []))
+        runs = {n: {c: [] for c in counts[n]} for n in servers}
+        same = {c: True for c in counts["parallel 8"]}
+        for r in range(args.runs):
+            for name, url in urls.items():
+                for c in counts[name]:
+                    texts: dict = {}
+                    runs[name][c].append(concurrent(url, c, args.new, texts))
+                    if name == "parallel 8":
+                        same[c] &= all(texts[i] == solo[i][0] for i in texts)
+                print(f"run {r + 1}/{args.runs} {name}: " + ", ".join(f"{c} clients {v[-1]:.1f}" for c, v in runs[name].items()))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+    med = {n: {c: float(np.median(v)) for c, v in r.items()} for n, r in runs.items()}
+    one = med["parallel 8"][1]
+    rows = [{"server": n, **{f"{c} clients tok/s": f"{v:.1f} ({v / one:.2f}x)" for c, v in m.items()}} for n, m in med.items()]
+    print(table(rows, sorted({k for row in rows for k in row}, key=lambda k: (k != "server", k))))
+    goals = {"4 clients >= 2.0x one client's": {"value": f"{med['parallel 8'][4] / one:.2f}x", "met": med["parallel 8"][4] >= 2 * one},
+             "8 clients >= 2.5x one client's": {"value": f"{med['parallel 8'][8] / one:.2f}x", "met": med["parallel 8"][8] >= 2.5 * one},
+             "each client's greedy text equals its solo text": {"value": str(same), "met": all(same.values())}}
+    for k, v in goals.items():
+        print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
+    return {"new_tokens": args.new, "runs": args.runs, "medians": med, "all_runs": runs, "goals": goals,
+            "solo_texts_equal": same}
 
 
 def peers(args) -> dict:
@@ -235,11 +294,15 @@ def main() -> None:
     ap.add_argument("--turn2-only", action="store_true", help="only the turn-2 time-to-first-token measurement")
     ap.add_argument("--peers", action="store_true", help="only the comparison with llama-cpp-python's server "
                     "(the chunk-8192 1 GB model; bench_decode makes the GGUFs)")
+    ap.add_argument("--batching", action="store_true", help="only continuous batching: 1-8 clients on serve --parallel 8")
     args = ap.parse_args()
     if args.direct:
         return _direct_worker(args.direct, args.new)
     if args.peers:
         print(f"wrote {save_result('serve-peers', peers(args))}")
+        return
+    if args.batching:
+        print(f"wrote {save_result('serve-batching', batching(args))}")
         return
     rows, result = [], {}
     for name, model in models().items():  # issue 28: the next turn reuses the cached history

@@ -32,6 +32,7 @@ prompt and cached tokens, time to first token, tokens per second.
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -92,6 +93,9 @@ class Server:
 
             ctx = limits.ctx_size or min(rt.spec.max_position_embeddings, 8192)
             self.engine = BatchEngine(rt, limits.parallel, ctx)
+            # Why: the worker, request threads and event loop share the GIL; back from a step, the worker waited up to
+            # 5 ms for it. One stream on the 1 GB model: 0.81x the serial server's tok/s at 5 ms, 0.87x at 0.5 ms.
+            sys.setswitchinterval(0.0005)
             log.info("%d slots of %d tokens: %.1f MB of KV cache", limits.parallel, ctx, self.engine.cache_bytes / 1e6)
 
     def admit(self) -> bool:

@@ -27,7 +27,7 @@ def out(scout, export):
 
 def _alone(rt, ids: list[int], n: int, **kw) -> tuple[list[int], list[np.ndarray]]:
     toks, logits = [], []
-    for t in rt.generate(ids, n, **kw):
+    for t in rt.generate(ids, n, **{"stop": [], **kw}):  # (a Job stops only at the ids it is given)
         toks.append(t)
         logits.append(rt.last_logits.copy())
     return toks, logits
@@ -75,6 +75,20 @@ def test_sampling_stops_and_cancel_are_per_job(out):
     cancelled.cancel.set()
     assert len(list(it)) < 49  # the worker saw the cancel and freed the slot
     assert [t for t, _ in engine.submit(Job(PROMPTS[4], 3)).tokens()] == _alone(rt, PROMPTS[4], 3)[0]
+
+
+def test_an_image_prompt_in_a_batch(out):
+    """A prompt with image features prefills through the embeddings graph, then decodes in the batch with the others."""
+    from test_vision import picture
+
+    rt = load_runtime(out)
+    ids, features = rt.prompt_ids("Describe it.", [picture(40, 70, 1)])
+    want = _alone(rt, ids, 12, features=features)
+    engine = BatchEngine(load_runtime(out), slots=2, context=512)
+    jobs = [engine.submit(Job(PROMPTS[2], 12)), engine.submit(Job(ids, 12, features=features))]
+    got = [list(j.tokens()) for j in jobs]
+    assert [t for t, _ in got[1]] == want[0] and [t for t, _ in got[0]] == _alone(rt, PROMPTS[2], 12)[0]
+    assert max(float(np.abs(a - b).max()) for a, (_, b) in zip(want[1], got[1])) < 1e-4
 
 
 def test_what_the_engine_refuses(out, tmp_path):

@@ -172,7 +172,7 @@ def write_batch_decoder(out: Path) -> str:
     temperature = [n for n in g.node if n.name.startswith("temperature/")]
     if temperature:  # Cast(q_pos) ... Reshape([1, S, 1]) -> Cast(position_ids) ... Reshape([B, S, 1])
         temperature[0].input[0] = "position_ids"
-        temperature[-1].input[1] = "batch/temperature_shape"
+        next(n for n in temperature if n.op_type == "Reshape").input[1] = "batch/temperature_shape"
         g.initializer.append(numpy_helper.from_array(np.array([0, -1, 1], np.int64), "batch/temperature_shape"))
     g.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "num_logits_to_keep"))
     g.input.remove(next(v for v in g.input if v.name == "num_logits_to_keep"))
