@@ -89,6 +89,8 @@ def test_an_image_prompt_in_a_batch(out):
     got = [list(j.tokens()) for j in jobs]
     assert [t for t, _ in got[1]] == want[0] and [t for t, _ in got[0]] == _alone(rt, PROMPTS[2], 12)[0]
     assert max(float(np.abs(a - b).max()) for a, (_, b) in zip(want[1], got[1])) < 1e-4
+    for p in PROMPTS[:3]:  # text prompts take the slots again, the image one's (not reusable) among them
+        assert [t for t, _ in engine.submit(Job(p, 4)).tokens()] == _alone(rt, p, 4)[0]
 
 
 def test_what_the_engine_refuses(out, tmp_path):

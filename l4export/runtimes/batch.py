@@ -169,7 +169,7 @@ class BatchEngine:
         n = reuse[id(slot)]
         self.clock += 1
         slot.job, slot.used, slot.pos, job.reused = job, self.clock, n, n
-        slot.history = [] if job.features is not None and n == 0 else slot.history[:n]
+        slot.history = slot.history[:n] if n else []  # (an image prompt's run sets it to None: not reusable)
         slot.todo = job.ids[n:]
 
     def _prefill(self, row: int) -> None:
@@ -209,7 +209,7 @@ class BatchEngine:
         with rt.running():
             self.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy().reshape(d, -1)
-        for r, x in enumerate(rows):
+        for x in rows:
             x.pos += 1
             if x.history is not None:
                 x.history.append(x.next)
