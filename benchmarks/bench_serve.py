@@ -4,7 +4,10 @@ and a conversation's turn 2: its time to first token with a --history token hist
 cold (issue 28's goal: <= 0.1x). ``--peers``: our server beside llama-cpp-python's (``python -m llama_cpp.server``)
 on the same 1 GB model (chunk 8192) as GGUF Q4_0 / Q4_K_M: one stream, four at once, turn 2's first token.
 ``--batching``: continuous batching (``serve --parallel 8``) on that model: aggregate tokens/s of 1, 2, 4 and 8
-streamed clients, beside the serial server (``--parallel 1``), and whether each client's greedy text is its solo text.
+streamed clients, beside the serial server (``--parallel 1``) and llama.cpp's ``llama-server -np 8`` (continuous
+batching) on the Q4_0 GGUF, and whether each client's greedy text is its solo text; below the servers, the engines
+alone: our ``BatchEngine`` in-process against ``llama-batched-bench`` (decode tokens/s of 1-8 sequences of a
+64-token prompt).
 
     python benchmarks/bench_serve.py [--runs 3] [--new 128] [--history 4096] [--turn2-only] [--peers] [--batching]
 
@@ -185,6 +188,56 @@ def concurrent(url: str, clients: int, new: int, texts: dict | None = None) -> f
     return sum(got) / (time.perf_counter() - t0)
 
 
+def _direct_batch_worker(model: Path, new: int, rows: list[int]) -> None:
+    """Aggregate decode tokens/s of ``rows`` sequences in our BatchEngine (64-token prompts; timed from the moment
+    every sequence has its first token, as llama-batched-bench's S_TG)."""
+    import json
+
+    from l4export.runtimes import load_runtime
+    from l4export.runtimes.batch import BatchEngine, Job
+
+    rt = load_runtime(model)
+    engine = BatchEngine(rt, max(rows), 1024)
+    rng, out = np.random.default_rng(0), {}
+    list(engine.submit(Job(rt.encode(PROMPT), 8)).tokens())  # warm-up
+    for d in rows:
+        jobs = [engine.submit(Job(rng.integers(0, rt.spec.vocab_size, 64).tolist(), new)) for _ in range(d)]
+        streams = [j.tokens() for j in jobs]
+        for it in streams:
+            next(it)
+        t0 = time.perf_counter()
+        n = sum(1 for it in streams for _ in it)
+        out[d] = n / (time.perf_counter() - t0)
+    print(json.dumps(out))
+
+
+def engines_alone(model: Path, gguf: Path, rows: list[int], new: int) -> dict:
+    """Decode tokens/s of 1..8 sequences: our engine (a process of its own) and llama-batched-bench (Q4_0)."""
+    import json
+
+    import bench_decode
+
+    ours = subprocess.run([sys.executable, __file__, "--direct-batch", str(model), "--new", str(new), "--rows",
+                           ",".join(map(str, rows))], check=True, capture_output=True, text=True).stdout
+    theirs = subprocess.run([str(bench_decode.LLAMA_BIN / "llama-batched-bench"), "-m", str(gguf), "-c", "4096", "-b",
+                             "2048", "-ub", "512", "-npp", "64", "-ntg", str(new), "-npl", ",".join(map(str, rows)),
+                             "-t", "2", "-fa", "on"], check=True, capture_output=True, text=True).stdout
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in theirs.splitlines() if line.startswith("|")]
+    head = cells[0]
+    tg = {int(r[head.index("B")]): float(r[head.index("S_TG t/s")]) for r in cells[2:]}
+    return {"l4export BatchEngine": {int(k): v for k, v in json.loads(ours.strip().splitlines()[-1]).items()},
+            "llama-batched-bench Q4_0": tg}
+
+
+def start_llama_server(gguf: Path, parallel: int) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own server with continuous batching: ``parallel`` slots of 1024 tokens, 2 threads, flash attention."""
+    import bench_decode
+
+    return _started(lambda port: [str(bench_decode.LLAMA_BIN / "llama-server"), "-m", str(gguf), "-a", "m", "-np",
+                                  str(parallel), "-c", str(1024 * parallel), "-t", "2", "-tb", "2", "-fa", "on",
+                                  "--host", "127.0.0.1", "--port", str(port)], f"llama-server for {gguf}")
+
+
 def batching(args) -> dict:
     """``serve --parallel 8`` against ``serve --parallel 1`` on the chunk-8192 int4 export: aggregate tokens/s of 1,
     2, 4, 8 clients (both servers up at once, requests interleaved, medians), and each batched client's greedy text
@@ -194,12 +247,13 @@ def batching(args) -> dict:
     bench_decode.CHUNK, bench_decode.MODEL = 8192, WORK / "decode-1g-c8192"
     bench_decode.build_model(bench_decode.MODEL)
     model = bench_decode.l4_export("onnx-int4", "onnx", "--quant", "int4")
-    servers = {"parallel 8": ("--parallel", "8", "--ctx-size", "1024"), "serial": ()}
-    counts = {"parallel 8": (1, 2, 4, 8), "serial": (1, 4)}
-    procs, urls = [], {}
+    gguf = bench_decode.llama_cpp_gguf("Q4_0")
+    servers = {"parallel 8": ("--parallel", "8", "--ctx-size", "1024"), "serial": (), "llama-server Q4_0 -np 8": None}
+    counts = {"parallel 8": (1, 2, 4, 8), "serial": (1, 4), "llama-server Q4_0 -np 8": (1, 2, 4, 8)}
+    procs, urls, alone = [], {}, []
     try:
         for name, extra in servers.items():
-            proc, urls[name] = start_server(model, *extra)
+            proc, urls[name] = start_server(model, *extra) if extra is not None else start_llama_server(gguf, 8)
             procs.append(proc)
             streamed(urls[name], 8)  # warm-up
         solo: dict = {}
@@ -208,28 +262,35 @@ def batching(args) -> dict:
         runs = {n: {c: [] for c in counts[n]} for n in servers}
         same = {c: True for c in counts["parallel 8"]}
         for r in range(args.runs):
-            for name, url in urls.items():
-                for c in counts[name]:
-                    texts: dict = {}
-                    runs[name][c].append(concurrent(url, c, args.new, texts))
-                    if name == "parallel 8":
-                        same[c] &= all(texts[i] == solo[i][0] for i in texts)
+            for c in (1, 2, 4, 8):  # each client count on every server that runs it, one after another
+                for name, url in urls.items():
+                    if c in counts[name]:
+                        texts: dict = {}
+                        runs[name][c].append(concurrent(url, c, args.new, texts))
+                        if name == "parallel 8":
+                            same[c] &= all(texts[i] == solo[i][0] for i in texts)
+            for name in urls:
                 print(f"run {r + 1}/{args.runs} {name}: " + ", ".join(f"{c} clients {v[-1]:.1f}" for c, v in runs[name].items()))
+            alone.append(engines_alone(model, gguf, [1, 2, 4, 8], args.new))
+            print(f"run {r + 1}/{args.runs} engines alone: {alone[-1]}")
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
     med = {n: {c: float(np.median(v)) for c, v in r.items()} for n, r in runs.items()}
-    one = med["parallel 8"][1]
-    rows = [{"server": n, **{f"{c} clients tok/s": f"{v:.1f} ({v / one:.2f}x)" for c, v in m.items()}} for n, m in med.items()]
+    engines = {e: {d: float(np.median([a[e][d] for a in alone])) for d in alone[0][e]} for e in alone[0]}
+    rows = [{"server": n, **{f"{c} clients tok/s": f"{v:.1f} ({v / m[1]:.2f}x)" for c, v in m.items()}}
+            for n, m in (med | engines).items()]
     print(table(rows, sorted({k for row in rows for k in row}, key=lambda k: (k != "server", k))))
+    one = med["parallel 8"][1]
     goals = {"4 clients >= 2.0x one client's": {"value": f"{med['parallel 8'][4] / one:.2f}x", "met": med["parallel 8"][4] >= 2 * one},
              "8 clients >= 2.5x one client's": {"value": f"{med['parallel 8'][8] / one:.2f}x", "met": med["parallel 8"][8] >= 2.5 * one},
              "each client's greedy text equals its solo text": {"value": str(same), "met": all(same.values())}}
     for k, v in goals.items():
         print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
     return {"new_tokens": args.new, "runs": args.runs, "medians": med, "all_runs": runs, "goals": goals,
-            "solo_texts_equal": same}
+            "solo_texts_equal": same, "engines_alone": engines, "engines_alone_runs": alone,
+            "note": "engines alone: decode tokens/s of N sequences after their 64-token prompts (S_TG)"}
 
 
 def peers(args) -> dict:
@@ -290,6 +351,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--direct-batch", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--rows", default="1,2,4,8", help=argparse.SUPPRESS)
     ap.add_argument("--history", type=int, default=4096, help="tokens of conversation before turn 2")
     ap.add_argument("--turn2-only", action="store_true", help="only the turn-2 time-to-first-token measurement")
     ap.add_argument("--peers", action="store_true", help="only the comparison with llama-cpp-python's server "
@@ -298,6 +361,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.direct:
         return _direct_worker(args.direct, args.new)
+    if args.direct_batch:
+        return _direct_batch_worker(args.direct_batch, args.new, [int(r) for r in args.rows.split(",")])
     if args.peers:
         print(f"wrote {save_result('serve-peers', peers(args))}")
         return
