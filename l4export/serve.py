@@ -30,6 +30,7 @@ prompt and cached tokens, time to first token, tokens per second.
 
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -93,8 +94,7 @@ class Server:
 
             ctx = limits.ctx_size or min(rt.spec.max_position_embeddings, 8192)
             self.engine = BatchEngine(rt, limits.parallel, ctx)
-            # Why: the worker, request threads and event loop share the GIL; back from a step, the worker waited up to
-            # 5 ms for it. One stream on the 1 GB model: 0.81x the serial server's tok/s at 5 ms, 0.87x at 0.5 ms.
+            # GIL shared with the request threads: one stream ran 0.81x the serial server at 5 ms, 0.87x at 0.5 ms
             sys.setswitchinterval(0.0005)
             log.info("%d slots of %d tokens: %.1f MB of KV cache", limits.parallel, ctx, self.engine.cache_bytes / 1e6)
 
@@ -213,8 +213,7 @@ class Server:
         return ((tok, rt.last_logits) for tok in tokens), lambda: rt.reused
 
     def _batched(self, req: Request, ids: list[int], features: Any, seed: int, stops: list[int], cancel: Any):
-        """(token, logits) from the batch engine (a slot of its own; ``cancel`` frees it)."""
-        from .runtimes.batch import Job
+        from .runtimes.batch import Job  # (token, logits) from the batch engine; ``cancel`` frees the slot
 
         job = self.engine.submit(Job(ids, req.max_tokens, req.temperature, req.top_p, seed, frozenset(stops),
                                      req.grammar, features, cancel))
@@ -223,7 +222,8 @@ class Server:
     def _answer(self, req: Request, cancel: threading.Event, source: Any) -> Iterator[tuple[str, dict]]:
         rt = self.rt
         t0 = time.perf_counter()
-        ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)
+        with self.engine.busy if self.engine is not None and req.images else contextlib.nullcontext():
+            ids, features = rt.prompt_ids(req.prompt, req.images, add_bos=req.add_bos)  # (images: the engine's runtime)
         first, pending = None, []  # pending: logprob entries of tokens whose text has not gone out yet
         seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
         stops = [] if req.ignore_eos else self.stop_ids

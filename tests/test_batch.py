@@ -20,9 +20,22 @@ RNG = np.random.default_rng(11)
 PROMPTS = [[1] + RNG.integers(4, 300, n).tolist() for n in (2, 13, 30, 7, 21)]
 
 
+FORMATS = ["onnx", pytest.param("mlx", marks=pytest.mark.mlx)]
+
+
 @pytest.fixture(scope="module")
 def out(scout, export):
     return export(scout, "onnx")
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def any_out(request, scout, export):
+    """The tiny scout exported for ONNX and for MLX."""
+    return export(scout, request.param)
+
+
+def _engine(path, slots: int, context: int, **kw) -> BatchEngine:
+    return BatchEngine(load_runtime(path), slots=slots, context=context, **kw)
 
 
 def _alone(rt, ids: list[int], n: int, **kw) -> tuple[list[int], list[np.ndarray]]:
@@ -33,11 +46,11 @@ def _alone(rt, ids: list[int], n: int, **kw) -> tuple[list[int], list[np.ndarray
     return toks, logits
 
 
-def test_batched_sequences_get_what_they_get_alone(out):
+def test_batched_sequences_get_what_they_get_alone(any_out):
     """Five jobs on three slots (two wait, then take the freed ones): every token and logit is the solo run's."""
-    rt = load_runtime(out)
+    rt = load_runtime(any_out)
     want = [_alone(rt, p, 24) for p in PROMPTS]
-    engine = BatchEngine(load_runtime(out), slots=3, context=64, piece=4)
+    engine = _engine(any_out, 3, 64, piece=4)
     jobs = [engine.submit(Job(p, 24)) for p in PROMPTS]
     got = [list(j.tokens()) for j in jobs]
     for (toks, logits), items in zip(want, got):
@@ -45,10 +58,10 @@ def test_batched_sequences_get_what_they_get_alone(out):
         assert max(float(np.abs(a - b).max()) for a, (_, b) in zip(logits, items)) < 1e-4
 
 
-def test_a_slot_keeps_its_sequence_for_the_next_turn(out):
+def test_a_slot_keeps_its_sequence_for_the_next_turn(any_out):
     """The next turn of a conversation takes the slot holding its prefix and runs only what is new, exactly."""
-    rt = load_runtime(out)
-    engine = BatchEngine(load_runtime(out), slots=2, context=96)
+    rt = load_runtime(any_out)
+    engine = _engine(any_out, 2, 96)
     first = engine.submit(Job(PROMPTS[2], 6))
     reply = [t for t, _ in first.tokens()]
     other = engine.submit(Job(PROMPTS[1], 6))  # another conversation takes the other slot
@@ -59,9 +72,9 @@ def test_a_slot_keeps_its_sequence_for_the_next_turn(out):
     assert job.reused >= 8 * (len(PROMPTS[2]) // 8) and job.reused < len(turn2)
 
 
-def test_sampling_stops_and_cancel_are_per_job(out):
-    rt = load_runtime(out)
-    engine = BatchEngine(load_runtime(out), slots=2, context=64)
+def test_sampling_stops_and_cancel_are_per_job(any_out):
+    rt = load_runtime(any_out)
+    engine = _engine(any_out, 2, 64)
     want = _alone(rt, PROMPTS[1], 20, temperature=1.0, seed=3)[0]
     stop = want[4]
     sampled = engine.submit(Job(PROMPTS[1], 20, temperature=1.0, seed=3))
@@ -77,14 +90,14 @@ def test_sampling_stops_and_cancel_are_per_job(out):
     assert [t for t, _ in engine.submit(Job(PROMPTS[4], 3)).tokens()] == _alone(rt, PROMPTS[4], 3)[0]
 
 
-def test_an_image_prompt_in_a_batch(out):
-    """A prompt with image features prefills through the embeddings graph, then decodes in the batch with the others."""
+def test_an_image_prompt_in_a_batch(any_out):
+    """A prompt with image features prefills with them, then decodes in the batch with the others."""
     from test_vision import picture
 
-    rt = load_runtime(out)
+    rt = load_runtime(any_out)
     ids, features = rt.prompt_ids("Describe it.", [picture(40, 70, 1)])
     want = _alone(rt, ids, 12, features=features)
-    engine = BatchEngine(load_runtime(out), slots=2, context=512)
+    engine = _engine(any_out, 2, 512)
     jobs = [engine.submit(Job(PROMPTS[2], 12)), engine.submit(Job(ids, 12, features=features))]
     got = [list(j.tokens()) for j in jobs]
     assert [t for t, _ in got[1]] == want[0] and [t for t, _ in got[0]] == _alone(rt, PROMPTS[2], 12)[0]
@@ -183,3 +196,31 @@ def test_a_prompt_longer_than_a_slot_is_a_400(batched):
     client, _ = batched
     with pytest.raises(openai.BadRequestError, match="--ctx-size"):
         client.completions.create(model="tiny-scout", prompt="word " * 300, max_tokens=4)
+
+
+@pytest.mark.mlx
+def test_an_mlx_server_batches_too(scout, export, tmp_path):
+    from test_serve import _start
+
+    out = export(scout, "mlx")
+    proc, url = _start(out, tmp_path / "server.log", "--parallel", "2", "--ctx-size", "512")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        rt = load_runtime(out)
+        prompts = ["def main(", "import os\n"]
+        want = ["".join(rt.generate_text(p, 12, temperature=0.0, stop=[])) for p in prompts]
+        got: list[str | None] = [None, None]
+
+        def run(i: int) -> None:
+            got[i] = client.completions.create(model="tiny-scout", prompt=prompts[i], max_tokens=12, temperature=0,
+                                               extra_body={"ignore_eos": True}).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert got == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,24 +1,25 @@
-"""Continuous batching over an ONNX export: up to N sequences decode together, one token each per step.
+"""Continuous batching: up to N sequences decode together, one token each per step (ONNX and MLX exports).
 
     engine = BatchEngine(load_runtime("out/"), slots=4, context=8192)
     job = engine.submit(Job(ids, max_new=64))          # from any thread
     for tok, logits in job.tokens(): ...               # this job's tokens as they come
 
-Each sequence lives in a slot: its rows of one [N, Hkv, R, D] numpy buffer per layer (R = ``context`` in the global
-layers, one chunk in the chunked ones), which ONNX Runtime reads and writes in place. One worker thread loops:
+Each sequence lives in a slot. ONNX: its rows of one [N, Hkv, R, D] numpy buffer per layer (R = ``context`` in the
+global layers, one chunk in the chunked ones), which ONNX Runtime reads and writes in place. MLX: its own layer caches
+(runtimes/mlx.py LayerCache, float or quantized). One worker thread loops:
 
 1. a waiting job takes the free slot whose cached sequence shares the longest prefix with its ids (a conversation's
    next turn finds its own slot: llama-server's per-slot prompt cache); only that prefix's tokens are skipped
    (``base.reusable``, exact);
 2. one piece of one prompt (at most ``piece`` tokens while others decode, so a long prompt holds the running
    streams back by one piece a step) runs through the export's decoder on that slot's rows (a [1, ...] view);
-3. one decode step of every decoding slot at once through ``model.batch.onnx``, whose attention takes each row's
-   own key count (exporter/onnx_variants.write_batch_decoder). The decoding slots are kept in rows 0..d-1 (a slot
-   that starts or stops decoding trades rows with another: its valid rows are copied), so a step binds
-   ``buffer[:d]``.
+3. one decode step of every decoding slot at once. ONNX: ``model.batch.onnx``, whose attention takes each row's own
+   key count (exporter/onnx_variants.write_batch_decoder); the decoding slots are kept in rows 0..d-1 (a slot that
+   starts or stops decoding trades rows with another: its valid rows are copied), so a step binds ``buffer[:d]``.
+   MLX: ``MlxRuntime.step_rows``, every linear and expert over the d rows at once, attention per row.
 
 Sampling, stop tokens, constraints and cancellation are per job; a job's greedy tokens are those it gets alone
-(tests/test_batch.py). Float caches on CPU only (the int8 cache's scales and the CUDA buffers are per sequence).
+(tests/test_batch.py). ONNX: float caches on CPU only (the int8 cache's scales and the CUDA buffers are per sequence).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CapabilityError, ExportError, L4ExportError, UsageError
-from ..folder import BATCH_FILE
+from ..errors import ExportError, L4ExportError, UsageError
 from .base import pick, reusable
+from .batch_rows import MlxRows, OnnxRows
 
 log = logging.getLogger(__name__)
 
@@ -87,32 +88,23 @@ class Slot:
 
 class BatchEngine:
     def __init__(self, rt: Any, slots: int, context: int, piece: int = 256):
-        if getattr(rt, "format", "") != "onnx" or "batch_decoder" not in (rt.files or {}):
-            raise UsageError(f"{rt.path}: batched decoding needs an ONNX export with {BATCH_FILE}; convert it again "
-                             "with this l4export, or serve with --parallel 1")
-        if rt.kv_quant is not None or rt.provider != "cpu" or rt.plain:
-            raise CapabilityError("--parallel above 1 runs the float KV cache on CPU with GroupQueryAttention; "
-                                  "drop --kv-dtype / --provider cuda, or serve with --parallel 1")
         s = rt.spec
         if context < 2 or context > s.max_position_embeddings:
             raise UsageError(f"--ctx-size {context} must be within 2..{s.max_position_embeddings} "
                              "(max_position_embeddings)")
         self.rt, self.context, self.piece = rt, context, piece
-        self.session = rt._open(BATCH_FILE)
-        chunk = s.attention_chunk_size
-        self.rows = [min(chunk, context) if la.chunked and chunk else context for la in s.layers]
-        self.buffers = [[np.zeros((slots, s.num_kv_heads, r, s.head_dim), rt.kv_dtype) for _ in range(2)]
-                        for r in self.rows]
+        self.rows = (OnnxRows if getattr(rt, "format", "") == "onnx" else MlxRows)(rt, slots, context)
         self.slots = [Slot() for _ in range(slots)]  # slots[row]
         self.waiting: list[Job] = []
         self.cv = threading.Condition()
+        self.busy = threading.Lock()  # held through each step: MLX work from other threads (images) waits for it
         self.clock = 0
         self.thread = threading.Thread(target=self._loop, name="l4export-batch", daemon=True)
         self.thread.start()
 
     @property
     def cache_bytes(self) -> int:
-        return sum(a.nbytes for pair in self.buffers for a in pair)
+        return self.rows.nbytes
 
     def submit(self, job: Job) -> Job:
         """Queue ``job`` (any thread); its tokens come from ``job.tokens()``. A prompt that leaves no room in a slot's
@@ -133,7 +125,8 @@ class BatchEngine:
             with self.cv:
                 self.cv.wait_for(lambda: self.waiting or any(s.job for s in self.slots))
             try:
-                self._tick()
+                with self.busy:
+                    self._tick()
             except Exception as err:  # an engine failure ends every running job with it; the slots start empty
                 failure = err if isinstance(err, L4ExportError) else ExportError(f"{self.rt.path}: {err}")
                 log.debug("batch step failed", exc_info=err)
@@ -171,6 +164,8 @@ class BatchEngine:
         slot.job, slot.used, slot.pos, job.reused = job, self.clock, n, n
         slot.history = slot.history[:n] if n else []  # (an image prompt's run sets it to None: not reusable)
         slot.todo = job.ids[n:]
+        self.rows.bind(self.slots.index(slot))
+        self.rt._truncate(n)  # (MLX: the layer caches' lengths; ONNX: nothing, a step writes after row n)
 
     def _prefill(self, row: int) -> None:
         """One piece of slot ``row``'s prompt through the decoder, on its rows of the buffers (in place)."""
@@ -178,42 +173,22 @@ class BatchEngine:
         job = slot.job
         alone = not any(s.decoding for s in self.slots)
         n = len(slot.todo) if job.features is not None else min(len(slot.todo), rt.prefill_step if alone else self.piece)
-        views = [tuple(rt.ort.OrtValue.ortvalue_from_numpy(a[row: row + 1]) for a in pair) for pair in self.buffers]
-        rt.cache, rt.capacity, rt.pos, rt.history = views, self.context, slot.pos, slot.history
+        self.rows.bind(row)
+        rt.pos, rt.history = slot.pos, slot.history
         logits = rt.forward(slot.todo[:n], last_only=True, features=job.features)[-1]
         slot.pos, slot.history, slot.todo = rt.pos, rt.history, slot.todo[n:]
         if not slot.todo:
             self._emit(row, logits)
 
     def _decode(self) -> None:
-        """One token for each decoding slot (rows 0..d-1) through the batch graph."""
-        rt, s = self.rt, self.rt.spec
-        d = sum(x.decoding for x in self.slots)
-        rows = self.slots[:d]
-        pos = np.array([x.pos for x in rows], np.int64)
-        chunk = s.attention_chunk_size or 0
-        held = pos + 1 - ((pos // chunk) * chunk if chunk else 0)  # keys a chunked layer holds after this step
-        feeds = {"input_ids": np.array([[x.next] for x in rows], np.int64), "position_ids": pos.reshape(d, 1),
-                 "seqlens_k": pos.astype(np.int32), "total_sequence_length": np.array(pos.max() + 1, np.int32),
-                 "seqlens_k.chunked": (held - 1).astype(np.int32),
-                 "total_sequence_length.chunked": np.array(held.max(), np.int32)}
-        io = self.session.io_binding()
-        for name, value in feeds.items():
-            io.bind_ortvalue_input(name, rt.ort.OrtValue.ortvalue_from_numpy(value))
-        io.bind_output("logits", "cpu")
-        for i, pair in enumerate(self.buffers):
-            for j, kind in enumerate(("key", "value")):
-                buf = rt.ort.OrtValue.ortvalue_from_numpy(pair[j][:d])
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
-                io.bind_ortvalue_output(f"present.{i}.{kind}", buf)  # appended in place
-        with rt.running():
-            self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy().reshape(d, -1)
+        """One token for each decoding slot (rows 0..d-1) in one step."""
+        rows = [x for x in self.slots if x.decoding]
+        logits = self.rows.decode([x.next for x in rows], [x.pos for x in rows])
         for x in rows:
             x.pos += 1
             if x.history is not None:
                 x.history.append(x.next)
-        for r in range(d - 1, -1, -1):  # from the end: a finished row trades places with the last decoding one
+        for r in range(len(rows) - 1, -1, -1):  # from the end: a finished row trades places with the last decoding one
             self._emit(r, logits[r])
 
     def _emit(self, row: int, logits: np.ndarray) -> None:
@@ -250,13 +225,7 @@ class BatchEngine:
             self._swap(a, b)
 
     def _swap(self, a: int, b: int) -> None:
-        """Trade rows ``a`` and ``b``: the slots and their cached rows."""
+        """Trade rows ``a`` and ``b``: the slots and their caches."""
         sa, sb = self.slots[a], self.slots[b]
-        chunk = self.rt.spec.attention_chunk_size or 0
-        for layer, pair in zip(self.rt.spec.layers, self.buffers):
-            n = max(x.pos - ((x.pos // chunk) * chunk if chunk and layer.chunked else 0) for x in (sa, sb))
-            for buf in pair:
-                keep = buf[a, :, :n].copy()
-                buf[a, :, :n] = buf[b, :, :n]
-                buf[b, :, :n] = keep
+        self.rows.swap(a, b, (sa.pos, sb.pos))
         self.slots[a], self.slots[b] = sb, sa

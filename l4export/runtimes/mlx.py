@@ -292,9 +292,19 @@ class MlxRuntime(Runtime):
             rows = np.flatnonzero(np.asarray(ids) == self.vision.image_token_id)
             x[mx.array(rows)] = mx.array(features).astype(x.dtype)
         for layer, cache in zip(self.spec.layers, self.cache):
-            x = self._layer(x, layer, cache, positions)
-        x = self._rms_norm(x[-n_logits:], self.w["model.norm.weight"])  # logits only where asked
-        logits = self._linear(x, "lm_head").astype(mx.float32)  # (n, V)
+            x = self._layer(x, layer, lambda xn, la=layer, c=cache: self._attention(xn, la, c, positions))
+        return self._logits(x[-n_logits:])  # logits only where asked
+
+    def step_rows(self, ids: list[int], caches: list[list[LayerCache]], positions: list[int]) -> np.ndarray:
+        """One token for each of B sequences, each with its own caches and position: logits (B, V). Every linear and
+        expert runs once over the B rows; attention runs per row, over that row's cache (runtimes/batch.py)."""
+        x = self.w["model.embed_tokens.weight"][mx.array(ids)]  # (B, H)
+        for layer in self.spec.layers:
+            x = self._layer(x, layer, lambda xn, la=layer: self._attention_rows(xn, la, caches, positions))
+        return self._logits(x)
+
+    def _logits(self, x) -> np.ndarray:
+        logits = self._linear(self._rms_norm(x, self.w["model.norm.weight"]), "lm_head").astype(mx.float32)  # (n, V)
         mx.eval(logits)
         return np.array(logits)
 
@@ -307,9 +317,9 @@ class MlxRuntime(Runtime):
         # transformers: (x.float() * rsqrt(mean(x²) + eps)).type_as(x) * weight
         return mx.fast.rms_norm(x, weight, self.spec.rms_norm_eps)
 
-    def _layer(self, x, layer: LayerSpec, cache: LayerCache, positions: np.ndarray):
+    def _layer(self, x, layer: LayerSpec, attention):
         p = f"model.layers.{layer.index}."
-        h = x + self._attention(self._rms_norm(x, self.w[p + "input_layernorm.weight"]), layer, cache, positions)
+        h = x + attention(self._rms_norm(x, self.w[p + "input_layernorm.weight"]))
         y = self._rms_norm(h, self.w[p + "post_attention_layernorm.weight"])
         y = self._moe(y, p + "feed_forward.") if layer.is_moe else self._mlp(y, p + "feed_forward.")
         return h + y
@@ -321,12 +331,31 @@ class MlxRuntime(Runtime):
         return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=1.0, offset=int(positions[0]),
                             freqs=self.rope_freqs)
 
-    def _attention(self, x, layer: LayerSpec, cache: LayerCache, positions: np.ndarray):
-        spec, p = self.spec, f"model.layers.{layer.index}.self_attn."
+    def _qkv(self, x, p: str):
+        """q (nh, S, D), k and v (nkv, S, D) of x (S, H): S tokens of one sequence, or one token of S sequences."""
+        spec = self.spec
         S, D = x.shape[0], spec.head_dim
-        q = self._linear(x, p + "q_proj").reshape(S, spec.num_heads, D).transpose(1, 0, 2)  # (nh, S, D)
-        k = self._linear(x, p + "k_proj").reshape(S, spec.num_kv_heads, D).transpose(1, 0, 2)  # (nkv, S, D)
-        v = self._linear(x, p + "v_proj").reshape(S, spec.num_kv_heads, D).transpose(1, 0, 2)  # (nkv, S, D)
+        q = self._linear(x, p + "q_proj").reshape(S, spec.num_heads, D).transpose(1, 0, 2)
+        k = self._linear(x, p + "k_proj").reshape(S, spec.num_kv_heads, D).transpose(1, 0, 2)
+        v = self._linear(x, p + "v_proj").reshape(S, spec.num_kv_heads, D).transpose(1, 0, 2)
+        return q, k, v
+
+    def _attention(self, x, layer: LayerSpec, cache: LayerCache, positions: np.ndarray):
+        p = f"model.layers.{layer.index}.self_attn."
+        out = self._attend(*self._qkv(x, p), layer, cache, positions)  # (nh, S, D)
+        return self._linear(out.transpose(1, 0, 2).reshape(x.shape[0], -1), p + "o_proj")  # (S, nh·D) -> (S, H)
+
+    def _attention_rows(self, x, layer: LayerSpec, caches: list[list[LayerCache]], positions: list[int]):
+        """x (B, H): one token of each of B sequences; row b attends over caches[b] at positions[b]."""
+        p = f"model.layers.{layer.index}.self_attn."
+        q, k, v = self._qkv(x, p)  # (heads, B, D)
+        outs = [self._attend(q[:, b: b + 1], k[:, b: b + 1], v[:, b: b + 1], layer, c[layer.index], np.array([pos]))
+                for b, (c, pos) in enumerate(zip(caches, positions))]  # each (nh, 1, D)
+        return self._linear(mx.concatenate(outs, axis=1).transpose(1, 0, 2).reshape(x.shape[0], -1), p + "o_proj")
+
+    def _attend(self, q, k, v, layer: LayerSpec, cache: LayerCache, positions: np.ndarray):
+        """RoPE, qk-norm and temperature as the layer has them, then attention over the cache: (nh, S, D)."""
+        spec = self.spec
         if layer.uses_rope:
             q, k = self._rope(q, positions), self._rope(k, positions)
         if layer.qk_norm:
@@ -346,8 +375,7 @@ class MlxRuntime(Runtime):
             )  # (1, nh, S, D); grouped-query heads share kv heads
         else:
             out = self._quantized_attention(q, keys, values)[None]
-        out = out[0].transpose(1, 0, 2).reshape(S, spec.num_heads * D)  # (S, nh·D)
-        return self._linear(out, p + "o_proj")
+        return out[0]
 
     def _quantized_attention(self, q, keys: list, values: list):
         """softmax(q kᵀ / √d + causal) v over a quantized cache, with quantized matmuls (the cache is never turned
