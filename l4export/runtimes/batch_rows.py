@@ -32,6 +32,7 @@ class OnnxRows:
         chunk = s.attention_chunk_size
         rows = [min(chunk, context) if la.chunked and chunk else context for la in s.layers]
         self.buffers = [[np.zeros((slots, s.num_kv_heads, r, s.head_dim), rt.kv_dtype) for _ in range(2)] for r in rows]
+        self._bindings: dict[int, tuple] = {}  # rows -> (IO binding, the cache OrtValues it holds)
 
     @property
     def nbytes(self) -> int:
@@ -52,18 +53,26 @@ class OnnxRows:
                  "seqlens_k": pos.astype(np.int32), "total_sequence_length": np.array(pos.max() + 1, np.int32),
                  "seqlens_k.chunked": (held - 1).astype(np.int32),
                  "total_sequence_length.chunked": np.array(held.max(), np.int32)}
-        io = self.session.io_binding()
+        io = self._binding(d)
         for name, value in feeds.items():
-            io.bind_ortvalue_input(name, rt.ort.OrtValue.ortvalue_from_numpy(value))
-        io.bind_output("logits", "cpu")
-        for i, pair in enumerate(self.buffers):
-            for j, kind in enumerate(("key", "value")):
-                buf = rt.ort.OrtValue.ortvalue_from_numpy(pair[j][:d])
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
-                io.bind_ortvalue_output(f"present.{i}.{kind}", buf)  # appended in place
+            io.bind_cpu_input(name, value)
         with rt.running():
             self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy().reshape(d, -1)
+        return io.get_outputs()[0].numpy().reshape(d, -1).copy()  # (the binding's buffer: the next step writes it)
+
+    def _binding(self, d: int):
+        """The IO binding of a d-row step, its caches bound once (buffer[:d] as past and present: appended in place);
+        each step binds only its tokens and key counts (a fresh binding a step cost ~0.5 ms, 8 % of a one-row step)."""
+        if d not in self._bindings:
+            io, keep = self.session.io_binding(), []
+            io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+            for i, pair in enumerate(self.buffers):
+                for j, kind in enumerate(("key", "value")):
+                    keep.append(buf := self.rt.ort.OrtValue.ortvalue_from_numpy(pair[j][:d]))
+                    io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                    io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+            self._bindings[d] = (io, keep)
+        return self._bindings[d][0]
 
     def swap(self, a: int, b: int, lengths: tuple[int, int]) -> None:
         """Trade rows ``a`` and ``b`` (``lengths``: their sequences' token counts; only valid rows are copied)."""
