@@ -7,7 +7,8 @@ on the same 1 GB model (chunk 8192) as GGUF Q4_0 / Q4_K_M: one stream, four at o
 streamed clients, beside the serial server (``--parallel 1``) and llama.cpp's ``llama-server -np 8`` (continuous
 batching) on the Q4_0 GGUF, and whether each client's greedy text is its solo text; below the servers, the engines
 alone: our ``BatchEngine`` in-process against ``llama-batched-bench`` (decode tokens/s of 1-8 sequences of a
-64-token prompt).
+64-token prompt); and, in our engine, a sequence's longest gap between tokens while a 1024-token prompt arrives, run
+in the server's 256-token pieces or whole.
 
     python benchmarks/bench_serve.py [--runs 3] [--new 128] [--history 4096] [--turn2-only] [--peers] [--batching]
 
@@ -229,6 +230,55 @@ def engines_alone(model: Path, gguf: Path, rows: list[int], new: int) -> dict:
             "llama-batched-bench Q4_0": tg}
 
 
+def _direct_stall_worker(model: Path, long_tokens: int, piece: int) -> None:
+    """One sequence decoding in our BatchEngine while a ``long_tokens``-token prompt arrives: the running sequence's
+    longest gap between tokens meanwhile (its median gap before, for scale) and the prompt's time to first token.
+    ``piece`` 0: the whole prompt in one step (what a batching engine without split prefill does)."""
+    import json
+
+    from l4export.runtimes import load_runtime
+    from l4export.runtimes.batch import BatchEngine, Job
+
+    rt = load_runtime(model)
+    engine = BatchEngine(rt, 2, 2048, piece=piece or long_tokens)
+    rng = np.random.default_rng(0)
+    list(engine.submit(Job(rt.encode(PROMPT), 8)).tokens())  # warm-up
+    times: list[float] = []
+    running = engine.submit(Job(rt.encode(PROMPT), 400))
+    it = running.tokens()
+    for _ in range(60):
+        next(it)
+        times.append(time.perf_counter())
+    t0 = time.perf_counter()
+    long = engine.submit(Job(rng.integers(0, rt.spec.vocab_size, long_tokens).tolist(), 1))
+    first = long.tokens()
+    for _ in it:
+        times.append(time.perf_counter())
+        if long.made and len(times) > 80:
+            break
+    next(first)
+    t1 = time.perf_counter()
+    running.cancel.set()
+    gaps = np.diff(np.array(times))
+    during = [g for t, g in zip(times[1:], gaps) if t >= t0]
+    print(json.dumps({"long_prompt_tokens": long_tokens, "piece": piece, "long_ttft_s": t1 - t0,
+                      "max_gap_s": float(max(during)), "median_gap_before_s": float(np.median(gaps[:50]))}))
+
+
+def stalls(model: Path, runs: int, long_tokens: int = 1024) -> dict:
+    """``_direct_stall_worker`` with the server's 256-token pieces and with the whole prompt at once, interleaved."""
+    import json
+
+    out: dict = {256: [], 0: []}
+    for _ in range(runs):
+        for piece in out:
+            line = subprocess.run([sys.executable, __file__, "--direct-stall", str(model), "--rows", str(piece),
+                                   "--new", str(long_tokens)], check=True, capture_output=True, text=True).stdout
+            out[piece].append(json.loads(line.strip().splitlines()[-1]))
+    return {("pieces of 256" if p else "whole prompt"): {k: float(np.median([x[k] for x in v])) for k in v[0]}
+            for p, v in out.items()}
+
+
 def start_llama_server(gguf: Path, parallel: int) -> tuple[subprocess.Popen, str]:
     """llama.cpp's own server with continuous batching: ``parallel`` slots of 1024 tokens, 2 threads, flash attention."""
     import bench_decode
@@ -273,6 +323,7 @@ def batching(args) -> dict:
                 print(f"run {r + 1}/{args.runs} {name}: " + ", ".join(f"{c} clients {v[-1]:.1f}" for c, v in runs[name].items()))
             alone.append(engines_alone(model, gguf, [1, 2, 4, 8], args.new))
             print(f"run {r + 1}/{args.runs} engines alone: {alone[-1]}")
+
     finally:
         for proc in procs:
             proc.terminate()
@@ -288,7 +339,13 @@ def batching(args) -> dict:
              "each client's greedy text equals its solo text": {"value": str(same), "met": all(same.values())}}
     for k, v in goals.items():
         print(f"{'MET   ' if v['met'] else 'MISSED'} {k}: {v['value']}")
+    stall = stalls(model, args.runs)
+    for n, v in stall.items():
+        print(f"{n}: a {v['long_prompt_tokens']:.0f}-token prompt arriving: the running sequence's longest gap "
+              f"{1000 * v['max_gap_s']:.0f} ms (median {1000 * v['median_gap_before_s']:.1f} ms before); the prompt's "
+              f"first token after {v['long_ttft_s']:.2f} s")
     return {"new_tokens": args.new, "runs": args.runs, "medians": med, "all_runs": runs, "goals": goals,
+            "stall": stall,
             "solo_texts_equal": same, "engines_alone": engines, "engines_alone_runs": alone,
             "note": "engines alone: decode tokens/s of N sequences after their 64-token prompts (S_TG)"}
 
@@ -352,6 +409,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--direct-batch", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--direct-stall", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--rows", default="1,2,4,8", help=argparse.SUPPRESS)
     ap.add_argument("--history", type=int, default=4096, help="tokens of conversation before turn 2")
     ap.add_argument("--turn2-only", action="store_true", help="only the turn-2 time-to-first-token measurement")
@@ -361,6 +419,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.direct:
         return _direct_worker(args.direct, args.new)
+    if args.direct_stall:
+        return _direct_stall_worker(args.direct_stall, args.new, int(args.rows))
     if args.direct_batch:
         return _direct_batch_worker(args.direct_batch, args.new, [int(r) for r in args.rows.split(",")])
     if args.peers:

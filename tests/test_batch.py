@@ -90,6 +90,19 @@ def test_sampling_stops_and_cancel_are_per_job(any_out):
     assert [t for t, _ in engine.submit(Job(PROMPTS[4], 3)).tokens()] == _alone(rt, PROMPTS[4], 3)[0]
 
 
+def test_a_long_prompt_runs_in_pieces_between_decode_steps(out):
+    """While one sequence decodes, another's 41-token prompt runs 4 tokens a step: the first gets a token every step
+    (11 of them by the time the second's first token comes), not one after a whole prefill."""
+    engine = _engine(out, 2, 128, piece=4)
+    running = engine.submit(Job(PROMPTS[0], 60))
+    it = running.tokens()
+    next(it)  # it decodes now
+    long = engine.submit(Job([1] + RNG.integers(4, 300, 40).tolist(), 2))
+    next(long.tokens())
+    assert running.made >= 11
+    list(it)
+
+
 def test_an_image_prompt_in_a_batch(any_out):
     """A prompt with image features prefills with them, then decodes in the batch with the others."""
     from test_vision import picture
