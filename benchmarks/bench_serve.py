@@ -259,6 +259,7 @@ def _direct_stall_worker(model: Path, long_tokens: int, piece: int) -> None:
     next(first)
     t1 = time.perf_counter()
     running.cancel.set()
+    list(it)  # (ends at the cancel: the engine is idle, not inside ORT, when the process exits)
     gaps = np.diff(np.array(times))
     during = [g for t, g in zip(times[1:], gaps) if t >= t0]
     print(json.dumps({"long_prompt_tokens": long_tokens, "piece": piece, "long_ttft_s": t1 - t0,

@@ -27,8 +27,6 @@ requests get a 400 with an OpenAI-style error object (401 without the --api-key,
 prompt and cached tokens, time to first token, tokens per second.
 """
 
-
-
 import asyncio
 import contextlib
 import json
@@ -210,7 +208,8 @@ class Server:
         return ((tok, rt.last_logits) for tok in tokens), lambda: rt.reused
 
     def _batched(self, req: Request, ids: list[int], features: Any, seed: int, stops: list[int], cancel: Any):
-        from .runtimes.batch import Job  # (token, logits) from the batch engine; ``cancel`` frees the slot
+        """(token, logits) from the batch engine; ``cancel`` frees the slot."""
+        from .runtimes.batch import Job
 
         job = self.engine.submit(Job(ids, req.max_tokens, req.temperature, req.top_p, seed, frozenset(stops),
                                      req.grammar, features, cancel))
@@ -494,4 +493,8 @@ def serve(export: str, host: str = "127.0.0.1", port: int = 8080, name: str | No
     if limits.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who reaches it can use it (--api-key KEY)", host)
     log.warning("serving %s as '%s' on http://%s:%d/v1", export, server.name, host, port)
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    finally:
+        if server.engine is not None:
+            server.engine.close()

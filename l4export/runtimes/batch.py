@@ -98,7 +98,7 @@ class BatchEngine:
         self.waiting: list[Job] = []
         self.cv = threading.Condition()
         self.busy = threading.Lock()  # held through each step: MLX work from other threads (images) waits for it
-        self.clock = 0
+        self.clock, self.closed = 0, False
         self.thread = threading.Thread(target=self._loop, name="l4export-batch", daemon=True)
         self.thread.start()
 
@@ -120,10 +120,19 @@ class BatchEngine:
         return job
 
     # ---- the worker ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker after its current step (a process that exits with it inside ORT or MLX can abort)."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join(timeout=60)
+
     def _loop(self) -> None:
         while True:
             with self.cv:
-                self.cv.wait_for(lambda: self.waiting or any(s.job for s in self.slots))
+                self.cv.wait_for(lambda: self.closed or self.waiting or any(s.job for s in self.slots))
+                if self.closed:
+                    return
             try:
                 with self.busy:
                     self._tick()
