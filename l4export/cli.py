@@ -368,7 +368,8 @@ def chat(export: Path, max_new_tokens: int, temperature: float, top_p: float, se
 @click.option("--max-body-bytes", default=32 << 20, show_default=True, type=click.IntRange(1024),
               help="Largest request body (413 beyond).")
 @click.option("--prompt-cache", default=4, show_default=True, type=click.IntRange(0),
-              help="Sequences kept beside the live one for prompt reuse (alternating conversations).")
+              help="Sequences kept beside the live one for prompt reuse (alternating conversations; with --parallel "
+                   "each slot keeps its own instead).")
 @click.option("--prompt-cache-bytes", default=2 << 30, show_default=True, type=click.IntRange(0),
               help="Bytes of KV the kept sequences may take.")
 @click.option("--parallel", "-np", default=1, show_default=True, type=click.IntRange(1, 64),
