@@ -123,6 +123,9 @@ def test_what_the_engine_refuses(out, tmp_path):
     engine = BatchEngine(load_runtime(out), slots=1, context=16)
     with pytest.raises(UsageError, match="--ctx-size"):
         engine.submit(Job(list(range(1, 17)), 4))
+    for bad in ([], [1, 10 ** 6]):
+        with pytest.raises(UsageError, match="token ids in 0.."):
+            engine.submit(Job(bad, 4))
     job = engine.submit(Job(PROMPTS[0], 100))  # max_new is cut to the room left in the slot
     assert len(list(job.tokens())) == 16 - len(PROMPTS[0])
     with pytest.raises(CapabilityError, match="--parallel"):

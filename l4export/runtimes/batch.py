@@ -109,8 +109,11 @@ class BatchEngine:
     def submit(self, job: Job) -> Job:
         """Queue ``job`` (any thread); its tokens come from ``job.tokens()``. A prompt that leaves no room in a slot's
         context is a UsageError now; max_new is cut to the room left (the answer ends with finish "length")."""
-        self.rt.check_ids(job.ids)
-        if len(job.ids) >= self.context:
+        ids, vocab = job.ids, self.rt.spec.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= vocab:  # (not rt.check_ids: it counts the runtime's own position)
+            raise UsageError(f"a job needs token ids in 0..{vocab - 1}; got {len(ids)} ids"
+                             + (f" in {min(ids)}..{max(ids)}" if ids else ""))
+        if len(ids) >= self.context:
             raise UsageError(f"the prompt is {len(job.ids)} tokens; a slot holds {self.context} (--ctx-size): "
                              "shorten the prompt or serve with a larger --ctx-size")
         job.max_new = min(job.max_new, self.context - len(job.ids))
@@ -207,7 +210,6 @@ class BatchEngine:
         if job.cancel.is_set():
             self._finish(slot)
             return
-        was_decoding = slot.decoding
         tok = pick(logits, job.constraint, job.temperature, job.top_p, job.rng)
         job.out.put((tok, logits))
         job.made += 1
@@ -217,7 +219,7 @@ class BatchEngine:
             self._finish(slot)  # (the last token is not run: nothing would read its logits)
         else:
             slot.next = tok
-            if not was_decoding or row >= sum(x.decoding for x in self.slots):
+            if row >= sum(x.decoding for x in self.slots):  # a prompt just done, below the decoding rows
                 self._order()
 
     def _finish(self, slot: Slot) -> None:
