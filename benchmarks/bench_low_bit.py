@@ -245,8 +245,8 @@ def main() -> None:
     if not args.no_peers:
         peer_rows(args, row, R, ckpt, wins, calib, calib_args, float_mlx)
     for preset in [x for x in args.presets.split(",") if x]:  # issue 27: the int4 / int8 presets (PRESET:calib: GPTQ
-        name, _, calibrated = preset.partition(":")          # on the calibration text, as llama.cpp's imatrix rows)
-        out = HERE / f"onnx-{name}{'-calib' if calibrated else ''}"
+        name, _, calibrated = preset.partition(":")          # on the calibration text, as llama.cpp's imatrix rows;
+        out = HERE / f"onnx-{Path(name).stem}{'-calib' if calibrated else ''}"  # or a recipe file: PATH.toml[:calib])
         extra = calib_args if calibrated else []
         row(f"l4export onnx {name} preset{' (calibrated)' if calibrated else ''}",
             lambda out=out, q=name, extra=extra: (out, l4(ckpt, out, "onnx", "--quant", q, *extra)),
