@@ -61,10 +61,10 @@ from .onnx_experts import Route
 from .onnx_graph import FP32, MS_DOMAIN, GraphBuilder, save_model
 from .onnx_variants import (
     KV_VARIANTS,
+    write_batch_decoder,
     write_embedding_model,
     write_embeds_decoder,
     write_genai_decoder,
-    write_batch_decoder,
     write_kv_variant,
 )
 
