@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -170,6 +169,8 @@ def batched(out, tmp_path_factory):
 
 def test_concurrent_clients_each_get_their_solo_text(batched, out):
     """Six streamed clients on four slots: each one's greedy text is what it gets alone, and turn 2 reuses its slot."""
+    from test_serve import concurrently
+
     client, _ = batched
     rt = load_runtime(out)
     prompts = [[{"role": "user", "content": f"Count to {n}, slowly, and say why."}] for n in range(6)]
@@ -181,11 +182,7 @@ def test_concurrent_clients_each_get_their_solo_text(batched, out):
                                            stream=True)
         got[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    concurrently(run, range(len(prompts)))
     assert got == want
     turn2 = prompts[5] + [{"role": "assistant", "content": got[5]}, {"role": "user", "content": "Again."}]
     r = client.chat.completions.create(model="tiny-scout", messages=turn2, max_tokens=8, temperature=0)
@@ -195,6 +192,7 @@ def test_concurrent_clients_each_get_their_solo_text(batched, out):
 
 def test_batched_answers_keep_logprobs_schemas_and_tools(batched):
     """The per-request features ride along in a batch: logprobs, a json_schema, a required tool call."""
+    from test_serve import concurrently
     from test_tools import TOOLS
 
     client, _ = batched
@@ -212,11 +210,7 @@ def test_batched_answers_keep_logprobs_schemas_and_tools(batched):
     def run(key: str) -> None:
         results[key] = client.chat.completions.create(model="tiny-scout", messages=msgs, temperature=0, **asks[key])
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in asks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    concurrently(run, asks)
     entries = results["logprobs"].choices[0].logprobs.content
     assert len(entries) == results["logprobs"].usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
     assert isinstance(json.loads(results["schema"].choices[0].message.content)["n"], int)
@@ -232,7 +226,7 @@ def test_a_prompt_longer_than_a_slot_is_a_400(batched):
 
 @pytest.mark.mlx
 def test_an_mlx_server_batches_too(scout, export, tmp_path):
-    from test_serve import _start
+    from test_serve import _start, concurrently
 
     out = export(scout, "mlx")
     proc, url = _start(out, tmp_path / "server.log", "--parallel", "2", "--ctx-size", "512")
@@ -247,11 +241,7 @@ def test_an_mlx_server_batches_too(scout, export, tmp_path):
             got[i] = client.completions.create(model="tiny-scout", prompt=prompts[i], max_tokens=12, temperature=0,
                                                extra_body={"ignore_eos": True}).choices[0].text
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        concurrently(run, range(2))
         assert got == want
     finally:
         proc.terminate()

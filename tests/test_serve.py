@@ -127,6 +127,15 @@ def test_the_next_turn_reuses_the_cached_prefix(client, rt):
     assert cached >= rt.spec.attention_chunk_size and cached < r2.usage.prompt_tokens, r2.usage
 
 
+def concurrently(run, args) -> None:
+    """``run(a)`` for every ``a`` in ``args``, each in its own thread, all at once; returns when all are done."""
+    threads = [threading.Thread(target=run, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+
+
 def test_concurrent_streams_do_not_share_a_cache(client, rt):
     prompts = [[{"role": "user", "content": f"Count to {n}."}] for n in (3, 9)]
     want = ["".join(rt.chat(m, 16, temperature=0)) for m in prompts]
@@ -137,11 +146,7 @@ def test_concurrent_streams_do_not_share_a_cache(client, rt):
                                            stream=True)
         got[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    concurrently(run, range(2))
     assert got == want
 
 

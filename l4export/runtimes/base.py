@@ -396,9 +396,15 @@ def reusable(held: Sequence[int], ids: Sequence[int], pos: int, chunk: int | Non
     never the last id (its logits are needed), and cut back to a chunk start when it ends before the current chunk
     (a chunked layer holds only the current chunk; that chunk's tokens run again)."""
     n = common_prefix(held, list(ids[: min(len(ids) - 1, pos)]))
-    if chunk and n < (pos // chunk) * chunk:
-        n = (n // chunk) * chunk
+    if n < chunk_start(pos, chunk):
+        n = chunk_start(n, chunk)
     return n
+
+
+def chunk_start(pos, chunk: int | None):
+    """Where the attention chunk holding absolute position ``pos`` starts (0 without chunks); ``pos`` an int or an
+    array of them. A chunked layer's cache holds positions chunk_start(pos) .. pos."""
+    return (pos // chunk) * chunk if chunk else 0
 
 
 def require_tokenizer(path: Path) -> Path:

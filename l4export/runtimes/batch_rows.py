@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import CapabilityError, UsageError
 from ..folder import BATCH_FILE
+from .base import chunk_start
 
 
 class OnnxRows:
@@ -48,7 +49,7 @@ class OnnxRows:
         rt, d = self.rt, len(tokens)
         pos = np.array(positions, np.int64)
         chunk = rt.spec.attention_chunk_size or 0
-        held = pos + 1 - ((pos // chunk) * chunk if chunk else 0)  # keys a chunked layer holds after this step
+        held = pos + 1 - chunk_start(pos, chunk)  # keys a chunked layer holds after this step
         feeds = {"input_ids": np.array(tokens, np.int64).reshape(d, 1), "position_ids": pos.reshape(d, 1),
                  "seqlens_k": pos.astype(np.int32), "total_sequence_length": np.array(pos.max() + 1, np.int32),
                  "seqlens_k.chunked": (held - 1).astype(np.int32),
@@ -78,7 +79,7 @@ class OnnxRows:
         """Trade rows ``a`` and ``b`` (``lengths``: their sequences' token counts; only valid rows are copied)."""
         chunk = self.rt.spec.attention_chunk_size or 0
         for layer, pair in zip(self.rt.spec.layers, self.buffers):
-            n = max(p - ((p // chunk) * chunk if chunk and layer.chunked else 0) for p in lengths)
+            n = max(p - (chunk_start(p, chunk) if layer.chunked else 0) for p in lengths)
             for buf in pair:
                 keep = buf[a, :, :n].copy()
                 buf[a, :, :n] = buf[b, :, :n]

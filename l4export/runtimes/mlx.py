@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import CapabilityError, CheckpointError, ExportError, UsageError
 from ..names import is_vision
 from ..spec import LayerSpec
-from .base import Runtime
+from .base import Runtime, chunk_start
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class MlxRuntime(Runtime):
     def _truncate(self, pos: int) -> None:
         chunk = self.spec.attention_chunk_size
         for la, cache in zip(self.spec.layers, self.cache):
-            cache.length = pos - (pos // chunk) * chunk if la.chunked and chunk else pos
+            cache.length = pos - chunk_start(pos, chunk) if la.chunked else pos
 
     def _encode_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.encoder is None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import CapabilityError, ExportError, UsageError
 from ..folder import KV_PREFILL_KEY, MODEL_FILE
-from .base import Runtime
+from .base import Runtime, chunk_start
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class OnnxRuntime(Runtime):
         them). The plain-op attention's cache holds exactly the valid rows: sliced."""
         if not self.plain:
             return
-        start = (pos // self.chunk) * self.chunk if self.chunk else 0
+        start = chunk_start(pos, self.chunk)
         cut = []
         for layer, kv in zip(self.spec.layers, self.cache):
             rows = pos - start if layer.chunked else pos
@@ -228,7 +228,7 @@ class OnnxRuntime(Runtime):
 
     def chunk_start(self) -> int:
         """Absolute position of the first key the chunked layers' buffers hold: the start of the current chunk."""
-        return (self.pos // self.chunk) * self.chunk if self.chunk else 0
+        return chunk_start(self.pos, self.chunk)
 
     def cache_lengths(self) -> list[int]:
         """Keys held per layer (for tests and memory reports)."""
