@@ -12,8 +12,9 @@
    (GPTQ at each width on the calibration windows; for two peers also by the weights alone), and the ONNX mixed:3.0;
    every row is evaluated on the same held-out windows (BOS + 256 bytes) as transformers float, the reference of the
    KL and top-1 columns. MLX rows (ours and mlx-lm's) are scored with their weights dequantized to float32 by
-   ``mx.dequantize`` and run by mlx-lm's float path (``dequantized``): mlx[cpu]'s quantized kernels take minutes
-   per row on this machine, and the maths is the same weights'.
+   ``mx.dequantize`` and run as a float32 ONNX export of those weights (``logprobs_dequantized``, checked on every
+   row against mlx-lm's float path): mlx[cpu] takes minutes per row on this machine even in float, and the maths is
+   the same weights'.
 3. mlx-lm 0.32 ``mlx_lm convert`` of our float MLX export: 2-bit g64, 2-bit g32, 3-bit g64, 4-bit g64,
    ``--quant-predicate mixed_2_6`` and ``mixed_3_6``, evaluated by mlx-lm on the same windows.
 4. llama.cpp (``--llama-cpp DIR``: a llama.cpp source tree with build/bin/llama-{quantize,imatrix,perplexity}, e.g. the
@@ -102,14 +103,12 @@ def logprobs_mlx_lm(path: Path, wins: np.ndarray) -> np.ndarray:
 
 def dequantized(folder: Path) -> Path:
     """An MLX folder (ours or mlx-lm's: the same layout) with every quantized module dequantized to float32 and the
-    quantization dropped from config.json: the same weights, evaluated by mlx-lm's float path. (mlx[cpu]'s gather_qmm
-    takes ~6 min per 48 windows on 2 cores here, the float path ~40 s: the dequantized maths is the quantized model's
-    up to the order of float sums.)"""
+    quantization dropped from config.json: the same weights. (mlx[cpu]'s gather_qmm takes ~6 min per 48 windows on 2
+    cores here, its float path ~40 s, ORT on a float32 export of them 3 s: the dequantized maths is the quantized
+    model's up to the order of float sums.)"""
     import mlx.core as mx
 
-    out = folder.with_name(folder.name + "-dequantized")
-    if (out / "config.json").is_file():
-        return out
+    out = folder.with_name(folder.name + "-dequantized")  # made again each time: the row's export may have changed
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     cfg = json.loads((folder / "config.json").read_text())
@@ -134,8 +133,41 @@ def dequantized(folder: Path) -> Path:
     return out
 
 
+def as_checkpoint(folder: Path) -> Path:
+    """A dequantized MLX folder's weights as a Hugging Face checkpoint of the benchmark model (mlx-lm's Llama 4 names
+    and stacked experts back to transformers': experts [E, out, in] -> gate_up_proj [E, H, 2I], down_proj [E, I, H])."""
+    import mlx.core as mx
+    from safetensors.numpy import save_file
+
+    out = folder.with_name(folder.name + "-hf")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    w = {k.removeprefix("language_model."): np.array(v.astype(mx.float32)) for k, v in mx.load(str(folder / "model.safetensors")).items()}
+    for gate in [k for k in w if k.endswith(".experts.gate_proj.weight")]:
+        pre = gate.removesuffix("gate_proj.weight")
+        g, u, d = w.pop(gate), w.pop(pre + "up_proj.weight"), w.pop(pre + "down_proj.weight")
+        w[pre + "gate_up_proj"] = np.ascontiguousarray(np.concatenate([g, u], axis=1).transpose(0, 2, 1))
+        w[pre + "down_proj"] = np.ascontiguousarray(d.transpose(0, 2, 1))
+    save_file(w, str(out / "model.safetensors"))
+    ckpt = next(HERE.glob("ckpt-*"))
+    for f in ckpt.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    return out
+
+
 def logprobs_dequantized(path: Path, wins: np.ndarray) -> np.ndarray:
-    return logprobs_mlx_lm(dequantized(path), wins)
+    """An MLX row's weights, dequantized, scored by ONNX Runtime (a float32 export of them: mlx[cpu] takes ~0.7 s per
+    window even in float, ORT 0.06 s). Checked on every row against mlx-lm's own float path on two windows."""
+    deq = dequantized(path)
+    onnx_dir = path.with_name(path.name + "-onnx")
+    l4(as_checkpoint(deq), onnx_dir, "onnx")
+    lp = logprobs_export(onnx_dir, wins)
+    gap = float(np.abs(logprobs_mlx_lm(deq, wins[:2]) - lp[:2]).max())
+    log.info("%s: ONNX against mlx-lm's float path on 2 windows: max |logprob difference| %.1e", path.name, gap)
+    if gap > 1e-3:
+        raise RuntimeError(f"the ONNX scorer disagrees with mlx-lm on {path.name} by {gap:.1e}: a mapping bug")
+    return lp
 
 
 def score(lp: np.ndarray, ref: np.ndarray | None, wins: np.ndarray) -> dict:
@@ -144,8 +176,13 @@ def score(lp: np.ndarray, ref: np.ndarray | None, wins: np.ndarray) -> dict:
     nll = -np.take_along_axis(lp, tgt[..., None], -1)[..., 0].astype(np.float64)
     out = {"ppl": float(np.exp(nll.mean()))}
     if ref is not None:
-        kl = (np.exp(ref.astype(np.float64)) * (ref.astype(np.float64) - lp)).sum(-1)
-        out |= {"kl": float(kl.mean()), "top1": float((ref.argmax(-1) == lp.argmax(-1)).mean())}
+        kl = (np.exp(ref.astype(np.float64)) * (ref.astype(np.float64) - lp)).sum(-1).ravel()
+        # The mean is carried by a few tokens whose top-1 expert flips (on the benchmark model ten of 12k positions
+        # held 40-70 % of it): report its standard error, the median and the 99th percentile beside it, as
+        # llama-perplexity does, and compare means only where the errors say they differ.
+        out |= {"kl": float(kl.mean()), "kl_se": float(kl.std(ddof=1) / np.sqrt(kl.size)),
+                "kl_median": float(np.median(kl)), "kl_p99": float(np.percentile(kl, 99)),
+                "top1": float((ref.argmax(-1) == lp.argmax(-1)).mean()), "positions": int(kl.size)}
     return out
 
 
@@ -278,8 +315,9 @@ def main() -> None:
 
 def peer_rows(args, row, R: dict, ckpt: Path, wins: np.ndarray, calib: Path, calib_args: list, float_mlx: Path) -> None:
     """mlx-lm's and llama.cpp's rows, and l4export's MLX mixed rows at each peer's bytes."""
-    row("l4export mlx float (bf16)", lambda: (float_mlx, l4(ckpt, float_mlx, "mlx", "--dtype", "bfloat16")),
-        logprobs_export, engine="l4export", fmt="mlx")
+    if not (args.no_mlx_lm and args.no_mixed_at_peers):  # mlx-lm's source, and the MLX rows' float reference
+        row("l4export mlx float (bf16)", lambda: (float_mlx, l4(ckpt, float_mlx, "mlx", "--dtype", "bfloat16")),
+            logprobs_dequantized, engine="l4export", fmt="mlx")
     for name, extra in ({} if args.no_mlx_lm else MLX_LM).items():
         out = HERE / name.replace(" ", "-")
         row(name, lambda out=out, extra=extra: (out, mlx_lm_convert(float_mlx, out, extra)), logprobs_dequantized,
@@ -331,6 +369,10 @@ def gguf_source(ckpt: Path) -> Path:
     return src
 
 
+_STATS = {"Mean PPL(Q)": ("ppl", 1.0), "Mean KLD": ("kl", 1.0), "Median KLD": ("kl_median", 1.0),
+          "99.0% KLD": ("kl_p99", 1.0), "Same top p": ("top1", 0.01)}
+
+
 def _perplexity(tools: Path, model: Path, text: Path, *extra: str) -> dict:
     r = subprocess.run([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(SEQ), "-t", "2",
                         "-b", str(SEQ), *extra], capture_output=True, text=True)
@@ -345,9 +387,12 @@ def _perplexity(tools: Path, model: Path, text: Path, *extra: str) -> dict:
         key = " ".join(key.split())
         if "Final estimate: PPL" in line:
             got["ppl"] = float(line.split("=")[1].split()[0])
-        elif key in ("Mean PPL(Q)", "Mean KLD", "Same top p"):
-            v = float(value.split()[0])
-            got[{"Mean PPL(Q)": "ppl", "Mean KLD": "kl", "Same top p": "top1"}[key]] = v / 100 if key == "Same top p" else v
+        elif key in _STATS:
+            v, *rest = value.split()
+            name, scale = _STATS[key]
+            got[name] = float(v) * scale
+            if key == "Mean KLD" and len(rest) >= 2:  # "0.000161 ± 0.000044": the standard error
+                got["kl_se"] = float(rest[1])
     return got
 
 
@@ -410,12 +455,12 @@ def report(R: dict, ckpt: Path, data: dict, wins: np.ndarray, args) -> None:
         inc = increase(R, k)
         rows.append({"variant": k, "PPL": f"{v['ppl']:.4f}" if "ppl" in v else "n/a",
                      "vs float": "" if inc is None else f"{inc:+.2f}%",
-                     "KL": f"{v['kl']:.4f}" if "kl" in v else "", "top1": f"{v['top1']:.3f}" if "top1" in v else "",
+                     "KL": _kl(v), "median KL": f"{v['kl_median']:.6f}" if "kl_median" in v else "", "top1": f"{v['top1']:.3f}" if "top1" in v else "",
                      "bpw": f"{8 * v['bytes'] / params:.3f}" if v.get("bytes") else "",
                      "note": v.get("error", "")[:60]})
     print(f"\nmodel: {params / 1e6:.1f}M params, {info['steps']} steps ({info['train_seconds']} s), "
           f"{wins.shape[0]} x {SEQ} held-out predictions\n")
-    print(table(rows, ["variant", "PPL", "vs float", "KL", "top1", "bpw", "note"]))
+    print(table(rows, ["variant", "PPL", "vs float", "KL", "median KL", "top1", "bpw", "note"]))
     goals = compute_goals(R)
     for k, g in goals.items():
         print(f"{'MET   ' if g['met'] else 'MISSED'} {k}: {g['value']}")
@@ -427,6 +472,12 @@ def report(R: dict, ckpt: Path, data: dict, wins: np.ndarray, args) -> None:
               "eval": {"windows": int(wins.shape[0]), "seq": SEQ}, "rows": R, "goals": goals, "placement": placement}
     path = save_result("low-bit" + (f"-{args.tag}" if args.tag else ""), result)
     print(f"\nwrote {path}")
+
+
+def _kl(v: dict) -> str:
+    if "kl" not in v:
+        return ""
+    return f"{v['kl']:.5f}" + (f" ± {v['kl_se']:.5f}" if "kl_se" in v else "")
 
 
 def compare_placements(R: dict) -> dict:
@@ -472,8 +523,12 @@ def compute_goals(R: dict) -> dict:
         for how in ("", " (calibrated)"):
             mine, theirs = R.get(f"l4export onnx {preset} preset{how}", {}), R.get(peer, {})
             if "kl" in mine and "kl" in theirs:
+                se = (mine.get("kl_se", 0.0) ** 2 + theirs.get("kl_se", 0.0) ** 2) ** 0.5
                 goals[f"{preset} preset{how} KL <= {peer}'s (issue 27)"] = {
-                    "value": f"{mine['kl']:.5f} vs {theirs['kl']:.5f}", "met": mine["kl"] <= theirs["kl"]}
+                    "value": f"{_kl(mine)} vs {_kl(theirs)} (median {mine.get('kl_median', float('nan')):.6f} vs "
+                             f"{theirs.get('kl_median', float('nan')):.6f})",
+                    "met": mine["kl"] <= theirs["kl"], "difference_in_se": round((mine["kl"] - theirs["kl"]) / se, 2)
+                    if se else None}
     return goals
 
 
