@@ -291,6 +291,11 @@ def layout(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str)
     if per_expert and target == "cuda":  # asymmetric QMoE nodes per width: never run on a GPU here
         raise UsageError(f"--quant {pins.name}: per-expert widths are built and verified for ONNX Runtime CPU and MLX, "
                          "not for --target cuda (no GPU has checked them); use mixed:B (per projection) there")
+    runs = int_bits(fmt, target)
+    if pins.widths is not None and not set(pins.widths) & set(runs):
+        where = "ONNX Runtime " + target.upper() if fmt == "onnx" else "MLX"
+        raise UsageError(f"--quant {pins.name}: widths = {list(pins.widths)}: {where} runs none of them; choose among "
+                         f"{', '.join(map(str, runs))}")
     found = [u for u in units(spec, fmt, pinned, per_expert) if candidates(u, shapes, fmt, target, pins.widths)]
     opts = {u.key: options(u, shapes, fmt, dtype, target, pins.widths) for u in found}
     return Layout(params, found, opts, fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target))

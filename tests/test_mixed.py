@@ -405,6 +405,10 @@ def test_a_recipe_can_limit_the_widths_placed(scout, tmp_path):
         recipe.write_text(bad)
         with pytest.raises(RecipeError, match="widths must be a list"):
             load_recipe(str(recipe))
+    recipe.write_text('budget = "4.0"\nwidths = [3, 5]\n')  # MLX runs them, ONNX Runtime CPU does not
+    r = CliRunner().invoke(main, ["convert", str(scout), "-o", str(tmp_path / "o"), "--quant", str(recipe)])
+    assert r.exit_code == 2 and "runs none of them; choose among 2, 4, 8" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
 
 
 def test_per_expert_widths_are_refused_for_cuda_before_any_write(scout, tmp_path):
