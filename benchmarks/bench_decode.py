@@ -45,7 +45,7 @@ LLAMA_BIN = Path(__import__("os").environ.get("L4_LLAMA_BIN", WORK / "llama.cpp-
 
 MODEL = WORK / "decode-1g"
 CHUNK = 256  # attention_chunk_size of the model (--chunk: 8192 is Llama 4's, and what llama.cpp hard-codes)
-ENGINES = ("onnx-fp32", "onnx-int4", "onnx-int8", "genai-int4", "onnx-fp8", "onnx-mixed3.0", "onnx-mixed3.0-pe", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
+ENGINES = ("onnx-fp32", "onnx-int4", "onnx-int8", "genai-int4", "onnx-fp8", "onnx-mixed3.0", "onnx-mixed3.0-pe", "onnx-mixed3.0-pp", "mlx-fp32", "mlx-int4", "mlx-mixed3.5", "mlx-mixed3.0",
            "mlx-lm-fp32", "mlx-lm-4bit", "mlx-lm-3bit", "mlx-lm-2bit-g32", "mlx-lm-on-l4-int4", "transformers-fp32",
            "llama.cpp-f32", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M", "llama-bench-Q4_0", "llama-bench-Q4_K_M",
            "llama-bench-Q8_0", "llama-bench-BF16")
@@ -201,7 +201,8 @@ def engine_model(engine: str) -> Path | None:
             recipe = WORK / f"mixed-{budget}-w{ws}.toml"
             recipe.write_text(f'budget = "{budget}"\nwidths = [{", ".join(ws)}]\n')
             return l4_export(engine, fmt, "--quant", str(recipe))
-        quant = f"mixed:{budget.removesuffix('-pe')}" + (":per-expert" if budget.endswith("-pe") else "")
+        # -pe / -pp: per expert / per projection; neither: the CLI's default (ONNX CPU: per expert from 2.75 bits)
+        quant = f"mixed:{budget.removesuffix('-pe').removesuffix('-pp')}" + {"-pe": ":per-expert", "-pp": ":per-projection"}.get(budget[-3:], "")
         return l4_export(engine, fmt, "--quant", quant)
     if engine in MLX_LM_BITS:
         return mlx_lm_4bit(l4_export("mlx-fp32", "mlx"), *MLX_LM_BITS[engine])
@@ -517,7 +518,8 @@ RATIO_GOALS = (  # (engine, against, at least, what it says): a goal reported wh
     ("onnx-fp8", "onnx-fp32", 1.0, "ONNX fp8 decode >= our ONNX fp32"),
     ("mlx-int4", "mlx-lm-on-l4-int4", 1.0, "MLX int4 decode >= mlx-lm on the same export"),
     ("onnx-mixed3.0", "onnx-int4", 1.0, "ONNX mixed:3.0 decode >= the int4 preset's (issue 26)"),
-    ("onnx-mixed3.0-pe", "onnx-mixed3.0", 1.0, "ONNX mixed:3.0 per expert decode vs per projection (issue 26)"),
+    ("onnx-mixed3.0-pp", "onnx-int4", 1.0, "ONNX mixed:3.0 per projection decode >= the int4 preset's (issue 26)"),
+    ("onnx-mixed3.0-pe", "onnx-mixed3.0-pp", 1.0, "ONNX mixed:3.0 per expert decode vs per projection (issue 26)"),
     ("mlx-mixed3.5", "mlx-lm-3bit", 1.0, "MLX mixed:3.5 decode >= mlx-lm 3-bit g64 (3.5 bpw; issue 26)"),
     ("mlx-mixed3.0", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 decode >= mlx-lm 2-bit g32 (3.0 bpw; issue 26)"),
     ("mlx-mixed3.0-w2468", "mlx-lm-2bit-g32", 1.0, "MLX mixed:3.0 widths 2/4/6/8 decode >= mlx-lm 2-bit g32"),

@@ -206,8 +206,9 @@ def demo_checkpoint(out: Path, seed: int | None, force: bool) -> None:
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 for cpu/mlx, float16 for cuda).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX execution provider.")
 @click.option("--quant", default=None, help="int4, int8, fp8, fp8-block (CUDA), mixed:BITS (e.g. mixed:3.0: average bits per "
-              "weight) or mixed:SIZE (e.g. mixed:40GB), :per-expert after either for a width per routed expert, or a "
-              "RECIPE.toml file.")
+              "weight) or mixed:SIZE (e.g. mixed:40GB; ONNX CPU from 2.75 bits gives each routed expert its own width, "
+              "else one width per projection: :per-expert or :per-projection after either to choose), or a RECIPE.toml "
+              "file.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt lines or .jsonl 'text').")
 @click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples.")
 @click.option("--calib-seqlen", default=256, show_default=True, type=click.IntRange(1), help="Tokens per calibration sample.")

@@ -148,6 +148,8 @@ def format_mixed(info: dict[str, Any]) -> str:
              + ("" if info["feasible"] else "  -- the budget is below the smallest form: raise it")]
     for kind, what in info["candidates"].items():
         lines.append(f"  {kind:<16}{what}")
+    lines.append(f"  widths vary     per {info['per']}" + (" (each routed expert its own width)" if info["per"] == "expert"
+                                                              else " (one width per projection per layer)"))
     lines.append(f"  placement       {info['placement']}")
     return "\n".join(lines)
 

@@ -287,7 +287,7 @@ def layout(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str)
     text = {n: s for n, s in shapes.items() if not is_vision(n)}
     params = sum(int(np.prod(s, dtype=np.int64)) for s in text.values())
     pinned = {n for n in text if any(r.matches(n) for r in pins.rules)}
-    per_expert = pins.placement == "expert"
+    per_expert = resolve_placement(pins, fmt, target, 8 * budget_bytes(pins, params) / params) == "expert"
     if per_expert and target == "cuda":  # asymmetric QMoE nodes per width: never run on a GPU here
         raise UsageError(f"--quant {pins.name}: per-expert widths are built and verified for ONNX Runtime CPU and MLX, "
                          "not for --target cuda (no GPU has checked them); use mixed:B (per projection) there")
@@ -299,6 +299,23 @@ def layout(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target: str)
     found = [u for u in units(spec, fmt, pinned, per_expert) if candidates(u, shapes, fmt, target, pins.widths)]
     opts = {u.key: options(u, shapes, fmt, dtype, target, pins.widths) for u in found}
     return Layout(params, found, opts, fixed_bytes(spec, pins, {n for u in found for n in u.tensors}, fmt, dtype, target))
+
+
+# ``mixed:B`` on ONNX Runtime CPU places each routed expert at its own width from this budget up. Measured on
+# bench_low_bit's trained model (512 held-out windows, calibrated, equal bytes; benchmarks/results/
+# low-bit-placement-512-2026-12-07.json, low-bit-512-2026-12-07.json), per expert against per projection, mean KL:
+# 2.5 bits 0.96x (a tie), 2.75 0.52x, 3.0 0.47x, 3.5 0.49x. Why: ONNX Runtime has no 3-bit kernel, so per
+# projection a layer's whole stack of experts is 2 or 4 bits; per expert mixes them inside the stack. It costs about
+# 8 % of decode speed (more QMoE nodes), so below this budget, where it does not pay, the default stays per projection.
+# MLX stays per projection (mlx-lm reads one width per projection); CUDA too (per-expert nodes unverified on GPUs).
+PER_EXPERT_FROM_BPW = 2.75
+
+
+def resolve_placement(pins: Recipe, fmt: Format, target: str, bpw: float) -> str:
+    """The placement of ``pins`` ("projection" or "expert") for this format, target and budget (bits per weight)."""
+    if pins.placement != "auto":
+        return pins.placement
+    return "expert" if fmt == "onnx" and target == "cpu" and bpw >= PER_EXPERT_FROM_BPW - 1e-9 else "projection"
 
 
 def text_bytes(spec: Llama4Spec, recipe: Recipe, fmt: Format, dtype: str, target: str) -> int:
@@ -325,7 +342,7 @@ def budget_plan(spec: Llama4Spec, pins: Recipe, fmt: Format, dtype: str, target:
     return {"recipe": pins.name, "format": fmt, "dtype": dtype, "target": target, "params": params,
             "budget_bytes": budget, "budget_bpw": round(8 * budget / params, 4), "fixed_bytes": fixed,
             "smallest_bytes": lo, "largest_bytes": hi, "units": len(found), "candidates": kinds,
-            "feasible": lo <= budget,
+            "feasible": lo <= budget, "per": resolve_placement(pins, fmt, target, 8 * budget / params),
             "placement": "measured by convert: the weights alone, or with --calib the calibration activations "
                          "(GPTQ at each width, routed experts weighted by their routing share)"}
 
@@ -450,5 +467,5 @@ def _share(u: Unit, spec: Llama4Spec, shares: dict) -> float:
     return 1.0
 
 
-__all__ = ["Allocation", "Layout", "Option", "Unit", "allocate", "budget_bytes", "budget_plan", "layout", "text_bytes", "candidates", "choose", "fixed_bytes",
+__all__ = ["Allocation", "Layout", "Option", "PER_EXPERT_FROM_BPW", "Unit", "allocate", "budget_bytes", "budget_plan", "layout", "resolve_placement", "text_bytes", "candidates", "choose", "fixed_bytes",
            "options", "recipe_of", "units"]

@@ -375,9 +375,8 @@ def _midway(src: Path, fmt: str, quant: str) -> str:
     from l4export.quant.recipe import Recipe
     from l4export.spec import load_spec
 
-    rest = quant.removeprefix("mixed:mid")
-    plan = budget_plan(load_spec(src), Recipe(quant, (), "3.0", "expert" if rest else "projection"), fmt, "float32",
-                       "cpu")
+    rest = quant.removeprefix("mixed:mid") or ":per-projection"  # explicit: mixed:B alone may place per expert
+    plan = budget_plan(load_spec(src), Recipe(quant, (), "3.0", rest.removeprefix(":per-")), fmt, "float32", "cpu")
     return f"mixed:{(plan['smallest_bytes'] + plan['largest_bytes']) // 2}B{rest}"
 
 

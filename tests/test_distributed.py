@@ -72,7 +72,7 @@ def test_ray_calibration_is_byte_identical(cluster, qscout, tmp_path, calib_text
     assert one == many
 
 
-@pytest.mark.parametrize("quant", ["mixed:3.5", "mixed:3.5:per-expert"])
+@pytest.mark.parametrize("quant", ["mixed:3.5:per-projection", "mixed:3.5:per-expert"])
 def test_ray_mixed_low_bit_calibration_is_byte_identical(cluster, qscout, tmp_path, calib_text, quant):
     """mixed:3.5 calibrated: the measurement pass, then GPTQ at 2 to 8 bits as Ray jobs, give the bytes of one
     process; per expert too (a batch's experts at several widths, appended to one stack)."""

@@ -14,7 +14,7 @@ from l4export.cli import main
 from l4export.convert import ExportOptions, convert
 from l4export.errors import RecipeError, UsageError
 from l4export.folder import export_tensor_bytes, read_export_info
-from l4export.mixed import Option, choose, options, units
+from l4export.mixed import Option, budget_plan, choose, layout, options, units
 from l4export.names import canonical_shapes
 from l4export.plan import make_plan
 from l4export.quant.recipe import load_recipe, parse_budget
@@ -93,7 +93,7 @@ def mixed(scout, tmp_path_factory):
         if key not in done:
             from l4export.quant.calib import CalibOptions
 
-            opts = ExportOptions(format=fmt, quant=load_recipe(f"mixed:{budget}"), text_only=True,
+            opts = ExportOptions(format=fmt, quant=load_recipe(f"mixed:{budget}:per-projection"), text_only=True,
                                  calib=CalibOptions(path=root / "calib.txt", samples=8, seqlen=64) if calib else None)
             done[key] = convert(scout, root / f"{fmt}-{budget}-{calib}", opts)
         return done[key]
@@ -322,11 +322,27 @@ def _qmoe_nodes(out: Path) -> list:
     return [n for n in m.graph.node if n.op_type == "QMoE"]
 
 
+@pytest.mark.parametrize("quant, fmt, target, per", [
+    ("mixed:3.0", "onnx", "cpu", "expert"), ("mixed:2.75", "onnx", "cpu", "expert"),  # ONNX CPU from 2.75 bits
+    ("mixed:2.5", "onnx", "cpu", "projection"), ("mixed:3.0:per-projection", "onnx", "cpu", "projection"),
+    ("mixed:2.5:per-expert", "onnx", "cpu", "expert"), ("mixed:3.0", "mlx", "cpu", "projection"),
+    ("mixed:3.0", "onnx", "cuda", "projection")])
+def test_the_default_placement_is_decided_by_format_and_budget_before_any_weight_is_read(scout, quant, fmt, target,
+                                                                                        per):
+    spec = load_spec(scout)
+    pins = load_recipe(quant)
+    dtype = "float16" if target == "cuda" else "float32"
+    assert budget_plan(spec, pins, fmt, dtype, target)["per"] == per
+    assert any(u.expert is not None for u in layout(spec, pins, fmt, dtype, target).units) == (per == "expert")
+    params = budget_plan(spec, pins, fmt, dtype, target)["params"]  # a size budget at 3 bits decides as mixed:3.0
+    assert budget_plan(spec, load_recipe(f"mixed:{3 * params // 8}B"), "onnx", "float32", "cpu")["per"] == "expert"
+
+
 def test_per_expert_placement_writes_one_qmoe_node_per_width_within_budget(scout, tmp_path):
-    """mixed:B:per-expert: a layer's routed experts at several widths, each width its own QMoE node over its experts;
-    the plan's bytes are the written ones, within the budget, and verify (the rounded twin included) passes."""
-    out = convert(scout, tmp_path / "pe", ExportOptions(format="onnx", quant=load_recipe("mixed:3.5:per-expert"),
-                                                        text_only=True))
+    """mixed:B on ONNX CPU from 2.75 bits (the default: per expert): a layer's routed experts at several widths, each
+    width its own QMoE node over its experts; the plan's bytes are the written ones, within the budget, and verify
+    (the rounded twin included) passes."""
+    out = convert(scout, tmp_path / "pe", ExportOptions(format="onnx", quant=load_recipe("mixed:3.5"), text_only=True))
     q = read_export_info(out).quant
     assert q.allocation["placement"] == "expert"
     stacks = {n: q.schemes[s] for n, s in q.placement.items() if ".feed_forward.experts." in n}

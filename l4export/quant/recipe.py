@@ -68,9 +68,10 @@ class Recipe:
     # ("40GB") of the text weights; the rules pin tensors and l4export.mixed allocates the rest, by measurement,
     # into a recipe of one rule per tensor (budget None). make_plan takes only allocated recipes.
     budget: str | None = None
-    # where the allocator may vary widths: "projection" (one width per projection per layer: what mlx-lm reads) or
-    # "expert" (ONNX: each routed expert its own width, one QMoE node per width; ``mixed:B:per-expert``)
-    placement: str = "projection"
+    # where the allocator may vary widths: "projection" (one width per projection per layer: what mlx-lm reads;
+    # ``mixed:B:per-projection``), "expert" (each routed expert its own width; ONNX: one QMoE node per width;
+    # ``mixed:B:per-expert``) or "auto" (``mixed:B``): l4export.mixed.resolve_placement decides by format and budget
+    placement: str = "auto"
     # the widths the allocator may place (TOML ``widths = [2, 4, 8]``; None: every width the target runs), e.g. the
     # widths whose kernels are fastest on a device (mlx's CPU backend: 3 and 5 bits run 20-25 % slower)
     widths: tuple[int, ...] | None = None
@@ -303,7 +304,7 @@ def _fit(s: AnyScheme, shapes: list[tuple[int, ...]]) -> AnyScheme | None:
 
 # ---- TOML ---------------------------------------------------------------------------------------------
 _TOP_KEYS = {"name", "rule", "budget", "placement", "widths"}
-PLACEMENTS = ("projection", "expert")
+PLACEMENTS = ("auto", "projection", "expert")
 _SCHEME_KEYS: dict[str, set[str]] = {
     **{f"int{b}": {"group_size", "symmetric", "accuracy_level"} for b in INT_WIDTHS},
     "fp8": {"activation", "block_size"},
@@ -402,9 +403,9 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
     name = data.get("name", Path(where).stem)
     if not isinstance(name, str):
         raise RecipeError(f"{where}: name must be a string")
-    placement = data.get("placement", "projection")
+    placement = data.get("placement", "auto")
     if placement not in PLACEMENTS or budget is None and "placement" in data:
-        raise RecipeError(f"{where}: placement must be \"projection\" or \"expert\", beside a budget")
+        raise RecipeError(f"{where}: placement must be \"auto\", \"projection\" or \"expert\", beside a budget")
     widths = data.get("widths")
     if widths is not None and (budget is None or not isinstance(widths, list) or not widths
                                or any(isinstance(w, bool) or w not in INT_WIDTHS for w in widths)):
@@ -414,7 +415,7 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
 
 
 MIXED = "mixed:"
-PER_EXPERT = ":per-expert"  # mixed:3.0:per-expert
+PER = {":per-expert": "expert", ":per-projection": "projection"}  # mixed:3.0:per-expert
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 MIN_BPW, MAX_BPW = 2.0, 16.0
@@ -439,10 +440,12 @@ def load_recipe(value: str | Path) -> Recipe:
     if isinstance(value, str) and value in PRESETS:
         return PRESETS[value]
     if isinstance(value, str) and value.startswith(MIXED):
-        budget, per_expert = value[len(MIXED):], value.endswith(PER_EXPERT)
-        budget = budget.removesuffix(PER_EXPERT)
+        budget, placement = value[len(MIXED):], "auto"
+        for suffix, how in PER.items():
+            if budget.endswith(suffix):
+                budget, placement = budget.removesuffix(suffix), how
         parse_budget(budget, "--quant")
-        return Recipe(value, (), budget, "expert" if per_expert else "projection")
+        return Recipe(value, (), budget, placement)
     path = Path(value)
     if path.suffix != ".toml" or not path.is_file():
         raise RecipeError(f"--quant {value}: not a preset ({', '.join(PRESETS)}), mixed:BITS or mixed:SIZE, nor an "
