@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -133,8 +134,8 @@ def dequantized(folder: Path) -> Path:
     return out
 
 
-def as_checkpoint(folder: Path) -> Path:
-    """A dequantized MLX folder's weights as a Hugging Face checkpoint of the benchmark model (mlx-lm's Llama 4 names
+def as_checkpoint(folder: Path, ckpt: Path) -> Path:
+    """A dequantized MLX folder's weights as a Hugging Face checkpoint beside ``ckpt``'s config (mlx-lm's Llama 4 names
     and stacked experts back to transformers': experts [E, out, in] -> gate_up_proj [E, H, 2I], down_proj [E, I, H])."""
     import mlx.core as mx
     from safetensors.numpy import save_file
@@ -149,19 +150,18 @@ def as_checkpoint(folder: Path) -> Path:
         w[pre + "gate_up_proj"] = np.ascontiguousarray(np.concatenate([g, u], axis=1).transpose(0, 2, 1))
         w[pre + "down_proj"] = np.ascontiguousarray(d.transpose(0, 2, 1))
     save_file(w, str(out / "model.safetensors"))
-    ckpt = next(HERE.glob("ckpt-*"))
     for f in ckpt.iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, out / f.name)
     return out
 
 
-def logprobs_dequantized(path: Path, wins: np.ndarray) -> np.ndarray:
+def logprobs_dequantized(path: Path, wins: np.ndarray, ckpt: Path) -> np.ndarray:
     """An MLX row's weights, dequantized, scored by ONNX Runtime (a float32 export of them: mlx[cpu] takes ~0.7 s per
     window even in float, ORT 0.06 s). Checked on every row against mlx-lm's own float path on two windows."""
     deq = dequantized(path)
     onnx_dir = path.with_name(path.name + "-onnx")
-    l4(as_checkpoint(deq), onnx_dir, "onnx")
+    l4(as_checkpoint(deq, ckpt), onnx_dir, "onnx")
     lp = logprobs_export(onnx_dir, wins)
     gap = float(np.abs(logprobs_mlx_lm(deq, wins[:2]) - lp[:2]).max())
     log.info("%s: ONNX against mlx-lm's float path on 2 windows: max |logprob difference| %.1e", path.name, gap)
@@ -290,6 +290,7 @@ def main() -> None:
         row(f"l4export onnx {name} preset{' (calibrated)' if calibrated else ''}",
             lambda out=out, q=name, extra=extra: (out, l4(ckpt, out, "onnx", "--quant", q, *extra)),
             logprobs_export, engine="l4export", fmt="onnx", preset=preset)
+    scorers = {"mlx": partial(logprobs_dequantized, ckpt=ckpt), "onnx": logprobs_export}
     for b in [x for x in args.budgets.split(",") if x]:
         for fmt in args.budget_formats.split(","):
             for how in args.placements.split(",") if fmt == "onnx" else ["projection"]:
@@ -299,7 +300,7 @@ def main() -> None:
                 out = HERE / f"{fmt}-mixed-{b}{'-per-expert' if how == 'expert' else ''}-calib"
                 dtype = ["--dtype", "bfloat16"] if fmt == "mlx" else []
                 cache = ["--measurements", str(HERE / f"measure-{fmt}-{how}-calibrated.json")]
-                scorer = logprobs_dequantized if fmt == "mlx" else logprobs_export
+                scorer = scorers[fmt]
                 row(name, lambda out=out, fmt=fmt, q=f"mixed:{b}{suffix}", extra=dtype + cache:
                     (out, l4(ckpt, out, fmt, *extra, "--quant", q, *calib_args)),
                     scorer, engine="l4export", fmt=fmt, budget=b, placement=how)
@@ -311,19 +312,19 @@ def main() -> None:
                 out = HERE / f"{fmt}-mixed-{b}-w{'-'.join(map(str, ws))}-calib"
                 row(name, lambda out=out, fmt=fmt, recipe=recipe, extra=dtype:
                     (out, l4(ckpt, out, fmt, *extra, "--quant", str(recipe), *calib_args)),
-                    logprobs_dequantized if fmt == "mlx" else logprobs_export, engine="l4export", fmt=fmt, budget=b,
-                    widths=ws)
+                    scorers[fmt], engine="l4export", fmt=fmt, budget=b, widths=ws)
     report(R, ckpt, data, wins, args)
 
 
 def peer_rows(args, row, R: dict, ckpt: Path, wins: np.ndarray, calib: Path, calib_args: list, float_mlx: Path) -> None:
     """mlx-lm's and llama.cpp's rows, and l4export's MLX mixed rows at each peer's bytes."""
+    logprobs_mlx = partial(logprobs_dequantized, ckpt=ckpt)
     if not (args.no_mlx_lm and args.no_mixed_at_peers):  # mlx-lm's source, and the MLX rows' float reference
         row("l4export mlx float (bf16)", lambda: (float_mlx, l4(ckpt, float_mlx, "mlx", "--dtype", "bfloat16")),
-            logprobs_dequantized, engine="l4export", fmt="mlx")
+            logprobs_mlx, engine="l4export", fmt="mlx")
     for name, extra in ({} if args.no_mlx_lm else MLX_LM).items():
         out = HERE / name.replace(" ", "-")
-        row(name, lambda out=out, extra=extra: (out, mlx_lm_convert(float_mlx, out, extra)), logprobs_dequantized,
+        row(name, lambda out=out, extra=extra: (out, mlx_lm_convert(float_mlx, out, extra)), logprobs_mlx,
             engine="mlx-lm")
     if args.llama_cpp is not None:
         R.update(llama_cpp_rows(args.llama_cpp, ckpt, wins, calib, args.llama_bin, args.llama_types.split(",")))
@@ -337,7 +338,7 @@ def peer_rows(args, row, R: dict, ckpt: Path, wins: np.ndarray, calib: Path, cal
             cache = ["--measurements", str(HERE / f"measure-mlx-{how}.json")]  # measured once, every budget reads it
             row(name, lambda out=out, extra=extra + cache, b=v["bytes"]: (out, l4(ckpt, out, "mlx", "--dtype", "bfloat16",
                                                                                   "--quant", f"mixed:{b}B", *extra)),
-                logprobs_dequantized, engine="l4export", fmt="mlx", peer=peer, measure=how)
+                logprobs_mlx, engine="l4export", fmt="mlx", peer=peer, measure=how)
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------------------

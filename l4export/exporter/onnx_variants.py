@@ -174,13 +174,18 @@ def write_batch_decoder(out: Path) -> str:
         temperature[0].input[0] = "position_ids"
         next(n for n in temperature if n.op_type == "Reshape").input[1] = "batch/temperature_shape"
         g.initializer.append(numpy_helper.from_array(np.array([0, -1, 1], np.int64), "batch/temperature_shape"))
-    g.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "num_logits_to_keep"))
-    g.input.remove(next(v for v in g.input if v.name == "num_logits_to_keep"))
+    _constant_input(g, "num_logits_to_keep", 0)
     for i, name in enumerate(BATCH_INPUTS):
         g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT32, ["batch_size"] if i % 2 == 0 else []))
     _prune(g)
     onnx.save(m, str(out / BATCH_FILE))
     return BATCH_FILE
+
+
+def _constant_input(g: onnx.GraphProto, name: str, value: int) -> None:
+    """Graph input ``name`` becomes a constant int64 initializer of that name (nothing feeds it any more)."""
+    g.input.remove(next(v for v in g.input if v.name == name))
+    g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
 
 
 def _prune(g: onnx.GraphProto) -> None:
@@ -208,8 +213,7 @@ def write_genai_decoder(out: Path, base: str) -> str:
     m = _load(out, base)
     g = m.graph
     for name in GENAI_CONSTANTS:
-        g.input.remove(next(v for v in g.input if v.name == name))
-        g.initializer.append(numpy_helper.from_array(np.array(0, np.int64), name))
+        _constant_input(g, name, 0)
     name = base.replace(".onnx", ".genai.onnx")
     onnx.save(m, str(out / name))
     return name
@@ -237,13 +241,10 @@ def write_embeds_decoder(out: Path, spec: Llama4Spec, dtype: str) -> str:
         for j, name in enumerate(n.input):
             if name in (embeds, "input_ids"):
                 n.input[j] = "inputs_embeds"
-    used = {i for n in g.node for i in n.input}
-    for init in [t for t in g.initializer if t.name not in used]:
-        g.initializer.remove(init)
     ids = next(v for v in g.input if v.name == "input_ids")
     new = helper.make_tensor_value_info("inputs_embeds", ELEM[dtype], ["batch_size", "sequence_length", spec.hidden_size])
     g.input.insert(list(g.input).index(ids), new)
-    g.input.remove(ids)
+    _prune(g)  # input_ids, and the initializers only the lookup read
     onnx.save(m, str(out / EMBEDS_FILE))
     return EMBEDS_FILE
 
