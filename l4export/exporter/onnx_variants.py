@@ -241,10 +241,13 @@ def write_embeds_decoder(out: Path, spec: Llama4Spec, dtype: str) -> str:
         for j, name in enumerate(n.input):
             if name in (embeds, "input_ids"):
                 n.input[j] = "inputs_embeds"
+    used = {i for n in g.node for i in n.input}
+    for init in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(init)
     ids = next(v for v in g.input if v.name == "input_ids")
     new = helper.make_tensor_value_info("inputs_embeds", ELEM[dtype], ["batch_size", "sequence_length", spec.hidden_size])
     g.input.insert(list(g.input).index(ids), new)
-    _prune(g)  # input_ids, and the initializers only the lookup read
+    g.input.remove(ids)  # (not _prune: an input some shapes leave unread stays; the genai variant and runtimes feed it)
     onnx.save(m, str(out / EMBEDS_FILE))
     return EMBEDS_FILE
 
