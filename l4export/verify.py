@@ -461,6 +461,9 @@ def verify(export: str | Path, reference: str | Path, prompts: Path | None = Non
     if report.results and not any((r.judged or 0) + r.greedy_total for r in report.results):
         report.failures.append("no token could be judged: every prompt has a router near-tie at its first token; "
                                "pass other prompts (--prompts)")  # a near-tie never hides a fault by hiding everything
+    if twin and report.results and all(r.twin is None for r in report.results):
+        report.failures.append("the rounded twin judged no prompt: every prompt has a router near-tie of the rounded "
+                               "weights at its first token; pass prompts that start with another token (--prompts)")
     if thr.top1 is not None and report.results:
         n = sum(r.tokens for r in report.results)
         agree = sum(r.top1_all * r.tokens for r in report.results) / n  # a distribution check: every token counts

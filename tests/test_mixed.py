@@ -182,8 +182,33 @@ def test_a_damaged_two_bit_export_fails_against_its_rounded_twin(mixed, scout, t
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     patch_initializer(broken, f"{pre}.fc1.qzeros", lambda z: (z ^ np.uint8(0b01010101)).astype(np.uint8))
-    r = CliRunner().invoke(main, ["verify", str(broken), "--reference", str(scout), "--greedy-tokens", "2"])
+    # prompts that do not start with BOS: on these flat routers BOS can be a near-tie of the rounded weights, and a
+    # near-tie at every prompt's first token leaves the twin nothing to judge (verify then fails for that reason)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(",".join(map(str, range(k, k + n))) for k, n in ((7, 5), (20, 9), (40, 24))))
+    r = CliRunner().invoke(main, ["verify", str(broken), "--reference", str(scout), "--greedy-tokens", "2",
+                                  "--prompts", str(prompts)])
     assert "[int2]" in r.output and r.exit_code == 1 and "own rounded weights: KL" in r.output, r.output
+
+
+def test_verify_fails_when_the_rounded_twin_can_judge_no_prompt(mixed, scout, tmp_path):
+    """Prompts whose first token is a router near-tie of the export's rounded weights leave the twin (the gate of the
+    lowering) nothing to compare: verify says so and fails, rather than passing on the width's looser gate alone."""
+    from l4export.verify import twin_tie
+    from l4export.verify_reference import Reference
+
+    out = mixed("onnx", "3.5")
+    info = read_export_info(out)
+    ref = Reference(scout, False)
+    ref.round_like(scout, info)
+    tie = twin_tie(info)
+    ties = [t for t in range(4, load_spec(scout).vocab_size) if ref.rounded.text.margins([t])[0][0] < tie][:2]
+    assert ties, "the fixture has no token whose rounded routing is a near-tie: pick another tie check"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"{t},9,10,11" for t in ties))
+    r = CliRunner().invoke(main, ["verify", str(out), "--reference", str(scout), "--greedy-tokens", "2",
+                                  "--prompts", str(prompts)])
+    assert r.exit_code == 1 and "the rounded twin judged no prompt" in r.output, r.output
 
 
 def test_inspect_prints_the_budget_before_any_weight_is_read(scout):
