@@ -43,7 +43,7 @@ import numpy as np
 from .errors import UsageError
 from .folder import ExportInfo
 from .spec import Llama4Spec, load_spec
-from .verify_reference import Reference, first_tie
+from .verify_reference import Reference, first_tie, twin_prompt
 
 log = logging.getLogger(__name__)
 
@@ -461,9 +461,14 @@ def verify(export: str | Path, reference: str | Path, prompts: Path | None = Non
     if report.results and not any((r.judged or 0) + r.greedy_total for r in report.results):
         report.failures.append("no token could be judged: every prompt has a router near-tie at its first token; "
                                "pass other prompts (--prompts)")  # a near-tie never hides a fault by hiding everything
-    if twin and report.results and all(r.twin is None for r in report.results):
-        report.failures.append("the rounded twin judged no prompt: every prompt has a router near-tie of the rounded "
-                               "weights at its first token; pass prompts that start with another token (--prompts)")
+    if twin and report.results and all(r.twin is None for r in report.results):  # a near-tie at every first token
+        length = min((rt.spec.attention_chunk_size or 63) + 1, 64, rt.spec.max_position_embeddings - greedy_tokens)
+        ids = twin_prompt(ref, rt.spec.vocab_size, max(length, 1), twin_tie(rt.info))
+        if ids is None:
+            report.failures.append("the rounded twin judged no prompt: every prompt, and 8 drawn ones, start with a "
+                                   "router near-tie of the rounded weights; pass other prompts (--prompts)")
+        else:
+            report.results.append(_check_prompt(Prompt("twin", ids), rt, ref, thr, greedy_tokens, twin))
     if thr.top1 is not None and report.results:
         n = sum(r.tokens for r in report.results)
         agree = sum(r.top1_all * r.tokens for r in report.results) / n  # a distribution check: every token counts

@@ -96,3 +96,23 @@ def _lead(rounded: np.ndarray, exact: np.ndarray, k: int) -> np.ndarray:
     mask = np.zeros(exact.shape, bool)
     np.put_along_axis(mask, chosen, True, axis=-1)
     return np.where(mask, rounded, np.inf).min(-1) - np.where(mask, -np.inf, rounded).max(-1)
+
+
+def twin_prompt(ref: Reference, vocab: int, length: int, tie: float, tries: int = 8) -> list[int] | None:
+    """``length`` token ids the rounded twin can judge when no other prompt let it: random ids whose routing under
+    the rounded weights reaches no near-tie (``tie``) for longest, of ``tries`` drawn (the first with none at all).
+    verify's own prompts all start with BOS, and a flat router can leave BOS tied under the rounded weights, which
+    hides the whole prompt from the twin. None: every draw ties at its first token."""
+    rng = np.random.default_rng(1)
+    lo = min(4, vocab - 1)  # past the first few specials, as the default prompts
+    twin = ref.rounded.vision or ref.rounded.text
+    best, reach = None, 0
+    for _ in range(tries):
+        ids = rng.integers(lo, vocab, length).tolist()
+        near = np.flatnonzero(twin.margins(ids)[0] < tie)
+        first = int(near[0]) if near.size else len(ids)
+        if first > reach:
+            best, reach = ids, first
+        if first == len(ids):
+            break
+    return best
