@@ -397,6 +397,8 @@ def _perplexity(tools: Path, model: Path, text: Path, *extra: str) -> dict:
             got[name] = float(v) * scale
             if len(rest) >= 2 and key in ("Mean KLD", "Mean ln(PPL(Q)/PPL(base))"):  # "0.000161 ± 0.000044"
                 got[name + "_se"] = float(rest[1])
+    if "ppl" not in got:  # seen once (2026-12-08, the bf16 base run, rc 0): the run's end, not a KeyError at the end
+        raise RuntimeError(f"llama-perplexity printed no final estimate: {out.strip()[-300:]!r}")
     return got
 
 
@@ -416,7 +418,12 @@ def llama_cpp_rows(root: Path, ckpt: Path, wins: np.ndarray, calib: Path, tools:
     t = time.perf_counter()
     run([sys.executable, str(script), str(root), str(gguf_source(ckpt)), "--outfile", str(bf16), "--outtype", "bf16"])
     base = HERE / "bf16.kld"
-    rows["llama.cpp bf16"] = {**_perplexity(tools, bf16, text, "--kl-divergence-base", str(base)),
+    try:
+        scored = _perplexity(tools, bf16, text, "--kl-divergence-base", str(base))
+    except RuntimeError as e:
+        log.warning("llama.cpp bf16: %s; once more", e)
+        scored = _perplexity(tools, bf16, text, "--kl-divergence-base", str(base))
+    rows["llama.cpp bf16"] = {**scored,
                               "bytes": gguf_tensor_bytes(root, bf16), "engine": "llama.cpp",
                               "convert_s": round(time.perf_counter() - t, 1)}
     imatrix = HERE / "imatrix.gguf"
