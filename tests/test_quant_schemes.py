@@ -50,10 +50,10 @@ def test_int_round_trip_bounded_and_exact_on_grid(scheme):
     assert qt.q.dtype == np.uint8 and qt.q.max() <= scheme.qmax
     assert qt.scale.shape == (3, 16, 128 // scheme.group_size)  # per expert, per row, per group
     d = qt.dequantize()
-    if scheme.bits > 3:  # error at most half a step, except symmetric's clipped positive extreme (one step)
-        step = np.repeat(qt.scale, scheme.group_size, axis=-1)
-        bound = step * (1.0 if scheme.symmetric else 0.5) + 1e-6
-        assert np.all(np.abs(d - W) <= bound)
+    # error at most half a step, except symmetric's clipped positive extreme (one step)
+    step = np.repeat(qt.scale, scheme.group_size, axis=-1)
+    bound = step * (1.0 if scheme.symmetric else 0.5) + 1e-6
+    assert np.all(np.abs(d - W) <= bound)
     # values already on the grid come back exactly (same grid: re-fitting a symmetric absmax/8 grid on
     # clipped values would pick a smaller scale)
     again = scheme.with_scales(d, qt.scale, qt.zero)
@@ -61,20 +61,6 @@ def test_int_round_trip_bounded_and_exact_on_grid(scheme):
     np.testing.assert_array_equal(again.dequantize(), d)
     floor = {2: 4.0, 3: 10.0, 4: 18.0, 5: 24.0, 6: 30.0, 8: 40.0}[scheme.bits]
     assert sqnr_db(W, d) > floor
-
-
-@pytest.mark.parametrize("scheme", [s for s in LOW if s.bits <= 3] + [Int(2, 128, False)], ids=lambda s: s.name)
-def test_low_widths_search_the_range_and_never_do_worse_than_min_max(scheme):
-    """Below 4 bits ``fit`` picks, per group, the range factor with the least squared error: never worse than the
-    plain min/max (absmax) grid, which is the first candidate, and clearly better on heavy-tailed rows."""
-    w = np.random.default_rng(3).laplace(size=(64, 256)).astype(np.float32)
-    wg = grouped(w, scheme.group_size)
-    plain = scheme._grid(*scheme._range(wg))
-    searched = scheme.fit(wg)
-    err = [np.square(wg - scheme.snap(wg, *grid)).sum(-1) for grid in (plain, searched)]
-    assert np.all(err[1] <= err[0])
-    gain = 10 * np.log10(err[0].sum() / err[1].sum())
-    assert gain > 0.2, gain  # measured 0.26-2.6 dB: 2 bits asymmetric most, 3 bits symmetric least
 
 
 def test_int4_symmetric_codes_are_q_plus_8():
